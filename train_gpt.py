@@ -7,14 +7,29 @@ Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (1, 2, 4 or 8 pr
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import datetime
+import gc
 import glob
+import math
 import os
+import subprocess
 import sys
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.varlen import varlen_attn
+
+import triton_kernels
 
 # =================================================================================================
 # Configuration
@@ -73,6 +88,7 @@ class Hyperparameters:
     # run
     seed: int = 0
     compile: bool = True
+    use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     save_checkpoint: bool = False
     log_dir: str = "logs"
 
@@ -153,19 +169,998 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def check_config(cfg: Hyperparameters, world_size: int) -> int:
+    """Check the batch settings against the world size and return grad_accum_steps."""
+    micro = cfg.micro_batches_per_step
+    if micro < 1:
+        raise ValueError(f"micro_batches_per_step={micro}: expected a positive number")
+    if world_size < 1 or micro % world_size:
+        divisors = [str(d) for d in range(1, micro + 1) if micro % d == 0]
+        choices = ", ".join(divisors[:-1]) + " or " if len(divisors) > 1 else ""
+        raise ValueError(f"world size {world_size} does not divide {micro}; "
+                         f"use {choices}{divisors[-1]} processes")
+    stage_fields = ("stage_batch_tokens", "stage_max_seq_len", "stage_lr_mul", "stage_windows",
+                    "stage_mtp_weights")
+    lengths = {name: len(getattr(cfg, name)) for name in stage_fields}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"the stage settings need one entry per stage each; got lengths {lengths}")
+    for batch, max_len in zip(cfg.stage_batch_tokens, cfg.stage_max_seq_len):
+        if batch < 1 or batch % micro:
+            raise ValueError(f"stage_batch_tokens entry {batch}: expected a positive multiple of "
+                             f"micro_batches_per_step={micro} (world size x grad-accum steps)")
+        if not 1 <= max_len <= batch // micro:
+            raise ValueError(f"stage_max_seq_len entry {max_len}: expected 1 to {batch // micro}, "
+                             f"the tokens per rank and micro-batch of a {batch}-token batch")
+    if cfg.val_batch_tokens < 1 or cfg.val_batch_tokens % micro:
+        raise ValueError(f"val_batch_tokens={cfg.val_batch_tokens}: expected a positive multiple "
+                         f"of micro_batches_per_step={micro}")
+    if cfg.val_tokens < 1 or cfg.val_tokens % cfg.val_batch_tokens:
+        raise ValueError(f"val_tokens={cfg.val_tokens}: expected a positive multiple of "
+                         f"val_batch_tokens={cfg.val_batch_tokens}")
+    return micro // world_size
+
+
 # =================================================================================================
 # FP8 custom ops
 # =================================================================================================
+# The transposed head y = x @ w with x, w quantised to e4m3 under fixed scales and the gradient to
+# e5m2. Registered as custom ops with fake implementations so torch.compile(fullgraph) traces them.
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    return t.T.contiguous().T
+
+
+@torch.library.custom_op("nanogpt::mm_t", mutates_args=())
+def mm_t(x: torch.Tensor, w: torch.Tensor, x_s: float, w_s: float, grad_s: float
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x8 = x.div(x_s).to(torch.float8_e4m3fn)
+    w8 = w.div(w_s).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(x8, _col_major(w8), scale_a=x.new_tensor(x_s, dtype=torch.float32),
+                         scale_b=x.new_tensor(w_s, dtype=torch.float32),
+                         out_dtype=torch.bfloat16, use_fast_accum=True)
+    return y, x8, w8
+
+
+@mm_t.register_fake
+def _(x, w, x_s, w_s, grad_s):
+    return (x.new_empty(x.size(0), w.size(1)), x.to(torch.float8_e4m3fn),
+            w.to(torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("nanogpt::mm_t_backward", mutates_args=())
+def mm_t_backward(g: torch.Tensor, x8: torch.Tensor, w8: torch.Tensor, x_s: float, w_s: float,
+                  grad_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g8 = g.div(grad_s).to(torch.float8_e5m2)
+    one = lambda v: g.new_tensor(v, dtype=torch.float32)  # noqa: E731
+    grad_x = torch._scaled_mm(g8, w8.T, scale_a=one(grad_s), scale_b=one(w_s),
+                              out_dtype=torch.bfloat16, use_fast_accum=False)
+    # x8^T @ g8 comes out (in, out): already the stored layout of w.
+    grad_w = torch._scaled_mm(x8.T.contiguous(), _col_major(g8), scale_a=one(x_s),
+                              scale_b=one(grad_s), out_dtype=torch.float32, use_fast_accum=False)
+    return grad_x, grad_w
+
+
+@mm_t_backward.register_fake
+def _(g, x8, w8, x_s, w_s, grad_s):
+    return g.new_empty(g.size(0), x8.size(1), dtype=torch.bfloat16), \
+        g.new_empty(x8.size(1), g.size(1), dtype=torch.float32)
+
+
+def _mm_t_setup(ctx, inputs, output):
+    _, _, x_s, w_s, grad_s = inputs
+    _, x8, w8 = output
+    ctx.save_for_backward(x8, w8)
+    ctx.scales = (x_s, w_s, grad_s)
+
+
+def _mm_t_grad(ctx, grad_y, _grad_x8, _grad_w8):
+    x8, w8 = ctx.saved_tensors
+    grad_x, grad_w = mm_t_backward(grad_y, x8, w8, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+
+mm_t.register_autograd(_mm_t_grad, setup_context=_mm_t_setup)
 
 
 # =================================================================================================
 # Optimizer: NorMuon for the matrix banks, Adam for everything else
 # =================================================================================================
+# One object owns every parameter and configures each from PARAM_TABLE by its label
+# (optimizer.md). Gradient reductions are launched asynchronously in table order and awaited in
+# WORK_ORDER, so the small updates run while the large reductions are still in flight; sharded
+# parameters are all-gathered right after their own update.
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter is optimised and communicated (optimizer.md section 2)."""
+    label: str
+    optimizer: str                            # "normuon" or "adam"
+    comms: str                                # "sharded", "replicated" or "sharded_sparse"
+    betas: tuple[float, float] | None = None  # Adam only
+    lr_mul: float = 1.0
+    wd_mul: float = 1.0
+    odd_matrix_lr_mul: float = 1.0            # NorMuon: extra factor for odd matrix indices
+
+
+# Scatter (launch) order. The NorMuon shape factor sqrt(max(1, rows/cols)) is computed from the
+# matrix shape, so mlp_bank's lr_mul is 1 here: the "2" in the spec table is that shape factor.
+PARAM_TABLE: list[ParamSpec] = [
+    ParamSpec("attn_bank", "normuon", "sharded"),
+    ParamSpec("mlp_bank", "normuon", "sharded", odd_matrix_lr_mul=2.0),  # odd index = c_proj
+    ParamSpec("scalars", "adam", "replicated", (0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
+    ParamSpec("smear_gate", "adam", "replicated", (0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
+    ParamSpec("skip_gate", "adam", "replicated", (0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
+    ParamSpec("attn_gate_bank", "adam", "replicated", (0.9, 0.99)),
+    ParamSpec("ve_gate_bank", "adam", "replicated", (0.9, 0.99)),
+    ParamSpec("lm_head", "adam", "sharded", (0.5, 0.95), wd_mul=150.0),
+    ParamSpec("bigram_embed", "adam", "sharded_sparse", (0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    ParamSpec("post_lambdas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),
+    ParamSpec("x0_lambdas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),
+    ParamSpec("bigram_lambdas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),
+    ParamSpec("resid_lambdas", "adam", "replicated", (0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
+    ParamSpec("value_embeds", "adam", "sharded", (0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    ParamSpec("embed", "adam", "sharded", (0.5, 0.95), wd_mul=150.0),  # skipped while tied
+]
+
+# Update order: small parameters first while the big reductions finish; lm_head before embed
+# because the tied copy needs the gathered head; the two Polar Express banks last.
+WORK_ORDER: list[str] = [
+    "scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
+    "x0_lambdas", "bigram_lambdas", "resid_lambdas", "value_embeds", "bigram_embed", "lm_head",
+    "embed", "attn_bank", "mlp_bank",
+]
+
+
+def comms_mode(spec: ParamSpec, world_size: int, grad_accum_steps: int) -> str:
+    """The communication actually used: "none" on one process; the sparse bigram exchange only
+    with 8 ranks and one micro-batch per step, plain "sharded" otherwise."""
+    if world_size == 1:
+        return "none"
+    if spec.comms == "sharded_sparse" and not (world_size == 8 and grad_accum_steps == 1):
+        return "sharded"
+    return spec.comms
+
+
+def matrix_view(label: str, bank: torch.Tensor) -> torch.Tensor:
+    """A NorMuon bank (or its gradient) as the stack of 2-D matrices that get orthogonalised:
+    attn_bank (A, 4d, d) -> (4A, d, d) (Q, K, V, O separately), mlp_bank (S, 2, hidden, d) ->
+    (2S, hidden, d). A view, never a copy."""
+    if label == "attn_bank":
+        return bank.view(bank.shape[0] * 4, bank.shape[1] // 4, bank.shape[2])
+    return bank.view(-1, bank.shape[-2], bank.shape[-1])
+
+
+# -------------------------------------------------------------------------------------------------
+# Update math (optimizer.md 5 and 6). Each function is compiled on CUDA when cfg.compile is set;
+# per-step values arrive as 0-dim CPU tensors so that new values never trigger a recompile.
+
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def _gram(X: torch.Tensor, tall: bool) -> torch.Tensor:
+    """X^T X for tall X, X X^T otherwise: the smaller Gram matrix (bf16, fp32 accumulation)."""
+    if not X.is_cuda:
+        return triton_kernels.XTX_reference(X) if tall else triton_kernels.XXT_reference(X)
+    size = X.shape[-1] if tall else X.shape[-2]
+    out = X.new_empty(*X.shape[:-2], size, size)
+    (triton_kernels.XTX if tall else triton_kernels.XXT)(X, out)
+    return out
+
+
+def _gram_polynomial(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """b A + c A A for a symmetric Gram matrix A."""
+    if not A.is_cuda:
+        return triton_kernels.ba_plus_cAA_reference(A, c, b)
+    out = torch.empty_like(A)
+    triton_kernels.ba_plus_cAA(A, c, b, out)
+    return out
+
+
+def polar_express(X: torch.Tensor) -> torch.Tensor:
+    """Approximate orthogonal polar factor of each matrix in X ((m, n) or (count, m, n), bf16):
+    Frobenius-normalise, then apply 5 odd quintics p(X) = a X + b (X X^T) X + c (X X^T)^2 X.
+    Singular values in [1e-3, 1] after normalisation land in [0.86, 1.14] (exact arithmetic)."""
+    single = X.ndim == 2
+    if single:
+        X = X.unsqueeze(0)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    tall = X.shape[-2] > X.shape[-1]
+    # For many rows baddbmm would make a defensive copy of X; a plain matmul into a new buffer
+    # followed by an in-place add of a X avoids it.
+    split_matmul = X.shape[-2] > 1024
+    for a, b, c in POLAR_EXPRESS_COEFFICIENTS:
+        B = _gram_polynomial(_gram(X, tall), b, c)
+        if split_matmul:
+            Y = X @ B if tall else B @ X
+            X = Y.add_(X, alpha=a)
+        else:
+            X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+    return X.squeeze(0) if single else X
+
+
+def nesterov_polar_express(grad: torch.Tensor, momentum_buffer: torch.Tensor,
+                           momentum: torch.Tensor | float) -> torch.Tensor:
+    """Nesterov momentum in fp32 (updates momentum_buffer in place), then Polar Express of
+    u = g + mu (M - g) in bf16. Returns the orthogonalised update (bf16)."""
+    g = grad.float()
+    momentum_buffer.add_((g - momentum_buffer) * (1 - momentum))
+    update = g + momentum * (momentum_buffer - g)
+    return polar_express(update.bfloat16())
+
+
+def normuon_normalise(X: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """Divide each row (each column when m < n) of every matrix by its running RMS, then rescale
+    the matrix back to its Frobenius norm. second_moment is (count, m, 1) or (count, 1, n) fp32
+    and is updated in place."""
+    reduce_dim = -1 if X.shape[-2] >= X.shape[-1] else -2
+    reduced_len = X.shape[reduce_dim]
+    row_mean_sq = X.float().square().mean(dim=reduce_dim, keepdim=True)
+    norm_before = (row_mean_sq.sum(dim=(-2, -1), keepdim=True) * reduced_len).sqrt()
+    second_moment.add_((row_mean_sq - second_moment) * (1 - beta2))
+    inv_rms = second_moment.clamp_min(1e-10).rsqrt()
+    norm_after = ((row_mean_sq * inv_rms.square()).sum(dim=(-2, -1), keepdim=True)
+                  * reduced_len).sqrt()
+    scale = inv_rms * (norm_before / norm_after.clamp_min(1e-10))
+    return X * scale.bfloat16()
+
+
+def cautious_update_with_mantissa(param: torch.Tensor, mantissa: torch.Tensor,
+                                  update: torch.Tensor, lr: torch.Tensor | float,
+                                  decay: torch.Tensor | float) -> None:
+    """P <- P - P * mask * decay - X * lr on the fp32 value P whose high 16 bits are the bf16
+    param and whose low 16 bits are the uint16 mantissa; mask = (X * P >= 0). The param keeps
+    the truncated high half, so small updates accumulate in the mantissa instead of vanishing."""
+    bits = (param.view(torch.int16).to(torch.int32) << 16) | mantissa.to(torch.int32)
+    P = bits.view(torch.float32)
+    X = update.float()
+    mask = X * P >= 0
+    P = P - P * mask * decay - X * lr
+    bits = P.view(torch.int32)
+    param.copy_((bits >> 16).to(torch.int16).view(torch.bfloat16))
+    mantissa.copy_((bits & 0xFFFF).to(torch.uint16))
+
+
+def adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                exp_avg_sq: torch.Tensor, beta1: torch.Tensor | float, beta2: torch.Tensor | float,
+                step_size: torch.Tensor | float, decay: torch.Tensor | float, eps: float) -> None:
+    """Adam with cautious decoupled weight decay (strict mask: decay only where the update and the
+    weight have the same sign). step_size includes the bias correction; fp32 math, the result is
+    rounded to the parameter dtype."""
+    g = grad.float()
+    exp_avg.mul_(beta1).add_((1 - beta1) * g)
+    exp_avg_sq.mul_(beta2).add_((1 - beta2) * g.square())
+    p = param.float()
+    update = step_size * exp_avg / (exp_avg_sq.sqrt() + eps)
+    update = update + decay * p * (update * p > 0)
+    param.copy_(p - update)
+
+
+# -------------------------------------------------------------------------------------------------
+# Communication
+
+class MeanCollectives:
+    """The asynchronous collectives of the optimizer, averaging over ranks.
+
+    NCCL averages natively (ReduceOp.AVG). Other backends (gloo, used by the CPU tests) may lack
+    AVG, so there the inputs are scaled by 1/W and summed: the same pre-multiply-then-sum form
+    NCCL uses for AVG on floating types, and exact because W divides 8 (a power of two)."""
+
+    def __init__(self, world_size: int, group: dist.ProcessGroup | None = None):
+        self.world_size = world_size
+        self.group = group
+        self.native_avg = dist.get_backend(group) == "nccl"
+
+    def _mean_op(self, tensor: torch.Tensor) -> dist.ReduceOp:
+        if self.native_avg:
+            return dist.ReduceOp.AVG
+        tensor.mul_(1.0 / self.world_size)
+        return dist.ReduceOp.SUM
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> dist.Work:
+        """In place; tensor holds the rank mean once the returned work completes."""
+        return dist.all_reduce(tensor, op=self._mean_op(tensor), group=self.group, async_op=True)
+
+    def reduce_scatter_mean(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
+        """Mean over ranks of this rank's 1/W slice along dim 0 (into a new tensor). The input is
+        scaled in place on backends without AVG."""
+        shard = tensor.new_empty(tensor.shape[0] // self.world_size, *tensor.shape[1:])
+        work = dist.reduce_scatter_tensor(shard, tensor, op=self._mean_op(tensor),
+                                          group=self.group, async_op=True)
+        return shard, work
+
+    def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> dist.Work:
+        """Every rank's shard into `full` along dim 0; shard may be this rank's slice of full."""
+        return dist.all_gather_into_tensor(full, shard, group=self.group, async_op=True)
+
+
+@dataclass
+class PendingReduction:
+    """A launched gradient reduction; wait() returns this rank's reduced gradient."""
+    result: torch.Tensor
+    work: dist.Work | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.result
+
+
+class SparseBigramExchange:
+    """Sends only the touched rows of the bigram-embedding gradient to the ranks that own them
+    (optimizer.md 10). Used with 8 ranks and one micro-batch per step.
+
+    The training loop calls, every step before the forward, mark(bigram ids of this rank's batch);
+    on Adam (odd) steps additionally start_count_exchange() right after marking and
+    start_index_exchange() after the forward, before backward. The optimizer then calls
+    start_value_exchange(grad) in its launch phase and waits on the result in its work phase.
+    Marks accumulate over the even step, whose gradient the odd step's Adam update also sees."""
+
+    def __init__(self, num_rows: int, world_size: int, rank: int, device: torch.device,
+                 cpu_group: dist.ProcessGroup | None = None,
+                 group: dist.ProcessGroup | None = None):
+        if num_rows % world_size:
+            raise ValueError(f"bigram_embed has {num_rows} rows, expected a multiple of the world "
+                             f"size {world_size} (each rank owns an equal row slice)")
+        self.num_rows, self.world_size, self.rank = num_rows, world_size, rank
+        self.rows_per_rank = num_rows // world_size
+        self.device = torch.device(device)
+        self.cpu_group, self.group = cpu_group, group
+        self.touched = np.zeros(num_rows, dtype=bool)
+        self._clear_exchange()
+
+    def _clear_exchange(self) -> None:
+        self._count_work = self._index_work = None
+        self._send_counts = self._recv_counts = None
+        self._send_rows = self._recv_rows = None
+
+    def reset(self) -> None:
+        self.touched[:] = False
+        self._clear_exchange()
+
+    def mark(self, bigram_ids_cpu: np.ndarray) -> None:
+        """Remember the table rows this rank's batch touches."""
+        ids = np.asarray(bigram_ids_cpu).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_rows):
+            raise ValueError(f"bigram ids span [{ids.min()}, {ids.max()}], expected "
+                             f"[0, {self.num_rows})")
+        self.touched[ids] = True
+
+    def start_count_exchange(self) -> None:
+        """Odd steps, after marking: tell every rank how many rows it will receive from us."""
+        rows = np.flatnonzero(self.touched)  # sorted
+        self.touched[:] = False              # captured: the next accumulation starts empty
+        owners = rows // self.rows_per_rank
+        others = owners != self.rank         # own rows are already in the local gradient
+        counts = np.bincount(owners[others], minlength=self.world_size)
+        self._send_counts = torch.from_numpy(counts.astype(np.int64))
+        self._recv_counts = torch.empty(self.world_size, dtype=torch.int64)
+        # CPU tensors over the gloo group: no device synchronisation
+        self._count_work = dist.all_to_all_single(self._recv_counts, self._send_counts,
+                                                  group=self.cpu_group, async_op=True)
+        send_rows = torch.from_numpy(rows[others].astype(np.int32))
+        if self.device.type == "cuda":
+            send_rows = send_rows.pin_memory()
+        self._send_rows = send_rows.to(self.device, non_blocking=True)
+
+    def start_index_exchange(self) -> None:
+        """Odd steps, after the forward: send our row indices to their owners."""
+        if self._count_work is None:
+            raise RuntimeError("SparseBigramExchange: start_count_exchange() must come first")
+        self._count_work.wait()
+        self._count_work = None
+        self._recv_rows = torch.empty(int(self._recv_counts.sum()), dtype=torch.int32,
+                                      device=self.device)
+        self._index_work = dist.all_to_all_single(
+            self._recv_rows, self._send_rows, self._recv_counts.tolist(),
+            self._send_counts.tolist(), group=self.group, async_op=True)
+
+    def start_value_exchange(self, grad: torch.Tensor) -> "SparseBigramReduction":
+        """Optimizer launch phase: send the gradient rows (bf16) to their owners."""
+        if self._index_work is None:
+            raise RuntimeError("SparseBigramExchange: on Adam (odd) steps the training loop must "
+                               "call start_count_exchange() and start_index_exchange() before "
+                               "the optimizer step")
+        send_values = grad.index_select(0, self._send_rows)
+        recv_values = grad.new_empty(self._recv_rows.shape[0], *grad.shape[1:])
+        value_work = dist.all_to_all_single(
+            recv_values, send_values, self._recv_counts.tolist(), self._send_counts.tolist(),
+            group=self.group, async_op=True)
+        reduction = SparseBigramReduction(self, grad, self._recv_rows, recv_values,
+                                          [self._index_work, value_work])
+        self._clear_exchange()
+        return reduction
+
+
+@dataclass
+class SparseBigramReduction:
+    """The in-flight row exchange; wait() returns this rank's mean-reduced row slice."""
+    exchange: SparseBigramExchange
+    grad: torch.Tensor
+    recv_rows: torch.Tensor
+    recv_values: torch.Tensor
+    works: list
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        ex = self.exchange
+        self.grad.index_add_(0, self.recv_rows, self.recv_values)
+        own = self.grad[ex.rank * ex.rows_per_rank:(ex.rank + 1) * ex.rows_per_rank]
+        return own.mul_(1.0 / ex.world_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# The optimizer
+
+@dataclass
+class NorMuonState:
+    momentum: torch.Tensor       # (count, m, n) fp32
+    second_moment: torch.Tensor  # (count, m, 1) or (count, 1, n) fp32
+    mantissa: torch.Tensor       # (count, m, n) uint16: low half of the fp32 master weights
+
+
+@dataclass
+class AdamState:
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int = 0                # Adam updates so far (for the bias correction)
+
+
+class NorMuonAndAdam:
+    """NorMuon for attn_bank and mlp_bank, Adam (odd steps only) for everything else.
+
+    params maps every label of PARAM_TABLE to its parameter. Each rank keeps state only for its
+    own shard. The optimizer clears the gradients itself: NorMuon's every step, Adam's only after
+    an Adam step, so that an Adam update sees the sum of two steps' gradients.
+    While `tied`, embed is an exact transposed copy of lm_head: on Adam steps its gradient is
+    folded into lm_head's, and it is overwritten with lm_head^T after the update. Call untie()
+    right after the step of split_step, and reset() after the warmup."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: Hyperparameters, rank: int,
+                 world_size: int, grad_accum_steps: int,
+                 cpu_group: dist.ProcessGroup | None = None,
+                 sparse_bigram: SparseBigramExchange | None = None):
+        labels = [spec.label for spec in PARAM_TABLE]
+        missing = [label for label in labels if label not in params]
+        unknown = [label for label in params if label not in labels]
+        if missing or unknown:
+            raise ValueError(f"NorMuonAndAdam params: missing labels {missing}, unknown labels "
+                             f"{unknown}; expected exactly {labels}")
+        self.params = params
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.specs = {spec.label: spec for spec in PARAM_TABLE}
+        self.modes = {spec.label: comms_mode(spec, world_size, grad_accum_steps)
+                      for spec in PARAM_TABLE}
+        self._check_shapes()
+
+        self.sparse_bigram = None
+        if self.modes["bigram_embed"] == "sharded_sparse":
+            self.sparse_bigram = sparse_bigram or SparseBigramExchange(
+                params["bigram_embed"].shape[0], world_size, rank, params["bigram_embed"].device,
+                cpu_group)
+        elif sparse_bigram is not None:
+            raise ValueError(f"sparse_bigram given, but bigram_embed's comms mode is "
+                             f"{self.modes['bigram_embed']!r} (the sparse exchange needs 8 ranks "
+                             f"and grad_accum_steps 1)")
+        self.comms = MeanCollectives(world_size) if world_size > 1 else None
+
+        self.state: dict[str, NorMuonState | AdamState] = {}
+        for spec in PARAM_TABLE:
+            local = self._local_param(spec.label)
+            if spec.optimizer == "normuon":
+                count, m, n = local.shape
+                moment_shape = (count, m, 1) if m >= n else (count, 1, n)
+                self.state[spec.label] = NorMuonState(
+                    torch.zeros(local.shape, dtype=torch.float32, device=local.device),
+                    torch.zeros(moment_shape, dtype=torch.float32, device=local.device),
+                    torch.zeros(local.shape, dtype=torch.uint16, device=local.device))
+            else:
+                self.state[spec.label] = AdamState(
+                    torch.zeros(local.shape, dtype=torch.float32, device=local.device),
+                    torch.zeros(local.shape, dtype=torch.float32, device=local.device))
+        self.tied = True
+
+        compile_math = cfg.compile and params["attn_bank"].is_cuda
+        if compile_math:
+            # one compiled variant per shard shape: more than dynamo's default limit of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+        def compiled(fn):
+            return torch.compile(fn, fullgraph=True, dynamic=False) if compile_math else fn
+        self._nesterov_polar_express = compiled(nesterov_polar_express)
+        self._normuon_normalise = compiled(normuon_normalise)
+        self._cautious_update = compiled(cautious_update_with_mantissa)
+        self._adam_update = compiled(adam_update)
+        device = params["attn_bank"].device
+        if device.type == "cuda":
+            self._transpose_add = triton_kernels.transpose_add
+            self._transpose_copy = triton_kernels.transpose_copy
+        else:
+            self._transpose_add = triton_kernels.transpose_add_reference
+            self._transpose_copy = triton_kernels.transpose_copy_reference
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def _check_shapes(self) -> None:
+        p = self.params
+        for label in ("attn_bank", "mlp_bank"):
+            if p[label].dtype != torch.bfloat16:
+                raise ValueError(f"{label}: dtype {p[label].dtype}, expected torch.bfloat16 (the "
+                                 f"mantissa buffer extends bf16 weights to fp32)")
+        if p["attn_bank"].ndim != 3 or p["attn_bank"].shape[1] % 4:
+            raise ValueError(f"attn_bank: shape {tuple(p['attn_bank'].shape)}, expected "
+                             f"(layers, 4 * d, d)")
+        if p["mlp_bank"].ndim != 4 or p["mlp_bank"].shape[1] != 2:
+            raise ValueError(f"mlp_bank: shape {tuple(p['mlp_bank'].shape)}, expected "
+                             f"(layers, 2, hidden, d)")
+        if tuple(p["embed"].shape) != tuple(p["lm_head"].shape[::-1]):
+            raise ValueError(f"embed shape {tuple(p['embed'].shape)} must be lm_head's "
+                             f"{tuple(p['lm_head'].shape)} transposed")
+        if self.world_size == 1:
+            return
+        for label, mode in self.modes.items():
+            if mode not in ("sharded", "sharded_sparse"):
+                continue
+            if self.specs[label].optimizer == "normuon":
+                rows, what = matrix_view(label, p[label]).shape[0], "matrix count"
+            else:
+                rows, what = p[label].shape[0], "dim 0"
+            if rows % self.world_size:
+                raise ValueError(f"{label}: {what} {rows} is not divisible by the world size "
+                                 f"{self.world_size} (sharded parameters are split evenly)")
+
+    def _full(self, label: str) -> torch.Tensor:
+        """The tensor that is sharded along dim 0: the matrix view for NorMuon banks."""
+        data = self.params[label].data
+        return matrix_view(label, data) if self.specs[label].optimizer == "normuon" else data
+
+    def _local_param(self, label: str) -> torch.Tensor:
+        """This rank's part of the parameter (a view): its shard if sharded, else everything."""
+        full = self._full(label)
+        if self.modes[label] not in ("sharded", "sharded_sparse"):
+            return full
+        rows = full.shape[0] // self.world_size
+        return full[self.rank * rows:(self.rank + 1) * rows]
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, step: int, lr_mul: float, muon_momentum: float) -> None:
+        """One optimizer step; lr_mul is the schedule multiplier m(s), muon_momentum mu(s)."""
+        do_adam = step % 2 == 1
+        # Phase 1: launch the reductions in table order
+        pending: dict[str, PendingReduction | SparseBigramReduction] = {}
+        for spec in PARAM_TABLE:
+            label = spec.label
+            if spec.optimizer == "adam" and not do_adam:
+                continue  # gradient kept: the next backward adds onto it
+            if label == "embed" and self.tied:
+                continue
+            if label == "lm_head" and self.tied:
+                self._fold_embed_grad()
+            grad = self.params[label].grad
+            if grad is not None:
+                pending[label] = self._launch_reduction(label, grad)
+
+        # Phase 2: update in work order as each reduction completes; gather sharded results
+        head_gather, gathers = None, []
+        momentum = torch.tensor(muon_momentum)
+        for label in WORK_ORDER:
+            if label not in pending:
+                continue
+            grad = pending[label].wait()
+            if self.specs[label].optimizer == "normuon":
+                self._normuon_step(label, grad, lr_mul, momentum)
+            else:
+                self._adam_step(label, grad, lr_mul)
+            if self.modes[label] in ("sharded", "sharded_sparse"):
+                work = self.comms.all_gather(self._full(label), self._local_param(label))
+                if label == "lm_head":
+                    head_gather = work
+                else:
+                    gathers.append(work)
+
+        # Phase 3: refresh the tied embedding, finish the gathers, clear gradients
+        if head_gather is not None:
+            head_gather.wait()
+        if self.tied and "lm_head" in pending:
+            self._transpose_copy(self.params["lm_head"].data, self.params["embed"].data)
+        for work in gathers:
+            work.wait()
+        for spec in PARAM_TABLE:
+            if spec.optimizer == "normuon" or do_adam:
+                self.params[spec.label].grad = None
+
+    def _fold_embed_grad(self) -> None:
+        """Tied Adam step: grad(lm_head) += grad(embed)^T, the shared matrix's total gradient."""
+        head, embed = self.params["lm_head"], self.params["embed"]
+        if embed.grad is None:
+            return
+        if head.grad is None:
+            head.grad = torch.zeros_like(head)
+        self._transpose_add(embed.grad, head.grad)
+
+    def _launch_reduction(self, label: str, grad: torch.Tensor):
+        mode = self.modes[label]
+        if self.specs[label].optimizer == "normuon":
+            grad = matrix_view(label, grad)
+        if mode == "none":
+            return PendingReduction(grad)
+        if mode == "replicated":
+            return PendingReduction(grad, self.comms.all_reduce_mean(grad))
+        if mode == "sharded":
+            return PendingReduction(*self.comms.reduce_scatter_mean(grad))
+        return self.sparse_bigram.start_value_exchange(grad)
+
+    def _normuon_step(self, label: str, grad: torch.Tensor, lr_mul: float,
+                      momentum: torch.Tensor) -> None:
+        spec, state = self.specs[label], self.state[label]
+        update = self._nesterov_polar_express(grad, state.momentum, momentum)
+        update = self._normuon_normalise(update, state.second_moment, self.cfg.muon_beta2)
+        param = self._local_param(label)
+        count, m, n = param.shape
+        lr_base = self.cfg.muon_lr * lr_mul
+        lr = lr_base * max(1.0, m / n) ** 0.5 * spec.lr_mul
+        wd_coef = self.cfg.muon_weight_decay * spec.wd_mul * lr_base
+        if spec.odd_matrix_lr_mul == 1.0:
+            self._cautious_update(param, state.mantissa, update, torch.tensor(lr),
+                                  torch.tensor(wd_coef * lr))
+            return
+        first_index = self.rank * count if self.modes[label] == "sharded" else 0
+        for i in range(count):  # one call per matrix: the lr differs between even and odd ones
+            matrix_lr = lr * (spec.odd_matrix_lr_mul if (first_index + i) % 2 else 1.0)
+            self._cautious_update(param[i], state.mantissa[i], update[i],
+                                  torch.tensor(matrix_lr), torch.tensor(wd_coef * matrix_lr))
+
+    def _adam_step(self, label: str, grad: torch.Tensor, lr_mul: float) -> None:
+        spec, state, cfg = self.specs[label], self.state[label], self.cfg
+        state.step += 1
+        beta1, beta2 = spec.betas
+        lr = cfg.adam_lr * lr_mul * spec.lr_mul
+        step_size = lr * (1 - beta2 ** state.step) ** 0.5 / (1 - beta1 ** state.step)
+        decay = lr * lr * cfg.adam_weight_decay * spec.wd_mul
+        self._adam_update(self._local_param(label), grad, state.exp_avg, state.exp_avg_sq,
+                          torch.tensor(beta1), torch.tensor(beta2), torch.tensor(step_size),
+                          torch.tensor(decay), cfg.adam_eps)
+
+    # -- untie and reset --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def untie(self) -> None:
+        """Make embed an independent parameter; its Adam state continues from lm_head's
+        (moments transposed, step counter copied)."""
+        if not self.tied:
+            raise RuntimeError("NorMuonAndAdam.untie(): already untied")
+        head, embed = self.state["lm_head"], self.state["embed"]
+        embed.step = head.step
+        for name in ("exp_avg", "exp_avg_sq"):
+            head_moment, embed_moment = getattr(head, name), getattr(embed, name)
+            if self.world_size > 1:
+                full = head_moment.new_empty(head_moment.shape[0] * self.world_size,
+                                             *head_moment.shape[1:])
+                self.comms.all_gather(full, head_moment).wait()
+                rows = embed_moment.shape[0]
+                embed_moment.copy_(full.T[self.rank * rows:(self.rank + 1) * rows])
+            else:
+                embed_moment.copy_(head_moment.T)
+        self.tied = False
+
+    def reset(self) -> None:
+        """Back to the initial state after the warmup: zero state and counters, tied again."""
+        for state in self.state.values():
+            for value in vars(state).values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+            if isinstance(state, AdamState):
+                state.step = 0
+        self.tied = True
+        if self.sparse_bigram is not None:
+            self.sparse_bigram.reset()
 
 
 # =================================================================================================
 # Model
 # =================================================================================================
+# An 11-layer GPT written as one flat forward over parameter banks. Layer map (architecture.md 6):
+# attention is skipped in layer 6, which instead receives the U-net skip from layer 3; layers 7-10
+# run two parallel residual lanes; some layers use paired-head attention, long windows or value
+# embeddings.
+
+NUM_LAYERS = 11
+GATE_WIDTH = 12                  # the first 12 channels of a vector feed every small gate
+NO_ATTN_LAYER = 6                # MLP-only layer, where the skip connection is added back
+SKIP_SOURCE_LAYER = 3            # its post-attention stream is the skip value
+FIRST_TWO_LANE_LAYER = 7         # lane 1 starts here; lane 0 after this layer is the backout value
+PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
+LONG_WINDOW_LAYERS = (3, 10)     # also the layers with the key offset
+VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)  # layer VALUE_EMBED_LAYERS[k] reads value table k
+ATTN_LAYERS = tuple(i for i in range(NUM_LAYERS) if i != NO_ATTN_LAYER)
+SOFTCAP_A, SOFTCAP_B, SOFTCAP_C = 23.0, 5.0, 7.5   # z = A * sigmoid((logit + B) / C)
+ROTARY_MIN_FREQ = 1 / 1024
+INITIAL_ATTN_SCALE = 0.1
+YARN_BETA = 32
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def softcap(logits: torch.Tensor) -> torch.Tensor:
+    return SOFTCAP_A * torch.sigmoid((logits + SOFTCAP_B) / SOFTCAP_C)
+
+
+def num_scalars(world_size: int) -> int:
+    """2 attention lambdas per layer + smear, backout, skip; padded to a multiple of the world size."""
+    used = 2 * NUM_LAYERS + 3
+    return used + (-used) % world_size
+
+
+def num_mlp_slots(world_size: int) -> int:
+    """MLP layers in the bank, padded so its 2 * slots matrices split evenly over the ranks."""
+    slots = NUM_LAYERS
+    while (2 * slots) % world_size:
+        slots += 1
+    return slots
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE (upper half of each head never rotates) with YaRN window extension.
+
+    One angle table serves both layouts: normal layers read position t, paired-head layers read
+    positions 2t and 2t+1 for the two heads of a group.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int):
+        super().__init__()
+        num_freqs = head_dim // 4
+        exponents = torch.arange(num_freqs, dtype=torch.float32) / (num_freqs - 1)
+        self.register_buffer("base_freqs", ROTARY_MIN_FREQ ** exponents, persistent=False)
+        self.register_buffer("freqs", torch.empty(num_freqs), persistent=False)
+        self.register_buffer("cos", torch.empty(max_positions, head_dim, dtype=torch.bfloat16),
+                             persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim, dtype=torch.bfloat16),
+                             persistent=False)
+        self.attn_scale = INITIAL_ATTN_SCALE
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.freqs.copy_(self.base_freqs)
+        self.attn_scale = INITIAL_ATTN_SCALE
+        self._rebuild_tables()
+
+    @torch.no_grad()
+    def apply_yarn(self, old_window: int, new_window: int) -> None:
+        """Stretch slow frequencies by old/new (fast ones keep theirs) and raise the softmax scale."""
+        rotations = old_window * self.freqs / (2 * math.pi)
+        ramp = ((rotations - 1) / (YARN_BETA - 1)).clamp(0, 1)
+        ratio = old_window / new_window
+        self.freqs.mul_(ratio + ramp * (1 - ratio))
+        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
+        self._rebuild_tables()
+
+    def _rebuild_tables(self) -> None:
+        positions = torch.arange(self.cos.size(0), dtype=torch.float32, device=self.freqs.device)
+        rotating = self.freqs.repeat_interleave(2)                     # pairs (2k, 2k+1)
+        freqs = torch.cat([rotating, torch.zeros_like(rotating)])
+        angles = positions[:, None] * freqs[None, :]
+        self.cos.copy_(angles.cos())
+        # rotate(u) = cos * u + sin_signed * swap_pairs(u), with the odd entries of sin negated
+        sign = torch.tensor([1.0, -1.0], device=angles.device).repeat(freqs.numel() // 2)
+        self.sin.copy_(angles.sin() * sign)
+
+
+def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    swapped = u.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return u * cos + swapped * sin
+
+
+def attention_reference(q, k, v, cu_seqlens, window: int, scale: float) -> torch.Tensor:
+    """Causal sliding-window attention within documents, as a dense masked softmax (CPU path).
+
+    q, k, v: (rows, heads, head_dim). Row i sees rows j of its own document with i - window <= j <= i.
+    """
+    rows = q.size(0)
+    pos = torch.arange(rows, device=q.device)
+    doc = torch.searchsorted(cu_seqlens, pos, right=True)
+    delta = pos[:, None] - pos[None, :]
+    mask = (doc[:, None] == doc[None, :]) & (delta >= 0) & (delta <= window)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, scale=scale)
+    return y.transpose(0, 1)
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                           window_size=(window, 0))
+    return attention_reference(q, k, v, cu_seqlens, window, scale)
+
+
+def mtp_losses_from_logits(logits: torch.Tensor, targets: torch.Tensor,
+                           mtp_weights: torch.Tensor) -> torch.Tensor:
+    """Per-row multi-token loss: row t predicts targets t, t+1, ... with the given weights,
+    all from the same soft-capped logits row; rows near the end skip targets past T."""
+    z = softcap(logits.float())
+    lse = torch.logsumexp(z, dim=-1)
+    losses = torch.zeros_like(lse)
+    T = z.size(0)
+    for k in range(mtp_weights.numel()):
+        picked = z[:T - k].gather(1, targets[k:, None]).squeeze(1)
+        losses[:T - k] += mtp_weights[k] * (lse[:T - k] - picked)
+    return losses
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Hyperparameters, world_size: int, max_positions: int):
+        super().__init__()
+        d, H, hd, V = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
+        if H * hd != d or H % 2:
+            raise ValueError(f"num_heads x head_dim must equal model_dim ({H} x {hd} != {d}) "
+                             f"and num_heads must be even")
+        self.cfg = cfg
+        num_attn = len(ATTN_LAYERS)
+        bound = math.sqrt(3) * 0.5 / math.sqrt(d)
+        # Matrix banks: created in fp32, initialised, then stored in bf16.
+        self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, d).uniform_(-bound, bound)
+                                      .bfloat16())
+        mlp_bank = torch.zeros(num_mlp_slots(world_size), 2, cfg.mlp_hidden, d)
+        mlp_bank[:, 0].uniform_(-bound, bound)        # c_fc; c_proj starts at zero
+        self.mlp_bank = nn.Parameter(mlp_bank.bfloat16())
+        # Output head stored transposed (d, V); the input embedding starts as its exact transpose.
+        self.lm_head = nn.Parameter(torch.empty(d, V, dtype=torch.bfloat16).normal_(0, 0.005))
+        self.embed = nn.Parameter(self.lm_head.detach().T.contiguous())
+        self.value_embeds = nn.Parameter(
+            0.01 * torch.randn(len(VALUE_EMBED_LAYERS) * V, d, dtype=torch.bfloat16))
+        self.bigram_embed = nn.Parameter(torch.zeros(cfg.bigram_vocab_size, d, dtype=torch.bfloat16))
+        self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_WIDTH, dtype=torch.bfloat16))
+        self.ve_gate_bank = nn.Parameter(
+            torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_WIDTH, dtype=torch.bfloat16))
+        self.smear_gate = nn.Parameter(torch.zeros(1, GATE_WIDTH, dtype=torch.bfloat16))
+        self.skip_gate = nn.Parameter(torch.zeros(1, GATE_WIDTH, dtype=torch.bfloat16))
+        scalars = torch.ones(num_scalars(world_size))
+        scalars[0:2 * NUM_LAYERS:2] = 0.5              # QKV weight lambdas (O lambdas stay 1)
+        scalars[2 * NUM_LAYERS:2 * NUM_LAYERS + 3] = torch.tensor([0.0, 0.5, -1.5])
+        self.scalars = nn.Parameter(scalars)            # ... smear, backout, skip (pre-sigmoid)
+        post_lambdas = torch.ones(NUM_LAYERS, 2, 2)
+        post_lambdas[FIRST_TWO_LANE_LAYER:, 0, 1] = 1.5  # attention write into lane 1
+        self.post_lambdas = nn.Parameter(post_lambdas)
+        self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS))
+        self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05))
+        self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1)))
+        self.rotary = Rotary(hd, max_positions)
+        if not self.embed.is_meta:
+            self.rotary.reset()
+
+    # --- sublayers ---------------------------------------------------------------------------
+
+    def attn_weights(self, layer: int) -> torch.Tensor:
+        return self.attn_bank[ATTN_LAYERS.index(layer)]
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        c_fc, c_proj = self.mlp_bank[layer, 0], self.mlp_bank[layer, 1]
+        if x.is_cuda and self.cfg.use_triton_kernels:
+            return triton_kernels.linear_relu_square(x, c_fc, c_proj)
+        return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)
+
+    def attn(self, layer: int, x: torch.Tensor, ve: torch.Tensor | None, cu_seqlens: torch.Tensor,
+             max_seqlen: int, window: int) -> torch.Tensor:
+        T, d = x.shape
+        H, hd = self.cfg.num_heads, self.cfg.head_dim
+        slot = ATTN_LAYERS.index(layer)
+        W = self.attn_bank[slot]
+        qkv_lambda, out_lambda = self.scalars[2 * layer], self.scalars[2 * layer + 1]
+        q, k, v = F.linear(x, qkv_lambda * W[:3 * d]).view(T, 3 * H, hd).split(H, dim=1)
+        q, k = rms_norm(q), rms_norm(k)
+        gate_x = x[:, :GATE_WIDTH]
+        paired = layer in PAIRED_HEAD_LAYERS
+        if paired:
+            # Heads (2g, 2g+1) rotate at positions (2t, 2t+1); then token t becomes rows 2t (heads
+            # 0..H/2-1) and 2t+1 (heads H/2..H-1), so attention slot j mixes heads j and j+H/2.
+            cos = self.rotary.cos[:2 * T].view(T, 1, 2, hd)
+            sin = self.rotary.sin[:2 * T].view(T, 1, 2, hd)
+            q = rotate(q.view(T, H // 2, 2, hd), cos, sin).view(T, H, hd)
+            k = rotate(k.view(T, H // 2, 2, hd), cos, sin).view(T, H, hd)
+        else:
+            cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if layer in LONG_WINDOW_LAYERS:
+                # key offset: the non-rotating half of each key carries the previous token
+                half = hd // 2
+                k = torch.cat([k[:, :, :half], torch.cat([k[:1, :, half:], k[:-1, :, half:]])], -1)
+        if ve is not None:
+            G = self.ve_gate_bank[VALUE_EMBED_LAYERS.index(layer)]
+            gate_in = gate_x if paired else torch.cat([x[:, :6], ve[:, :6]], dim=-1)
+            v = v + 2 * torch.sigmoid(F.linear(gate_in, G))[..., None] * ve.view(T, H, hd)
+        if paired:
+            y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
+                          v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
+                          self.rotary.attn_scale).reshape(T, H, hd)
+        else:
+            y = attention(q, k, v, cu_seqlens, max_seqlen, window, self.rotary.attn_scale)
+        y = y * torch.sigmoid(F.linear(gate_x, self.attn_gate_bank[slot]))[..., None]
+        return F.linear(y.reshape(T, d), out_lambda * W[3 * d:])
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
+                bigram_ids: torch.Tensor, mtp_weights: torch.Tensor | None, windows: tuple[int, int],
+                max_seqlen: int, grad_scale: float = 1.0) -> torch.Tensor:
+        """Training (mtp_weights given): token-summed multi-token loss x grad_scale.
+        Evaluation (mtp_weights None): mean next-token cross-entropy."""
+        h = self.final_hidden(inputs, cu_seqlens, bigram_ids, windows, max_seqlen)
+        return self.head_loss(h, targets, mtp_weights, grad_scale)
+
+    def final_hidden(self, inputs: torch.Tensor, cu_seqlens: torch.Tensor, bigram_ids: torch.Tensor,
+                     windows: tuple[int, int], max_seqlen: int) -> torch.Tensor:
+        """The normalised stream that feeds the output head, (T, d)."""
+        V = self.cfg.padded_vocab_size
+        short_window, long_window = windows
+        bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
+        resid, post = bf16(self.resid_lambdas), bf16(self.post_lambdas)
+        x0_lambdas, bigram_lambdas = bf16(self.x0_lambdas), bf16(self.bigram_lambdas)
+        smear_lambda, backout_lambda, skip_lambda = self.scalars[2 * NUM_LAYERS:2 * NUM_LAYERS + 3]
+
+        e = F.embedding(inputs, self.embed)
+        # smear: every token adds a gated share of the previous one (across document borders)
+        smear = smear_lambda * torch.sigmoid(F.linear(e[1:, :GATE_WIDTH], self.smear_gate))
+        e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
+        x0 = rms_norm(e)
+        bigram = F.embedding(bigram_ids, self.bigram_embed)
+        value_embeds = {layer: F.embedding(inputs + k * V, self.value_embeds)
+                        for k, layer in enumerate(VALUE_EMBED_LAYERS)}
+
+        lane0, lane1 = x0 + bigram_lambdas[0] * bigram, None
+        skip = backout = None
+        for i in range(NUM_LAYERS):
+            r_attn, r_mlp = resid[i, 0], resid[i, 1]
+            if i == NO_ATTN_LAYER:
+                skip_weight = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
+                    F.linear(x0[:, :GATE_WIDTH], self.skip_gate))
+                lane0 = lane0 + skip_weight * skip
+                lane0 = r_mlp * lane0 + post[i, 1, 0] * self.mlp(i, rms_norm(lane0))
+                continue
+            if i == FIRST_TWO_LANE_LAYER:
+                lane1 = lane0
+            window = long_window if i in LONG_WINDOW_LAYERS else short_window
+            a = self.attn(i, rms_norm(lane0), value_embeds.get(i), cu_seqlens, max_seqlen, window)
+            inject = x0_lambdas[i] * x0 + (bigram_lambdas[i] * bigram if i > 0 else 0)
+            if lane1 is None:
+                lane0 = r_attn * lane0 + a + inject
+                if i == SKIP_SOURCE_LAYER:
+                    skip = lane0
+                lane0 = r_mlp * lane0 + post[i, 1, 0] * self.mlp(i, rms_norm(lane0))
+            else:
+                lane0 = r_attn * lane0 + post[i, 0, 0] * a + inject
+                lane1 = r_attn * lane1 + post[i, 0, 1] * a
+                m = self.mlp(i, rms_norm(lane1))
+                lane0 = r_mlp * lane0 + post[i, 1, 0] * m
+                lane1 = r_mlp * lane1 + post[i, 1, 1] * m
+            if i == FIRST_TWO_LANE_LAYER:
+                backout = lane0
+        return rms_norm((lane0 + lane1) / 2 - backout_lambda * backout)
+
+    def head_loss(self, h, targets, mtp_weights, grad_scale: float) -> torch.Tensor:
+        cfg = self.cfg
+        if mtp_weights is None:   # evaluation: bf16 head, plain next-token cross-entropy
+            z = softcap(h @ self.lm_head).float()
+            return F.cross_entropy(z, targets)
+        fp8 = h.is_cuda and torch.cuda.get_device_capability(h.device) >= (8, 9)
+        grad_s = grad_scale * cfg.head_grad_scale
+        if fp8 and cfg.use_triton_kernels:
+            losses = triton_kernels.softcapped_mtp_cross_entropy(
+                h, targets, mtp_weights, self.lm_head, cfg.head_x_scale, cfg.head_w_scale, grad_s)
+        else:
+            logits = (mm_t(h, self.lm_head, cfg.head_x_scale, cfg.head_w_scale, grad_s)[0] if fp8
+                      else h @ self.lm_head)
+            losses = mtp_losses_from_logits(logits, targets, mtp_weights)
+        return losses.sum() * grad_scale
 
 
 # =================================================================================================
@@ -233,19 +1228,678 @@ def find_shards(pattern: str) -> list[str]:
     return files
 
 
+BOS_INDEX_PREFIX_TOKENS = 6_000_000  # document starts indexed at once when a shard is opened
+
+
+def bigram_hash(ids: np.ndarray, table_size: int) -> np.ndarray:
+    """Rows of the bigram embedding (architecture.md 7.1). The first position gets the reserved
+    last row; the hash runs across document starts (a BOS pairs with the previous document)."""
+    reserved = table_size - 1
+    ids = np.asarray(ids, dtype=np.int32)
+    rows = np.empty(len(ids), dtype=np.int32)
+    rows[:1] = reserved
+    # int32 suffices: ids <= 50256 keep both products below 2**31
+    rows[1:] = ((np.int32(36313) * ids[1:]) ^ (np.int32(27191) * ids[:-1])) % reserved
+    return rows
+
+
+def cu_seqlens_length(tokens_per_rank: int) -> int:
+    """Fixed cu_seqlens length D for a T-token buffer (static shapes for the compiler): room for
+    one sequence per 300 tokens, rounded up to a multiple of 128, and at least 128."""
+    return max(1, -(-(tokens_per_rank // 300) // 128)) * 128
+
+
+class Batch(NamedTuple):
+    """One rank's micro-batch; the tensors are on the training device."""
+    inputs: torch.Tensor        # int32 (T,)
+    targets: torch.Tensor       # int64 (T,), the inputs shifted left by one
+    cu_seqlens: torch.Tensor    # int32 (D,): sequence starts, then T, padded with T
+    bigram_ids: torch.Tensor    # int32 (T,) rows of the bigram embedding
+    bigram_ids_cpu: np.ndarray  # the same rows on the host, for the sparse gradient exchange
+
+
+def _tokens_per_rank(batch_tokens: int, world_size: int, grad_accum_steps: int, name: str) -> int:
+    parts = world_size * grad_accum_steps
+    if grad_accum_steps < 1 or batch_tokens < 1 or batch_tokens % parts:
+        raise ValueError(f"{name}={batch_tokens}: expected a positive multiple of world size "
+                         f"{world_size} x grad-accum steps {grad_accum_steps} = {parts}")
+    return batch_tokens // parts
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        # from pinned host memory the upload is asynchronous and overlaps with compute
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _make_batch(tokens: np.ndarray, starts: np.ndarray, device: torch.device,
+                bigram_table_size: int) -> Batch:
+    """A batch from a rank's T + 1 tokens (int32) and the offsets where its sequences start."""
+    T = len(tokens) - 1
+    D = cu_seqlens_length(T)
+    if len(starts) > D - 1:
+        raise DataError(f"a {T}-token batch holds {len(starts)} sequences but cu_seqlens (length "
+                        f"{D}) has room for {D - 1}: the documents are too short for this batch")
+    cu_seqlens = np.full(D, T, dtype=np.int32)
+    cu_seqlens[:len(starts)] = starts
+    bigram_ids = bigram_hash(tokens[:-1], bigram_table_size)
+    tokens_on_device = _to_device(tokens, device)
+    return Batch(inputs=tokens_on_device[:-1], targets=tokens_on_device[1:].to(torch.int64),
+                 cu_seqlens=_to_device(cu_seqlens, device),
+                 bigram_ids=_to_device(bigram_ids, device), bigram_ids_cpu=bigram_ids)
+
+
+def _read_tokens(path: str) -> np.ndarray:
+    """All tokens of a shard, read into memory."""
+    num_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_INTS * 4)
+    if len(tokens) != num_tokens:
+        raise DataError(f"{path}: read {len(tokens)} of its {num_tokens} tokens")
+    return tokens
+
+
+def _bos_positions(tokens: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(tokens == BOS_ID)
+
+
+class _Shard:
+    """A shard's tokens and the positions of its document starts (BOS tokens).
+
+    Only the first `prefix_tokens` are indexed at once; the full index is built in the background.
+    Its first entries equal the prefix index, so answering from the prefix index where it has the
+    entry, and waiting for the full one beyond, gives the same answers whatever the timing.
+    """
+
+    def __init__(self, path: str, executor: ThreadPoolExecutor, prefix_tokens: int):
+        self.path = path
+        self.tokens = _read_tokens(path)
+        self._bos = _bos_positions(self.tokens[:prefix_tokens])
+        self._full_bos: Future | None = None
+        if prefix_tokens < len(self.tokens):
+            self._full_bos = executor.submit(_bos_positions, self.tokens)
+
+    def bos(self, i: int) -> int | None:
+        """Position of the i-th document start, or None if the shard has no more."""
+        if i >= len(self._bos) and self._full_bos is not None:
+            self._bos, self._full_bos = self._full_bos.result(), None
+        return int(self._bos[i]) if i < len(self._bos) else None
+
+
+class TrainLoader:
+    """One rank's training micro-batches, packed from documents (training.md section 7).
+
+    Every rank builds the same global micro-batch, ranks 0..W-1 in order with T + 1 tokens each,
+    and keeps its own slice. A rank's tokens are segments: each starts at a BOS and ends at the
+    next BOS, at max_seq_len tokens or where the rank's budget is full, whichever comes first; the
+    rest of a cut document is skipped. When a shard has no more document starts, its remaining
+    tokens are dropped and the rank keeps filling its budget from the next shard's first BOS
+    (nothing collected is discarded, so the stream of segments is the same for every world size).
+    The next shard is read and indexed in the background while the current one is used.
+    """
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device | str,
+                 bigram_table_size: int, cycle: bool = False, log: Callable[[str], None] = print,
+                 bos_prefix_tokens: int = BOS_INDEX_PREFIX_TOKENS):
+        if not files:
+            raise DataError("no train shards given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank}: expected 0 <= rank < world size {world_size}")
+        for path in files:  # a bad shard fails now, not hours into the run
+            read_shard_header(path)
+        self.files = list(files)  # reading order; find_shards returns them sorted
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.bigram_table_size = bigram_table_size
+        self.cycle, self.log = cycle, log
+        self.epoch = 1
+        self.tokens_used = 0  # tokens handed out in segments, all ranks together
+        self._prefix_tokens = bos_prefix_tokens
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="train-shards")
+        self._shard_index = 0
+        self._shard = _Shard(self.files[0], self._executor, bos_prefix_tokens)
+        self._cursor = 0  # index of the next document start in the current shard
+        self._segments_this_epoch = 0
+        self._next_shard: Future | None = self._prefetch(1)
+
+    def next_batch(self, batch_tokens: int, max_seq_len: int, grad_accum_steps: int) -> Batch:
+        """This rank's next micro-batch of T = batch_tokens / (world size x grad_accum_steps)."""
+        T = _tokens_per_rank(batch_tokens, self.world_size, grad_accum_steps, "batch_tokens")
+        if not 1 <= max_seq_len <= T:
+            raise ValueError(f"max_seq_len={max_seq_len}: expected 1 to {T}, the tokens per rank "
+                             f"and micro-batch")
+        for r in range(self.world_size):
+            segments = self._take_segments(T + 1, max_seq_len)
+            if r == self.rank:
+                mine = segments
+        tokens = np.concatenate(mine).astype(np.int32)
+        # segment lengths sum to T + 1; the last one ends at T because its last token is only a target
+        starts = np.cumsum([0] + [len(s) for s in mine[:-1]])
+        return _make_batch(tokens, starts, self.device, self.bigram_table_size)
+
+    def _take_segments(self, budget: int, max_seq_len: int) -> list[np.ndarray]:
+        segments = []
+        while budget > 0:
+            start = self._shard.bos(self._cursor)
+            if start is None:
+                self._advance_shard()
+                continue
+            following = self._shard.bos(self._cursor + 1)
+            document_end = len(self._shard.tokens) if following is None else following
+            end = min(document_end, start + max_seq_len, start + budget)
+            segments.append(self._shard.tokens[start:end])
+            self._cursor += 1
+            self._segments_this_epoch += 1
+            self.tokens_used += end - start
+            budget -= end - start
+        return segments
+
+    def _prefetch(self, index: int) -> Future | None:
+        if index == len(self.files):
+            if not self.cycle:
+                return None
+            index = 0
+        return self._executor.submit(_Shard, self.files[index], self._executor, self._prefix_tokens)
+
+    def _advance_shard(self) -> None:
+        if self._next_shard is None:
+            total = sum(read_shard_header(path) for path in self.files)
+            raise DataError(f"training data ran out after {total:,} tokens read from "
+                            f"{len(self.files)} shards ({self.tokens_used:,} of them went into "
+                            f"batches); add shards or pass --cycle_train_data=true")
+        self._shard_index = (self._shard_index + 1) % len(self.files)
+        if self._shard_index == 0:
+            if self._segments_this_epoch == 0:
+                raise DataError(f"no document start (BOS {BOS_ID}) in any of the train shards "
+                                f"{self.files}")
+            self.epoch += 1
+            self._segments_this_epoch = 0
+            self.log(f"data: wrapped around to the first train shard (epoch {self.epoch})")
+        self._shard = self._next_shard.result()
+        self._cursor = 0
+        self._next_shard = self._prefetch(self._shard_index + 1)
+
+
+def val_batches(files: list[str], val_tokens: int, val_batch_tokens: int, rank: int,
+                world_size: int, grad_accum_steps: int, device: torch.device | str,
+                bigram_table_size: int) -> Iterator[Batch]:
+    """One rank's validation micro-batches over the first val_tokens tokens (training.md 5).
+
+    Per micro-batch the ranks read consecutive chunks of T tokens (plus one for the last target),
+    rank r at pos + r * T; pos advances by world_size * T. No BOS alignment: cu_seqlens starts a
+    sequence at every BOS in the inputs (a BOS at offset 0 gives an empty first sequence).
+    """
+    T = _tokens_per_rank(val_batch_tokens, world_size, grad_accum_steps, "val_batch_tokens")
+    if val_tokens < 1 or val_tokens % val_batch_tokens:
+        raise ValueError(f"val_tokens={val_tokens}: expected a positive multiple of "
+                         f"val_batch_tokens={val_batch_tokens}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank}: expected 0 <= rank < world size {world_size}")
+    stream = _read_stream(files, val_tokens + 1)
+    device = torch.device(device)
+
+    def batches() -> Iterator[Batch]:
+        for pos in range(rank * T, val_tokens, world_size * T):
+            tokens = stream[pos:pos + T + 1].astype(np.int32)
+            starts = np.concatenate(([0], np.flatnonzero(tokens[:-1] == BOS_ID)))
+            yield _make_batch(tokens, starts, device, bigram_table_size)
+
+    return batches()
+
+
+def _read_stream(files: list[str], count: int) -> np.ndarray:
+    """The first `count` tokens of the shards read one after another."""
+    pieces, have = [], 0
+    for path in files:
+        if have == count:
+            break
+        shard = load_shard(path)
+        pieces.append(np.array(shard[:count - have]))
+        have += len(pieces[-1])
+    if have < count:
+        raise DataError(f"validation needs val_tokens + 1 = {count:,} tokens but the val shards "
+                        f"{files} hold only {have:,}; lower --val_tokens or add val data")
+    return np.concatenate(pieces)
+
+
 
 # =================================================================================================
 # Schedule
 # =================================================================================================
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Everything the schedule decides for one training step."""
+    stage: int
+    batch_tokens: int
+    max_seq_len: int
+    windows: tuple[int, int]        # (short, long) attention windows in tokens
+    mtp_weights: tuple[float, ...]
+    lr_mul: float
+    muon_momentum: float
+
+
+class Schedule:
+    """Three equal stages over the scheduled steps (batch size, sequence length, windows, MTP
+    weights and lr multiplier change at their borders), then an extension at the final lr."""
+
+    def __init__(self, cfg: Hyperparameters):
+        self.cfg = cfg
+        n = cfg.num_scheduled_iterations
+        num_stages = len(cfg.stage_batch_tokens)
+        self.stage_ends = [round((k + 1) / num_stages * n) for k in range(num_stages)]
+        self.stage_ends.append(cfg.num_train_steps)                    # the extension
+        self.stage_starts = [0] + self.stage_ends[:-1]
+        self.cooldown_start = int(n * (1 - cfg.cooldown_frac))
+        # embed and lm_head untie after this (odd, so Adam) step: the start of the last stage
+        self.split_step = self.stage_starts[num_stages - 1] | 1
+
+    def stage_of(self, step: int) -> int:
+        return next(k for k, end in enumerate(self.stage_ends) if step < end or
+                    k == len(self.stage_ends) - 1)
+
+    def lr_mul(self, step: int) -> float:
+        cfg = self.cfg
+        stage_mul = cfg.stage_lr_mul[min(self.stage_of(step), len(cfg.stage_lr_mul) - 1)]
+        if step < self.cooldown_start:
+            return stage_mul
+        tau = min(1.0, (step - self.cooldown_start) /
+                  (cfg.num_scheduled_iterations - self.cooldown_start))
+        return stage_mul * (1 - tau) + cfg.final_lr_mul * tau
+
+    def muon_momentum(self, step: int) -> float:
+        cfg = self.cfg
+        lo, hi = cfg.muon_momentum_min, cfg.muon_momentum_max
+        cooldown_start = cfg.num_train_steps - cfg.muon_momentum_cooldown_steps
+        if step < cfg.muon_momentum_warmup_steps:
+            return lo + (hi - lo) * step / cfg.muon_momentum_warmup_steps
+        if step > cooldown_start:
+            return hi - (hi - lo) * (step - cooldown_start) / cfg.muon_momentum_cooldown_steps
+        return hi
+
+    def mtp_weights(self, step: int) -> tuple[float, ...]:
+        stage = self.stage_of(step)
+        k = min(stage, len(self.cfg.stage_mtp_weights) - 1)
+        start_w, end_w = self.cfg.stage_mtp_weights[k]
+        t = (step - self.stage_starts[stage]) / (self.stage_ends[stage] - self.stage_starts[stage])
+        if stage == len(self.stage_ends) - 1:
+            t = 1.0                                     # the extension keeps the final weights
+        return tuple(a + (b - a) * t for a, b in zip(start_w, end_w))
+
+    def windows(self, step: int) -> tuple[int, int]:
+        cfg, stage = self.cfg, self.stage_of(step)
+        blocks = cfg.stage_windows[stage] if stage < len(cfg.stage_windows) else cfg.extension_windows
+        return blocks[0] * cfg.window_block_size, blocks[1] * cfg.window_block_size
+
+    def final_val_windows(self) -> tuple[int, int]:
+        short, long = self.cfg.final_val_windows
+        return short * self.cfg.window_block_size, long * self.cfg.window_block_size
+
+    def at(self, step: int) -> StepSettings:
+        cfg = self.cfg
+        stage = self.stage_of(step)
+        last = len(cfg.stage_batch_tokens) - 1
+        return StepSettings(stage=stage, batch_tokens=cfg.stage_batch_tokens[min(stage, last)],
+                            max_seq_len=cfg.stage_max_seq_len[min(stage, last)],
+                            windows=self.windows(step), mtp_weights=self.mtp_weights(step),
+                            lr_mul=self.lr_mul(step), muon_momentum=self.muon_momentum(step))
+
+    def warmup_steps(self) -> list[int]:
+        """Steps whose shapes and code paths cover every compiled variant: the first two steps
+        and two steps either side of every stage transition."""
+        steps = {0, 1}
+        for x in self.stage_starts[1:]:
+            steps.update(s for s in range(x - 2, x + 2) if s >= 0)
+        return sorted(steps)
 
 
 # =================================================================================================
 # Training loop
 # =================================================================================================
 
+@dataclass
+class Run:
+    """What one process knows about its place in the job."""
+    rank: int
+    world_size: int
+    device: torch.device
+    grad_accum_steps: int
+    cpu_group: object = None        # gloo group for CPU-side collectives (sparse bigram counts)
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+class Logger:
+    """Rank 0 writes the log file (full code, environment, config, then step lines); console gets
+    the lines marked for it. Other ranks stay silent."""
+
+    def __init__(self, run: Run, log_dir: str):
+        self.enabled = run.is_master
+        self.path = None
+        if self.enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            self.path = os.path.join(log_dir, f"{uuid.uuid4()}.txt")
+            print(f"logging to {self.path}", flush=True)
+
+    def __call__(self, line: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def environment_report() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    parts = []
+    for i, name in enumerate(("train_gpt.py", "triton_kernels.py")):
+        if i:
+            parts.append("\n\n" + "-" * 40 + f"\n# {name}\n" + "-" * 40 + "\n\n")
+        with open(os.path.join(here, name)) as f:
+            parts.append(f.read())
+    import triton
+    parts += ["\n" + "=" * 100,
+              f"Running Python {sys.version}",
+              f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
+              f"Running Triton version {triton.__version__}"]
+    try:
+        parts.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True,
+                                    timeout=30).stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        parts.append("nvidia-smi: not available")
+    parts.append("=" * 100)
+    return "\n".join(parts)
+
+
+def config_report(cfg: Hyperparameters, run: Run) -> str:
+    lines = [f"world_size={run.world_size} grad_accum_steps={run.grad_accum_steps} "
+             f"device={run.device}", "config:"]
+    lines += [f"  {f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)]
+    return "\n".join(lines)
+
+
+def setup_distributed() -> Run:
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    cpu_group = None
+    if world_size > 1:
+        timeout = datetime.timedelta(minutes=int(os.environ.get("DIST_TIMEOUT_MINUTES", 20)))
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
+            cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+            cpu_group = dist.group.WORLD
+        dist.barrier()
+    return Run(rank, world_size, device, grad_accum_steps=0, cpu_group=cpu_group)
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule and data of one rank and runs steps on them."""
+
+    def __init__(self, cfg: Hyperparameters, run: Run, log: Logger):
+        self.cfg, self.run, self.log = cfg, run, log
+        self.schedule = Schedule(cfg)
+        self.val_tokens_per_rank = cfg.val_batch_tokens // cfg.micro_batches_per_step
+        max_train_tokens = max(cfg.stage_batch_tokens) // cfg.micro_batches_per_step
+        # paired-head layers index rotary positions up to twice the sequence length
+        max_positions = 2 * max(self.val_tokens_per_rank, max_train_tokens)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg, run.world_size, max_positions).to(run.device)
+        self.model.rotary.reset()
+        if run.world_size > 1:
+            for p in self.model.parameters():
+                dist.broadcast(p.detach(), 0)
+        self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
+                        if cfg.compile else self.model)
+        self.train_files = find_shards(cfg.train_files)
+        self.val_files = find_shards(cfg.val_files)
+        self.sparse_bigram = None
+        params = dict(self.model.named_parameters())
+        spec = next(s for s in PARAM_TABLE if s.label == "bigram_embed")
+        if comms_mode(spec, run.world_size, run.grad_accum_steps) == "sharded_sparse":
+            self.sparse_bigram = SparseBigramExchange(
+                params["bigram_embed"].size(0), run.world_size, run.rank, run.device,
+                run.cpu_group)
+        self.optimizer = NorMuonAndAdam(params, cfg, run.rank, run.world_size, run.grad_accum_steps,
+                                        cpu_group=run.cpu_group, sparse_bigram=self.sparse_bigram)
+        self.long_window = self.schedule.windows(0)[1]
+        self.loader = self.new_train_loader()
+
+    def new_train_loader(self) -> TrainLoader:
+        run = self.run
+        return TrainLoader(self.train_files, run.rank, run.world_size, run.device,
+                           self.cfg.bigram_vocab_size, cycle=self.cfg.cycle_train_data,
+                           log=self.log)
+
+    def advance(self, step: int) -> StepSettings:
+        """Settings of `step`; a change of the long window rescales rotary (YaRN) on the way."""
+        settings = self.schedule.at(step)
+        new_long = settings.windows[1]
+        if new_long != self.long_window:
+            self.model.rotary.apply_yarn(self.long_window, new_long)
+            self.long_window = new_long
+        return settings
+
+    def train_step(self, step: int, settings: StepSettings) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the rank-summed loss
+        per token (a device tensor, not synchronised)."""
+        run, cfg = self.run, self.cfg
+        grad_scale = 1.0 / run.grad_accum_steps
+        mtp_weights = torch.tensor(settings.mtp_weights, dtype=torch.float32).to(
+            run.device, non_blocking=True)
+        is_adam_step = step % 2 == 1
+        total = torch.zeros((), device=run.device)
+        for _ in range(run.grad_accum_steps):
+            batch = self.loader.next_batch(settings.batch_tokens, settings.max_seq_len,
+                                           run.grad_accum_steps)
+            if self.sparse_bigram is not None:
+                self.sparse_bigram.mark(batch.bigram_ids_cpu)
+                if is_adam_step:
+                    self.sparse_bigram.start_count_exchange()
+            loss = self.forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_ids,
+                                mtp_weights, settings.windows, settings.max_seq_len, grad_scale)
+            if self.sparse_bigram is not None and is_adam_step:
+                self.sparse_bigram.start_index_exchange()
+            loss.backward()
+            total += loss.detach()
+        self.optimizer.step(step, settings.lr_mul, settings.muon_momentum)
+        if step == self.schedule.split_step:
+            self.optimizer.untie()
+        if run.world_size > 1:
+            dist.all_reduce(total)
+        tokens_per_step = settings.batch_tokens // cfg.micro_batches_per_step * run.world_size
+        return total / (grad_scale * tokens_per_step)
+
+    @torch.no_grad()
+    def validate(self, windows: tuple[int, int]) -> float:
+        run, cfg = self.run, self.cfg
+        self.model.eval()
+        losses = []
+        for batch in val_batches(self.val_files, cfg.val_tokens, cfg.val_batch_tokens, run.rank,
+                                 run.world_size, run.grad_accum_steps, run.device,
+                                 cfg.bigram_vocab_size):
+            losses.append(self.forward(batch.inputs, batch.targets, batch.cu_seqlens,
+                                       batch.bigram_ids, None, windows, self.val_tokens_per_rank))
+        self.model.train()
+        val_loss = torch.stack(losses).mean()
+        if run.world_size > 1:
+            dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
+            val_loss /= run.world_size
+        return val_loss.item()
+
+    def warmup(self) -> None:
+        """Run real steps around every schedule transition so that every compiled variant exists
+        before the clock starts, then restore the initial state."""
+        steps = self.schedule.warmup_steps()
+        self.log("Compiling model and warming up kernels (~7 minutes on first execution)")
+        self.log(f"Sampling steps {steps} for warmup")
+        initial_state = copy.deepcopy(self.model.state_dict())
+        val_batch = next(iter(val_batches(
+            self.val_files, self.cfg.val_batch_tokens, self.cfg.val_batch_tokens, self.run.rank,
+            self.run.world_size, self.run.grad_accum_steps, self.run.device,
+            self.cfg.bigram_vocab_size)))
+        for step in steps:
+            settings = self.advance(step)
+            with torch.no_grad():
+                self.model.eval()
+                self.forward(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens,
+                             val_batch.bigram_ids, None, settings.windows, self.val_tokens_per_rank)
+                self.model.train()
+            self.train_step(step, settings)
+        self.log("Resetting Model")
+        self.model.zero_grad(set_to_none=True)
+        self.model.load_state_dict(initial_state)
+        self.optimizer.reset()
+        self.model.rotary.reset()
+        self.long_window = self.schedule.windows(0)[1]
+        self.loader = self.new_train_loader()
+        gc.collect()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PendingLoss:
+    """A step's loss, read once the device has produced it so the queue never stalls."""
+
+    def __init__(self, step: int, loss: torch.Tensor, step_ms: float, tokens: int):
+        self.step, self.step_ms, self.tokens = step, step_ms, tokens
+        self.value = loss.to("cpu", non_blocking=True)
+        self.event = None
+        if loss.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def get(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.value.item()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 \
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
+    trainer = Trainer(cfg, run, log)
+    schedule = trainer.schedule
+    if cfg.compile:
+        trainer.warmup()
+    total_steps = cfg.num_train_steps
+    last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+    training_ms = 0.0
+    pending: PendingLoss | None = None
+
+    def report(p: PendingLoss) -> None:
+        loss = p.get()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {p.step}; stopping")
+        eta = p.step_ms / 1000 * (last_step - p.step - 1)
+        log(f"progress step {p.step + 1}/{total_steps} train_loss:{loss:.4f} "
+            f"tokens/s:{p.tokens / p.step_ms * 1000:,.0f} step_time:{p.step_ms:.1f}ms "
+            f"eta:{format_duration(eta)}")
+
+    synchronize(run.device)
+    t0 = time.perf_counter()
+    for step in range(last_step + 1):
+        settings = trainer.advance(min(step, total_steps - 1))
+        is_last = step == last_step
+        if is_last or (cfg.val_every > 0 and step % cfg.val_every == 0):
+            synchronize(run.device)
+            training_ms += 1000 * (time.perf_counter() - t0)
+            windows = schedule.final_val_windows() if step == total_steps else settings.windows
+            val_loss = trainer.validate(windows)
+            log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{training_ms:.0f}ms "
+                f"step_avg:{training_ms / max(step, 1):.2f}ms")
+            synchronize(run.device)
+            t0 = time.perf_counter()
+        if is_last:
+            break
+        step_start = time.perf_counter()
+        loss = trainer.train_step(step, settings)
+        now = time.perf_counter()
+        elapsed_ms = training_ms + 1000 * (now - t0)
+        log(f"step:{step + 1}/{total_steps} train_time:{elapsed_ms:.0f}ms "
+            f"step_avg:{elapsed_ms / (step + 1):.2f}ms", console=False)
+        # report the previous step: its loss is ready by now without waiting on this one
+        if pending is not None:
+            report(pending)
+        pending = PendingLoss(step, loss, 1000 * (now - step_start), settings.batch_tokens)
+    if pending is not None:
+        report(pending)
+    if run.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    if cfg.save_checkpoint and run.is_master:
+        path = log.path.replace(".txt", "_state.pt")
+        torch.save(dict(step=last_step, config=dataclasses.asdict(cfg),
+                        model=trainer.model.state_dict()), path)
+        log(f"saved checkpoint {path}")
+
+
+def print_summary(cfg: Hyperparameters, world_size: int) -> None:
+    """Every parameter with its optimizer settings, built on the meta device (no memory)."""
+    if world_size < 1 or cfg.micro_batches_per_step % world_size:
+        raise SystemExit(f"--world_size={world_size}: expected a divisor of "
+                         f"{cfg.micro_batches_per_step}")
+    grad_accum = cfg.micro_batches_per_step // world_size
+    with torch.device("meta"):
+        model = GPT(cfg, world_size, max_positions=2)
+    specs = {s.label: s for s in PARAM_TABLE}
+    print(f"{'label':<16} {'shape':<22} {'dtype':<9} {'optimizer':<9} {'lr_mul':>7} {'wd_mul':>7}"
+          f"  comms")
+    total = 0
+    for label, p in model.named_parameters():
+        s = specs[label]
+        total += p.numel()
+        print(f"{label:<16} {str(tuple(p.shape)):<22} {str(p.dtype).removeprefix('torch.'):<9} "
+              f"{s.optimizer:<9} {s.lr_mul:>7g} {s.wd_mul:>7g}  "
+              f"{comms_mode(s, world_size, grad_accum)}")
+    print(f"total parameters: {total:,}")
+
 
 def main(argv: list[str] | None = None) -> None:
-    raise NotImplementedError
+    argv = sys.argv[1:] if argv is None else argv
+    summary = "--summary" in argv
+    summary_world = 8
+    rest = []
+    for arg in argv:
+        if arg.startswith("--world_size="):
+            summary_world = int(arg.split("=", 1)[1])
+        elif arg != "--summary":
+            rest.append(arg)
+    cfg = parse_config(rest)
+    if summary:
+        print_summary(cfg, summary_world)
+        return
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    torch._dynamo.config.recompile_limit = 64
+    run = setup_distributed()
+    try:
+        run.grad_accum_steps = check_config(cfg, run.world_size)
+        log = Logger(run, cfg.log_dir)
+        if run.is_master:
+            log(environment_report(), console=False)
+            log(config_report(cfg, run))
+        train(cfg, run, log)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

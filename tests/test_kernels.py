@@ -1,0 +1,488 @@
+"""Tests of triton_kernels.py: every kernel against the same math restated here in fp64.
+
+Without a GPU the kernels run in Triton's interpreter on small shapes that are not multiples of
+the block sizes (the interpreter is slow); with a GPU the same tests run on CUDA, and the tests
+marked `gpu` add the real speedrun shapes. Inputs are fresh random draws on every run.
+
+Error bounds used below (u = unit roundoff):
+* A dot product of length K accumulated in fp32 is within K * 2^-23 * sum|a_i b_i| of the exact
+  value (2^-23 rather than 2^-24 leaves room for accumulators that truncate).
+* Rounding to bf16 (8 significant bits) to nearest moves a value by at most half a bf16 ulp.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():   # kernels on CPU tensors need the interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton_kernels as tk  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GRAM_ACC_U = 2.0 ** -23
+
+# Polar Express coefficients (a, b, c), optimizer.md 5.2
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+# =================================================================================================
+# Helpers
+# =================================================================================================
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 numbers at |x|: 2^(e - 8) for |x| in [2^(e-1), 2^e)."""
+    _, exponent = torch.frexp(x.abs().double())
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 8).clamp_min(2.0 ** -133)
+
+
+def assert_bf16_rounding_of(out: torch.Tensor, exact: torch.Tensor, fp32_error: torch.Tensor, what: str):
+    """out is a bf16 rounding (to nearest) of a fp32 value within fp32_error of exact."""
+    err = (out.double() - exact).abs()
+    tol = 0.5 * bf16_ulp(exact.abs() + fp32_error) + fp32_error
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"{what}: error reaches {worst:.3f} x the bound"
+
+
+def rel_norm_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def e5m2_steps(t: torch.Tensor) -> torch.Tensor:
+    """e5m2 codes as signed step counts from zero: neighbouring values differ by one."""
+    code = t.view(torch.uint8).int()
+    magnitude = code & 0x7F
+    return torch.where(code >= 0x80, -magnitude, magnitude)
+
+
+def symmetric_bf16(batch: tuple, n: int, device) -> torch.Tensor:
+    """Exactly symmetric bf16 matrices (a + b == b + a elementwise), Gram-like scale."""
+    x = torch.randn(*batch, n, n, device=device)
+    return ((x + x.mT) / 4).bfloat16()
+
+
+# =================================================================================================
+# 1-3. Symmetric Gram kernels
+# =================================================================================================
+
+def check_xxt(A: torch.Tensor):
+    out = torch.full((*A.shape[:-1], A.shape[-2]), float("nan"), dtype=torch.bfloat16, device=A.device)
+    tk.XXT(A, out)
+    A64 = A.double()
+    exact = A64 @ A64.mT
+    bound = A.shape[-1] * GRAM_ACC_U * (A64.abs() @ A64.abs().mT)
+    assert torch.equal(out, out.mT), "XXT output is not exactly symmetric"
+    assert_bf16_rounding_of(out, exact, bound, f"XXT {tuple(A.shape)}")
+
+
+def check_xtx(A: torch.Tensor):
+    out = torch.full((*A.shape[:-2], A.shape[-1], A.shape[-1]), float("nan"), dtype=torch.bfloat16,
+                     device=A.device)
+    tk.XTX(A, out)
+    A64 = A.double()
+    exact = A64.mT @ A64
+    bound = A.shape[-2] * GRAM_ACC_U * (A64.abs().mT @ A64.abs())
+    assert torch.equal(out, out.mT), "XTX output is not exactly symmetric"
+    assert_bf16_rounding_of(out, exact, bound, f"XTX {tuple(A.shape)}")
+
+
+def check_ba_plus_caa(A: torch.Tensor, alpha: float, beta: float):
+    out = torch.full_like(A, float("nan"))
+    tk.ba_plus_cAA(A, alpha, beta, out)
+    A64 = A.double()
+    exact = alpha * (A64 @ A64.mT) + beta * A64
+    # accumulation error scaled by |alpha|, plus the fp32 multiply-add of the epilogue
+    bound = (abs(alpha) * A.shape[-1] * GRAM_ACC_U * (A64.abs() @ A64.abs().mT)
+             + 2.0 ** -22 * (abs(alpha) * (A64 @ A64.mT).abs() + abs(beta) * A64.abs()))
+    assert torch.equal(out, out.mT), "ba_plus_cAA output is not exactly symmetric"
+    assert_bf16_rounding_of(out, exact, bound, f"ba_plus_cAA {tuple(A.shape)}")
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (3, 70, 45), (2, 64, 96)])
+def test_xxt(shape):
+    check_xxt(torch.randn(shape, device=DEV).bfloat16())
+
+
+@pytest.mark.parametrize("shape", [(70, 37), (3, 100, 45), (2, 33, 64)])
+def test_xtx(shape):
+    check_xtx(torch.randn(shape, device=DEV).bfloat16())
+
+
+@pytest.mark.parametrize("batch,n", [((), 45), ((3,), 70)])
+def test_ba_plus_caa(batch, n):
+    a, b, c = POLAR_EXPRESS_COEFFS[torch.randint(0, 5, ()).item()]
+    check_ba_plus_caa(symmetric_bf16(batch, n, DEV), c, b)
+
+
+def test_gram_rejects_bad_arguments():
+    A = torch.randn(2, 40, 30, device=DEV).bfloat16()
+    with pytest.raises(ValueError, match="out must have shape"):
+        tk.XXT(A, torch.empty(2, 30, 30, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(ValueError, match="A must have dtype"):
+        tk.XTX(A.float(), torch.empty(2, 30, 30, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(ValueError, match="must be square"):
+        tk.ba_plus_cAA(A, 1.0, 1.0, torch.empty(2, 40, 40, dtype=torch.bfloat16, device=DEV))
+
+
+@pytest.mark.gpu
+def test_gram_kernels_speedrun_shapes():
+    check_xxt(torch.randn(5, 768, 768, device="cuda").bfloat16())
+    check_xtx(torch.randn(3, 3072, 768, device="cuda").bfloat16())
+    for batch in (5, 3):
+        for a, b, c in POLAR_EXPRESS_COEFFS:
+            check_ba_plus_caa(symmetric_bf16((batch,), 768, "cuda") / 8, c, b)
+
+
+# =================================================================================================
+# 4. Linear + ReLU^2
+# =================================================================================================
+
+def check_linear_relu_square(T: int, d: int, hidden: int, device):
+    x = torch.randn(T, d, device=device).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d, device=device).bfloat16()
+    x64, W1_64, W2_64, dY64 = x.double(), W1.double(), W2.double(), dY.double()
+
+    # forward kernel: pre = bf16(x W1^T), post = bf16(relu(pre)^2) from the stored pre
+    pre, post = torch.ops.nanogpt_triton.linear_relu_square_forward(x.detach(), W1.detach())
+    bound = d * GRAM_ACC_U * (x64.abs() @ W1_64.abs().t())
+    assert_bf16_rounding_of(pre, x64 @ W1_64.t(), bound, "pre")
+    assert torch.equal(post, torch.relu(pre.float()).square().bfloat16()), "post != bf16(relu(pre)^2)"
+
+    # backward kernel: d_pre = bf16(2 (dY W2^T) relu(pre)); fp32 accumulation, then two products
+    d_pre = torch.ops.nanogpt_triton.linear_relu_square_backward(dY, W2.detach(), pre)
+    relu_pre = torch.relu(pre.double())
+    exact = 2 * (dY64 @ W2_64.t()) * relu_pre
+    bound = (2 * d * GRAM_ACC_U * (dY64.abs() @ W2_64.abs().t()) * relu_pre
+             + 2.0 ** -22 * exact.abs())
+    assert_bf16_rounding_of(d_pre, exact, bound, "d_pre")
+
+    # autograd wrapper against fp64 autograd. bf16 rounds pre, post, the output and d_pre,
+    # each by at most 2^-9 relative; compounded through the matmuls that stays below 1e-2.
+    out = tk.linear_relu_square(x, W1, W2)
+    out.backward(dY)
+    leaves = [t.detach().double().requires_grad_() for t in (x, W1, W2)]
+    out_ref = torch.relu(leaves[0] @ leaves[1].t()).square() @ leaves[2]
+    out_ref.backward(dY64)
+    assert rel_norm_error(out, out_ref) < 1e-2
+    for got, ref, name in zip((x.grad, W1.grad, W2.grad), leaves, ("dx", "dW1", "dW2")):
+        assert rel_norm_error(got, ref.grad) < 1e-2, name
+
+
+@pytest.mark.parametrize("T", [100, 64])
+def test_linear_relu_square(T):
+    check_linear_relu_square(T, d=48, hidden=80, device=DEV)
+
+
+def test_linear_relu_square_keeps_leading_dims():
+    x = torch.randn(1, 40, 32, device=DEV).bfloat16()
+    W1 = torch.randn(48, 32, device=DEV).div(8).bfloat16()
+    W2 = torch.randn(48, 32, device=DEV).div(8).bfloat16()
+    out = tk.linear_relu_square(x, W1, W2)
+    assert out.shape == (1, 40, 32)
+    assert torch.equal(out[0], tk.linear_relu_square(x[0], W1, W2))
+    with pytest.raises(ValueError, match="W1 and W2 both"):
+        tk.linear_relu_square(x, W1, W2[:, :16])
+
+
+@pytest.mark.gpu
+def test_linear_relu_square_speedrun_shape():
+    check_linear_relu_square(16384, d=768, hidden=3072, device="cuda")
+
+
+# =================================================================================================
+# 5. Soft-capped multi-token cross entropy
+# =================================================================================================
+
+def reference_losses_and_grad(logits, targets, w, dloss):
+    """fp64 restatement: per-row losses, lse and d(sum dloss_t loss_t)/d logits, row by row in
+    chunks (bounded memory at the real shapes)."""
+    T, V = logits.shape
+    w = w.double().tolist()
+    losses = torch.zeros(T, dtype=torch.float64, device=logits.device)
+    lse_all = torch.zeros_like(losses)
+    grad = torch.zeros(T, V, dtype=torch.float32, device=logits.device)
+    for r0 in range(0, T, 2048):
+        rows = torch.arange(r0, min(r0 + 2048, T), device=logits.device)
+        l = logits[rows].double()
+        s = torch.sigmoid((l + 5.0) / 7.5)
+        z = 23.0 * s
+        lse = torch.logsumexp(z, dim=1)
+        dz = torch.zeros_like(z)
+        for k, wk in enumerate(w):
+            later = rows + k
+            target = targets[later.clamp(max=T - 1)]
+            valid = (later < T) & (target >= 0) & (target < V) & (wk > 0)
+            z_t = z.gather(1, target.clamp(0, V - 1)[:, None])[:, 0]
+            losses[rows] += torch.where(valid, wk * (lse - z_t), 0.0)
+            weight = valid.double() * wk
+            dz += weight[:, None] * torch.softmax(z, dim=1)
+            dz.scatter_add_(1, target.clamp(0, V - 1)[:, None], -weight[:, None])
+        lse_all[rows] = lse
+        grad[rows] = (dloss[rows].double()[:, None] * dz * (23.0 / 7.5) * s * (1 - s)).float()
+    return losses, lse_all, grad
+
+
+def check_mtp_kernels(T, V, w, device, invalid_target=False, expanded_dloss=False):
+    logits = (torch.randn(T, V, device=device) * 4).bfloat16()
+    targets = torch.randint(0, V, (T,), device=device)
+    if invalid_target:   # skipped by the validity rule 0 <= target < V
+        targets[T // 2] = -1
+        targets[T // 3] = V
+    w = torch.tensor(w, device=device)
+    grad_accum_scale = 0.125
+    grad_scale = grad_accum_scale * 0.75 / 448
+    if expanded_dloss:   # what autograd passes for losses.sum() * grad_accum_scale
+        dloss = torch.tensor(grad_accum_scale, device=device).expand(T)
+    else:
+        dloss = grad_accum_scale * (0.5 + torch.rand(T, device=device))
+
+    losses, lse = tk.softcapped_mtp_losses(logits, targets, w)
+    ref_losses, ref_lse, ref_grad = reference_losses_and_grad(logits, targets, w, dloss)
+    # fp32 streaming sums of exp over at most 50k positive terms: ~1e-6 relative
+    assert ((lse.double() - ref_lse).abs() / ref_lse.abs()).max().item() < 1e-4
+    has_loss = ref_losses != 0
+    assert torch.equal(losses != 0, has_loss), "rows with and without a loss term differ"
+    assert ((losses.double() - ref_losses).abs()[has_loss] / ref_losses[has_loss].abs()).max().item() < 1e-4
+
+    grad8 = tk.softcapped_mtp_logits_grad(logits, targets, w, lse, dloss, grad_scale)
+    ref8 = (ref_grad / torch.tensor(grad_scale, dtype=torch.float32)).to(torch.float8_e5m2)
+    steps = (e5m2_steps(grad8) - e5m2_steps(ref8)).abs()
+    # fp32 vs fp64 evaluation moves a value across an e5m2 rounding boundary only when it lies
+    # within ~1e-6 relative of one: a tiny fraction may land one step away, never more
+    assert steps.max().item() <= 1
+    assert steps.float().mean().item() < 1e-3
+
+
+@pytest.mark.parametrize("w,invalid_target,expanded_dloss", [
+    ([1.0], False, False),
+    ([1.0, 0.5], False, True),
+    ([1.0, 0.0], True, False),
+    ([1.0, 0.5, 0.25], False, False),
+    ([1.0, 0.5, 0.0], True, True),
+])
+def test_mtp_kernels(w, invalid_target, expanded_dloss):
+    # T = 37 rows: the last K-1 rows lose their later targets; V = 700 is not a multiple of the block
+    check_mtp_kernels(37, 700, w, DEV, invalid_target, expanded_dloss)
+
+
+def test_mtp_reference_matches_restatement():
+    T, V = 30, 200
+    logits = (torch.randn(T, V) * 4).bfloat16()
+    targets = torch.randint(0, V, (T,))
+    w = torch.tensor([1.0, 0.5, 0.25])
+    ref_losses, _, _ = reference_losses_and_grad(logits, targets, w, torch.ones(T))
+    got = tk.softcapped_mtp_losses_reference(logits, targets, w)
+    assert ((got.double() - ref_losses).abs() / ref_losses.abs()).max().item() < 1e-5
+
+
+def fp8_head_reference(h, targets, w, W_head, dloss, x_scale, w_scale):
+    """fp32 autograd of the loss on the same e4m3-rounded inputs, logits never rounded."""
+    h_q = ((h.float() / x_scale).to(torch.float8_e4m3fn).float() * x_scale).requires_grad_()
+    W_q = ((W_head.float() / w_scale).to(torch.float8_e4m3fn).float() * w_scale).requires_grad_()
+    logits = h_q @ W_q
+    T, V = logits.shape
+    z = 23.0 * torch.sigmoid((logits + 5.0) / 7.5)
+    lse = torch.logsumexp(z, dim=1)
+    losses = torch.zeros(T, device=h.device)
+    for k, wk in enumerate(w.tolist()):
+        if wk > 0 and k < T:
+            losses = losses + torch.nn.functional.pad(
+                wk * (lse[:T - k] - z[:T - k].gather(1, targets[k:, None])[:, 0]), (0, k))
+    (losses * dloss).sum().backward()
+    return losses.detach(), h_q, W_q
+
+
+def check_fp8_cross_entropy(T, d, V, device):
+    x_scale, w_scale = 100 / 448, 1.6 / 448
+    grad_accum_scale = 0.125
+    h = torch.randn(T, d, device=device).bfloat16().requires_grad_()   # rmsnorm'd: unit scale
+    W_head = (torch.randn(d, V, device=device) * 0.05).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (T,), device=device)
+    w = torch.tensor([1.0, 0.5, 0.25], device=device)
+
+    losses = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, x_scale, w_scale,
+                                             grad_accum_scale * 0.75 / 448)
+    (losses.sum() * grad_accum_scale).backward()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False   # a true fp32 reference
+    try:
+        ref_losses, h_q, W_q = fp8_head_reference(h.detach(), targets, w, W_head.detach(),
+                                                  torch.full((T,), grad_accum_scale, device=device),
+                                                  x_scale, w_scale)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    # The FP8 GEMM writes bf16 logits (2^-9 relative) accumulated in reduced precision: allow
+    # |dl| <= 2^-8 sum|h w| per logit. dz/dl <= 23/7.5/4, and each weighted term moves with lse
+    # and one z: |d loss_t| <= 2 S_w max_j |dz_j|.
+    with torch.no_grad():
+        logit_error = 2.0 ** -8 * (h_q.abs() @ W_q.abs())
+        weight_sum = sum(wk * (torch.arange(T, device=device) + k < T).float()
+                         for k, wk in enumerate(w.tolist()))
+        tol = 2 * weight_sum * (23 / 7.5 / 4) * logit_error.max(dim=1).values + 1e-4 * ref_losses.abs()
+    assert ((losses - ref_losses).abs() <= tol).all()
+
+    # The logits gradient travels in e5m2 (2 mantissa bits): each element is rounded by up to
+    # 2^-3 relative, independently, so dh and dW_head carry ~5% norm-relative error; allow 10%.
+    assert rel_norm_error(h.grad, h_q.grad) < 0.1
+    assert rel_norm_error(W_head.grad, W_q.grad) < 0.1
+    assert h.grad.dtype == torch.bfloat16 and W_head.grad.dtype == torch.bfloat16
+
+
+def test_fp8_cross_entropy_end_to_end():
+    check_fp8_cross_entropy(48, 64, 304, DEV)
+
+
+@pytest.mark.gpu
+def test_mtp_kernels_speedrun_shape():
+    check_mtp_kernels(16384, 50304, [1.0, 0.5, 0.25], "cuda", expanded_dloss=True)
+
+
+@pytest.mark.gpu
+def test_fp8_cross_entropy_speedrun_shape():
+    check_fp8_cross_entropy(16384, 768, 50304, "cuda")
+
+
+# =================================================================================================
+# 6-7. Transposes
+# =================================================================================================
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_transpose_copy(dtype):
+    big = torch.randn(70, 60, device=DEV).to(dtype)
+    src = big[:, 5:50]                         # strided rows, 45 columns
+    dst = torch.empty(45, 70, dtype=dtype, device=DEV)
+    tk.transpose_copy(src, dst)
+    bits = torch.uint8 if dtype != torch.bfloat16 else torch.int16   # compare raw bits
+    assert torch.equal(dst.view(bits), src.t().contiguous().view(bits))
+
+
+def test_transpose_add():
+    src = torch.randn(70, 45, device=DEV).bfloat16()
+    dst0 = torch.randn(45, 70, device=DEV).bfloat16()
+    dst = dst0.clone()
+    tk.transpose_add(src, dst)
+    exact = dst0.double() + src.t().double()
+    assert ((dst.double() - exact).abs() <= bf16_ulp(exact)).all()   # one rounding of the sum
+
+
+def test_transpose_rejects_bad_arguments():
+    src = torch.randn(70, 45, device=DEV).bfloat16()
+    with pytest.raises(ValueError, match="dst must have shape"):
+        tk.transpose_copy(src, torch.empty(70, 45, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(ValueError, match="share a dtype"):
+        tk.transpose_add(src, torch.empty(45, 70, device=DEV))
+
+
+@pytest.mark.gpu
+def test_transposes_speedrun_shape():
+    src = torch.randn(768, 50304, device="cuda").bfloat16()
+    dst = torch.empty(50304, 768, dtype=torch.bfloat16, device="cuda")
+    tk.transpose_copy(src, dst)
+    assert torch.equal(dst, src.t())
+    src8 = src.to(torch.float8_e4m3fn)
+    dst8 = torch.empty(50304, 768, dtype=torch.float8_e4m3fn, device="cuda")
+    tk.transpose_copy(src8, dst8)
+    assert torch.equal(dst8.view(torch.uint8), src8.t().view(torch.uint8))
+    grad = torch.randn(50304, 768, device="cuda").bfloat16()
+    head_grad0 = torch.randn(768, 50304, device="cuda").bfloat16()
+    head_grad = head_grad0.clone()
+    tk.transpose_add(grad, head_grad)
+    exact = head_grad0.double() + grad.t().double()
+    assert ((head_grad.double() - exact).abs() <= bf16_ulp(exact)).all()
+
+
+# =================================================================================================
+# References used by the CPU training path
+# =================================================================================================
+
+def test_references_restate_the_math():
+    A = torch.randn(2, 20, 12).bfloat16()
+    A64 = A.double()
+    assert torch.equal(tk.XXT_reference(A), (A64 @ A64.mT).float().bfloat16())
+    assert torch.equal(tk.XTX_reference(A), (A64.mT @ A64).float().bfloat16())
+    S = symmetric_bf16((2,), 12, "cpu")
+    S64 = S.double()
+    ref = tk.ba_plus_cAA_reference(S, 0.5, -2.0).double()
+    assert ((ref - (0.5 * S64 @ S64 + -2.0 * S64)).abs() <= bf16_ulp(ref)).all()
+    x, W1, W2 = torch.randn(10, 12), torch.randn(16, 12), torch.randn(16, 12)
+    assert torch.allclose(tk.linear_relu_square_reference(x, W1, W2),
+                          torch.clamp(x @ W1.t(), min=0) ** 2 @ W2, rtol=1e-5, atol=1e-5)
+    src, dst = torch.randn(7, 5).bfloat16(), torch.randn(5, 7).bfloat16()
+    assert torch.equal(tk.transpose_copy_reference(src, dst.clone()), src.t())
+    summed = tk.transpose_add_reference(src, dst.clone())
+    assert torch.equal(summed, (dst.float() + src.t().float()).bfloat16())
+
+
+# =================================================================================================
+# torch.compile: the kernels must trace without graph breaks
+# =================================================================================================
+
+def polar_express(G: torch.Tensor) -> torch.Tensor:
+    """5 Polar Express steps through the kernels (optimizer.md 5.2), tall or wide form."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    tall = X.shape[-2] > X.shape[-1]
+    size = min(X.shape[-2:])
+    A = X.new_empty(*X.shape[:-2], size, size)
+    B = torch.empty_like(A)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        if tall:
+            tk.XTX(X, A)
+            tk.ba_plus_cAA(A, c, b, B)
+            X = a * X + X @ B
+        else:
+            tk.XXT(X, A)
+            tk.ba_plus_cAA(A, c, b, B)
+            X = a * X + B @ X
+    return X
+
+
+def compile_fullgraph(fn):
+    # On CPU inductor would need a C++ build per graph; aot_eager still runs dynamo (fullgraph),
+    # fake tensors, functionalisation and AOT autograd, which is where custom ops can break.
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="inductor" if DEV == "cuda" else "aot_eager")
+
+
+def test_polar_express_with_kernels_compiles_and_orthogonalises():
+    G = torch.randn(2, 96, 48, device=DEV)
+    tall = compile_fullgraph(polar_express)(G)
+    wide = compile_fullgraph(polar_express)(G.mT.contiguous())
+    for X in (tall, wide.mT):
+        sv = torch.linalg.svdvals(X.double())
+        assert sv.min().item() > 0.6 and sv.max().item() < 1.2, sv
+    # two bf16 orders of the same polynomial: differences of a few bf16 ulps per step
+    assert rel_norm_error(wide.mT, tall) < 3e-2
+
+
+def test_mlp_and_loss_compile_fullgraph():
+    x = torch.randn(64, 48, device=DEV).bfloat16().requires_grad_()
+    W1 = torch.randn(80, 48, device=DEV).div(7).bfloat16().requires_grad_()
+    W2 = torch.randn(80, 48, device=DEV).div(9).bfloat16().requires_grad_()
+    W_head = (torch.randn(48, 160, device=DEV) * 0.05).bfloat16().requires_grad_()
+    targets = torch.randint(0, 160, (64,), device=DEV)
+    w = torch.tensor([1.0, 0.5], device=DEV)
+
+    def step(x, W1, W2, W_head):
+        h = torch.nn.functional.rms_norm(tk.linear_relu_square(x, W1, W2), (48,))
+        losses = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, 100 / 448, 1.6 / 448, 0.75 / 448)
+        return losses.sum()
+
+    leaves = (x, W1, W2, W_head)
+    loss = compile_fullgraph(step)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_loss = step(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    # the same kernels run in both; only the surrounding PyTorch ops may be fused differently
+    assert abs(loss.item() - eager_loss.item()) <= 1e-3 * abs(eager_loss.item())
+    for g, e in zip(grads, eager_grads):
+        assert rel_norm_error(g, e) < 2e-2

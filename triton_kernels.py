@@ -1,0 +1,785 @@
+"""Triton kernels of the speedrun, each beside a plain PyTorch statement of the same math.
+
+  1. XXT            C = A A^T           symmetric Gram matrix (Polar Express, wide/square matrices)
+  2. XTX            C = A^T A           symmetric Gram matrix (Polar Express, tall matrices)
+  3. ba_plus_cAA    C = alpha A A^T + beta A, A symmetric (Polar Express: B = b A + c A A)
+  4. linear_relu_square   relu(x W1^T)^2 W2 with the activation and its derivative fused into
+                          the GEMM epilogues (every MLP), autograd function
+  5. softcapped_mtp_cross_entropy   soft-capped multi-token cross entropy over an FP8 LM head,
+                          autograd function; its two row kernels are exposed separately
+  6. transpose_copy  dst = src^T        (tied embedding <- lm_head^T)
+  7. transpose_add   dst += src^T       (lm_head grad += embedding grad^T)
+
+Every kernel is wrapped in a torch.library custom op with a fake (meta) implementation, so that
+torch.compile(fullgraph=True) traces through it without a graph break. Each has a `*_reference`
+in plain PyTorch, which the CPU training path uses.
+
+The kernels also run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is
+how CI tests them. Interpreter defects (Triton 3.9) are worked around behind the constexpr
+flag INTERPRETED: its tl.dot multiplies bf16 tiles as raw uint16 integers (so tiles are widened
+to fp32 first), its fp32 -> bf16 cast truncates, and its fp32 -> fp8 cast does not carry a
+rounded-up mantissa into the exponent (so values are first rounded to nearest-even on the target
+grid by integer arithmetic, after which the cast is exact). On the GPU these paths are compiled
+out and the tensor cores and hardware conversions are used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
+    "linear_relu_square", "linear_relu_square_reference",
+    "softcapped_mtp_losses", "softcapped_mtp_logits_grad", "softcapped_mtp_losses_reference",
+    "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
+    "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
+]
+
+# Triton decides at decoration time whether @triton.jit functions are interpreted; read the same
+# environment variable once so that the host code picks matching kernel variants.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# Soft cap of the LM head: z = SOFTCAP_A * sigmoid((l + SOFTCAP_B) / SOFTCAP_C), z in (0, 23).
+SOFTCAP_A = 23.0
+SOFTCAP_B = 5.0
+SOFTCAP_C = 7.5
+
+
+# =================================================================================================
+# Host-side helpers
+# =================================================================================================
+
+def _check_runnable(name: str, *tensors: torch.Tensor) -> None:
+    """Triton needs CUDA tensors, or CPU tensors under the interpreter, all on one device."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cpu" and not _INTERPRET:
+        raise RuntimeError(f"{name}: CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 "
+                           f"before importing triton), or use {name}_reference instead")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected CUDA (or CPU under TRITON_INTERPRET=1) tensors, got {device}")
+
+
+def _check_dtype(name: str, arg: str, t: torch.Tensor, dtypes: tuple) -> None:
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name}: {arg} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_shape(name: str, arg: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: {arg} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+# =================================================================================================
+# Device-side helpers
+# =================================================================================================
+
+@triton.jit
+def _mma(acc, a, b, INTERPRETED: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. The interpreter multiplies bf16 tiles as raw uint16
+    integers, so there the (exactly representable) fp32 widening of the operands is multiplied."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _to_bf16(x, INTERPRETED: tl.constexpr):
+    """fp32 -> bf16, round to nearest even (the interpreter's own cast truncates)."""
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _lower_triangle_tile(tile_id):
+    """Tiles on or below the diagonal, numbered row by row: tile_id = row (row + 1) / 2 + col."""
+    row = ((tl.sqrt(8.0 * tile_id + 1.0) - 1.0) * 0.5).to(tl.int32)
+    # fix a possible off-by-one of the floating-point square root
+    row = tl.where(row * (row + 1) // 2 > tile_id, row - 1, row)
+    row = tl.where((row + 1) * (row + 2) // 2 <= tile_id, row + 1, row)
+    return row, tile_id - row * (row + 1) // 2
+
+
+@triton.jit
+def _round_to_e5m2_grid(x):
+    """x (fp32) rounded to the nearest e5m2 value, ties to even, saturating at +-57344 like the
+    hardware's satfinite conversion. The result converts to fp8e5 exactly."""
+    x = tl.minimum(tl.maximum(x, -57344.0), 57344.0)
+    # normal range: keep 2 of the 23 mantissa bits; the integer add carries into the exponent
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0xFFFFF + ((bits >> 21) & 1)) >> 21) << 21
+    normal = bits.to(tl.float32, bitcast=True)
+    # below the smallest normal, 2^-14, e5m2 is fixed point with step 2^-16
+    steps = tl.minimum(tl.abs(x), 6.103515625e-05) * 65536.0
+    whole = steps.to(tl.int32)
+    frac = steps - whole.to(tl.float32)
+    whole += ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int32)
+    subnormal = whole.to(tl.float32) * (1.0 / 65536.0)
+    subnormal = tl.where(x < 0, -subnormal, subnormal)
+    return tl.where(tl.abs(x) < 6.103515625e-05, subnormal, normal)
+
+
+# =================================================================================================
+# 1-3. Symmetric Gram kernels: XXT, XTX, ba_plus_cAA
+# =================================================================================================
+# A is viewed as (batch, n, r): C[i, j] = sum_r A[i, r] A[j, r] is n x n. XXT reads A (M, K) with
+# n = M, r = K; XTX reads the same memory with the two strides swapped (n = K, r = M). Only tiles
+# on or below the diagonal are launched; each is stored twice, at (i, j) and mirrored at (j, i).
+# On the diagonal tile the first store keeps i >= j and the mirror i < j, so every element is
+# written exactly once and C == C^T holds bit for bit.
+
+@triton.jit
+def _symmetric_gram_kernel(
+    a_ptr, c_ptr, alpha, beta,
+    n, r, num_batches,                      # num_batches: only an autotuning key (grid axis 1)
+    stride_ab, stride_an, stride_ar,
+    stride_cb, stride_cm, stride_cn,
+    ADD_BETA_A: tl.constexpr,               # ba_plus_cAA epilogue: alpha * acc + beta * A
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
+    beta = tl.cast(beta, tl.float32)
+    tile_row, tile_col = _lower_triangle_tile(tl.program_id(0))
+    batch = tl.program_id(1).to(tl.int64)
+    a_ptr += batch * stride_ab
+    c_ptr += batch * stride_cb
+
+    rows = tile_row * BLOCK + tl.arange(0, BLOCK)
+    cols = tile_col * BLOCK + tl.arange(0, BLOCK)
+    red = tl.arange(0, BLOCK_R)
+    row_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_an + red[None, :] * stride_ar
+    col_ptrs = a_ptr + cols[:, None].to(tl.int64) * stride_an + red[None, :] * stride_ar
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for r0 in range(0, r, BLOCK_R):
+        in_red = red[None, :] < r - r0
+        x = tl.load(row_ptrs, mask=(rows[:, None] < n) & in_red, other=0.0)
+        y = tl.load(col_ptrs, mask=(cols[:, None] < n) & in_red, other=0.0)
+        acc = _mma(acc, x, tl.trans(y), INTERPRETED)
+        row_ptrs += BLOCK_R * stride_ar
+        col_ptrs += BLOCK_R * stride_ar
+
+    in_bounds = (rows[:, None] < n) & (cols[None, :] < n)
+    if ADD_BETA_A:  # A is square here (n == r): add beta times its (rows, cols) tile
+        a_tile = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_an + cols[None, :] * stride_ar,
+                         mask=in_bounds, other=0.0)
+        acc = alpha * acc + beta * a_tile.to(tl.float32)
+    out = _to_bf16(acc, INTERPRETED)
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn, out,
+             mask=in_bounds & (rows[:, None] >= cols[None, :]))
+    mirror_mask = (cols[:, None] < n) & (rows[None, :] < n) & (rows[None, :] > cols[:, None])
+    tl.store(c_ptr + cols[:, None].to(tl.int64) * stride_cm + rows[None, :] * stride_cn,
+             tl.trans(out), mask=mirror_mask)
+
+
+_GRAM_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_R": 64}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK": 128, "BLOCK_R": 64}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK": 64, "BLOCK_R": 128}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK": 64, "BLOCK_R": 64}, num_stages=5, num_warps=4),
+]
+_symmetric_gram_tuned = triton.autotune(
+    _GRAM_CONFIGS, key=["n", "r", "num_batches", "ADD_BETA_A"])(_symmetric_gram_kernel)
+
+
+def _symmetric_gram(name: str, A: torch.Tensor, out: torch.Tensor, transposed: bool,
+                    alpha: float = 1.0, beta: float = 0.0, add_beta_a: bool = False) -> None:
+    A3 = A if A.dim() == 3 else A.unsqueeze(0)
+    C3 = out if out.dim() == 3 else out.unsqueeze(0)
+    batches, rows, cols = A3.shape
+    if transposed:
+        n, r, stride_an, stride_ar = cols, rows, A3.stride(2), A3.stride(1)
+    else:
+        n, r, stride_an, stride_ar = rows, cols, A3.stride(1), A3.stride(2)
+    args = (A3, C3, alpha, beta, n, r, batches, A3.stride(0), stride_an, stride_ar,
+            C3.stride(0), C3.stride(1), C3.stride(2))
+
+    def grid(meta):
+        tiles = triton.cdiv(n, meta["BLOCK"])
+        return (tiles * (tiles + 1) // 2, batches)
+
+    if _INTERPRET:
+        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, BLOCK=32, BLOCK_R=32,
+                                     INTERPRETED=True)
+    else:
+        _symmetric_gram_tuned[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False)
+
+
+def _check_gram_args(name: str, A: torch.Tensor, out: torch.Tensor, out_size: int) -> None:
+    _check_runnable(name, A, out)
+    if A.dim() not in (2, 3):
+        raise ValueError(f"{name}: A must be (M, K) or (batch, M, K), got shape {tuple(A.shape)}")
+    _check_dtype(name, "A", A, (torch.bfloat16,))
+    _check_dtype(name, "out", out, (torch.bfloat16,))
+    _check_shape(name, "out", out, (*A.shape[:-2], out_size, out_size))
+
+
+@torch.library.custom_op("nanogpt_triton::xxt", mutates_args=("out",))
+def _xxt_op(A: torch.Tensor, out: torch.Tensor) -> None:
+    _symmetric_gram("XXT", A, out, transposed=False)
+
+
+@_xxt_op.register_fake
+def _(A, out):
+    return None
+
+
+@torch.library.custom_op("nanogpt_triton::xtx", mutates_args=("out",))
+def _xtx_op(A: torch.Tensor, out: torch.Tensor) -> None:
+    _symmetric_gram("XTX", A, out, transposed=True)
+
+
+@_xtx_op.register_fake
+def _(A, out):
+    return None
+
+
+@torch.library.custom_op("nanogpt_triton::ba_plus_caa", mutates_args=("out",))
+def _ba_plus_caa_op(A: torch.Tensor, alpha: float, beta: float, out: torch.Tensor) -> None:
+    _symmetric_gram("ba_plus_cAA", A, out, transposed=False, alpha=alpha, beta=beta, add_beta_a=True)
+
+
+@_ba_plus_caa_op.register_fake
+def _(A, alpha, beta, out):
+    return None
+
+
+def XXT(A: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = A @ A^T for A (M, K) or (B, M, K) bf16; out (.., M, M) bf16, fp32 accumulation."""
+    _check_gram_args("XXT", A, out, A.shape[-2])
+    _xxt_op(A, out)
+    return out
+
+
+def XXT_reference(A: torch.Tensor) -> torch.Tensor:
+    Af = A.float()
+    return (Af @ Af.mT).to(A.dtype)
+
+
+def XTX(A: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = A^T @ A for A (M, K) or (B, M, K) bf16 (reduction over M); out (.., K, K) bf16."""
+    _check_gram_args("XTX", A, out, A.shape[-1])
+    _xtx_op(A, out)
+    return out
+
+
+def XTX_reference(A: torch.Tensor) -> torch.Tensor:
+    Af = A.float()
+    return (Af.mT @ Af).to(A.dtype)
+
+
+def ba_plus_cAA(A: torch.Tensor, alpha: float, beta: float, out: torch.Tensor) -> torch.Tensor:
+    """out = alpha * A @ A^T + beta * A for symmetric A (M, M) or (B, M, M) bf16.
+    Polar Express calls it with alpha = c, beta = b, giving b A + c A A."""
+    _check_gram_args("ba_plus_cAA", A, out, A.shape[-2])
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"ba_plus_cAA: A must be square, got shape {tuple(A.shape)}")
+    _ba_plus_caa_op(A, float(alpha), float(beta), out)
+    return out
+
+
+def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    Af = A.float()
+    return (alpha * (Af @ Af.mT) + beta * Af).to(A.dtype)
+
+
+# =================================================================================================
+# 4. Linear + ReLU^2 with fused epilogues
+# =================================================================================================
+# One GEMM acc = a @ b^T with a (m, k), b (n, k), both read along k.
+#   forward:  a = x, b = W1 (= c_fc):   pre = bf16(acc), post = bf16(relu(pre)^2)
+#   backward: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * relu(pre)), acc = d_post
+
+@triton.jit
+def _linear_relu_square_kernel(
+    a_ptr, b_ptr, out_ptr, aux_ptr,         # forward: out = pre, aux = post; backward: out = d_pre, aux = pre
+    m, n, k,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    BACKWARD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(m, BLOCK_M)
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_tile_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
+    tile_m = first_tile_m + (pid % tiles_per_group) % group_rows
+    tile_n = (pid % tiles_per_group) // group_rows
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + cols[:, None].to(tl.int64) * stride_bn + ks[None, :] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        in_k = ks[None, :] < k - k0
+        a = tl.load(a_ptrs, mask=(rows[:, None] < m) & in_k, other=0.0)
+        b = tl.load(b_ptrs, mask=(cols[:, None] < n) & in_k, other=0.0)
+        acc = _mma(acc, a, tl.trans(b), INTERPRETED)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+    in_bounds = (rows[:, None] < m) & (cols[None, :] < n)
+    if BACKWARD:
+        pre = tl.load(aux_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        d_pre = 2.0 * acc * tl.maximum(pre, 0.0)
+        tl.store(out_ptr + offsets, _to_bf16(d_pre, INTERPRETED), mask=in_bounds)
+    else:
+        pre = _to_bf16(acc, INTERPRETED)
+        tl.store(out_ptr + offsets, pre, mask=in_bounds)
+        relu = tl.maximum(pre.to(tl.float32), 0.0)   # from the bf16-rounded pre, as saved
+        tl.store(aux_ptr + offsets, _to_bf16(relu * relu, INTERPRETED), mask=in_bounds)
+
+
+_MLP_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+_linear_relu_square_tuned = triton.autotune(
+    _MLP_CONFIGS, key=["m", "n", "k", "BACKWARD"])(_linear_relu_square_kernel)
+
+
+def _launch_linear_relu_square(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                               aux: torch.Tensor, backward: bool) -> None:
+    m, k = a.shape
+    n = b.shape[0]
+    args = (a, b, out, aux, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if _INTERPRET:
+        _linear_relu_square_kernel[grid](*args, BACKWARD=backward, BLOCK_M=32, BLOCK_N=32,
+                                         BLOCK_K=32, GROUP_M=2, INTERPRETED=True)
+    else:
+        _linear_relu_square_tuned[grid](*args, BACKWARD=backward, INTERPRETED=False)
+
+
+@torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
+def _linear_relu_square_forward_op(x: torch.Tensor, W1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = x.new_empty(x.shape[0], W1.shape[0])
+    post = torch.empty_like(pre)
+    _launch_linear_relu_square(x, W1, pre, post, backward=False)
+    return pre, post
+
+
+@_linear_relu_square_forward_op.register_fake
+def _(x, W1):
+    return x.new_empty(x.shape[0], W1.shape[0]), x.new_empty(x.shape[0], W1.shape[0])
+
+
+@torch.library.custom_op("nanogpt_triton::linear_relu_square_backward", mutates_args=())
+def _linear_relu_square_backward_op(d_out: torch.Tensor, W2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    d_pre = torch.empty_like(pre)
+    _launch_linear_relu_square(d_out, W2, d_pre, pre, backward=True)
+    return d_pre
+
+
+@_linear_relu_square_backward_op.register_fake
+def _(d_out, W2, pre):
+    return torch.empty_like(pre)
+
+
+class _LinearReluSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W1, W2):
+        pre, post = _linear_relu_square_forward_op(x, W1)
+        ctx.save_for_backward(x, W1, W2, pre, post)
+        return post @ W2
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, W1, W2, pre, post = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        d_pre = _linear_relu_square_backward_op(d_out, W2, pre)
+        dx = d_pre @ W1 if ctx.needs_input_grad[0] else None
+        dW1 = d_pre.t() @ x if ctx.needs_input_grad[1] else None
+        dW2 = post.t() @ d_out if ctx.needs_input_grad[2] else None
+        return dx, dW1, dW2
+
+
+def linear_relu_square(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """relu(x @ W1^T)^2 @ W2 for x (..., d), W1 = c_fc (hidden, d), W2 = c_proj (hidden, d) used
+    without transpose; all bf16. Differentiable in x, W1 and W2."""
+    name = "linear_relu_square"
+    _check_runnable(name, x, W1, W2)
+    for arg, t in (("x", x), ("W1", W1), ("W2", W2)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+    if W1.dim() != 2 or W2.shape != W1.shape or x.shape[-1] != W1.shape[1]:
+        raise ValueError(f"{name}: expected x (..., d) with W1 and W2 both (hidden, d), got x "
+                         f"{tuple(x.shape)}, W1 {tuple(W1.shape)}, W2 {tuple(W2.shape)}")
+    out = _LinearReluSquare.apply(x.reshape(-1, x.shape[-1]), W1, W2)
+    return out.view(*x.shape[:-1], W2.shape[1])
+
+
+def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x @ W1.t()).square() @ W2
+
+
+# =================================================================================================
+# 5. Soft-capped multi-token cross entropy with the FP8 head
+# =================================================================================================
+# Row t of the logits l serves K targets: loss_t = sum_k w_k (lse_t - z_t[tgt_{t+k}]) over the
+# valid k (t + k < T, w_k > 0, 0 <= tgt < V), z = 23 sigmoid((l + 5) / 7.5), lse_t = logsumexp(z_t).
+# z < 23, so exp(z - 23) can neither overflow nor lose the sum: lse is accumulated in one
+# streaming pass with the fixed shift 23 instead of a running maximum.
+# The backward uses the same validity rule, so it is the exact derivative of the forward:
+#   dz_j = S_w softmax(z)_j - sum_k w_k [j == tgt_{t+k}],   S_w = sum of the valid w_k,
+#   dl_j = dloss_t dz_j (23 / 7.5) s_j (1 - s_j),   s = sigmoid((l + 5) / 7.5),
+# and is written as e5m2(dl / grad_scale), the operand of the two FP8 backward GEMMs.
+
+@triton.jit
+def _softcap(logits):
+    s = tl.sigmoid((logits + 5.0) * (1.0 / 7.5))
+    return 23.0 * s, s
+
+
+@triton.jit
+def _mtp_target(row, k: tl.constexpr, targets_ptr, w_ptr, n_rows, n_cols):
+    """Target column and weight of row `row` for offset k; weight 0 where the term is invalid."""
+    has_row = row + k < n_rows
+    target = tl.load(targets_ptr + row + k, mask=has_row, other=-1)
+    weight = tl.load(w_ptr + k)
+    valid = has_row & (weight > 0) & (target >= 0) & (target < n_cols)
+    return target, tl.where(valid, weight, 0.0)
+
+
+@triton.jit
+def _mtp_ce_forward_kernel(
+    logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, lse_ptr,
+    n_rows, n_cols,
+    K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_V):
+        in_row = cols < n_cols - c0
+        z, _ = _softcap(tl.load(row_ptr + c0 + cols, mask=in_row, other=0.0).to(tl.float32))
+        sum_exp += tl.where(in_row, tl.exp(z - 23.0), 0.0)
+    lse = 23.0 + tl.log(tl.sum(sum_exp, axis=0))
+
+    loss = 0.0
+    for k in tl.static_range(K):
+        target, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
+        z_target, _ = _softcap(tl.load(row_ptr + target, mask=weight > 0, other=0.0).to(tl.float32))
+        loss += tl.where(weight > 0, weight * (lse - z_target), 0.0)
+    tl.store(losses_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _mtp_ce_backward_kernel(
+    logits_ptr, stride_row, targets_ptr, w_ptr, lse_ptr, dloss_ptr, stride_dloss,
+    grad_ptr, stride_grad, grad_scale,
+    n_rows, n_cols,
+    K: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    inv_grad_scale = 1.0 / tl.cast(grad_scale, tl.float32)
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad
+    lse = tl.load(lse_ptr + row)
+    dloss = tl.load(dloss_ptr + row * stride_dloss)
+    weight_sum = 0.0
+    for k in tl.static_range(K):
+        _, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
+        weight_sum += weight
+
+    cols = tl.arange(0, BLOCK_V)
+    for c0 in range(0, n_cols, BLOCK_V):
+        col = c0 + cols
+        in_row = col < n_cols
+        z, s = _softcap(tl.load(row_ptr + col, mask=in_row, other=0.0).to(tl.float32))
+        dz = weight_sum * tl.exp(z - lse)
+        for k in tl.static_range(K):   # scalar loads, served from cache after the first block
+            target, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
+            dz -= tl.where(col == target, weight, 0.0)
+        scaled = dloss * dz * (23.0 / 7.5) * s * (1.0 - s) * inv_grad_scale
+        if INTERPRETED:
+            scaled = _round_to_e5m2_grid(scaled)
+        tl.store(grad_row_ptr + col, scaled.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=in_row)
+
+
+# Each program streams one row; both kernels rewrite their outputs from scratch, so autotuning
+# (which runs them repeatedly) is safe.
+_CE_CONFIGS = [
+    triton.Config({"BLOCK_V": 1024}, num_warps=2),
+    triton.Config({"BLOCK_V": 1024}, num_warps=4),
+    triton.Config({"BLOCK_V": 2048}, num_warps=4),
+    triton.Config({"BLOCK_V": 2048}, num_warps=8),
+]
+_mtp_ce_forward_tuned = triton.autotune(_CE_CONFIGS, key=["n_cols", "K"])(_mtp_ce_forward_kernel)
+_mtp_ce_backward_tuned = triton.autotune(_CE_CONFIGS, key=["n_cols", "K"])(_mtp_ce_backward_kernel)
+
+
+def _check_mtp_args(name: str, logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor) -> None:
+    _check_runnable(name, logits, targets, mtp_weights)
+    _check_dtype(name, "logits", logits, (torch.bfloat16,))
+    _check_dtype(name, "targets", targets, (torch.int64,))
+    _check_dtype(name, "mtp_weights", mtp_weights, (torch.float32,))
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"{name}: logits must be (T, V) with contiguous rows, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    _check_shape(name, "targets", targets, (logits.shape[0],))
+    if mtp_weights.dim() != 1 or mtp_weights.numel() < 1:
+        raise ValueError(f"{name}: mtp_weights must be 1-D with at least one entry (K), "
+                         f"got shape {tuple(mtp_weights.shape)}")
+
+
+@torch.library.custom_op("nanogpt_triton::mtp_ce_forward", mutates_args=())
+def _mtp_ce_forward_op(logits: torch.Tensor, targets: torch.Tensor,
+                       mtp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = logits.shape
+    losses = logits.new_empty(n_rows, dtype=torch.float32)
+    lse = torch.empty_like(losses)
+    args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(), losses, lse,
+            n_rows, n_cols)
+    K = mtp_weights.numel()
+    if _INTERPRET:
+        _mtp_ce_forward_kernel[(n_rows,)](*args, K=K, BLOCK_V=256)
+    else:
+        _mtp_ce_forward_tuned[(n_rows,)](*args, K=K)
+    return losses, lse
+
+
+@_mtp_ce_forward_op.register_fake
+def _(logits, targets, mtp_weights):
+    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return losses, torch.empty_like(losses)
+
+
+@torch.library.custom_op("nanogpt_triton::mtp_ce_backward", mutates_args=())
+def _mtp_ce_backward_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                        lse: torch.Tensor, dloss: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    n_rows, n_cols = logits.shape
+    grad = torch.empty(n_rows, n_cols, dtype=torch.float8_e5m2, device=logits.device)
+    args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(),
+            lse.contiguous(), dloss, dloss.stride(0), grad, grad.stride(0), grad_scale, n_rows, n_cols)
+    K = mtp_weights.numel()
+    if _INTERPRET:
+        _mtp_ce_backward_kernel[(n_rows,)](*args, K=K, BLOCK_V=256, INTERPRETED=True)
+    else:
+        _mtp_ce_backward_tuned[(n_rows,)](*args, K=K, INTERPRETED=False)
+    return grad
+
+
+@_mtp_ce_backward_op.register_fake
+def _(logits, targets, mtp_weights, lse, dloss, grad_scale):
+    return torch.empty(logits.shape, dtype=torch.float8_e5m2, device=logits.device)
+
+
+def softcapped_mtp_losses(logits: torch.Tensor, targets: torch.Tensor,
+                          mtp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row multi-token losses (T,) fp32 and the row log-sum-exp of the soft-capped logits
+    (T,) fp32, for bf16 logits (T, V), int64 targets (T,) and fp32 weights (K,), K >= 1 (1..3 in the speedrun)."""
+    _check_mtp_args("softcapped_mtp_losses", logits, targets, mtp_weights)
+    return _mtp_ce_forward_op(logits, targets, mtp_weights)
+
+
+def softcapped_mtp_logits_grad(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                               lse: torch.Tensor, dloss: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """e5m2 (T, V) gradient of sum_t dloss_t loss_t with respect to the logits, divided by
+    grad_scale; lse comes from softcapped_mtp_losses."""
+    name = "softcapped_mtp_logits_grad"
+    _check_mtp_args(name, logits, targets, mtp_weights)
+    _check_runnable(name, logits, lse, dloss)
+    for arg, t in (("lse", lse), ("dloss", dloss)):
+        _check_dtype(name, arg, t, (torch.float32,))
+        _check_shape(name, arg, t, (logits.shape[0],))
+    if not grad_scale > 0:
+        raise ValueError(f"{name}: grad_scale must be positive, got {grad_scale}")
+    return _mtp_ce_backward_op(logits, targets, mtp_weights, lse, dloss, float(grad_scale))
+
+
+def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
+                                    mtp_weights: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch restatement of the loss kernel, computed in fp32 from the given logits."""
+    n_rows, n_cols = logits.shape
+    z = SOFTCAP_A * torch.sigmoid((logits.float() + SOFTCAP_B) / SOFTCAP_C)
+    lse = torch.logsumexp(z, dim=-1)
+    losses = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
+    for k in range(min(mtp_weights.numel(), n_rows)):
+        target = targets[k:]
+        valid = (mtp_weights[k] > 0) & (target >= 0) & (target < n_cols)
+        z_target = z[:n_rows - k].gather(1, target.clamp(0, n_cols - 1)[:, None])[:, 0]
+        term = torch.where(valid, mtp_weights[k] * (lse[:n_rows - k] - z_target), 0.0)
+        losses = losses + torch.nn.functional.pad(term, (0, k))
+    return losses
+
+
+class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, targets, mtp_weights, W_head, x_scale, w_scale, grad_scale):
+        # e4m3 quantisation with fixed scales; the division is done in fp32 (one rounding)
+        h8 = (h.float() / x_scale).to(torch.float8_e4m3fn)
+        W8 = (W_head.float() / w_scale).to(torch.float8_e4m3fn)          # (d, V) row-major
+        W8_t = W8.new_empty(W8.shape[1], W8.shape[0])
+        _transpose_copy_op(W8, W8_t)                                     # W8 column-major = W8_t^T
+        x_s = torch.tensor(x_scale, dtype=torch.float32, device=h.device)
+        w_s = torch.tensor(w_scale, dtype=torch.float32, device=h.device)
+        logits = torch._scaled_mm(h8, W8_t.t(), scale_a=x_s, scale_b=w_s,
+                                  out_dtype=torch.bfloat16, use_fast_accum=True)
+        losses, lse = _mtp_ce_forward_op(logits, targets, mtp_weights)
+        ctx.save_for_backward(logits, targets, mtp_weights, lse, h8, W8)
+        ctx.scales = (x_scale, w_scale, grad_scale)
+        return losses
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, targets, mtp_weights, lse, h8, W8 = ctx.saved_tensors
+        x_scale, w_scale, grad_scale = ctx.scales
+        G8 = _mtp_ce_backward_op(logits, targets, mtp_weights, lse, dloss.float(), grad_scale)
+        x_s = torch.tensor(x_scale, dtype=torch.float32, device=G8.device)
+        w_s = torch.tensor(w_scale, dtype=torch.float32, device=G8.device)
+        g_s = torch.tensor(grad_scale, dtype=torch.float32, device=G8.device)
+        dh = dW_head = None
+        if ctx.needs_input_grad[0]:   # dh = G W^T: W8 row-major (d, V) is W^T in column-major
+            dh = torch._scaled_mm(G8, W8.t(), scale_a=g_s, scale_b=w_s,
+                                  out_dtype=torch.bfloat16, use_fast_accum=False)
+        if ctx.needs_input_grad[3]:   # dW = h^T G in the stored (d, V) layout, fp32
+            G8_t = G8.new_empty(G8.shape[1], G8.shape[0])
+            _transpose_copy_op(G8, G8_t)                                 # G8 column-major = G8_t^T
+            dW_head = torch._scaled_mm(h8.t().contiguous(), G8_t.t(), scale_a=x_s, scale_b=g_s,
+                                       out_dtype=torch.float32, use_fast_accum=False)
+        return dh, None, None, dW_head, None, None, None
+
+
+def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                                 W_head: torch.Tensor, x_scale: float, w_scale: float,
+                                 grad_scale: float) -> torch.Tensor:
+    """Per-row losses (T,) fp32 of the soft-capped multi-token cross entropy with the LM head
+    evaluated in FP8: h (T, d) bf16, W_head (d, V) bf16 (stored transposed, logits = h @ W_head),
+    fixed e4m3 scales x_scale and w_scale, e5m2 gradient scale grad_scale (the full
+    grad_accum-scaled value). Differentiable in h and W_head (dW_head comes back as fp32)."""
+    name = "softcapped_mtp_cross_entropy"
+    _check_runnable(name, h, targets, mtp_weights, W_head)
+    _check_dtype(name, "h", h, (torch.bfloat16,))
+    _check_dtype(name, "W_head", W_head, (torch.bfloat16,))
+    _check_dtype(name, "targets", targets, (torch.int64,))
+    _check_dtype(name, "mtp_weights", mtp_weights, (torch.float32,))
+    if h.dim() != 2 or W_head.dim() != 2 or h.shape[1] != W_head.shape[0]:
+        raise ValueError(f"{name}: expected h (T, d) and W_head (d, V), got {tuple(h.shape)} "
+                         f"and {tuple(W_head.shape)}")
+    _check_shape(name, "targets", targets, (h.shape[0],))
+    if mtp_weights.dim() != 1 or mtp_weights.numel() < 1:
+        raise ValueError(f"{name}: mtp_weights must be 1-D with at least one entry (K), "
+                         f"got shape {tuple(mtp_weights.shape)}")
+    for arg, value in (("x_scale", x_scale), ("w_scale", w_scale), ("grad_scale", grad_scale)):
+        if not value > 0:
+            raise ValueError(f"{name}: {arg} must be positive, got {value}")
+    return _SoftcappedMTPCrossEntropy.apply(h.contiguous(), targets, mtp_weights, W_head.contiguous(),
+                                            float(x_scale), float(w_scale), float(grad_scale))
+
+
+def softcapped_mtp_cross_entropy_reference(h: torch.Tensor, targets: torch.Tensor,
+                                           mtp_weights: torch.Tensor, W_head: torch.Tensor) -> torch.Tensor:
+    """bf16 head (logits = h @ W_head in bf16), then the fp32 reference losses; autograd-ready."""
+    return softcapped_mtp_losses_reference(h @ W_head, targets, mtp_weights)
+
+
+# =================================================================================================
+# 6-7. Tiled transposes: dst = src^T and dst += src^T
+# =================================================================================================
+# Each program loads a tile coalesced along the rows of src, transposes it in registers and
+# writes it coalesced along the rows of dst. A copy moves raw bits (any 1-, 2- or 4-byte dtype,
+# fp8 included) through an integer view, so it is exact.
+
+@triton.jit
+def _transpose_kernel(
+    src_ptr, dst_ptr, m, n,
+    stride_sm, stride_sn, stride_dn, stride_dm,
+    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    tile = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn,
+                   mask=(rows[:, None] < m) & (cols[None, :] < n))
+    dst_ptrs = dst_ptr + cols[:, None] * stride_dn + rows[None, :] * stride_dm
+    dst_mask = (cols[:, None] < n) & (rows[None, :] < m)
+    tile = tl.trans(tile)
+    if ADD:   # bf16 only: one rounding of the fp32 sum
+        tile = _to_bf16(tl.load(dst_ptrs, mask=dst_mask).to(tl.float32) + tile.to(tl.float32), INTERPRETED)
+    tl.store(dst_ptrs, tile, mask=dst_mask)
+
+
+_BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def _launch_transpose(src: torch.Tensor, dst: torch.Tensor, add: bool) -> None:
+    m, n = src.shape
+    block = 32 if _INTERPRET else 64
+    grid = (triton.cdiv(m, block), triton.cdiv(n, block))
+    _transpose_kernel[grid](src, dst, m, n, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
+                            ADD=add, BLOCK_M=block, BLOCK_N=block, INTERPRETED=_INTERPRET, num_warps=4)
+
+
+def _check_transpose_args(name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
+    _check_runnable(name, src, dst)
+    if src.dim() != 2:
+        raise ValueError(f"{name}: src must be 2-D, got shape {tuple(src.shape)}")
+    _check_shape(name, "dst", dst, (src.shape[1], src.shape[0]))
+    if src.dtype != dst.dtype:
+        raise ValueError(f"{name}: src and dst must share a dtype, got {src.dtype} and {dst.dtype}")
+
+
+@torch.library.custom_op("nanogpt_triton::transpose_copy", mutates_args=("dst",))
+def _transpose_copy_op(src: torch.Tensor, dst: torch.Tensor) -> None:
+    bits = _BITS_VIEW[src.element_size()]
+    _launch_transpose(src.view(bits), dst.view(bits), add=False)
+
+
+@_transpose_copy_op.register_fake
+def _(src, dst):
+    return None
+
+
+@torch.library.custom_op("nanogpt_triton::transpose_add", mutates_args=("dst",))
+def _transpose_add_op(src: torch.Tensor, dst: torch.Tensor) -> None:
+    _launch_transpose(src, dst, add=True)
+
+
+@_transpose_add_op.register_fake
+def _(src, dst):
+    return None
+
+
+def transpose_copy(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst (N, M) = src (M, N)^T, bit-exact, for any 1-, 2- or 4-byte dtype (bf16, fp8, ...)."""
+    _check_transpose_args("transpose_copy", src, dst)
+    if src.element_size() not in _BITS_VIEW:
+        raise ValueError(f"transpose_copy: element size must be 1, 2 or 4 bytes, got {src.dtype}")
+    _transpose_copy_op(src, dst)
+    return dst
+
+
+def transpose_copy_reference(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    return dst.copy_(src.t())
+
+
+def transpose_add(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst (N, M) += src (M, N)^T for bf16, added in fp32 and rounded once to bf16."""
+    _check_transpose_args("transpose_add", src, dst)
+    _check_dtype("transpose_add", "src", src, (torch.bfloat16,))
+    _transpose_add_op(src, dst)
+    return dst
+
+
+def transpose_add_reference(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    return dst.copy_(dst.float() + src.t().float())
