@@ -444,6 +444,11 @@ def adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 # -------------------------------------------------------------------------------------------------
 # Communication
 
+# torch 2.13 renamed the single-tensor collectives (the old names now warn); 2.11 has only those.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class MeanCollectives:
     """The asynchronous collectives of the optimizer, averaging over ranks.
 
@@ -470,13 +475,13 @@ class MeanCollectives:
         """Mean over ranks of this rank's 1/W slice along dim 0 (into a new tensor). The input is
         scaled in place on backends without AVG."""
         shard = tensor.new_empty(tensor.shape[0] // self.world_size, *tensor.shape[1:])
-        work = dist.reduce_scatter_tensor(shard, tensor, op=self._mean_op(tensor),
-                                          group=self.group, async_op=True)
+        work = _reduce_scatter_single(shard, tensor, op=self._mean_op(tensor), group=self.group,
+                                      async_op=True)
         return shard, work
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> dist.Work:
         """Every rank's shard into `full` along dim 0; shard may be this rank's slice of full."""
-        return dist.all_gather_into_tensor(full, shard, group=self.group, async_op=True)
+        return _all_gather_single(full, shard, group=self.group, async_op=True)
 
 
 @dataclass
@@ -532,7 +537,8 @@ class SparseBigramExchange:
         self.touched[ids] = True
 
     def start_count_exchange(self) -> None:
-        """Odd steps, after marking: tell every rank how many rows it will receive from us."""
+        """Odd steps, after marking: tell every rank how many rows it will receive from us, and
+        upload the sorted row indices we will send (through pinned memory on CUDA)."""
         rows = np.flatnonzero(self.touched)  # sorted
         self.touched[:] = False              # captured: the next accumulation starts empty
         owners = rows // self.rows_per_rank
@@ -560,7 +566,7 @@ class SparseBigramExchange:
             self._recv_rows, self._send_rows, self._recv_counts.tolist(),
             self._send_counts.tolist(), group=self.group, async_op=True)
 
-    def start_value_exchange(self, grad: torch.Tensor) -> "SparseBigramReduction":
+    def start_value_exchange(self, grad: torch.Tensor) -> SparseBigramReduction:
         """Optimizer launch phase: send the gradient rows (bf16) to their owners."""
         if self._index_work is None:
             raise RuntimeError("SparseBigramExchange: on Adam (odd) steps the training loop must "
@@ -642,9 +648,10 @@ class NorMuonAndAdam:
 
         self.sparse_bigram = None
         if self.modes["bigram_embed"] == "sharded_sparse":
-            self.sparse_bigram = sparse_bigram or SparseBigramExchange(
-                params["bigram_embed"].shape[0], world_size, rank, params["bigram_embed"].device,
-                cpu_group)
+            if sparse_bigram is None:
+                sparse_bigram = SparseBigramExchange(params["bigram_embed"].shape[0], world_size,
+                                                     rank, params["bigram_embed"].device, cpu_group)
+            self.sparse_bigram = sparse_bigram
         elif sparse_bigram is not None:
             raise ValueError(f"sparse_bigram given, but bigram_embed's comms mode is "
                              f"{self.modes['bigram_embed']!r} (the sparse exchange needs 8 ranks "
@@ -787,7 +794,8 @@ class NorMuonAndAdam:
             head.grad = torch.zeros_like(head)
         self._transpose_add(embed.grad, head.grad)
 
-    def _launch_reduction(self, label: str, grad: torch.Tensor):
+    def _launch_reduction(self, label: str,
+                          grad: torch.Tensor) -> PendingReduction | SparseBigramReduction:
         mode = self.modes[label]
         if self.specs[label].optimizer == "normuon":
             grad = matrix_view(label, grad)
@@ -855,11 +863,13 @@ class NorMuonAndAdam:
     def reset(self) -> None:
         """Back to the initial state after the warmup: zero state and counters, tied again."""
         for state in self.state.values():
-            for value in vars(state).values():
-                if isinstance(value, torch.Tensor):
-                    value.zero_()
-            if isinstance(state, AdamState):
+            if isinstance(state, NorMuonState):
+                buffers = (state.momentum, state.second_moment, state.mantissa)
+            else:
+                buffers = (state.exp_avg, state.exp_avg_sq)
                 state.step = 0
+            for buffer in buffers:
+                buffer.zero_()
         self.tied = True
         if self.sparse_bigram is not None:
             self.sparse_bigram.reset()
@@ -1566,6 +1576,7 @@ class Run:
     device: torch.device
     grad_accum_steps: int
     cpu_group: object = None        # gloo group for CPU-side collectives (sparse bigram counts)
+    launch_time: float = 0.0        # wall clock at the start of main(), for the start-up time
 
     @property
     def is_master(self) -> bool:
@@ -1692,9 +1703,9 @@ class Trainer:
         return settings
 
     def train_step(self, step: int, settings: StepSettings) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the rank-summed loss
-        per token (a device tensor, not synchronised)."""
-        run, cfg = self.run, self.cfg
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss over all
+        ranks (a device tensor, not synchronised)."""
+        run = self.run
         grad_scale = 1.0 / run.grad_accum_steps
         mtp_weights = torch.tensor(settings.mtp_weights, dtype=torch.float32).to(
             run.device, non_blocking=True)
@@ -1718,8 +1729,8 @@ class Trainer:
             self.optimizer.untie()
         if run.world_size > 1:
             dist.all_reduce(total)
-        tokens_per_step = settings.batch_tokens // cfg.micro_batches_per_step * run.world_size
-        return total / (grad_scale * tokens_per_step)
+        # per token and per unit of MTP weight, so it reads like a cross-entropy
+        return total / (grad_scale * settings.batch_tokens * sum(settings.mtp_weights))
 
     @torch.no_grad()
     def validate(self, windows: tuple[int, int]) -> float:
@@ -1815,6 +1826,7 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
             f"eta:{format_duration(eta)}")
 
     synchronize(run.device)
+    log(f"startup: {time.time() - run.launch_time:.1f}s from launch to the first timed step")
     t0 = time.perf_counter()
     for step in range(last_step + 1):
         settings = trainer.advance(min(step, total_steps - 1))
@@ -1874,6 +1886,7 @@ def print_summary(cfg: Hyperparameters, world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    launch_time = time.time()
     argv = sys.argv[1:] if argv is None else argv
     summary = "--summary" in argv
     summary_world = 8
@@ -1890,6 +1903,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     torch._dynamo.config.recompile_limit = 64
     run = setup_distributed()
+    run.launch_time = launch_time
     try:
         run.grad_accum_steps = check_config(cfg, run.world_size)
         log = Logger(run, cfg.log_dir)

@@ -99,13 +99,15 @@ def _to_bf16(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _lower_triangle_tile(tile_id):
-    """Tiles on or below the diagonal, numbered row by row: tile_id = row (row + 1) / 2 + col."""
-    row = ((tl.sqrt(8.0 * tile_id + 1.0) - 1.0) * 0.5).to(tl.int32)
+def _lower_triangle_tile(tile_id, RATIO: tl.constexpr):
+    """(row, col) of the tile_id-th tile touching the lower triangle, in a tiling with
+    BLOCK_M = RATIO * BLOCK_N, numbered row by row: tile-row r holds RATIO (r + 1) such tiles."""
+    q = tile_id // RATIO    # = r (r + 1) / 2 + (col // RATIO), and r (r + 1) / 2 <= q
+    row = ((tl.sqrt(8.0 * q + 1.0) - 1.0) * 0.5).to(tl.int32)
     # fix a possible off-by-one of the floating-point square root
-    row = tl.where(row * (row + 1) // 2 > tile_id, row - 1, row)
-    row = tl.where((row + 1) * (row + 2) // 2 <= tile_id, row + 1, row)
-    return row, tile_id - row * (row + 1) // 2
+    row = tl.where(row * (row + 1) // 2 > q, row - 1, row)
+    row = tl.where((row + 1) * (row + 2) // 2 <= q, row + 1, row)
+    return row, tile_id - RATIO * (row * (row + 1) // 2)
 
 
 @triton.jit
@@ -131,10 +133,11 @@ def _round_to_e5m2_grid(x):
 # 1-3. Symmetric Gram kernels: XXT, XTX, ba_plus_cAA
 # =================================================================================================
 # A is viewed as (batch, n, r): C[i, j] = sum_r A[i, r] A[j, r] is n x n. XXT reads A (M, K) with
-# n = M, r = K; XTX reads the same memory with the two strides swapped (n = K, r = M). Only tiles
-# on or below the diagonal are launched; each is stored twice, at (i, j) and mirrored at (j, i).
-# On the diagonal tile the first store keeps i >= j and the mirror i < j, so every element is
-# written exactly once and C == C^T holds bit for bit.
+# n = M, r = K; XTX reads the same memory with the two strides swapped (n = K, r = M). Only the
+# BLOCK_M x BLOCK_N tiles that touch the lower triangle are launched (BLOCK_N may be a fraction of
+# BLOCK_M, which doubles the programs of a small matrix). Each tile stores its elements with
+# i >= j in place and, mirrored, its elements with i > j at (j, i): every element of C is written
+# exactly once, so C == C^T holds bit for bit.
 
 @triton.jit
 def _symmetric_gram_kernel(
@@ -143,21 +146,21 @@ def _symmetric_gram_kernel(
     stride_ab, stride_an, stride_ar,
     stride_cb, stride_cm, stride_cn,
     ADD_BETA_A: tl.constexpr,               # ba_plus_cAA epilogue: alpha * acc + beta * A
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     beta = tl.cast(beta, tl.float32)
-    tile_row, tile_col = _lower_triangle_tile(tl.program_id(0))
+    tile_row, tile_col = _lower_triangle_tile(tl.program_id(0), BLOCK_M // BLOCK_N)
     batch = tl.program_id(1).to(tl.int64)
     a_ptr += batch * stride_ab
     c_ptr += batch * stride_cb
 
-    rows = tile_row * BLOCK + tl.arange(0, BLOCK)
-    cols = tile_col * BLOCK + tl.arange(0, BLOCK)
+    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_col * BLOCK_N + tl.arange(0, BLOCK_N)
     red = tl.arange(0, BLOCK_R)
     row_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_an + red[None, :] * stride_ar
     col_ptrs = a_ptr + cols[:, None].to(tl.int64) * stride_an + red[None, :] * stride_ar
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, r, BLOCK_R):
         in_red = red[None, :] < r - r0
         x = tl.load(row_ptrs, mask=(rows[:, None] < n) & in_red, other=0.0)
@@ -179,11 +182,12 @@ def _symmetric_gram_kernel(
              tl.trans(out), mask=mirror_mask)
 
 
-_GRAM_CONFIGS = [
-    triton.Config({"BLOCK": 128, "BLOCK_R": 64}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK": 128, "BLOCK_R": 64}, num_stages=3, num_warps=4),
-    triton.Config({"BLOCK": 64, "BLOCK_R": 128}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK": 64, "BLOCK_R": 64}, num_stages=5, num_warps=4),
+_GRAM_CONFIGS = [   # BLOCK_M must be a multiple of BLOCK_N
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_R": 64}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_R": 64}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 64}, num_stages=5, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 128}, num_stages=3, num_warps=4),
 ]
 _symmetric_gram_tuned = triton.autotune(
     _GRAM_CONFIGS, key=["n", "r", "num_batches", "ADD_BETA_A"])(_symmetric_gram_kernel)
@@ -202,12 +206,13 @@ def _symmetric_gram(name: str, A: torch.Tensor, out: torch.Tensor, transposed: b
             C3.stride(0), C3.stride(1), C3.stride(2))
 
     def grid(meta):
-        tiles = triton.cdiv(n, meta["BLOCK"])
-        return (tiles * (tiles + 1) // 2, batches)
+        tile_rows = triton.cdiv(n, meta["BLOCK_M"])
+        ratio = meta["BLOCK_M"] // meta["BLOCK_N"]
+        return (ratio * tile_rows * (tile_rows + 1) // 2, batches)
 
     if _INTERPRET:
-        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, BLOCK=32, BLOCK_R=32,
-                                     INTERPRETED=True)
+        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, BLOCK_M=32, BLOCK_N=16,
+                                     BLOCK_R=32, INTERPRETED=True)
     else:
         _symmetric_gram_tuned[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False)
 

@@ -59,6 +59,20 @@ def assert_bitwise_equal(actual: dict, expected: dict, context: str) -> None:
                                    f"{(a.double() - e.double()).abs().max().item()}")
 
 
+def assert_same_state(opt: tg.NorMuonAndAdam, ref: tg.NorMuonAndAdam, rank: int,
+                      context: str) -> None:
+    """opt's state (one rank's shards) equals the matching rows of ref's state. The moments
+    also catch a wrong gradient scale, to which the Adam and NorMuon updates are blind."""
+    for label, state in opt.state.items():
+        names = (("momentum", "second_moment") if isinstance(state, tg.NorMuonState)
+                 else ("exp_avg", "exp_avg_sq"))
+        for name in names:
+            shard, full = getattr(state, name), getattr(ref.state[label], name)
+            rows = shard.shape[0]
+            expected = full if full.shape == shard.shape else full[rank * rows:(rank + 1) * rows]
+            assert torch.equal(shard, expected), f"{context}: {label}.{name} differs"
+
+
 # -------------------------------------------------------------------------------------------------
 # Dense paths: replicated, sharded NorMuon, sharded Adam, tie / untie
 
@@ -68,7 +82,9 @@ STEPS = [0, 1, 2, 3, 4, 5]  # tied even, tied odd, ..., the untie after 3, untie
 
 def dense_worker(rank: int, world_size: int, port: int) -> None:
     init(rank, world_size, port)
-    initial = make_params(attn_layers=2, mlp_layers=2)
+    # 3 MLP matrices per rank, as in production (24 on 8 ranks): odd ranks start at an odd
+    # global matrix index, which decides the c_proj lr factor
+    initial = make_params(attn_layers=2, mlp_layers=3 * world_size // 2)
     params, ref_params = clone_params(initial), clone_params(initial)
     opt = tg.NorMuonAndAdam(params, CFG, rank, world_size, grad_accum_steps=8 // world_size)
     ref = tg.NorMuonAndAdam(ref_params, CFG, 0, 1, grad_accum_steps=8)
@@ -82,6 +98,7 @@ def dense_worker(rank: int, world_size: int, port: int) -> None:
         opt.step(step, lr_mul=1.0 + 0.1 * step, muon_momentum=0.85 + 0.02 * step)
         ref.step(step, lr_mul=1.0 + 0.1 * step, muon_momentum=0.85 + 0.02 * step)
         assert_bitwise_equal(params, ref_params, f"rank {rank}, step {step}")
+        assert_same_state(opt, ref, rank, f"rank {rank}, step {step}")
         if step == SPLIT_STEP:
             opt.untie()
             ref.untie()
@@ -136,6 +153,7 @@ def sparse_worker(rank: int, world_size: int, port: int) -> None:
         sparse.step(step, 1.0, 0.9)
         dense.step(step, 1.0, 0.9)
         assert_bitwise_equal(sparse_params, dense_params, f"rank {rank}, step {step}")
+        assert_same_state(sparse, dense, rank, f"rank {rank}, step {step}")
         if step % 2 == 1:
             assert not exchange.touched.any()  # cleared after sharing
     assert not torch.equal(sparse_params["bigram_embed"].detach(), initial["bigram_embed"].detach())

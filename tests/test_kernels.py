@@ -472,8 +472,8 @@ def test_mlp_and_loss_compile_fullgraph():
     targets = torch.randint(0, 160, (64,), device=DEV)
     w = torch.tensor([1.0, 0.5], device=DEV)
 
-    def step(x, W1, W2, W_head):
-        h = torch.nn.functional.rms_norm(tk.linear_relu_square(x, W1, W2), (48,))
+    def step(x, W1, W2, W_head):   # only kernels and the wrappers' own ops: compiled == eager
+        h = tk.linear_relu_square(x, W1, W2)
         losses = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, 100 / 448, 1.6 / 448, 0.75 / 448)
         return losses.sum()
 

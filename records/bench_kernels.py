@@ -1,0 +1,330 @@
+"""Benchmark of triton_kernels.py at the speedrun shapes (CUDA only).
+
+Each kernel is timed (median of many launches, triton.testing.do_bench) against the best
+PyTorch form of the same math, run eagerly and through torch.compile. Achieved throughput is
+given against the measured ceilings of the project's H100 (measure.md): bf16 matmul
+790 TFLOP/s, FP8 matmul 1442 TFLOP/s, device copy 3.0 TB/s counting bytes read + written.
+The table is printed and written as markdown to records/kernels/<device>_<date>.md.
+
+    python3 records/bench_kernels.py [--out-dir records/kernels]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DEVICE = "cuda"
+BF16_TFLOPS = 790.0
+FP8_TFLOPS = 1442.0
+COPY_GBPS = 3000.0
+
+# Polar Express coefficients (a, b, c), optimizer.md 5.2
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+@dataclass
+class Result:
+    name: str
+    shape: str
+    ours_ms: float
+    eager_ms: float
+    compiled_ms: float
+    work: float          # FLOPs or bytes of one call
+    unit: str            # "TFLOP/s" or "GB/s"
+    ceiling: float       # in `unit`
+    note: str = ""
+
+    def row(self) -> str:
+        scale = 1e-12 if self.unit == "TFLOP/s" else 1e-9
+        achieved = self.work * scale / (self.ours_ms * 1e-3)
+        best = min(self.eager_ms, self.compiled_ms)
+        return (f"| {self.name} | {self.shape} | {self.ours_ms * 1e3:.1f} | {achieved:.0f} {self.unit} | "
+                f"{100 * achieved / self.ceiling:.0f}% | {self.eager_ms * 1e3:.1f} | "
+                f"{self.compiled_ms * 1e3:.1f} | {best / self.ours_ms:.2f}x | {self.note} |")
+
+
+HEADER = ("| kernel | shape | ours (us) | achieved | % of ceiling | PyTorch eager (us) | "
+          "torch.compile (us) | speedup vs best PyTorch | note |\n" + "|---" * 9 + "|")
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn (triton.testing.do_bench flushes L2 between launches)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def fwd_bwd(forward: Callable, inputs: tuple, wrt: tuple, grad_out: torch.Tensor) -> Callable[[], object]:
+    """A call of forward(*inputs) followed by its backward pass with respect to wrt."""
+    def run():
+        return torch.autograd.grad(forward(*inputs), wrt, grad_out)
+    return run
+
+
+def compare(name, shape, ours, reference, args, work, unit, ceiling, note="") -> Result:
+    """ours(*args) against reference(*args), eager and compiled (same arguments)."""
+    compiled = torch.compile(reference)
+    return Result(name, shape, bench(lambda: ours(*args)), bench(lambda: reference(*args)),
+                  bench(lambda: compiled(*args)), work, unit, ceiling, note)
+
+
+def randn_bf16(*shape, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).bfloat16()
+
+
+# =================================================================================================
+# Cases
+# =================================================================================================
+
+def case_xxt(tk, batch, m, k):
+    A, out = randn_bf16(batch, m, k), torch.empty(batch, m, m, dtype=torch.bfloat16, device=DEVICE)
+    return compare("XXT", f"({batch}, {m}, {k})", lambda A: tk.XXT(A, out), lambda A: A @ A.mT, (A,),
+                   batch * m * m * k, "TFLOP/s", BF16_TFLOPS, "FLOPs: symmetric half")
+
+
+def case_xtx(tk, batch, m, k):
+    A, out = randn_bf16(batch, m, k), torch.empty(batch, k, k, dtype=torch.bfloat16, device=DEVICE)
+    return compare("XTX", f"({batch}, {m}, {k})", lambda A: tk.XTX(A, out), lambda A: A.mT @ A, (A,),
+                   batch * k * k * m, "TFLOP/s", BF16_TFLOPS, "FLOPs: symmetric half")
+
+
+def case_ba_plus_caa(tk, batch, m):
+    x = torch.randn(batch, m, m, device=DEVICE)
+    A = ((x + x.mT) / 64).bfloat16()
+    out = torch.empty_like(A)
+    a, b, c = POLAR_EXPRESS_COEFFS[1]
+    return compare("ba_plus_cAA", f"({batch}, {m}, {m})", lambda A: tk.ba_plus_cAA(A, c, b, out),
+                   lambda A: torch.baddbmm(A, A, A, beta=b, alpha=c), (A,),
+                   batch * m * m * m, "TFLOP/s", BF16_TFLOPS, "FLOPs: symmetric half")
+
+
+def case_mlp(tk, T, d, hidden):
+    x = randn_bf16(T, d).requires_grad_()
+    W1 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+    W2 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+    dY = randn_bf16(T, d)
+    fwd_op = torch.ops.nanogpt_triton.linear_relu_square_forward
+    bwd_op = torch.ops.nanogpt_triton.linear_relu_square_backward
+    shape = f"T={T}, d={d}, hidden={hidden}"
+    gemm = 2 * T * d * hidden
+    with torch.no_grad():
+        pre, _ = fwd_op(x, W1)
+
+        def forward_ref(x, W1):
+            pre = x @ W1.t()
+            return pre, torch.relu(pre).square()
+
+        def backward_ref(dY, W2, pre):
+            return 2 * (dY @ W2.t()) * torch.relu(pre)
+
+        results = [
+            compare("linear_relu_square fwd kernel", shape, fwd_op, forward_ref, (x, W1),
+                    gemm, "TFLOP/s", BF16_TFLOPS, "pre and post"),
+            compare("linear_relu_square bwd kernel", shape, bwd_op, backward_ref, (dY, W2, pre),
+                    gemm, "TFLOP/s", BF16_TFLOPS, "d_pre"),
+        ]
+    leaves = (x, W1, W2)
+    compiled_ref = torch.compile(tk.linear_relu_square_reference)
+    results.append(Result(
+        "MLP fwd+bwd (autograd)", shape,
+        bench(fwd_bwd(tk.linear_relu_square, leaves, leaves, dY)),
+        bench(fwd_bwd(tk.linear_relu_square_reference, leaves, leaves, dY)),
+        bench(fwd_bwd(compiled_ref, leaves, leaves, dY)),
+        6 * gemm, "TFLOP/s", BF16_TFLOPS, "6 GEMMs"))
+    return results
+
+
+def softcapped_mtp_logits_grad_torch(logits, targets, w, dloss, grad_scale: float):
+    """The logits gradient of the loss kernel's math in plain PyTorch (closed form)."""
+    T, V = logits.shape
+    s = torch.sigmoid((logits.float() + 5.0) / 7.5)
+    p = torch.softmax(23.0 * s, dim=1)
+    dz = torch.zeros_like(p)
+    rows = torch.arange(T, device=logits.device)
+    for k in range(w.numel()):
+        later = rows + k
+        target = targets[later.clamp(max=T - 1)]
+        weight = torch.where((later < T) & (w[k] > 0), w[k], 0.0)
+        dz = dz + weight[:, None] * p
+        dz = dz.scatter_add(1, target[:, None], -weight[:, None])
+    dl = dloss[:, None] * dz * (23.0 / 7.5) * s * (1.0 - s)
+    return (dl / grad_scale).to(torch.float8_e5m2)
+
+
+def case_cross_entropy(tk, T, d, V):
+    shape = f"T={T}, V={V}, K=3"
+    logits = randn_bf16(T, V, scale=3.0)
+    targets = torch.randint(0, V, (T,), device=DEVICE)
+    w = torch.tensor([1.0, 0.5, 0.25], device=DEVICE)
+    grad_scale = 0.125 * 0.75 / 448
+    dloss = torch.full((T,), 0.125, device=DEVICE)
+    _, lse = tk.softcapped_mtp_losses(logits, targets, w)
+    results = [
+        compare("MTP CE fwd kernel", shape, tk.softcapped_mtp_losses,
+                tk.softcapped_mtp_losses_reference, (logits, targets, w),
+                T * V * 2, "GB/s", COPY_GBPS, "reads bf16 logits"),
+        compare("MTP CE bwd kernel", shape,
+                lambda l, t, w, d: tk.softcapped_mtp_logits_grad(l, t, w, lse, d, grad_scale),
+                lambda l, t, w, d: softcapped_mtp_logits_grad_torch(l, t, w, d, grad_scale),
+                (logits, targets, w, dloss),
+                T * V * 3, "GB/s", COPY_GBPS, "bf16 logits -> e5m2 grad"),
+    ]
+    del logits
+    h = randn_bf16(T, d).requires_grad_()
+    W_head = randn_bf16(d, V, scale=0.005).requires_grad_()
+    x_scale, w_scale = 100 / 448, 1.6 / 448
+
+    def fp8_loss(h, W_head):
+        return tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, x_scale, w_scale, grad_scale)
+
+    def bf16_loss(h, W_head):
+        return tk.softcapped_mtp_cross_entropy_reference(h, targets, w, W_head)
+
+    compiled_ref = torch.compile(bf16_loss)
+    leaves = (h, W_head)
+    results.append(Result(
+        "FP8 head + MTP CE fwd+bwd", f"T={T}, d={d}, V={V}, K=3",
+        bench(fwd_bwd(fp8_loss, leaves, leaves, dloss)), bench(fwd_bwd(bf16_loss, leaves, leaves, dloss)),
+        bench(fwd_bwd(compiled_ref, leaves, leaves, dloss)),
+        3 * 2 * T * d * V, "TFLOP/s", FP8_TFLOPS, "vs bf16-head PyTorch; 3 GEMMs"))
+    return results
+
+
+def case_transposes(tk, m, n):
+    shape = f"({m}, {n}) -> ({n}, {m})"
+    src = randn_bf16(m, n)
+    dst = torch.empty(n, m, dtype=torch.bfloat16, device=DEVICE)
+    src8 = src.to(torch.float8_e4m3fn)
+    dst8 = torch.empty(n, m, dtype=torch.float8_e4m3fn, device=DEVICE)
+    embed_grad = randn_bf16(n, m, scale=1e-3)
+    head_grad = randn_bf16(m, n, scale=1e-3)
+    copy_ref = lambda s, d: d.copy_(s.t())               # noqa: E731
+    return [
+        compare("transpose_copy bf16", shape, tk.transpose_copy, copy_ref, (src, dst),
+                2 * 2 * m * n, "GB/s", COPY_GBPS),
+        compare("transpose_copy fp8", shape, tk.transpose_copy, copy_ref, (src8, dst8),
+                2 * m * n, "GB/s", COPY_GBPS),
+        compare("transpose_add bf16", f"({n}, {m})^T + ({m}, {n})", tk.transpose_add,
+                lambda s, d: d.add_(s.t()), (embed_grad, head_grad), 3 * 2 * m * n, "GB/s", COPY_GBPS),
+    ]
+
+
+def polar_express_kernels(tk, G):
+    """Tall form with the kernels: A = X^T X, B = b A + c A A, X = a X + X B."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    A = X.new_empty(X.shape[0], X.shape[2], X.shape[2])
+    B = torch.empty_like(A)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        tk.XTX(X, A)
+        tk.ba_plus_cAA(A, c, b, B)
+        X = a * X + X @ B
+    return X
+
+
+def polar_express_torch(G):
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        A = X.mT @ X
+        B = b * A + c * (A @ A)
+        X = a * X + X @ B
+    return X
+
+
+def case_polar_express(tk, batch, m, n):
+    G = torch.randn(batch, m, n, device=DEVICE)
+    ours = torch.compile(lambda G: polar_express_kernels(tk, G), fullgraph=True)
+    compiled = torch.compile(polar_express_torch, fullgraph=True)
+    flops = 5 * batch * (4 * m * n * n + 2 * n ** 3)
+    return Result("Polar Express, 5 steps (compiled)", f"({batch}, {m}, {n}) tall",
+                  bench(lambda: ours(G)), bench(lambda: polar_express_torch(G)), bench(lambda: compiled(G)),
+                  flops, "TFLOP/s", BF16_TFLOPS, "FLOPs: full-GEMM count; target >= 1.3x")
+
+
+# =================================================================================================
+# Main
+# =================================================================================================
+
+def autotune_choices(tk) -> list[str]:
+    lines = []
+    for name in ("_symmetric_gram_tuned", "_linear_relu_square_tuned", "_mtp_ce_forward_tuned",
+                 "_mtp_ce_backward_tuned"):
+        for key, config in getattr(tk, name).cache.items():
+            lines.append(f"- {name.strip('_')} {key}: {config}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "records", "kernels"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU (the kernels' speed is only meaningful there); none found.")
+    import triton
+    import triton_kernels as tk
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cases = [
+        lambda: case_xxt(tk, 5, 768, 768),
+        lambda: case_xtx(tk, 3, 3072, 768),
+        lambda: case_ba_plus_caa(tk, 5, 768),
+        lambda: case_ba_plus_caa(tk, 3, 768),
+        lambda: case_polar_express(tk, 3, 3072, 768),
+        lambda: case_mlp(tk, 16384, 768, 3072),
+        lambda: case_cross_entropy(tk, 16384, 768, 50304),
+        lambda: case_transposes(tk, 768, 50304),
+    ]
+    rows = []
+    for case in cases:
+        try:
+            results = case()
+        except Exception:   # keep the other rows; the error goes into the table
+            traceback.print_exc()
+            rows.append(f"| failed: {traceback.format_exc(limit=1).splitlines()[-1]} |")
+            continue
+        for result in results if isinstance(results, list) else [results]:
+            rows.append(result.row())
+            print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+
+    device = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    report = "\n".join([
+        f"# triton_kernels.py benchmark: {device}, {date}",
+        "",
+        f"torch {torch.__version__}, Triton {triton.__version__}. Median of do_bench (L2 flushed "
+        "between launches). Ceilings: bf16 matmul 790 TFLOP/s, FP8 1442 TFLOP/s, copy 3.0 TB/s "
+        "(read + write). Speedup = best of eager / compiled PyTorch over ours.",
+        "",
+        HEADER, *rows,
+        "",
+        "Autotuner choices:",
+        *autotune_choices(tk),
+        "",
+    ])
+    print("\n" + report)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"{device.replace(' ', '_')}_{date}.md")
+    with open(path, "w") as f:
+        f.write(report)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
