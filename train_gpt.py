@@ -343,9 +343,9 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 
 
-def _gram(X: torch.Tensor, tall: bool) -> torch.Tensor:
+def _gram(X: torch.Tensor, tall: bool, use_kernels: bool) -> torch.Tensor:
     """X^T X for tall X, X X^T otherwise: the smaller Gram matrix (bf16, fp32 accumulation)."""
-    if not X.is_cuda:
+    if not use_kernels:
         return triton_kernels.XTX_reference(X) if tall else triton_kernels.XXT_reference(X)
     size = X.shape[-1] if tall else X.shape[-2]
     out = X.new_empty(*X.shape[:-2], size, size)
@@ -353,16 +353,16 @@ def _gram(X: torch.Tensor, tall: bool) -> torch.Tensor:
     return out
 
 
-def _gram_polynomial(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+def _gram_polynomial(A: torch.Tensor, b: float, c: float, use_kernels: bool) -> torch.Tensor:
     """b A + c A A for a symmetric Gram matrix A."""
-    if not A.is_cuda:
+    if not use_kernels:
         return triton_kernels.ba_plus_cAA_reference(A, c, b)
     out = torch.empty_like(A)
     triton_kernels.ba_plus_cAA(A, c, b, out)
     return out
 
 
-def polar_express(X: torch.Tensor) -> torch.Tensor:
+def polar_express(X: torch.Tensor, use_kernels: bool = False) -> torch.Tensor:
     """Approximate orthogonal polar factor of each matrix in X ((m, n) or (count, m, n), bf16):
     Frobenius-normalise, then apply 5 odd quintics p(X) = a X + b (X X^T) X + c (X X^T)^2 X.
     Singular values in [1e-3, 1] after normalisation land in [0.86, 1.14] (exact arithmetic)."""
@@ -375,7 +375,7 @@ def polar_express(X: torch.Tensor) -> torch.Tensor:
     # followed by an in-place add of a X avoids it.
     split_matmul = X.shape[-2] > 1024
     for a, b, c in POLAR_EXPRESS_COEFFICIENTS:
-        B = _gram_polynomial(_gram(X, tall), b, c)
+        B = _gram_polynomial(_gram(X, tall, use_kernels), b, c, use_kernels)
         if split_matmul:
             Y = X @ B if tall else B @ X
             X = Y.add_(X, alpha=a)
@@ -385,13 +385,14 @@ def polar_express(X: torch.Tensor) -> torch.Tensor:
 
 
 def nesterov_polar_express(grad: torch.Tensor, momentum_buffer: torch.Tensor,
-                           momentum: torch.Tensor | float) -> torch.Tensor:
+                           momentum: torch.Tensor | float, use_kernels: bool = False) -> torch.Tensor:
     """Nesterov momentum in fp32 (updates momentum_buffer in place), then Polar Express of
-    u = g + mu (M - g) in bf16. Returns the orthogonalised update (bf16)."""
+    u = g + mu (M - g) in bf16 (Triton Gram kernels if use_kernels). Returns the orthogonalised
+    update (bf16)."""
     g = grad.float()
     momentum_buffer.add_((g - momentum_buffer) * (1 - momentum))
     update = g + momentum * (momentum_buffer - g)
-    return polar_express(update.bfloat16())
+    return polar_express(update.bfloat16(), use_kernels)
 
 
 def normuon_normalise(X: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -685,8 +686,8 @@ class NorMuonAndAdam:
         self._normuon_normalise = compiled(normuon_normalise)
         self._cautious_update = compiled(cautious_update_with_mantissa)
         self._adam_update = compiled(adam_update)
-        device = params["attn_bank"].device
-        if device.type == "cuda":
+        self.use_kernels = cfg.use_triton_kernels and params["attn_bank"].is_cuda
+        if self.use_kernels:
             self._transpose_add = triton_kernels.transpose_add
             self._transpose_copy = triton_kernels.transpose_copy
         else:
@@ -810,7 +811,7 @@ class NorMuonAndAdam:
     def _normuon_step(self, label: str, grad: torch.Tensor, lr_mul: float,
                       momentum: torch.Tensor) -> None:
         spec, state = self.specs[label], self.state[label]
-        update = self._nesterov_polar_express(grad, state.momentum, momentum)
+        update = self._nesterov_polar_express(grad, state.momentum, momentum, self.use_kernels)
         update = self._normuon_normalise(update, state.second_moment, self.cfg.muon_beta2)
         param = self._local_param(label)
         count, m, n = param.shape
@@ -972,18 +973,22 @@ def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attention_reference(q, k, v, cu_seqlens, window: int, scale: float) -> torch.Tensor:
-    """Causal sliding-window attention within documents, as a dense masked softmax (CPU path).
+    """Causal sliding-window attention within documents, one dense softmax per document (CPU path).
 
     q, k, v: (rows, heads, head_dim). Row i sees rows j of its own document with i - window <= j <= i.
     """
-    rows = q.size(0)
-    pos = torch.arange(rows, device=q.device)
-    doc = torch.searchsorted(cu_seqlens, pos, right=True)
-    delta = pos[:, None] - pos[None, :]
-    mask = (doc[:, None] == doc[None, :]) & (delta >= 0) & (delta <= window)
-    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                       attn_mask=mask, scale=scale)
-    return y.transpose(0, 1)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        pos = torch.arange(end - start, device=q.device)
+        delta = pos[:, None] - pos[None, :]
+        mask = (delta >= 0) & (delta <= window)
+        q_doc, k_doc, v_doc = (t[start:end].transpose(0, 1).float() for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q_doc, k_doc, v_doc, attn_mask=mask, scale=scale)
+        out[start:end] = y.transpose(0, 1).to(q.dtype)
+    return out
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float) -> torch.Tensor:
@@ -1020,8 +1025,10 @@ class GPT(nn.Module):
         # Matrix banks: created in fp32, initialised, then stored in bf16.
         self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, d).uniform_(-bound, bound)
                                       .bfloat16())
+        # c_fc random, c_proj zero. Padding slots (so the matrices split evenly over the ranks)
+        # stay zero and never get a gradient: the initial weights do not depend on the world size.
         mlp_bank = torch.zeros(num_mlp_slots(world_size), 2, cfg.mlp_hidden, d)
-        mlp_bank[:, 0].uniform_(-bound, bound)        # c_fc; c_proj starts at zero
+        mlp_bank[:NUM_LAYERS, 0].uniform_(-bound, bound)
         self.mlp_bank = nn.Parameter(mlp_bank.bfloat16())
         # Output head stored transposed (d, V); the input embedding starts as its exact transpose.
         self.lm_head = nn.Parameter(torch.empty(d, V, dtype=torch.bfloat16).normal_(0, 0.005))
@@ -1045,6 +1052,7 @@ class GPT(nn.Module):
         self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05))
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1)))
         self.rotary = Rotary(hd, max_positions)
+        self.fp8_head = False    # the training head in FP8; set where the device supports it
         if not self.embed.is_meta:
             self.rotary.reset()
 
@@ -1161,7 +1169,7 @@ class GPT(nn.Module):
         if mtp_weights is None:   # evaluation: bf16 head, plain next-token cross-entropy
             z = softcap(h @ self.lm_head).float()
             return F.cross_entropy(z, targets)
-        fp8 = h.is_cuda and torch.cuda.get_device_capability(h.device) >= (8, 9)
+        fp8 = self.fp8_head and h.is_cuda
         grad_s = grad_scale * cfg.head_grad_scale
         if fp8 and cfg.use_triton_kernels:
             losses = triton_kernels.softcapped_mtp_cross_entropy(
@@ -1667,6 +1675,8 @@ class Trainer:
         max_positions = 2 * max(self.val_tokens_per_rank, max_train_tokens)
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg, run.world_size, max_positions).to(run.device)
+        self.model.fp8_head = (run.device.type == "cuda" and
+                               torch.cuda.get_device_capability(run.device) >= (8, 9))
         self.model.rotary.reset()
         if run.world_size > 1:
             for p in self.model.parameters():

@@ -193,8 +193,9 @@ _symmetric_gram_tuned = triton.autotune(
     _GRAM_CONFIGS, key=["n", "r", "num_batches", "ADD_BETA_A"])(_symmetric_gram_kernel)
 
 
-def _symmetric_gram(name: str, A: torch.Tensor, out: torch.Tensor, transposed: bool,
-                    alpha: float = 1.0, beta: float = 0.0, add_beta_a: bool = False) -> None:
+def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha: float = 1.0,
+                    beta: float = 0.0, add_beta_a: bool = False, config: triton.Config | None = None) -> None:
+    """Launch the Gram kernel; `config` forces one tiling instead of the autotuner (benchmarks)."""
     A3 = A if A.dim() == 3 else A.unsqueeze(0)
     C3 = out if out.dim() == 3 else out.unsqueeze(0)
     batches, rows, cols = A3.shape
@@ -213,6 +214,8 @@ def _symmetric_gram(name: str, A: torch.Tensor, out: torch.Tensor, transposed: b
     if _INTERPRET:
         _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, BLOCK_M=32, BLOCK_N=16,
                                      BLOCK_R=32, INTERPRETED=True)
+    elif config is not None:
+        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False, **config.all_kwargs())
     else:
         _symmetric_gram_tuned[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False)
 
@@ -228,7 +231,7 @@ def _check_gram_args(name: str, A: torch.Tensor, out: torch.Tensor, out_size: in
 
 @torch.library.custom_op("nanogpt_triton::xxt", mutates_args=("out",))
 def _xxt_op(A: torch.Tensor, out: torch.Tensor) -> None:
-    _symmetric_gram("XXT", A, out, transposed=False)
+    _symmetric_gram(A, out, transposed=False)
 
 
 @_xxt_op.register_fake
@@ -238,7 +241,7 @@ def _(A, out):
 
 @torch.library.custom_op("nanogpt_triton::xtx", mutates_args=("out",))
 def _xtx_op(A: torch.Tensor, out: torch.Tensor) -> None:
-    _symmetric_gram("XTX", A, out, transposed=True)
+    _symmetric_gram(A, out, transposed=True)
 
 
 @_xtx_op.register_fake
@@ -248,7 +251,7 @@ def _(A, out):
 
 @torch.library.custom_op("nanogpt_triton::ba_plus_caa", mutates_args=("out",))
 def _ba_plus_caa_op(A: torch.Tensor, alpha: float, beta: float, out: torch.Tensor) -> None:
-    _symmetric_gram("ba_plus_cAA", A, out, transposed=False, alpha=alpha, beta=beta, add_beta_a=True)
+    _symmetric_gram(A, out, transposed=False, alpha=alpha, beta=beta, add_beta_a=True)
 
 
 @_ba_plus_caa_op.register_fake
@@ -637,8 +640,8 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
         W8 = (W_head.float() / w_scale).to(torch.float8_e4m3fn)          # (d, V) row-major
         W8_t = W8.new_empty(W8.shape[1], W8.shape[0])
         _transpose_copy_op(W8, W8_t)                                     # W8 column-major = W8_t^T
-        x_s = torch.tensor(x_scale, dtype=torch.float32, device=h.device)
-        w_s = torch.tensor(w_scale, dtype=torch.float32, device=h.device)
+        x_s = torch.full((), x_scale, dtype=torch.float32, device=h.device)   # no host->device copy
+        w_s = torch.full((), w_scale, dtype=torch.float32, device=h.device)
         logits = torch._scaled_mm(h8, W8_t.t(), scale_a=x_s, scale_b=w_s,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
         losses, lse = _mtp_ce_forward_op(logits, targets, mtp_weights)
@@ -651,9 +654,9 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
         logits, targets, mtp_weights, lse, h8, W8 = ctx.saved_tensors
         x_scale, w_scale, grad_scale = ctx.scales
         G8 = _mtp_ce_backward_op(logits, targets, mtp_weights, lse, dloss.float(), grad_scale)
-        x_s = torch.tensor(x_scale, dtype=torch.float32, device=G8.device)
-        w_s = torch.tensor(w_scale, dtype=torch.float32, device=G8.device)
-        g_s = torch.tensor(grad_scale, dtype=torch.float32, device=G8.device)
+        x_s = torch.full((), x_scale, dtype=torch.float32, device=G8.device)
+        w_s = torch.full((), w_scale, dtype=torch.float32, device=G8.device)
+        g_s = torch.full((), grad_scale, dtype=torch.float32, device=G8.device)
         dh = dW_head = None
         if ctx.needs_input_grad[0]:   # dh = G W^T: W8 row-major (d, V) is W^T in column-major
             dh = torch._scaled_mm(G8, W8.t(), scale_a=g_s, scale_b=w_s,

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -42,31 +43,62 @@ POLAR_EXPRESS_COEFFS = [
 class Result:
     name: str
     shape: str
-    ours_ms: float
+    ours_ms: float           # do_bench: launch included, L2 flushed
     eager_ms: float
     compiled_ms: float
-    work: float          # FLOPs or bytes of one call
-    unit: str            # "TFLOP/s" or "GB/s"
-    ceiling: float       # in `unit`
+    ours_gpu_ms: float | None      # CUDA-graph replay: GPU time only (warm L2)
+    best_ref_gpu_ms: float | None  # best of eager / compiled PyTorch, same way
+    ours_host_us: float      # host time per call of ours (Python, dispatch, launch)
+    work: float              # FLOPs or bytes of one call
+    unit: str                # "TFLOP/s" or "GB/s"
+    ceiling: float           # in `unit`
     note: str = ""
 
     def row(self) -> str:
         scale = 1e-12 if self.unit == "TFLOP/s" else 1e-9
-        achieved = self.work * scale / (self.ours_ms * 1e-3)
+        gpu_ms = self.ours_gpu_ms or self.ours_ms
+        achieved = self.work * scale / (gpu_ms * 1e-3)
         best = min(self.eager_ms, self.compiled_ms)
-        return (f"| {self.name} | {self.shape} | {self.ours_ms * 1e3:.1f} | {achieved:.0f} {self.unit} | "
-                f"{100 * achieved / self.ceiling:.0f}% | {self.eager_ms * 1e3:.1f} | "
-                f"{self.compiled_ms * 1e3:.1f} | {best / self.ours_ms:.2f}x | {self.note} |")
+        us = lambda ms: "n/a" if ms is None else f"{ms * 1e3:.1f}"   # noqa: E731
+        gpu_speedup = ("n/a" if not (self.ours_gpu_ms and self.best_ref_gpu_ms)
+                       else f"{self.best_ref_gpu_ms / self.ours_gpu_ms:.2f}x")
+        return (f"| {self.name} | {self.shape} | {us(self.ours_ms)} | {us(self.eager_ms)} | "
+                f"{us(self.compiled_ms)} | {best / self.ours_ms:.2f}x | {us(self.ours_gpu_ms)} | "
+                f"{us(self.best_ref_gpu_ms)} | {gpu_speedup} | {achieved:.0f} {self.unit} | "
+                f"{100 * achieved / self.ceiling:.0f}% | {self.ours_host_us:.0f} | {self.note} |")
 
 
-HEADER = ("| kernel | shape | ours (us) | achieved | % of ceiling | PyTorch eager (us) | "
-          "torch.compile (us) | speedup vs best PyTorch | note |\n" + "|---" * 9 + "|")
+HEADER = ("| kernel | shape | ours (us) | PyTorch eager (us) | torch.compile (us) | speedup | "
+          "ours GPU-only (us) | best PyTorch GPU-only (us) | GPU-only speedup | achieved (GPU-only) | "
+          "% of ceiling | ours host us/call | note |\n" + "|---" * 13 + "|")
 
 
 def bench(fn: Callable[[], object]) -> float:
-    """Median milliseconds of fn (triton.testing.do_bench flushes L2 between launches)."""
+    """Median milliseconds of fn, launch overhead included (do_bench flushes L2 between calls)."""
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def bench_gpu(fn: Callable[[], object]) -> float | None:
+    """Median milliseconds of fn replayed from a CUDA graph: GPU time without host overhead."""
+    import triton.testing
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception as error:   # not capturable: report n/a rather than lose the row
+        print(f"  CUDA-graph timing unavailable: {type(error).__name__}: {str(error).splitlines()[0]}")
+        return None
+
+
+def host_us(fn: Callable[[], object], calls: int = 30) -> float:
+    """Host microseconds per call, with the GPU queue not yet full."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def fwd_bwd(forward: Callable, inputs: tuple, wrt: tuple, grad_out: torch.Tensor) -> Callable[[], object]:
@@ -76,11 +108,20 @@ def fwd_bwd(forward: Callable, inputs: tuple, wrt: tuple, grad_out: torch.Tensor
     return run
 
 
+def measure(name, shape, ours, eager, compiled, work, unit, ceiling, note="") -> Result:
+    """Three zero-argument callables: our kernel, the PyTorch form eagerly and compiled."""
+    times = [bench(fn) for fn in (ours, eager, compiled)]
+    gpu_times = [bench_gpu(fn) for fn in (ours, eager, compiled)]
+    ref_gpu = [t for t in gpu_times[1:] if t is not None]
+    return Result(name, shape, *times, gpu_times[0], min(ref_gpu) if ref_gpu else None,
+                  host_us(ours), work, unit, ceiling, note)
+
+
 def compare(name, shape, ours, reference, args, work, unit, ceiling, note="") -> Result:
     """ours(*args) against reference(*args), eager and compiled (same arguments)."""
     compiled = torch.compile(reference)
-    return Result(name, shape, bench(lambda: ours(*args)), bench(lambda: reference(*args)),
-                  bench(lambda: compiled(*args)), work, unit, ceiling, note)
+    return measure(name, shape, lambda: ours(*args), lambda: reference(*args), lambda: compiled(*args),
+                   work, unit, ceiling, note)
 
 
 def randn_bf16(*shape, scale=1.0):
@@ -140,11 +181,11 @@ def case_mlp(tk, T, d, hidden):
         ]
     leaves = (x, W1, W2)
     compiled_ref = torch.compile(tk.linear_relu_square_reference)
-    results.append(Result(
+    results.append(measure(
         "MLP fwd+bwd (autograd)", shape,
-        bench(fwd_bwd(tk.linear_relu_square, leaves, leaves, dY)),
-        bench(fwd_bwd(tk.linear_relu_square_reference, leaves, leaves, dY)),
-        bench(fwd_bwd(compiled_ref, leaves, leaves, dY)),
+        fwd_bwd(tk.linear_relu_square, leaves, leaves, dY),
+        fwd_bwd(tk.linear_relu_square_reference, leaves, leaves, dY),
+        fwd_bwd(compiled_ref, leaves, leaves, dY),
         6 * gemm, "TFLOP/s", BF16_TFLOPS, "6 GEMMs"))
     return results
 
@@ -197,10 +238,10 @@ def case_cross_entropy(tk, T, d, V):
 
     compiled_ref = torch.compile(bf16_loss)
     leaves = (h, W_head)
-    results.append(Result(
+    results.append(measure(
         "FP8 head + MTP CE fwd+bwd", f"T={T}, d={d}, V={V}, K=3",
-        bench(fwd_bwd(fp8_loss, leaves, leaves, dloss)), bench(fwd_bwd(bf16_loss, leaves, leaves, dloss)),
-        bench(fwd_bwd(compiled_ref, leaves, leaves, dloss)),
+        fwd_bwd(fp8_loss, leaves, leaves, dloss), fwd_bwd(bf16_loss, leaves, leaves, dloss),
+        fwd_bwd(compiled_ref, leaves, leaves, dloss),
         3 * 2 * T * d * V, "TFLOP/s", FP8_TFLOPS, "vs bf16-head PyTorch; 3 GEMMs"))
     return results
 
@@ -252,9 +293,38 @@ def case_polar_express(tk, batch, m, n):
     ours = torch.compile(lambda G: polar_express_kernels(tk, G), fullgraph=True)
     compiled = torch.compile(polar_express_torch, fullgraph=True)
     flops = 5 * batch * (4 * m * n * n + 2 * n ** 3)
-    return Result("Polar Express, 5 steps (compiled)", f"({batch}, {m}, {n}) tall",
-                  bench(lambda: ours(G)), bench(lambda: polar_express_torch(G)), bench(lambda: compiled(G)),
-                  flops, "TFLOP/s", BF16_TFLOPS, "FLOPs: full-GEMM count; target >= 1.3x")
+    return measure("Polar Express, 5 steps (compiled)", f"({batch}, {m}, {n}) tall",
+                   lambda: ours(G), lambda: polar_express_torch(G), lambda: compiled(G),
+                   flops, "TFLOP/s", BF16_TFLOPS, "FLOPs: full-GEMM count; target >= 1.3x")
+
+
+def gram_config_sweep(tk) -> list[str]:
+    """GPU-only microseconds of every Gram tiling at the optimizer's shapes, and cuBLAS's."""
+    x = torch.randn(5, 768, 768, device=DEVICE)
+    sym5 = ((x + x.mT) / 64).bfloat16()
+    cases = [   # (label, A, out, transposed, add_beta_a, PyTorch form)
+        ("XXT (5, 768, 768)", randn_bf16(5, 768, 768), False, False, lambda A: A @ A.mT),
+        ("XTX (3, 3072, 768)", randn_bf16(3, 3072, 768), True, False, lambda A: A.mT @ A),
+        ("ba_plus_cAA (5, 768, 768)", sym5, False, True, lambda A: torch.baddbmm(A, A, A, beta=-2.0, alpha=0.5)),
+        ("ba_plus_cAA (3, 768, 768)", sym5[:3].contiguous(), False, True,
+         lambda A: torch.baddbmm(A, A, A, beta=-2.0, alpha=0.5)),
+    ]
+    lines = ["| tiling | " + " | ".join(case[0] for case in cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for config in [*tk._GRAM_CONFIGS, None]:
+        cells = []
+        for _, A, transposed, add_beta_a, reference in cases:
+            size = A.shape[-1] if transposed else A.shape[-2]
+            out = A.new_empty(A.shape[0], size, size)
+            if config is None:
+                t = bench_gpu(lambda: reference(A))
+            else:
+                t = bench_gpu(lambda: tk._symmetric_gram(A, out, transposed, 0.5, -2.0, add_beta_a, config=config))
+            cells.append("n/a" if t is None else f"{t * 1e3:.1f}")
+        label = ("PyTorch (cuBLAS, full product)" if config is None else
+                 f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}, BLOCK_R {config.kwargs['BLOCK_R']}, "
+                 f"{config.num_warps} warps, {config.num_stages} stages")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # =================================================================================================
@@ -303,16 +373,30 @@ def main() -> None:
             print(rows[-1], flush=True)
         torch.cuda.empty_cache()
 
+    try:
+        sweep = gram_config_sweep(tk)
+    except Exception:
+        traceback.print_exc()
+        sweep = ["(sweep failed)"]
+    print("\n".join(sweep), flush=True)
+
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     report = "\n".join([
         f"# triton_kernels.py benchmark: {device}, {date}",
         "",
-        f"torch {torch.__version__}, Triton {triton.__version__}. Median of do_bench (L2 flushed "
-        "between launches). Ceilings: bf16 matmul 790 TFLOP/s, FP8 1442 TFLOP/s, copy 3.0 TB/s "
-        "(read + write). Speedup = best of eager / compiled PyTorch over ours.",
+        f"torch {torch.__version__}, Triton {triton.__version__}. 'ours', 'eager', 'torch.compile': "
+        "median of do_bench (L2 flushed between launches, host launch cost included where it exceeds "
+        "the GPU time). 'GPU-only': median of CUDA-graph replays (no host cost, warm L2); achieved "
+        "throughput is computed from it. 'host us/call': Python + dispatch + launch time of one call "
+        "of ours. Ceilings: bf16 matmul 790 TFLOP/s, FP8 1442 TFLOP/s, copy 3.0 TB/s (read + write). "
+        "Speedups: best of eager / compiled PyTorch over ours.",
         "",
         HEADER, *rows,
+        "",
+        "Gram kernel tilings, GPU-only microseconds (CUDA-graph replay):",
+        "",
+        *sweep,
         "",
         "Autotuner choices:",
         *autotune_choices(tk),

@@ -521,7 +521,7 @@ def test_batches_land_on_the_gpu(tmp_path):
     on_cpu = TrainLoader(paths, 1, 2, "cpu", TABLE)
     on_gpu = TrainLoader(paths, 1, 2, "cuda", TABLE)
     for _ in range(4):
-        expected, got = on_cpu.next_batch(256, 64, 4), on_gpu.next_batch(256, 64, 4)
+        expected, got = on_cpu.next_batch(512, 64, 4), on_gpu.next_batch(512, 64, 4)
         for name in ("inputs", "targets", "cu_seqlens", "bigram_ids"):
             assert getattr(got, name).is_cuda
             assert torch.equal(getattr(got, name).cpu(), getattr(expected, name))

@@ -246,6 +246,11 @@ def test_init_values_and_tied_copy():
     assert m.post_lambdas[7:, 0, 1].eq(1.5).all() and m.post_lambdas[:7].eq(1).all()
     assert torch.allclose(m.resid_lambdas, torch.full((11, 2), math.sqrt(1.1)))
     assert m.mlp_bank.shape[0] == 12                   # one padding layer at world size 8
+    assert m.mlp_bank[11].abs().max() == 0 and m.mlp_bank[:11, 0].abs().min() > 0
+    # the real layers' initial weights do not depend on the padding (same math on any world size)
+    torch.manual_seed(0)
+    m1 = tg.GPT(TINY, world_size=1, max_positions=8)
+    assert torch.equal(m1.mlp_bank, m.mlp_bank[:11]) and torch.equal(m1.lm_head, m.lm_head)
     assert tg.GPT(TINY, world_size=1, max_positions=8).mlp_bank.shape[0] == 11
     assert tg.GPT(TINY, world_size=1, max_positions=8).scalars.numel() == 25
 

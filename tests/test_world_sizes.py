@@ -1,0 +1,60 @@
+"""The whole program under torchrun on CPU (gloo) gives the same training for 1, 2 and 4 processes.
+
+Each world size K runs 4/K accumulation micro-batches per step on the same data, so the losses may
+differ only by the order of floating-point sums (bf16 gradients summed over micro-batches on one
+rank versus averaged over ranks). Over 20 steps of a tiny model that stays far below 0.02.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+TINY_RUN = [
+    "--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
+    "--micro_batches_per_step=4", "--stage_batch_tokens=(512,1024,1024)",
+    "--stage_max_seq_len=(64,128,128)", "--val_tokens=2048", "--val_batch_tokens=2048",
+    "--num_scheduled_iterations=30", "--num_extension_iterations=4", "--stop_after_steps=20",
+    "--val_every=0",
+]
+PROGRESS = re.compile(r"^progress step (\d+)/\d+ train_loss:([0-9.]+)")
+VAL = re.compile(r"^step:(\d+)/\d+ val_loss:([0-9.]+)")
+
+
+def run_torchrun(nproc: int, log_dir: str) -> tuple[dict[int, float], float]:
+    data = os.path.join(SHARED, "data", "corpus")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"), *TINY_RUN,
+           f"--train_files={data}/corpus_train_*.bin", f"--val_files={data}/corpus_val_*.bin",
+           f"--log_dir={log_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (log,) = glob.glob(os.path.join(log_dir, "*.txt"))
+    losses, val = {}, None
+    with open(log) as f:
+        for line in f:
+            if m := PROGRESS.match(line):
+                losses[int(m.group(1))] = float(m.group(2))
+            elif m := VAL.match(line):
+                val = float(m.group(2))
+    return losses, val
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
+                    reason="needs ../shared/data/corpus")
+def test_losses_agree_across_world_sizes(tmp_path):
+    results = {k: run_torchrun(k, str(tmp_path / f"k{k}")) for k in (1, 2, 4)}
+    base_losses, base_val = results[1]
+    assert sorted(base_losses) == list(range(1, 21))
+    assert base_losses[20] < base_losses[1] - 0.5          # it trains
+    for k in (2, 4):
+        losses, val = results[k]
+        assert sorted(losses) == sorted(base_losses)
+        worst = max(abs(losses[s] - base_losses[s]) for s in losses)
+        assert worst < 0.02, (k, worst)
+        assert abs(val - base_val) < 0.02, (k, val, base_val)
