@@ -64,7 +64,6 @@ class Hyperparameters:
     val_every: int = 250
     # model
     vocab_size: int = 50257
-    num_layers: int = 11
     num_heads: int = 6
     head_dim: int = 128
     model_dim: int = 768
@@ -111,10 +110,11 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(
         train_files="../shared/data/corpus/corpus_train_*.bin",
         val_files="../shared/data/corpus/corpus_val_*.bin",
-        val_tokens=65_536, val_batch_tokens=32_768,
-        num_scheduled_iterations=120, num_extension_iterations=6, val_every=30,
-        stage_batch_tokens=(4096, 8192, 12288), stage_max_seq_len=(256, 512, 512),
-        num_heads=2, head_dim=64, model_dim=128, mlp_hidden=512, bigram_vocab_mult=1,
+        val_tokens=8192, val_batch_tokens=8192, val_every=30,
+        num_scheduled_iterations=84, num_extension_iterations=6, micro_batches_per_step=4,
+        stage_batch_tokens=(1024, 1024, 1024), stage_max_seq_len=(128, 256, 256),
+        num_heads=2, head_dim=32, model_dim=64, mlp_hidden=256, bigram_vocab_mult=1,
+        adam_lr=0.024,     # a tiny model on few tokens learns its embeddings faster
         compile=False,
     ),
 }
@@ -1131,8 +1131,9 @@ class GPT(nn.Module):
         e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
         x0 = rms_norm(e)
         bigram = F.embedding(bigram_ids, self.bigram_embed)
-        value_embeds = {layer: F.embedding(inputs + k * V, self.value_embeds)
-                        for k, layer in enumerate(VALUE_EMBED_LAYERS)}
+        # all value tables in one lookup, so the backward builds one dense table gradient, not five
+        table_offsets = torch.arange(len(VALUE_EMBED_LAYERS), device=inputs.device) * V
+        value_embeds = F.embedding(inputs[None, :] + table_offsets[:, None], self.value_embeds)
 
         lane0, lane1 = x0 + bigram_lambdas[0] * bigram, None
         skip = backout = None
@@ -1147,7 +1148,8 @@ class GPT(nn.Module):
             if i == FIRST_TWO_LANE_LAYER:
                 lane1 = lane0
             window = long_window if i in LONG_WINDOW_LAYERS else short_window
-            a = self.attn(i, rms_norm(lane0), value_embeds.get(i), cu_seqlens, max_seqlen, window)
+            ve = value_embeds[VALUE_EMBED_LAYERS.index(i)] if i in VALUE_EMBED_LAYERS else None
+            a = self.attn(i, rms_norm(lane0), ve, cu_seqlens, max_seqlen, window)
             inject = x0_lambdas[i] * x0 + (bigram_lambdas[i] * bigram if i > 0 else 0)
             if lane1 is None:
                 lane0 = r_attn * lane0 + a + inject
@@ -1224,7 +1226,8 @@ def load_shard(path: str) -> np.ndarray:
 
 
 def write_shard(path: str, tokens: np.ndarray) -> None:
-    """Write tokens (all < 2**16) as a shard; the header is written last-to-disk atomically."""
+    """Write tokens (all < 2**16) as a shard, through a temporary file so that a crash never
+    leaves a half-written shard under the final name."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise DataError(f"{path}: token ids must fit in uint16")
@@ -1563,12 +1566,14 @@ class Schedule:
                             windows=self.windows(step), mtp_weights=self.mtp_weights(step),
                             lr_mul=self.lr_mul(step), muon_momentum=self.muon_momentum(step))
 
-    def warmup_steps(self) -> list[int]:
+    def warmup_steps(self, last_step: int | None = None) -> list[int]:
         """Steps whose shapes and code paths cover every compiled variant: the first two steps
-        and two steps either side of every stage transition."""
+        and two steps either side of every stage transition (that a run ending at last_step
+        reaches)."""
         steps = {0, 1}
         for x in self.stage_starts[1:]:
-            steps.update(s for s in range(x - 2, x + 2) if s >= 0)
+            if last_step is None or x < last_step:
+                steps.update(s for s in range(x - 2, x + 2) if s >= 0)
         return sorted(steps)
 
 
@@ -1759,10 +1764,10 @@ class Trainer:
             val_loss /= run.world_size
         return val_loss.item()
 
-    def warmup(self) -> None:
+    def warmup(self, last_step: int) -> None:
         """Run real steps around every schedule transition so that every compiled variant exists
         before the clock starts, then restore the initial state."""
-        steps = self.schedule.warmup_steps()
+        steps = self.schedule.warmup_steps(last_step)
         self.log("Compiling model and warming up kernels (~7 minutes on first execution)")
         self.log(f"Sampling steps {steps} for warmup")
         initial_state = copy.deepcopy(self.model.state_dict())
@@ -1819,10 +1824,10 @@ def format_duration(seconds: float) -> str:
 def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
     trainer = Trainer(cfg, run, log)
     schedule = trainer.schedule
-    if cfg.compile:
-        trainer.warmup()
     total_steps = cfg.num_train_steps
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+    if cfg.compile:
+        trainer.warmup(last_step)
     training_ms = 0.0
     pending: PendingLoss | None = None
 
@@ -1906,6 +1911,9 @@ def main(argv: list[str] | None = None) -> None:
             summary_world = int(arg.split("=", 1)[1])
         elif arg != "--summary":
             rest.append(arg)
+    if len(rest) != len(argv) - summary and not summary:
+        raise SystemExit("--world_size is an option of --summary (a training run takes its "
+                         "world size from torchrun)")
     cfg = parse_config(rest)
     if summary:
         print_summary(cfg, summary_world)
@@ -1915,12 +1923,17 @@ def main(argv: list[str] | None = None) -> None:
     run = setup_distributed()
     run.launch_time = launch_time
     try:
-        run.grad_accum_steps = check_config(cfg, run.world_size)
+        try:
+            run.grad_accum_steps = check_config(cfg, run.world_size)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         log = Logger(run, cfg.log_dir)
         if run.is_master:
             log(environment_report(), console=False)
             log(config_report(cfg, run))
         train(cfg, run, log)
+    except DataError as e:    # missing, foreign or exhausted data: one clear line, no traceback
+        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

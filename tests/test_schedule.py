@@ -61,6 +61,8 @@ def test_mtp_weights(schedule):
 def test_warmup_steps(schedule):
     assert schedule.warmup_steps() == [0, 1, 481, 482, 483, 484, 965, 966, 967, 968,
                                        1448, 1449, 1450, 1451]
+    assert schedule.warmup_steps(last_step=200) == [0, 1]        # a short run compiles less
+    assert schedule.warmup_steps(last_step=500) == [0, 1, 481, 482, 483, 484]
 
 
 def test_protocol_t_schedule():
