@@ -470,7 +470,10 @@ def test_cu_seqlens_capacity_boundary(tmp_path, short_docs):
 def test_check_config():
     for world_size in WORLD_SIZES:
         assert check_config(Hyperparameters(), world_size) == 8 // world_size
-        assert check_config(Hyperparameters(**PRESETS["smoke"]), world_size) == 8 // world_size
+    for world_size in (1, 2, 4):   # the smoke preset runs 4 micro-batches per step
+        assert check_config(Hyperparameters(**PRESETS["smoke"]), world_size) == 4 // world_size
+    with pytest.raises(ValueError, match="world size 8 does not divide 4; use 1, 2 or 4"):
+        check_config(Hyperparameters(**PRESETS["smoke"]), 8)
     for world_size in (0, 3, 16):
         with pytest.raises(ValueError) as error:
             check_config(Hyperparameters(), world_size)

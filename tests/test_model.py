@@ -168,8 +168,8 @@ def ref_bigram(ids, table_rows):
                                for t in range(1, len(ids))])
 
 
-def random_model(world_size=1, T=48):
-    m = tg.GPT(TINY, world_size, max_positions=4 * T)
+def random_model(world_size=1, T=48, cfg=TINY):
+    m = tg.GPT(cfg, world_size, max_positions=4 * T)
     with torch.no_grad():
         for p in m.parameters():   # fresh nonzero values everywhere, at init-like scales
             p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
@@ -197,6 +197,19 @@ def test_forward_matches_direct_restatement():
     err = (h - h_ref).norm() / h_ref.norm()
     # both fp32 from the same weights; only the rotary tables are bf16 in the model (7.8)
     assert err < 2e-2, err
+
+
+def test_six_heads_pair_as_0_3_1_4_2_5():
+    """With 6 heads (the real count) pairing adjacent heads instead would be caught here."""
+    cfg = tg.Hyperparameters(vocab_size=200, num_heads=6, head_dim=16, model_dim=96,
+                             mlp_hidden=64, bigram_vocab_mult=1)
+    T = 24
+    m = random_model(T=T, cfg=cfg)
+    ids, cu = random_tokens(T, n_docs=2)
+    bg = ref_bigram(ids, cfg.bigram_vocab_size)
+    h = m.final_hidden(ids, cu, bg, (6, 11), max_seqlen=T)
+    h_ref = ref_forward_hidden(m, ids, cu, bg, (6, 11))
+    assert (h - h_ref).norm() / h_ref.norm() < 2e-2
 
 
 def test_training_and_validation_losses():
