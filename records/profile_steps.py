@@ -1,0 +1,53 @@
+"""Profile a few training steps on one GPU and print where the device time goes.
+
+    python records/profile_steps.py [--stages 1 3] [--steps 4] [train_gpt.py options ...]
+
+For each chosen stage it compiles that stage's shapes (two untimed steps), then profiles `--steps`
+steps (even and odd, so Adam steps are included) and prints the step time and the kernels with
+the most device time. Meant for finding what to speed up; the numbers are not a timing protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--top", type=int, default=25)
+    args, options = parser.parse_known_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_steps.py needs a CUDA GPU")
+    cfg = tg.parse_config(options)
+    run = tg.setup_distributed()
+    run.grad_accum_steps = tg.check_config(cfg, run.world_size)
+    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
+    for stage in args.stages:
+        start = trainer.schedule.stage_starts[stage - 1] + 2
+        for step in range(start, start + 2):   # compile this stage's graphs (even and odd)
+            trainer.train_step(step, trainer.advance(step))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for step in range(start + 2, start + 2 + args.steps):
+                trainer.train_step(step, trainer.advance(step))
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+        print(f"\n=== stage {stage}: {1000 * elapsed / args.steps:.1f} ms/step over "
+              f"{args.steps} steps (profiler on)")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
+                                        max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
