@@ -144,20 +144,22 @@ def parse_config(argv: list[str]) -> Hyperparameters:
 
 
 def _parse_value(key: str, text: str, default: object) -> object:
+    """The text of --key=text as the type of the field's default (tuples as Python literals)."""
     if isinstance(default, bool):
         if text.lower() not in ("0", "1", "true", "false"):
             raise SystemExit(f"--{key}={text}: expected true or false")
         return text.lower() in ("1", "true")
     if isinstance(default, str):
         return text
+    expected = {int: "an integer", float: "a number", tuple: "a tuple such as (1, 2)"}[type(default)]
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--{key}={text}: expected a {type(default).__name__}") from None
+        raise SystemExit(f"--{key}={text}: expected {expected}") from None
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
     if type(value) is not type(default):
-        raise SystemExit(f"--{key}={text}: expected a {type(default).__name__}")
+        raise SystemExit(f"--{key}={text}: expected {expected}")
     return value
 
 
@@ -1904,19 +1906,15 @@ def main(argv: list[str] | None = None) -> None:
     launch_time = time.time()
     argv = sys.argv[1:] if argv is None else argv
     summary = "--summary" in argv
-    summary_world = 8
-    rest = []
-    for arg in argv:
-        if arg.startswith("--world_size="):
-            summary_world = int(arg.split("=", 1)[1])
-        elif arg != "--summary":
-            rest.append(arg)
-    if len(rest) != len(argv) - summary and not summary:
+    world_args = [arg for arg in argv if arg.startswith("--world_size=")]
+    if world_args and not summary:
         raise SystemExit("--world_size is an option of --summary (a training run takes its "
                          "world size from torchrun)")
-    cfg = parse_config(rest)
+    cfg = parse_config([arg for arg in argv if arg != "--summary" and arg not in world_args])
     if summary:
-        print_summary(cfg, summary_world)
+        world_size = _parse_value("world_size", world_args[-1].split("=", 1)[1], 8) \
+            if world_args else 8
+        print_summary(cfg, world_size)
         return
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     torch._dynamo.config.recompile_limit = 64

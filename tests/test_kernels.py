@@ -135,7 +135,7 @@ def test_gram_kernels_speedrun_shapes():
     check_xxt(torch.randn(5, 768, 768, device="cuda").bfloat16())
     check_xtx(torch.randn(3, 3072, 768, device="cuda").bfloat16())
     for batch in (5, 3):
-        for a, b, c in POLAR_EXPRESS_COEFFS:
+        for _, b, c in POLAR_EXPRESS_COEFFS:
             check_ba_plus_caa(symmetric_bf16((batch,), 768, "cuda") / 8, c, b)
 
 
