@@ -1060,9 +1060,6 @@ class GPT(nn.Module):
 
     # --- sublayers ---------------------------------------------------------------------------
 
-    def attn_weights(self, layer: int) -> torch.Tensor:
-        return self.attn_bank[ATTN_LAYERS.index(layer)]
-
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         c_fc, c_proj = self.mlp_bank[layer, 0], self.mlp_bank[layer, 1]
         if x.is_cuda and self.cfg.use_triton_kernels:
