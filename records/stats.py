@@ -256,11 +256,13 @@ def _p_value(value: float, width: int) -> str:
 
 def format_table(stats: Sequence[GroupStats], target: float = DEFAULT_TARGET) -> str:
     label_width = max(22, max(len(s.label) for s in stats) + 2)
-    header = (f"{'':<{label_width}}{'Runs':>6}{'Steps':>7}{'Time μ':>10}{'Time σ':>9}{'Time +/-':>10}"
+    steps_width = max(7, max(len(str(s.steps)) for s in stats) + 2)  # ranges like "160-200"
+    header = (f"{'':<{label_width}}{'Runs':>6}{'Steps':>{steps_width}}{'Time μ':>10}{'Time σ':>9}{'Time +/-':>10}"
               f"{'Loss μ':>9}{'Loss σ':>9}{'Loss +/-':>10}{'p':>9}{'Time p':>9}")
     lines = [header]
     for s in stats:
-        lines.append(f"{s.label:<{label_width}}{s.runs:>6}{s.steps:>7}{_number(s.time_mean, 10)}"
+        lines.append(f"{s.label:<{label_width}}{s.runs:>6}{s.steps:>{steps_width}}"
+                     f"{_number(s.time_mean, 10)}"
                      f"{_number(s.time_std, 9)}{_number(s.time_diff, 10)}{_number(s.loss_mean, 9)}"
                      f"{_number(s.loss_std, 9)}{_number(s.loss_diff, 10)}{_p_value(s.loss_p, 9)}"
                      f"{_p_value(s.time_p, 9)}")
