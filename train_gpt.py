@@ -88,6 +88,7 @@ class Hyperparameters:
     seed: int = 0
     compile: bool = True
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
+    flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
     save_checkpoint: bool = False
     log_dir: str = "logs"
 
@@ -993,7 +994,28 @@ def attention_reference(q, k, v, cu_seqlens, window: int, scale: float) -> torch
     return out
 
 
-def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float) -> torch.Tensor:
+FLASH_ATTN3_HUB_REPO = "varunneal/flash-attention-3"
+
+
+def load_flash_attn3(log: Callable[[str], None]) -> Callable | None:
+    """FlashAttention-3's varlen function from the Hugging Face kernels hub, or None when it cannot
+    be had (the optional `kernels` package missing, no network, a GPU it does not support)."""
+    try:
+        from kernels import get_kernel
+        return get_kernel(FLASH_ATTN3_HUB_REPO).flash_attn_varlen_func
+    except Exception as e:  # noqa: BLE001 - any failure means: use torch's varlen attention
+        log(f"FlashAttention-3 unavailable ({type(e).__name__}: {e}); using torch varlen_attn")
+        return None
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
+              flash_attn3: Callable | None = None) -> torch.Tensor:
+    """Causal attention within documents over a left window; FlashAttention-3 when given, torch's
+    varlen flash attention on CUDA, the dense reference on CPU (all the same function)."""
+    if flash_attn3 is not None:
+        out = flash_attn3(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                          softmax_scale=scale, causal=True, window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out   # some builds also return the lse
     if q.is_cuda:
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
                            window_size=(window, 0))
@@ -1055,6 +1077,7 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1)))
         self.rotary = Rotary(hd, max_positions)
         self.fp8_head = False    # the training head in FP8; set where the device supports it
+        self.flash_attn3 = None  # FlashAttention-3's varlen function, when loaded (CUDA)
         if not self.embed.is_meta:
             self.rotary.reset()
 
@@ -1098,9 +1121,10 @@ class GPT(nn.Module):
         if paired:
             y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
                           v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
-                          self.rotary.attn_scale).reshape(T, H, hd)
+                          self.rotary.attn_scale, self.flash_attn3).reshape(T, H, hd)
         else:
-            y = attention(q, k, v, cu_seqlens, max_seqlen, window, self.rotary.attn_scale)
+            y = attention(q, k, v, cu_seqlens, max_seqlen, window, self.rotary.attn_scale,
+                          self.flash_attn3)
         y = y * torch.sigmoid(F.linear(gate_x, self.attn_gate_bank[slot]))[..., None]
         return F.linear(y.reshape(T, d), out_lambda * W[3 * d:])
 
@@ -1681,6 +1705,8 @@ class Trainer:
         self.model = GPT(cfg, run.world_size, max_positions).to(run.device)
         self.model.fp8_head = (run.device.type == "cuda" and
                                torch.cuda.get_device_capability(run.device) >= (8, 9))
+        if cfg.flash_attn3 and run.device.type == "cuda":
+            self.model.flash_attn3 = load_flash_attn3(log)
         self.model.rotary.reset()
         if run.world_size > 1:
             for p in self.model.parameters():

@@ -6,6 +6,8 @@ large difference. Both run in fp32 on a tiny configuration with every parameter 
 (several start at zero, which would hide wiring mistakes).
 """
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -350,3 +352,29 @@ def test_fp8_head_close_to_bf16_head_on_gpu():
     y = (h.float() @ W.float())
     # e4m3 keeps 3 mantissa bits: per-element relative error up to ~6%, far less on the whole
     assert (y8 - y).norm() / y.norm() < 0.05
+
+
+def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
+    lines = []
+    monkeypatch.setitem(sys.modules, "kernels", None)          # the package is not installed
+    assert tg.load_flash_attn3(lines.append) is None
+    assert len(lines) == 1 and "using torch varlen_attn" in lines[0]
+
+    calls = []
+
+    def fake_fa3(q, k, v, cu_q, cu_k, max_q, max_k, *, softmax_scale, causal, window_size):
+        calls.append((max_q, max_k, softmax_scale, causal, window_size))
+        assert cu_q is cu_k
+        ref = tg.attention_reference(q, k, v, cu_q, window_size[0], softmax_scale)
+        return ref, None                                        # (out, lse) like some builds
+
+    hub = types.SimpleNamespace(get_kernel=lambda repo: types.SimpleNamespace(
+        flash_attn_varlen_func=fake_fa3) if repo == tg.FLASH_ATTN3_HUB_REPO else None)
+    monkeypatch.setitem(sys.modules, "kernels", hub)
+    fa3 = tg.load_flash_attn3(lines.append)
+    assert fa3 is fake_fa3
+    q, k, v = (torch.randn(20, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 9, 20, 20], dtype=torch.int32)
+    got = tg.attention(q, k, v, cu, 20, 4, 0.25, fa3)
+    assert calls == [(20, 20, 0.25, True, (4, 0))]
+    assert torch.equal(got, tg.attention_reference(q, k, v, cu, 4, 0.25))
