@@ -6,7 +6,8 @@
   4. linear_relu_square   relu(x W1^T)^2 W2 with the activation and its derivative fused into
                           the GEMM epilogues (every MLP), autograd function
   5. softcapped_mtp_cross_entropy   soft-capped multi-token cross entropy over an FP8 LM head,
-                          autograd function; its two row kernels are exposed separately
+                          autograd function; its row kernel (loss and logits gradient in
+                          one pass) is exposed as softcapped_mtp_losses_and_grad
   6. transpose_copy  dst = src^T        (tied embedding <- lm_head^T)
   7. transpose_add   dst += src^T       (lm_head grad += embedding grad^T)
 
@@ -29,11 +30,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = [
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
     "linear_relu_square", "linear_relu_square_reference",
-    "softcapped_mtp_losses", "softcapped_mtp_logits_grad", "softcapped_mtp_losses_reference",
+    "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_reference",
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
 ]
@@ -304,85 +306,89 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 # One GEMM acc = a @ b^T with a (m, k), b (n, k), both read along k.
 #   forward:  a = x, b = W1 (= c_fc):   pre = bf16(acc), post = bf16(relu(pre)^2)
 #   backward: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * relu(pre)), acc = d_post
+# A persistent kernel (one program per SM strides over the output tiles) moving every tile through
+# TMA descriptors: the hardware does the address arithmetic and bounds handling, and the
+# epilogue's stores are asynchronous, so they overlap the next tile's loads. The fp32 accumulator
+# is written in two halves, which halves the epilogue's registers and staging memory.
+
+@triton.jit
+def _linear_relu_square_epilogue(acc, out_desc, aux_desc, row0, col0,
+                                 BACKWARD: tl.constexpr, INTERPRETED: tl.constexpr):
+    if BACKWARD:
+        pre = aux_desc.load([row0, col0]).to(tl.float32)
+        out_desc.store([row0, col0], _to_bf16(2.0 * acc * tl.maximum(pre, 0.0), INTERPRETED))
+    else:
+        pre = _to_bf16(acc, INTERPRETED)
+        out_desc.store([row0, col0], pre)
+        relu = tl.maximum(pre.to(tl.float32), 0.0)   # from the bf16-rounded pre, as saved
+        aux_desc.store([row0, col0], _to_bf16(relu * relu, INTERPRETED))
+
 
 @triton.jit
 def _linear_relu_square_kernel(
-    a_ptr, b_ptr, out_ptr, aux_ptr,         # forward: out = pre, aux = post; backward: out = d_pre, aux = pre
+    a_desc, b_desc, out_desc, aux_desc,     # forward: out = pre, aux = post; backward: out = d_pre, aux = pre
     m, n, k,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     BACKWARD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
-    pid = tl.program_id(0)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
-    first_tile_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
-    tile_m = first_tile_m + (pid % tiles_per_group) % group_rows
-    tile_n = (pid % tiles_per_group) // group_rows
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS):
+        # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
+        first_tile_m = (tile // tiles_per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
+        row0 = (first_tile_m + (tile % tiles_per_group) % group_rows) * BLOCK_M
+        col0 = ((tile % tiles_per_group) // group_rows) * BLOCK_N
 
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + cols[:, None].to(tl.int64) * stride_bn + ks[None, :] * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        in_k = ks[None, :] < k - k0
-        a = tl.load(a_ptrs, mask=(rows[:, None] < m) & in_k, other=0.0)
-        b = tl.load(b_ptrs, mask=(cols[:, None] < n) & in_k, other=0.0)
-        acc = _mma(acc, a, tl.trans(b), INTERPRETED)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            b = b_desc.load([col0, k0])
+            acc = _mma(acc, a, b.T, INTERPRETED)
 
-    offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
-    in_bounds = (rows[:, None] < m) & (cols[None, :] < n)
-    if BACKWARD:
-        pre = tl.load(aux_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        d_pre = 2.0 * acc * tl.maximum(pre, 0.0)
-        tl.store(out_ptr + offsets, _to_bf16(d_pre, INTERPRETED), mask=in_bounds)
-    else:
-        pre = _to_bf16(acc, INTERPRETED)
-        tl.store(out_ptr + offsets, pre, mask=in_bounds)
-        relu = tl.maximum(pre.to(tl.float32), 0.0)   # from the bf16-rounded pre, as saved
-        tl.store(aux_ptr + offsets, _to_bf16(relu * relu, INTERPRETED), mask=in_bounds)
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _linear_relu_square_epilogue(left, out_desc, aux_desc, row0, col0, BACKWARD, INTERPRETED)
+        _linear_relu_square_epilogue(right, out_desc, aux_desc, row0, col0 + BLOCK_N // 2,
+                                     BACKWARD, INTERPRETED)
 
 
-_MLP_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-]
-_linear_relu_square_tuned = triton.autotune(
-    _MLP_CONFIGS, key=["m", "n", "k", "BACKWARD"])(_linear_relu_square_kernel)
+# The reference's H100 tiling (kernels.md 4): 128 x 256 x 64, 8 warps. 3 pipeline stages
+# (144 KiB of shared memory) leave room for the epilogue's staging tiles in both directions.
+_MLP_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_INTERPRETED_MLP_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_linear_relu_square(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                                aux: torch.Tensor, backward: bool) -> None:
+    if a.is_cuda:
+        # The backward may run on autograd's device thread before any CUDA call there made the
+        # context current; the descriptors are encoded through the driver API, which needs it.
+        # A stream query is a cheap runtime call that makes it current.
+        torch.cuda.current_stream(a.device).query()
     m, k = a.shape
     n = b.shape[0]
-    args = (a, b, out, aux, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1))
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    if _INTERPRET:
-        _linear_relu_square_kernel[grid](*args, BACKWARD=backward, BLOCK_M=32, BLOCK_N=32,
-                                         BLOCK_K=32, GROUP_M=2, INTERPRETED=True)
-    else:
-        _linear_relu_square_tuned[grid](*args, BACKWARD=backward, INTERPRETED=False)
+    tiles = _INTERPRETED_MLP_TILES if _INTERPRET else _MLP_TILES
+    bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+                   TensorDescriptor.from_tensor(out, [bm, bn // 2]),
+                   TensorDescriptor.from_tensor(aux, [bm, bn // 2]))
+    num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    programs = min(num_tiles, 4 if _INTERPRET else _num_sms(a.device))
+    _linear_relu_square_kernel[(programs,)](*descriptors, m, n, k, BACKWARD=backward,
+                                            NUM_PROGRAMS=programs, INTERPRETED=_INTERPRET, **tiles)
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
 def _linear_relu_square_forward_op(x: torch.Tensor, W1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pre = x.new_empty(x.shape[0], W1.shape[0])
     post = torch.empty_like(pre)
-    _launch_linear_relu_square(x, W1, pre, post, backward=False)
+    _launch_linear_relu_square(x.contiguous(), W1.contiguous(), pre, post, backward=False)
     return pre, post
 
 
@@ -394,7 +400,7 @@ def _(x, W1):
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_backward", mutates_args=())
 def _linear_relu_square_backward_op(d_out: torch.Tensor, W2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     d_pre = torch.empty_like(pre)
-    _launch_linear_relu_square(d_out, W2, d_pre, pre, backward=True)
+    _launch_linear_relu_square(d_out.contiguous(), W2.contiguous(), d_pre, pre.contiguous(), backward=True)
     return d_pre
 
 
@@ -431,6 +437,8 @@ def linear_relu_square(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> t
     if W1.dim() != 2 or W2.shape != W1.shape or x.shape[-1] != W1.shape[1]:
         raise ValueError(f"{name}: expected x (..., d) with W1 and W2 both (hidden, d), got x "
                          f"{tuple(x.shape)}, W1 {tuple(W1.shape)}, W2 {tuple(W2.shape)}")
+    if W1.shape[0] % 8 or W1.shape[1] % 8:   # TMA needs 16-byte aligned rows
+        raise ValueError(f"{name}: hidden and d must be multiples of 8, got W1 {tuple(W1.shape)}")
     out = _LinearReluSquare.apply(x.reshape(-1, x.shape[-1]), W1, W2)
     return out.view(*x.shape[:-1], W2.shape[1])
 
@@ -444,16 +452,34 @@ def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Te
 # =================================================================================================
 # Row t of the logits l serves K targets: loss_t = sum_k w_k (lse_t - z_t[tgt_{t+k}]) over the
 # valid k (t + k < T, w_k > 0, 0 <= tgt < V), z = 23 sigmoid((l + 5) / 7.5), lse_t = logsumexp(z_t).
-# z < 23, so exp(z - 23) can neither overflow nor lose the sum: lse is accumulated in one
-# streaming pass with the fixed shift 23 instead of a running maximum.
-# The backward uses the same validity rule, so it is the exact derivative of the forward:
+# The training loss is the plain sum over rows, so the gradient of every row has the same upstream
+# factor and can be computed in the same kernel, before the backward pass asks for it:
 #   dz_j = S_w softmax(z)_j - sum_k w_k [j == tgt_{t+k}],   S_w = sum of the valid w_k,
-#   dl_j = dloss_t dz_j (23 / 7.5) s_j (1 - s_j),   s = sigmoid((l + 5) / 7.5),
-# and is written as e5m2(dl / grad_scale), the operand of the two FP8 backward GEMMs.
+#   dl_j = dz_j (23 / 7.5) s_j (1 - s_j),   s = sigmoid((l + 5) / 7.5),
+# written as e5m2(dl / grad_scale), the operand of the two FP8 backward GEMMs, which apply the
+# upstream factor through their scale. One kernel reads the logits once from memory (the second
+# pass over a row finds it in L2) instead of twice in a forward and a backward kernel.
+#
+# z < 23, so exp(z - 23) can neither overflow nor lose the sum: lse is accumulated with the fixed
+# shift 23 instead of a running maximum. The sigmoid/exponential units bound this kernel, so the
+# gradient pass (whose result is rounded to 2 mantissa bits) uses the hardware tanh for the
+# sigmoid, with relative error below 2^-10; the K target columns, where dz can cancel, are then
+# rewritten with exact values.
 
 @triton.jit
 def _softcap(logits):
     s = tl.sigmoid((logits + 5.0) * (1.0 / 7.5))
+    return 23.0 * s, s
+
+
+@triton.jit
+def _softcap_fast(logits):
+    """_softcap through sigmoid(u) = (1 + tanh(u / 2)) / 2 with tanh.approx: one special-function
+    instruction instead of an exponential and a reciprocal."""
+    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f",
+                                  [(logits + 5.0) * (0.5 / 7.5)], dtype=tl.float32,
+                                  is_pure=True, pack=1)
+    s = 0.5 + 0.5 * t
     return 23.0 * s, s
 
 
@@ -468,73 +494,76 @@ def _mtp_target(row, k: tl.constexpr, targets_ptr, w_ptr, n_rows, n_cols):
 
 
 @triton.jit
-def _mtp_ce_forward_kernel(
-    logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, lse_ptr,
+def _mtp_ce_kernel(
+    logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, stride_grad, grad_scale,
     n_rows, n_cols,
-    K: tl.constexpr, BLOCK_V: tl.constexpr,
+    K: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
+    grad_factor = (23.0 / 7.5) / tl.cast(grad_scale, tl.float32)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad
     cols = tl.arange(0, BLOCK_V)
+
+    # pass 1: log-sum-exp of the row, then the loss
     sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_V):
         in_row = cols < n_cols - c0
         z, _ = _softcap(tl.load(row_ptr + c0 + cols, mask=in_row, other=0.0).to(tl.float32))
         sum_exp += tl.where(in_row, tl.exp(z - 23.0), 0.0)
     lse = 23.0 + tl.log(tl.sum(sum_exp, axis=0))
-
     loss = 0.0
+    weight_sum = 0.0
     for k in tl.static_range(K):
         target, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
         z_target, _ = _softcap(tl.load(row_ptr + target, mask=weight > 0, other=0.0).to(tl.float32))
         loss += tl.where(weight > 0, weight * (lse - z_target), 0.0)
-    tl.store(losses_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
-
-
-@triton.jit
-def _mtp_ce_backward_kernel(
-    logits_ptr, stride_row, targets_ptr, w_ptr, lse_ptr, dloss_ptr, stride_dloss,
-    grad_ptr, stride_grad, grad_scale,
-    n_rows, n_cols,
-    K: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
-):
-    inv_grad_scale = 1.0 / tl.cast(grad_scale, tl.float32)
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad
-    lse = tl.load(lse_ptr + row)
-    dloss = tl.load(dloss_ptr + row * stride_dloss)
-    weight_sum = 0.0
-    for k in tl.static_range(K):
-        _, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
         weight_sum += weight
+    tl.store(losses_ptr + row, loss)
 
-    cols = tl.arange(0, BLOCK_V)
+    # pass 2: the gradient of every column as if none were a target, with the fast softcap
     for c0 in range(0, n_cols, BLOCK_V):
         col = c0 + cols
         in_row = col < n_cols
-        z, s = _softcap(tl.load(row_ptr + col, mask=in_row, other=0.0).to(tl.float32))
-        dz = weight_sum * tl.exp(z - lse)
-        for k in tl.static_range(K):   # scalar loads, served from cache after the first block
-            target, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
-            dz -= tl.where(col == target, weight, 0.0)
-        scaled = dloss * dz * (23.0 / 7.5) * s * (1.0 - s) * inv_grad_scale
+        logits = tl.load(row_ptr + col, mask=in_row, other=0.0).to(tl.float32)
         if INTERPRETED:
-            scaled = _round_to_e5m2_grid(scaled)
-        tl.store(grad_row_ptr + col, scaled.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=in_row)
+            z, s = _softcap(logits)
+        else:
+            z, s = _softcap_fast(logits)
+        grad = weight_sum * tl.exp(z - lse) * s * (1.0 - s) * grad_factor
+        if INTERPRETED:
+            grad = _round_to_e5m2_grid(grad)
+        tl.store(grad_row_ptr + col, grad.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=in_row)
+
+    # then the exact gradient in the target columns overwrites pass 2's (after a barrier, which
+    # orders the program's global stores)
+    tl.debug_barrier()
+    for k in tl.static_range(K):
+        target, _ = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
+        in_row = (target >= 0) & (target < n_cols)
+        z, s = _softcap(tl.load(row_ptr + target, mask=in_row, other=0.0).to(tl.float32))
+        dz = weight_sum * tl.exp(z - lse)
+        for j in tl.static_range(K):
+            other, weight = _mtp_target(row, j, targets_ptr, w_ptr, n_rows, n_cols)
+            dz -= tl.where(other == target, weight, 0.0)
+        grad = dz * s * (1.0 - s) * grad_factor
+        if INTERPRETED:
+            grad = _round_to_e5m2_grid(grad)
+        tl.store(grad_row_ptr + target, grad.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=in_row)
 
 
-# Each program streams one row; both kernels rewrite their outputs from scratch, so autotuning
-# (which runs them repeatedly) is safe.
+# One program streams one row. Many warps per program keep few rows in flight per SM, so that a
+# row read by the first pass is still in L2 for the second. The kernel rewrites its outputs from
+# scratch, so autotuning (which runs it repeatedly) is safe.
 _CE_CONFIGS = [
-    triton.Config({"BLOCK_V": 1024}, num_warps=2),
     triton.Config({"BLOCK_V": 1024}, num_warps=4),
-    triton.Config({"BLOCK_V": 2048}, num_warps=4),
     triton.Config({"BLOCK_V": 2048}, num_warps=8),
+    triton.Config({"BLOCK_V": 2048}, num_warps=16),
+    triton.Config({"BLOCK_V": 4096}, num_warps=16),
+    triton.Config({"BLOCK_V": 2048}, num_warps=32),
+    triton.Config({"BLOCK_V": 4096}, num_warps=32),
 ]
-_mtp_ce_forward_tuned = triton.autotune(_CE_CONFIGS, key=["n_cols", "K"])(_mtp_ce_forward_kernel)
-_mtp_ce_backward_tuned = triton.autotune(_CE_CONFIGS, key=["n_cols", "K"])(_mtp_ce_backward_kernel)
+_mtp_ce_tuned = triton.autotune(_CE_CONFIGS, key=["n_cols", "K"])(_mtp_ce_kernel)
 
 
 def _check_mtp_args(name: str, logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor) -> None:
@@ -551,74 +580,45 @@ def _check_mtp_args(name: str, logits: torch.Tensor, targets: torch.Tensor, mtp_
                          f"got shape {tuple(mtp_weights.shape)}")
 
 
-@torch.library.custom_op("nanogpt_triton::mtp_ce_forward", mutates_args=())
-def _mtp_ce_forward_op(logits: torch.Tensor, targets: torch.Tensor,
-                       mtp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("nanogpt_triton::mtp_ce", mutates_args=())
+def _mtp_ce_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+               grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = logits.shape
     losses = logits.new_empty(n_rows, dtype=torch.float32)
-    lse = torch.empty_like(losses)
-    args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(), losses, lse,
-            n_rows, n_cols)
-    K = mtp_weights.numel()
-    if _INTERPRET:
-        _mtp_ce_forward_kernel[(n_rows,)](*args, K=K, BLOCK_V=256)
-    else:
-        _mtp_ce_forward_tuned[(n_rows,)](*args, K=K)
-    return losses, lse
-
-
-@_mtp_ce_forward_op.register_fake
-def _(logits, targets, mtp_weights):
-    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
-    return losses, torch.empty_like(losses)
-
-
-@torch.library.custom_op("nanogpt_triton::mtp_ce_backward", mutates_args=())
-def _mtp_ce_backward_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
-                        lse: torch.Tensor, dloss: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    n_rows, n_cols = logits.shape
     grad = torch.empty(n_rows, n_cols, dtype=torch.float8_e5m2, device=logits.device)
-    args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(),
-            lse.contiguous(), dloss, dloss.stride(0), grad, grad.stride(0), grad_scale, n_rows, n_cols)
+    args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(), losses,
+            grad, grad.stride(0), grad_scale, n_rows, n_cols)
     K = mtp_weights.numel()
     if _INTERPRET:
-        _mtp_ce_backward_kernel[(n_rows,)](*args, K=K, BLOCK_V=256, INTERPRETED=True)
+        _mtp_ce_kernel[(n_rows,)](*args, K=K, BLOCK_V=256, INTERPRETED=True)
     else:
-        _mtp_ce_backward_tuned[(n_rows,)](*args, K=K, INTERPRETED=False)
-    return grad
+        _mtp_ce_tuned[(n_rows,)](*args, K=K, INTERPRETED=False)
+    return losses, grad
 
 
-@_mtp_ce_backward_op.register_fake
-def _(logits, targets, mtp_weights, lse, dloss, grad_scale):
-    return torch.empty(logits.shape, dtype=torch.float8_e5m2, device=logits.device)
+@_mtp_ce_op.register_fake
+def _(logits, targets, mtp_weights, grad_scale):
+    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return losses, torch.empty(logits.shape, dtype=torch.float8_e5m2, device=logits.device)
 
 
-def softcapped_mtp_losses(logits: torch.Tensor, targets: torch.Tensor,
-                          mtp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row multi-token losses (T,) fp32 and the row log-sum-exp of the soft-capped logits
-    (T,) fp32, for bf16 logits (T, V), int64 targets (T,) and fp32 weights (K,), K >= 1 (1..3 in the speedrun)."""
-    _check_mtp_args("softcapped_mtp_losses", logits, targets, mtp_weights)
-    return _mtp_ce_forward_op(logits, targets, mtp_weights)
-
-
-def softcapped_mtp_logits_grad(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
-                               lse: torch.Tensor, dloss: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    """e5m2 (T, V) gradient of sum_t dloss_t loss_t with respect to the logits, divided by
-    grad_scale; lse comes from softcapped_mtp_losses."""
-    name = "softcapped_mtp_logits_grad"
+def softcapped_mtp_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                                   mtp_weights: torch.Tensor,
+                                   grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row multi-token losses (T,) fp32 and the gradient of their sum with respect to the
+    logits, as e5m2(gradient / grad_scale) (T, V), for bf16 logits (T, V), int64 targets (T,)
+    and fp32 weights (K,), K >= 1 (1..3 in the speedrun)."""
+    name = "softcapped_mtp_losses_and_grad"
     _check_mtp_args(name, logits, targets, mtp_weights)
-    _check_runnable(name, logits, lse, dloss)
-    for arg, t in (("lse", lse), ("dloss", dloss)):
-        _check_dtype(name, arg, t, (torch.float32,))
-        _check_shape(name, arg, t, (logits.shape[0],))
     if not grad_scale > 0:
         raise ValueError(f"{name}: grad_scale must be positive, got {grad_scale}")
-    return _mtp_ce_backward_op(logits, targets, mtp_weights, lse, dloss, float(grad_scale))
+    return _mtp_ce_op(logits, targets, mtp_weights, float(grad_scale))
 
 
 def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
                                     mtp_weights: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch restatement of the loss kernel, computed in fp32 from the given logits."""
+    """Plain PyTorch restatement of the kernel's losses, computed in fp32 from the given logits;
+    autograd gives the kernel's gradient."""
     n_rows, n_cols = logits.shape
     z = SOFTCAP_A * torch.sigmoid((logits.float() + SOFTCAP_B) / SOFTCAP_C)
     lse = torch.logsumexp(z, dim=-1)
@@ -644,19 +644,18 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
         w_s = torch.full((), w_scale, dtype=torch.float32, device=h.device)
         logits = torch._scaled_mm(h8, W8_t.t(), scale_a=x_s, scale_b=w_s,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        losses, lse = _mtp_ce_forward_op(logits, targets, mtp_weights)
-        ctx.save_for_backward(logits, targets, mtp_weights, lse, h8, W8)
+        losses, G8 = _mtp_ce_op(logits, targets, mtp_weights, grad_scale)
+        ctx.save_for_backward(G8, h8, W8)
         ctx.scales = (x_scale, w_scale, grad_scale)
-        return losses
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, targets, mtp_weights, lse, h8, W8 = ctx.saved_tensors
+        G8, h8, W8 = ctx.saved_tensors
         x_scale, w_scale, grad_scale = ctx.scales
-        G8 = _mtp_ce_backward_op(logits, targets, mtp_weights, lse, dloss.float(), grad_scale)
         x_s = torch.full((), x_scale, dtype=torch.float32, device=G8.device)
         w_s = torch.full((), w_scale, dtype=torch.float32, device=G8.device)
-        g_s = torch.full((), grad_scale, dtype=torch.float32, device=G8.device)
+        g_s = (dloss.float() * grad_scale).reshape(())   # the upstream factor, still on the device
         dh = dW_head = None
         if ctx.needs_input_grad[0]:   # dh = G W^T: W8 row-major (d, V) is W^T in column-major
             dh = torch._scaled_mm(G8, W8.t(), scale_a=g_s, scale_b=w_s,
@@ -672,10 +671,11 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
 def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
                                  W_head: torch.Tensor, x_scale: float, w_scale: float,
                                  grad_scale: float) -> torch.Tensor:
-    """Per-row losses (T,) fp32 of the soft-capped multi-token cross entropy with the LM head
-    evaluated in FP8: h (T, d) bf16, W_head (d, V) bf16 (stored transposed, logits = h @ W_head),
-    fixed e4m3 scales x_scale and w_scale, e5m2 gradient scale grad_scale (the full
-    grad_accum-scaled value). Differentiable in h and W_head (dW_head comes back as fp32)."""
+    """The summed soft-capped multi-token cross entropy (0-dim fp32) with the LM head evaluated
+    in FP8: h (T, d) bf16, W_head (d, V) bf16 (stored transposed, logits = h @ W_head), fixed
+    e4m3 scales x_scale and w_scale. The logits gradient travels as e5m2(dl / (grad_scale x g))
+    for an upstream gradient g, so grad_scale is the scale for g = 1 (the speedrun's 0.75 / 448).
+    Differentiable in h and W_head (dW_head comes back as fp32)."""
     name = "softcapped_mtp_cross_entropy"
     _check_runnable(name, h, targets, mtp_weights, W_head)
     _check_dtype(name, "h", h, (torch.bfloat16,))
@@ -698,8 +698,8 @@ def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_wei
 
 def softcapped_mtp_cross_entropy_reference(h: torch.Tensor, targets: torch.Tensor,
                                            mtp_weights: torch.Tensor, W_head: torch.Tensor) -> torch.Tensor:
-    """bf16 head (logits = h @ W_head in bf16), then the fp32 reference losses; autograd-ready."""
-    return softcapped_mtp_losses_reference(h @ W_head, targets, mtp_weights)
+    """bf16 head (logits = h @ W_head in bf16), then the summed fp32 reference losses; autograd-ready."""
+    return softcapped_mtp_losses_reference(h @ W_head, targets, mtp_weights).sum()
 
 
 # =================================================================================================

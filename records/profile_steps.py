@@ -2,9 +2,9 @@
 
     python records/profile_steps.py [--stages 1 3] [--steps 4] [train_gpt.py options ...]
 
-For each chosen stage it compiles that stage's shapes (two untimed steps), then profiles `--steps`
-steps (even and odd, so Adam steps are included) and prints the step time and the kernels with
-the most device time. Meant for finding what to speed up; the numbers are not a timing protocol.
+For each chosen stage it compiles that stage's shapes (two untimed steps), times `--steps` steps
+(even and odd, so Adam steps are included), runs them again under the profiler and prints both
+step times and the kernels with the most device time. Meant for finding what to speed up; the numbers are not a timing protocol.
 """
 from __future__ import annotations
 
@@ -36,15 +36,21 @@ def main() -> None:
         start = trainer.schedule.stage_starts[stage - 1] + 2
         for step in range(start, start + 2):   # compile this stage's graphs (even and odd)
             trainer.train_step(step, trainer.advance(step))
+        steps = range(start + 2, start + 2 + args.steps)
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for step in steps:
+            trainer.train_step(step, trainer.advance(step))
+        torch.cuda.synchronize()
+        plain_ms = 1000 * (time.perf_counter() - t0) / args.steps
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            for step in range(start + 2, start + 2 + args.steps):
+            for step in steps:
                 trainer.train_step(step, trainer.advance(step))
             torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-        print(f"\n=== stage {stage}: {1000 * elapsed / args.steps:.1f} ms/step over "
-              f"{args.steps} steps (profiler on)")
+            profiled_ms = 1000 * (time.perf_counter() - t0) / args.steps
+        print(f"\n=== stage {stage}: {plain_ms:.1f} ms/step without the profiler, "
+              f"{profiled_ms:.1f} with it ({args.steps} steps each)")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
                                         max_name_column_width=70))
 

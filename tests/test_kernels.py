@@ -178,7 +178,9 @@ def check_linear_relu_square(T: int, d: int, hidden: int, device):
 
 @pytest.mark.parametrize("T", [100, 64])
 def test_linear_relu_square(T):
-    check_linear_relu_square(T, d=48, hidden=80, device=DEV)
+    # on the GPU the problem must hold at least one 128 x 256 x 64 tile (the TMA boxes)
+    d, hidden = (48, 80) if DEV == "cpu" else (128, 512)
+    check_linear_relu_square(T + 100 * (DEV == "cuda"), d=d, hidden=hidden, device=DEV)
 
 
 def test_linear_relu_square_keeps_leading_dims():
@@ -230,47 +232,47 @@ def reference_losses_and_grad(logits, targets, w, dloss):
     return losses, lse_all, grad
 
 
-def check_mtp_kernels(T, V, w, device, invalid_target=False, expanded_dloss=False):
+def check_mtp_kernel(T, V, w, device, invalid_target=False):
     logits = (torch.randn(T, V, device=device) * 4).bfloat16()
     targets = torch.randint(0, V, (T,), device=device)
     if invalid_target:   # skipped by the validity rule 0 <= target < V
         targets[T // 2] = -1
         targets[T // 3] = V
     w = torch.tensor(w, device=device)
-    grad_accum_scale = 0.125
-    grad_scale = grad_accum_scale * 0.75 / 448
-    if expanded_dloss:   # what autograd passes for losses.sum() * grad_accum_scale
-        dloss = torch.tensor(grad_accum_scale, device=device).expand(T)
-    else:
-        dloss = grad_accum_scale * (0.5 + torch.rand(T, device=device))
+    grad_scale = 0.75 / 448
 
-    losses, lse = tk.softcapped_mtp_losses(logits, targets, w)
-    ref_losses, ref_lse, ref_grad = reference_losses_and_grad(logits, targets, w, dloss)
-    # fp32 streaming sums of exp over at most 50k positive terms: ~1e-6 relative
-    assert ((lse.double() - ref_lse).abs() / ref_lse.abs()).max().item() < 1e-4
+    losses, grad8 = tk.softcapped_mtp_losses_and_grad(logits, targets, w, grad_scale)
+    ref_losses, _, ref_grad = reference_losses_and_grad(logits, targets, w, torch.ones(T, device=device))
     has_loss = ref_losses != 0
     assert torch.equal(losses != 0, has_loss), "rows with and without a loss term differ"
+    # fp32 streaming sums of exp over at most 50k positive terms: ~1e-6 relative
     assert ((losses.double() - ref_losses).abs()[has_loss] / ref_losses[has_loss].abs()).max().item() < 1e-4
 
-    grad8 = tk.softcapped_mtp_logits_grad(logits, targets, w, lse, dloss, grad_scale)
     ref8 = (ref_grad / torch.tensor(grad_scale, dtype=torch.float32)).to(torch.float8_e5m2)
     steps = (e5m2_steps(grad8) - e5m2_steps(ref8)).abs()
     # fp32 vs fp64 evaluation moves a value across an e5m2 rounding boundary only when it lies
-    # within ~1e-6 relative of one: a tiny fraction may land one step away, never more
+    # within ~1e-6 relative of one. On the GPU the gradient pass takes the sigmoid from the
+    # hardware tanh (relative error < 2^-10, so < 1% on the value), which moves more values to
+    # the neighbouring code; never further.
     assert steps.max().item() <= 1
-    assert steps.float().mean().item() < 1e-3
+    assert steps.float().mean().item() < (0.05 if device == "cuda" else 1e-3)
+    # the target columns, where S_w p - w cancels, are computed exactly on every device
+    for k in range(w.numel()):
+        cols = targets[k:].clamp(0, V - 1)
+        at_targets = steps[torch.arange(T - k, device=device), cols]
+        assert at_targets.float().mean().item() < 1e-3
 
 
-@pytest.mark.parametrize("w,invalid_target,expanded_dloss", [
-    ([1.0], False, False),
-    ([1.0, 0.5], False, True),
-    ([1.0, 0.0], True, False),
-    ([1.0, 0.5, 0.25], False, False),
-    ([1.0, 0.5, 0.0], True, True),
+@pytest.mark.parametrize("w,invalid_target", [
+    ([1.0], False),
+    ([1.0, 0.5], False),
+    ([1.0, 0.0], True),
+    ([1.0, 0.5, 0.25], False),
+    ([1.0, 0.5, 0.0], True),
 ])
-def test_mtp_kernels(w, invalid_target, expanded_dloss):
+def test_mtp_kernel(w, invalid_target):
     # T = 37 rows: the last K-1 rows lose their later targets; V = 700 is not a multiple of the block
-    check_mtp_kernels(37, 700, w, DEV, invalid_target, expanded_dloss)
+    check_mtp_kernel(37, 700, w, DEV, invalid_target)
 
 
 def test_mtp_reference_matches_restatement():
@@ -308,9 +310,8 @@ def check_fp8_cross_entropy(T, d, V, device):
     targets = torch.randint(0, V, (T,), device=device)
     w = torch.tensor([1.0, 0.5, 0.25], device=device)
 
-    losses = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, x_scale, w_scale,
-                                             grad_accum_scale * 0.75 / 448)
-    (losses.sum() * grad_accum_scale).backward()
+    loss = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, x_scale, w_scale, 0.75 / 448)
+    (loss * grad_accum_scale).backward()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False   # a true fp32 reference
     try:
@@ -328,7 +329,7 @@ def check_fp8_cross_entropy(T, d, V, device):
         weight_sum = sum(wk * (torch.arange(T, device=device) + k < T).float()
                          for k, wk in enumerate(w.tolist()))
         tol = 2 * weight_sum * (23 / 7.5 / 4) * logit_error.max(dim=1).values + 1e-4 * ref_losses.abs()
-    assert ((losses - ref_losses).abs() <= tol).all()
+    assert (loss - ref_losses.sum()).abs() <= tol.sum()
 
     # The logits gradient travels in e5m2 (2 mantissa bits): each element is rounded by up to
     # 2^-3 relative, independently, so dh and dW_head carry ~5% norm-relative error; allow 10%.
@@ -342,8 +343,8 @@ def test_fp8_cross_entropy_end_to_end():
 
 
 @pytest.mark.gpu
-def test_mtp_kernels_speedrun_shape():
-    check_mtp_kernels(16384, 50304, [1.0, 0.5, 0.25], "cuda", expanded_dloss=True)
+def test_mtp_kernel_speedrun_shape():
+    check_mtp_kernel(16384, 50304, [1.0, 0.5, 0.25], "cuda")
 
 
 @pytest.mark.gpu
@@ -474,8 +475,7 @@ def test_mlp_and_loss_compile_fullgraph():
 
     def step(x, W1, W2, W_head):   # only kernels and the wrappers' own ops: compiled == eager
         h = tk.linear_relu_square(x, W1, W2)
-        losses = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, 100 / 448, 1.6 / 448, 0.75 / 448)
-        return losses.sum()
+        return tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, 100 / 448, 1.6 / 448, 0.75 / 448)
 
     leaves = (x, W1, W2, W_head)
     loss = compile_fullgraph(step)(*leaves)

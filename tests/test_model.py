@@ -193,7 +193,7 @@ def test_forward_matches_direct_restatement():
     ids, cu = random_tokens(T)
     bg = ref_bigram(ids, TINY.bigram_vocab_size)
     windows = (5, 13)
-    h = m.final_hidden(ids, cu, bg, windows, max_seqlen=T)
+    h = m.final_hidden(m.lookup(ids, bg), cu, windows, max_seqlen=T)
     h_ref = ref_forward_hidden(m, ids, cu, bg, windows)
     err = (h - h_ref).norm() / h_ref.norm()
     # both fp32 from the same weights; only the rotary tables are bf16 in the model (7.8)
@@ -208,7 +208,7 @@ def test_six_heads_pair_as_0_3_1_4_2_5():
     m = random_model(T=T, cfg=cfg)
     ids, cu = random_tokens(T, n_docs=2)
     bg = ref_bigram(ids, cfg.bigram_vocab_size)
-    h = m.final_hidden(ids, cu, bg, (6, 11), max_seqlen=T)
+    h = m.final_hidden(m.lookup(ids, bg), cu, (6, 11), max_seqlen=T)
     h_ref = ref_forward_hidden(m, ids, cu, bg, (6, 11))
     assert (h - h_ref).norm() / h_ref.norm() < 2e-2
 
@@ -219,7 +219,7 @@ def test_training_and_validation_losses():
     ids, cu = random_tokens(T)
     tgt = torch.randint(0, 200, (T,))
     bg = ref_bigram(ids, TINY.bigram_vocab_size)
-    h = m.final_hidden(ids, cu, bg, (8, 16), T)
+    h = m.final_hidden(m.lookup(ids, bg), cu, (8, 16), T)
     logits = (h @ m.lm_head).double()
     z = ref_softcap(logits)
     lse = torch.logsumexp(z, -1)
@@ -236,6 +236,35 @@ def test_training_and_validation_losses():
     val = m(ids, tgt, cu, bg, None, (8, 16), T)
     expected_val = (lse - z[torch.arange(T), tgt]).mean()
     assert torch.allclose(val.double(), expected_val, rtol=1e-3)
+
+
+def test_sparse_table_grads_sum_to_the_dense_gradients():
+    """Rows as leaves + scatter-add over micro-batches == autograd's dense table gradients."""
+    T = 32
+    m = random_model(T=T)
+    w = torch.tensor([1.0, 0.5])
+    batches = []
+    for _ in range(3):   # repeated tokens, so rows of one table collect several gradients
+        ids, cu = random_tokens(T)
+        batches.append((ids, torch.randint(0, 200, (T,)), cu, ref_bigram(ids, TINY.bigram_vocab_size)))
+    for ids, tgt, cu, bg in batches:
+        m(ids, tgt, cu, bg, w, (8, 16), T, 0.5).backward()
+    dense = {name: p.grad.clone() for name, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    sparse = tg.SparseTableGrads(m)
+    for ids, tgt, cu, bg in batches:
+        rows = sparse.lookup(ids, bg)
+        m(ids, tgt, cu, bg, w, (8, 16), T, 0.5, rows).backward()
+        sparse.accumulate()
+    for name, p in m.named_parameters():
+        if name in tg.TableRows._fields:
+            assert p.grad is None, f"{name} got a dense gradient"
+    sparse.flush()
+    for name, p in m.named_parameters():
+        assert torch.allclose(p.grad, dense[name], rtol=1e-5, atol=1e-7), name
+        assert p.grad.abs().sum() > 0, name
+    assert all(total.abs().sum() == 0 for total in sparse.sums.values()), "sums not restarted"
 
 
 def test_transposed_head_equals_standard_linear():
