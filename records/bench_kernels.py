@@ -218,7 +218,6 @@ def case_cross_entropy(tk, T, d, V):
     h = randn_bf16(T, d).requires_grad_()
     W_head = randn_bf16(d, V, scale=0.005).requires_grad_()
     x_scale, w_scale = 100 / 448, 1.6 / 448
-
     dloss = torch.tensor(0.125, device=DEVICE)   # the gradient-accumulation factor of one GPU
 
     def fp8_loss(h, W_head):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import POLAR_EXPRESS_COEFFS
 
 # The spec's per-parameter table (optimizer.md section 2), written out independently of PARAM_TABLE:
 # label -> (optimizer, Adam betas, lr_mul, wd_mul)
@@ -32,13 +33,6 @@ SPEC_TABLE = {
 ADAM_LR, ADAM_WD, ADAM_EPS = 0.008, 0.005, 1e-10
 MUON_LR, MUON_WD, MUON_BETA2 = 0.023, 1.2, 0.95
 CFG = tg.Hyperparameters()
-COEFFS = [
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -146,7 +140,7 @@ def test_bad_inputs_raise_clear_errors():
 # Polar Express (optimizer.md 5.2)
 
 def composite_polynomial(sigma: torch.Tensor) -> torch.Tensor:
-    for a, b, c in COEFFS:
+    for a, b, c in POLAR_EXPRESS_COEFFS:
         sigma = a * sigma + b * sigma ** 3 + c * sigma ** 5
     return sigma
 
