@@ -1728,8 +1728,10 @@ class SparseTableGrads:
     gradients are scatter-added into an fp32 sum per table, which becomes the table's bf16 .grad
     when the optimizer consumes it. The same sum, rounded once."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, use_kernels: bool):
         self.model = model
+        self.index_add_rows = (triton_kernels.index_add_rows if use_kernels
+                               else triton_kernels.index_add_rows_reference)
         self.tables = {name: getattr(model, name) for name in TableRows._fields}
         self.sums = {name: torch.zeros(table.shape, dtype=torch.float32, device=table.device)
                      for name, table in self.tables.items()}
@@ -1746,12 +1748,18 @@ class SparseTableGrads:
 
     @torch.no_grad()
     def accumulate(self) -> None:
-        """After backward: add the rows' gradients into the sums (atomic adds on the GPU: 3x
-        faster here than index_put_'s sort-and-reduce)."""
+        """After backward: add the rows' gradients into the sums (on the GPU by sorted runs of
+        equal ids, about 12 ms per stage-3 step faster on an H100 than index_add_'s atomics)."""
         for indices, rows in self.pending:
             for name, ids, row in zip(TableRows._fields, indices, rows):
-                if row.grad is not None:
-                    self.sums[name].index_add_(0, ids.flatten(), row.grad.flatten(0, -2))
+                if row.grad is None:
+                    continue
+                total = self.sums[name]
+                if ids.dim() == 2:
+                    # the value tables: table k starts at row k x V and reads the same token as
+                    # the others, so a (count, V, d) view takes the token ids once for all of them
+                    total, ids = total.view(ids.shape[0], -1, total.shape[-1]), ids[0]
+                self.index_add_rows(total, ids, row.grad)
         self.pending.clear()
 
     @torch.no_grad()
@@ -1789,7 +1797,7 @@ class Trainer:
                 dist.broadcast(p.detach(), 0)
         self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
                         if cfg.compile else self.model)
-        self.table_grads = SparseTableGrads(self.model)
+        self.table_grads = SparseTableGrads(self.model, cfg.use_triton_kernels and run.device.type == "cuda")
         self.train_files = find_shards(cfg.train_files)
         self.val_files = find_shards(cfg.val_files)
         self.sparse_bigram = None

@@ -255,6 +255,16 @@ def case_transposes(tk, m, n):
     ]
 
 
+def case_index_add_rows(tk, tables, T, V, d):
+    # token ids with a Zipf-like law, as in text: a few ids take a large share of the positions
+    index = torch.multinomial(1.0 / (torch.arange(V, device=DEVICE) + 10.0), T, replacement=True)
+    out = torch.zeros(tables, V, d, device=DEVICE)
+    src = torch.randn(tables, T, d, device=DEVICE)
+    return compare("index_add_rows (fp32)", f"({tables}, {T}, {d}) into ({tables}, {V}, {d})",
+                   tk.index_add_rows, lambda out, index, src: out.index_add_(1, index, src), (out, index, src),
+                   4 * tables * T * d, "GB/s", COPY_GBPS, "bytes: src rows read (Zipf-like index)")
+
+
 def polar_express_kernels(tk, G):
     """Tall form with the kernels: A = X^T X, B = b A + c A A, X = a X + X B."""
     X = G.bfloat16()
@@ -348,6 +358,7 @@ def main() -> None:
         lambda: case_mlp(tk, 16384, 768, 3072),
         lambda: case_cross_entropy(tk, 16384, 768, 50304),
         lambda: case_transposes(tk, 768, 50304),
+        lambda: case_index_add_rows(tk, 5, 49152, 50304, 768),
     ]
     rows = []
     for case in cases:

@@ -397,6 +397,55 @@ def test_transposes_speedrun_shape():
 
 
 # =================================================================================================
+# 8. Row scatter-add
+# =================================================================================================
+
+def index_add_restated(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out[l, index[t]] += src[l, t] in fp64 (exact for these sizes, whatever the order)."""
+    return out.double().index_add(-2, index, src.double())
+
+
+def check_index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    exact = index_add_restated(out, index, src)
+    # every output element is one fp32 sum of its start value and its rows, in some order
+    count = torch.zeros(out.shape[-2], dtype=torch.float64, device=out.device)
+    count.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    magnitude = out.double().abs() + torch.zeros_like(exact).index_add_(-2, index, src.double().abs())
+    tol = (count[:, None] + 1) * 2.0 ** -23 * magnitude
+    tk.index_add_rows(out, index, src)
+    assert ((out.double() - exact).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("tables,rows,positions,cols,index_dtype", [
+    (None, 50, 90, 70, torch.int64), (3, 17, 61, 40, torch.int32)])
+def test_index_add_rows(tables, rows, positions, cols, index_dtype):
+    lead = () if tables is None else (tables,)
+    index = torch.randint(0, rows, (positions,), device=DEV, dtype=index_dtype)
+    index[torch.randperm(positions, device=DEV)[:positions // 3]] = 2   # one run across several chunks
+    check_index_add_rows(torch.randn(*lead, rows, cols, device=DEV), index,
+                         torch.randn(*lead, positions, cols, device=DEV))
+
+
+def test_index_add_rows_rejects_bad_arguments():
+    out, src = torch.zeros(10, 8, device=DEV), torch.ones(5, 8, device=DEV)
+    index = torch.zeros(5, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="src must have shape"):
+        tk.index_add_rows(out, index, src[:, :4])
+    with pytest.raises(ValueError, match="index must have dtype"):
+        tk.index_add_rows(out, index.to(torch.int16), src)
+
+
+@pytest.mark.gpu
+def test_index_add_rows_speedrun_shape():
+    # value-table gradients of one stage-3 micro-batch: 5 tables, token ids with a Zipf-like skew
+    tokens = torch.randint(0, 50304, (49152,), device="cuda", dtype=torch.int32)
+    frequent = torch.rand(49152, device="cuda") < 0.3
+    tokens[frequent] = torch.randint(0, 20, (int(frequent.sum()),), device="cuda", dtype=torch.int32)
+    check_index_add_rows(torch.randn(5, 50304, 768, device="cuda"), tokens,
+                         torch.randn(5, 49152, 768, device="cuda"))
+
+
+# =================================================================================================
 # References used by the CPU training path
 # =================================================================================================
 
@@ -416,6 +465,9 @@ def test_references_restate_the_math():
     assert torch.equal(tk.transpose_copy_reference(src, dst.clone()), src.t())
     summed = tk.transpose_add_reference(src, dst.clone())
     assert torch.equal(summed, (dst.float() + src.t().float()).bfloat16())
+    out, index, rows = torch.randn(2, 6, 3), torch.tensor([4, 0, 4, 5]), torch.randn(2, 4, 3)
+    assert torch.allclose(tk.index_add_rows_reference(out.clone(), index, rows),
+                          index_add_restated(out, index, rows).float(), rtol=0, atol=1e-6)
 
 
 # =================================================================================================

@@ -238,7 +238,12 @@ def test_training_and_validation_losses():
     assert torch.allclose(val.double(), expected_val, rtol=1e-3)
 
 
-def test_sparse_table_grads_sum_to_the_dense_gradients():
+@pytest.mark.parametrize("use_kernels", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not tg.triton_kernels._INTERPRET,
+                                                reason="the kernel on CPU tensors needs TRITON_INTERPRET=1")),
+])
+def test_sparse_table_grads_sum_to_the_dense_gradients(use_kernels):
     """Rows as leaves + scatter-add over micro-batches == autograd's dense table gradients."""
     T = 32
     m = random_model(T=T)
@@ -246,13 +251,15 @@ def test_sparse_table_grads_sum_to_the_dense_gradients():
     batches = []
     for _ in range(3):   # repeated tokens, so rows of one table collect several gradients
         ids, cu = random_tokens(T)
-        batches.append((ids, torch.randint(0, 200, (T,)), cu, ref_bigram(ids, TINY.bigram_vocab_size)))
+        bigram_ids = ref_bigram(ids, TINY.bigram_vocab_size)
+        # int32 ids, as the data loader makes them
+        batches.append((ids.int(), torch.randint(0, 200, (T,)), cu, bigram_ids.int()))
     for ids, tgt, cu, bg in batches:
         m(ids, tgt, cu, bg, w, (8, 16), T, 0.5).backward()
     dense = {name: p.grad.clone() for name, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
 
-    sparse = tg.SparseTableGrads(m)
+    sparse = tg.SparseTableGrads(m, use_kernels)
     for ids, tgt, cu, bg in batches:
         rows = sparse.lookup(ids, bg)
         m(ids, tgt, cu, bg, w, (8, 16), T, 0.5, rows).backward()
