@@ -846,11 +846,14 @@ def _index_add_rows_kernel(
                   run_sums, mask=ends[:, None] & in_cols[None, :], sem="relaxed")
 
 
-def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
+                   index_sorted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """out[l, index[t], :] += src[l, t, :] for fp32 out (L, R, D) and src (L, T, D) (or out (R, D)
-    and src (T, D)), int32 or int64 index (T,) shared by the L tables: index_add_ along dim -2. Index values
-    must lie in [0, R); the lookup that produced them (tables[index]) has checked that already,
-    and rows outside are skipped here. Sums in a nondeterministic order, like index_add_."""
+    and src (T, D)), int32 or int64 index (T,) shared by the L tables: index_add_ along dim -2.
+    `index_sorted` is torch.sort(index), for a caller that adds several tensors along one index.
+    Index values must lie in [0, R); the lookup that produced them (tables[index]) has checked
+    that already, and rows outside are skipped here. Sums in a nondeterministic order, like
+    index_add_."""
     name = "index_add_rows"
     _check_runnable(name, out, index, src)
     _check_dtype(name, "out", out, (torch.float32,))
@@ -864,7 +867,8 @@ def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) ->
     src3 = src if src.dim() == 3 else src.unsqueeze(0)
     if out3.stride(-1) != 1 or src3.stride(-1) != 1:
         raise ValueError(f"{name}: out and src need contiguous rows, got strides {out.stride()} and {src.stride()}")
-    sorted_index, order = torch.sort(index)
+    sorted_index, order = torch.sort(index) if index_sorted is None else index_sorted
+    _check_shape(name, "index_sorted", sorted_index, tuple(index.shape))
     tables, n_rows, n_cols = out3.shape
     chunk, block_d = (16, 32) if _INTERPRET else (16, 512)   # measured best of 7 tilings on an H100
     grid = (triton.cdiv(index.numel(), chunk), triton.cdiv(n_cols, block_d), tables)
@@ -874,5 +878,7 @@ def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) ->
     return out
 
 
-def index_add_rows_reference(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def index_add_rows_reference(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
+                             index_sorted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """index_add_ along dim -2 (it needs no sorted index)."""
     return out.index_add_(-2, index, src)

@@ -405,25 +405,25 @@ def index_add_restated(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor
     return out.double().index_add(-2, index, src.double())
 
 
-def check_index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+def check_index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, presorted: bool = False) -> None:
     exact = index_add_restated(out, index, src)
     # every output element is one fp32 sum of its start value and its rows, in some order
     count = torch.zeros(out.shape[-2], dtype=torch.float64, device=out.device)
     count.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
     magnitude = out.double().abs() + torch.zeros_like(exact).index_add_(-2, index, src.double().abs())
     tol = (count[:, None] + 1) * 2.0 ** -23 * magnitude
-    tk.index_add_rows(out, index, src)
+    tk.index_add_rows(out, index, src, torch.sort(index) if presorted else None)
     assert ((out.double() - exact).abs() <= tol).all()
 
 
-@pytest.mark.parametrize("tables,rows,positions,cols,index_dtype", [
-    (None, 50, 90, 70, torch.int64), (3, 17, 61, 40, torch.int32)])
-def test_index_add_rows(tables, rows, positions, cols, index_dtype):
+@pytest.mark.parametrize("tables,rows,positions,cols,index_dtype,presorted", [
+    (None, 50, 90, 70, torch.int64, False), (3, 17, 61, 40, torch.int32, True)])
+def test_index_add_rows(tables, rows, positions, cols, index_dtype, presorted):
     lead = () if tables is None else (tables,)
     index = torch.randint(0, rows, (positions,), device=DEV, dtype=index_dtype)
     index[torch.randperm(positions, device=DEV)[:positions // 3]] = 2   # one run across several chunks
     check_index_add_rows(torch.randn(*lead, rows, cols, device=DEV), index,
-                         torch.randn(*lead, positions, cols, device=DEV))
+                         torch.randn(*lead, positions, cols, device=DEV), presorted)
 
 
 def test_index_add_rows_rejects_bad_arguments():
@@ -433,6 +433,8 @@ def test_index_add_rows_rejects_bad_arguments():
         tk.index_add_rows(out, index, src[:, :4])
     with pytest.raises(ValueError, match="index must have dtype"):
         tk.index_add_rows(out, index.to(torch.int16), src)
+    with pytest.raises(ValueError, match="index_sorted must have shape"):
+        tk.index_add_rows(out, index, src, torch.sort(index[:3]))
 
 
 @pytest.mark.gpu
