@@ -5,6 +5,8 @@
   3. ba_plus_cAA    C = alpha A A^T + beta A, A symmetric (Polar Express: B = b A + c A A)
   4. linear_relu_square   relu(x W1^T)^2 W2 with the activation and its derivative fused into
                           the GEMM epilogues (every MLP), autograd function
+     polar_update_tall    a X + X B for tall X, symmetric B (Polar Express step), the same GEMM
+                          with an a X epilogue
   5. softcapped_mtp_cross_entropy   soft-capped multi-token cross entropy over an FP8 LM head,
                           autograd function; its row kernel (loss and logits gradient in
                           one pass) is exposed as softcapped_mtp_losses_and_grad
@@ -36,6 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 __all__ = [
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
     "linear_relu_square", "linear_relu_square_reference",
+    "polar_update_tall", "polar_update_tall_reference",
     "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_reference",
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
@@ -183,11 +186,14 @@ def _symmetric_gram_kernel(
     c_mirror = c_ptr + cols[:, None].to(tl.int64) * stride_cm + rows[None, :] * stride_cn
     mirror_in_bounds = (cols[:, None] < n) & (rows[None, :] < n)
     # Stores masked by the triangle took twice as long as the whole product on an H100 (23 vs 7 us
-    # for five 768 x 768 matrices), so only the tiles on the diagonal use them; the tiles wholly
-    # below it are stored whole, in place and mirrored.
+    # for five 768 x 768 matrices), so they are avoided where the tile allows: a tile wholly below
+    # the diagonal is stored whole, in place and mirrored; a square tile on the diagonal holds both
+    # C[i, j] and C[j, i], so its upper half is filled from its own transpose and stored once.
     if tile_row * BLOCK_M >= (tile_col + 1) * BLOCK_N:
         tl.store(c_tile, out, mask=in_bounds)
         tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds)
+    elif BLOCK_M == BLOCK_N:
+        tl.store(c_tile, tl.where(rows[:, None] >= cols[None, :], out, tl.trans(out)), mask=in_bounds)
     else:
         tl.store(c_tile, out, mask=in_bounds & (rows[:, None] >= cols[None, :]))
         tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds & (rows[None, :] > cols[:, None]))
@@ -222,11 +228,11 @@ def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha:
         ratio = meta["BLOCK_M"] // meta["BLOCK_N"]
         return (ratio * tile_rows * (tile_rows + 1) // 2, batches)
 
-    if _INTERPRET:
-        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, BLOCK_M=32, BLOCK_N=16,
-                                     BLOCK_R=32, INTERPRETED=True)
-    elif config is not None:
-        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False, **config.all_kwargs())
+    if config is None and _INTERPRET:
+        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 32})
+    if config is not None:
+        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=_INTERPRET,
+                                     **config.all_kwargs())
     else:
         _symmetric_gram_tuned[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False)
 
@@ -310,126 +316,168 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 
 
 # =================================================================================================
-# 4. Linear + ReLU^2 with fused epilogues
+# 4. GEMMs with fused epilogues: Linear + ReLU^2 (every MLP), Polar Express update (tall)
 # =================================================================================================
-# One GEMM acc = a @ b^T with a (m, k), b (n, k), both read along k.
-#   forward:  a = x, b = W1 (= c_fc):   pre = bf16(acc), post = bf16(relu(pre)^2)
-#   backward: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * relu(pre)), acc = d_post
+# One GEMM acc = a @ b^T with a (m, k), b (n, k), both read along k, and an epilogue chosen by
+# the constexpr EPILOGUE:
+#   RELU2_FORWARD:  a = x, b = W1 (= c_fc):   post = bf16(relu(bf16(acc))^2)
+#   RELU2_BACKWARD: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * sqrt(post)), acc = d_post
+#   AXPY:           a = X, b = B (symmetric, so X B^T = X B): out = bf16(acc + alpha * X)
+# The forward stores only post, not pre as well (the spec's kernel stores both): the forward is
+# bound by its stores, and relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own
+# bf16 rounding of d_pre dwarfs.
 # A persistent kernel (one program per SM strides over the output tiles) moving every tile through
 # TMA descriptors: the hardware does the address arithmetic and bounds handling, and the
 # epilogue's stores are asynchronous, so they overlap the next tile's loads. The fp32 accumulator
 # is written in two halves, which halves the epilogue's registers and staging memory.
+#
+# Batches (AXPY): count matrices X (m, n) are stacked into one (count * m, n) matrix a, and their
+# B (n, n) into one (count * n, n) matrix b. An output tile belongs to batch row0 // rows_per_batch
+# and reads the b rows of that batch; rows_per_batch must then be a multiple of BLOCK_M, so that no
+# tile straddles two matrices. Rows of b past a batch's n (a ragged last column tile) belong to the
+# next batch, but they only reach accumulator columns past n, which the stores clip.
 
-@triton.jit
-def _linear_relu_square_epilogue(acc, out_desc, aux_desc, row0, col0,
-                                 BACKWARD: tl.constexpr, INTERPRETED: tl.constexpr):
-    if BACKWARD:
-        pre = aux_desc.load([row0, col0]).to(tl.float32)
-        out_desc.store([row0, col0], _to_bf16(2.0 * acc * tl.maximum(pre, 0.0), INTERPRETED))
-    else:
-        pre = _to_bf16(acc, INTERPRETED)
-        out_desc.store([row0, col0], pre)
-        relu = tl.maximum(pre.to(tl.float32), 0.0)   # from the bf16-rounded pre, as saved
-        aux_desc.store([row0, col0], _to_bf16(relu * relu, INTERPRETED))
+RELU2_FORWARD = tl.constexpr(0)    # out = post (written), aux unused
+RELU2_BACKWARD = tl.constexpr(1)   # out = d_pre, aux = post (read)
+AXPY = tl.constexpr(2)             # out = acc + alpha * aux, aux = a's tile at the output (read)
 
 
 @triton.jit
-def _linear_relu_square_kernel(
-    a_desc, b_desc, out_desc, aux_desc,     # forward: out = pre, aux = post; backward: out = d_pre, aux = pre
-    m, n, k,
-    BACKWARD: tl.constexpr,
+def _gemm_epilogue(acc, out_desc, aux_desc, alpha, row0, col0,
+                   EPILOGUE: tl.constexpr, INTERPRETED: tl.constexpr):
+    if EPILOGUE == RELU2_BACKWARD:
+        relu = tl.sqrt(aux_desc.load([row0, col0]).to(tl.float32))   # sqrt.approx, error ~2^-23
+        out_desc.store([row0, col0], _to_bf16(2.0 * acc * relu, INTERPRETED))
+    elif EPILOGUE == AXPY:
+        x = aux_desc.load([row0, col0]).to(tl.float32)
+        out_desc.store([row0, col0], _to_bf16(acc + alpha * x, INTERPRETED))
+    else:   # relu of the bf16-rounded pre, as a bf16 matmul followed by relu would square
+        relu = tl.maximum(_to_bf16(acc, INTERPRETED).to(tl.float32), 0.0)
+        out_desc.store([row0, col0], _to_bf16(relu * relu, INTERPRETED))
+
+
+@triton.jit
+def _gemm_epilogue_kernel(
+    a_desc, b_desc, out_desc, aux_desc,     # aux: see RELU2_FORWARD, RELU2_BACKWARD, AXPY
+    m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
+    EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
+    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
+    alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS):
+    # FLATTEN merges the k loop into the tile loop, so the software pipeline keeps loading across
+    # tiles: the next tile's first operands arrive during this tile's epilogue
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN):
         # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
         first_tile_m = (tile // tiles_per_group) * GROUP_M
         group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
         row0 = (first_tile_m + (tile % tiles_per_group) % group_rows) * BLOCK_M
         col0 = ((tile % tiles_per_group) // group_rows) * BLOCK_N
+        b_row0 = (row0 // rows_per_batch) * n + col0
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
             a = a_desc.load([row0, k0])
-            b = b_desc.load([col0, k0])
+            b = b_desc.load([b_row0, k0])
             acc = _mma(acc, a, b.T, INTERPRETED)
 
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _linear_relu_square_epilogue(left, out_desc, aux_desc, row0, col0, BACKWARD, INTERPRETED)
-        _linear_relu_square_epilogue(right, out_desc, aux_desc, row0, col0 + BLOCK_N // 2,
-                                     BACKWARD, INTERPRETED)
+        _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE, INTERPRETED)
+        _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE, INTERPRETED)
 
 
-# The reference's H100 tiling (kernels.md 4): 128 x 256 x 64, 8 warps. 3 pipeline stages
-# (144 KiB of shared memory) leave room for the epilogue's staging tiles in both directions.
-_MLP_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-_INTERPRETED_MLP_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+# Candidate tilings, all timed by records/bench_kernels.py for each epilogue; _GEMM_TILES is the
+# one used. On an H100 (GPU-only us; MLP at T = 48k, d = 768, hidden = 3072; update at
+# (3 * 3072, 768)), flattening the reference's 128 x 256 x 64, 8 warps, 3 stages was the fastest
+# for every epilogue: forward 418 -> 389 (cuBLAS's plain product: 370), backward 519 -> 482,
+# update 25.5 -> 24.5. A loaded aux tile (backward, AXPY) needs staging memory that 4 stages of
+# 128 x 256 x 64 leave no room for; warp specialisation did not help or failed to compile
+# (Triton 3.6). BLOCK_M must divide the rows of one matrix (3072 in the speedrun) when there are
+# several.
+_GEMM_TILINGS = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=5),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=4, num_stages=4),
+)
+_GEMM_TILES = _GEMM_TILINGS[1]
+_INTERPRETED_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False)
 
 
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_linear_relu_square(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-                               aux: torch.Tensor, backward: bool) -> None:
-    if a.is_cuda:
+def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
+                          epilogue: tl.constexpr, alpha: float = 1.0, rows_per_batch: int | None = None,
+                          tiles: dict | None = None) -> None:
+    """acc = a @ b^T through the epilogue `epilogue`, all matrices 2-D and contiguous. With
+    rows_per_batch < m, row block i of a pairs with row block i of b (see the section's notes).
+    `tiles` overrides the tiling (benchmarks)."""
+    if a.is_cuda and not torch.cuda.is_current_stream_capturing():
         # The backward may run on autograd's device thread before any CUDA call there made the
         # context current; the descriptors are encoded through the driver API, which needs it.
-        # A stream query is a cheap runtime call that makes it current.
+        # A stream query is a cheap runtime call that makes it current. A stream being captured
+        # into a CUDA graph may not be queried (it raises), and its context is current already.
         torch.cuda.current_stream(a.device).query()
     m, k = a.shape
-    n = b.shape[0]
-    tiles = _INTERPRETED_MLP_TILES if _INTERPRET else _MLP_TILES
+    n = out.shape[1]
+    rows_per_batch = m if rows_per_batch is None else rows_per_batch
+    tiles = tiles or (_INTERPRETED_TILES if _INTERPRET else _GEMM_TILES)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    if rows_per_batch < m and rows_per_batch % bm:
+        raise ValueError(f"GEMM epilogue kernel: rows per batch ({rows_per_batch}) must be a multiple "
+                         f"of BLOCK_M ({bm}) when there are several batches (m = {m})")
     descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
                    TensorDescriptor.from_tensor(out, [bm, bn // 2]),
                    TensorDescriptor.from_tensor(aux, [bm, bn // 2]))
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(num_tiles, 4 if _INTERPRET else _num_sms(a.device))
-    _linear_relu_square_kernel[(programs,)](*descriptors, m, n, k, BACKWARD=backward,
-                                            NUM_PROGRAMS=programs, INTERPRETED=_INTERPRET, **tiles)
+    _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha, EPILOGUE=epilogue.value,
+                                       NUM_PROGRAMS=programs, INTERPRETED=_INTERPRET, **tiles)
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
-def _linear_relu_square_forward_op(x: torch.Tensor, W1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pre = x.new_empty(x.shape[0], W1.shape[0])
-    post = torch.empty_like(pre)
-    _launch_linear_relu_square(x.contiguous(), W1.contiguous(), pre, post, backward=False)
-    return pre, post
+def _linear_relu_square_forward_op(x: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
+    post = x.new_empty(x.shape[0], W1.shape[0])
+    _launch_gemm_epilogue(x.contiguous(), W1.contiguous(), post, post, RELU2_FORWARD)
+    return post
 
 
 @_linear_relu_square_forward_op.register_fake
 def _(x, W1):
-    return x.new_empty(x.shape[0], W1.shape[0]), x.new_empty(x.shape[0], W1.shape[0])
+    return x.new_empty(x.shape[0], W1.shape[0])
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_backward", mutates_args=())
-def _linear_relu_square_backward_op(d_out: torch.Tensor, W2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    d_pre = torch.empty_like(pre)
-    _launch_linear_relu_square(d_out.contiguous(), W2.contiguous(), d_pre, pre.contiguous(), backward=True)
+def _linear_relu_square_backward_op(d_out: torch.Tensor, W2: torch.Tensor,
+                                    post: torch.Tensor) -> torch.Tensor:
+    d_pre = torch.empty_like(post)
+    _launch_gemm_epilogue(d_out.contiguous(), W2.contiguous(), d_pre, post.contiguous(), RELU2_BACKWARD)
     return d_pre
 
 
 @_linear_relu_square_backward_op.register_fake
-def _(d_out, W2, pre):
-    return torch.empty_like(pre)
+def _(d_out, W2, post):
+    return torch.empty_like(post)
 
 
 class _LinearReluSquare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W1, W2):
-        pre, post = _linear_relu_square_forward_op(x, W1)
-        ctx.save_for_backward(x, W1, W2, pre, post)
+        post = _linear_relu_square_forward_op(x, W1)
+        ctx.save_for_backward(x, W1, W2, post)
         return post @ W2
 
     @staticmethod
     def backward(ctx, d_out):
-        x, W1, W2, pre, post = ctx.saved_tensors
+        x, W1, W2, post = ctx.saved_tensors
         d_out = d_out.contiguous()
-        d_pre = _linear_relu_square_backward_op(d_out, W2, pre)
+        d_pre = _linear_relu_square_backward_op(d_out, W2, post)
         dx = d_pre @ W1 if ctx.needs_input_grad[0] else None
         dW1 = d_pre.t() @ x if ctx.needs_input_grad[1] else None
         dW2 = post.t() @ d_out if ctx.needs_input_grad[2] else None
@@ -456,6 +504,62 @@ def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Te
     return torch.relu(x @ W1.t()).square() @ W2
 
 
+def _polar_update_tall(X: torch.Tensor, B: torch.Tensor, alpha: float, out: torch.Tensor,
+                       tiles: dict | None = None) -> None:
+    """Launch the AXPY GEMM on (count, m, n) or (m, n) X; `tiles` overrides the tiling (benchmarks)."""
+    if X.data_ptr() < out.data_ptr() + out.nbytes and out.data_ptr() < X.data_ptr() + X.nbytes:
+        # checked here, on real tensors, as torch.compile traces the public function with fakes
+        raise ValueError("polar_update_tall: out must not overlap X (other tiles still read X)")
+    n = X.shape[-1]
+    rows = X.numel() // n
+    X2 = X.view(rows, n)
+    _launch_gemm_epilogue(X2, B.view(-1, n), out.view(rows, n), X2, AXPY, alpha=alpha,
+                          rows_per_batch=X.shape[-2], tiles=tiles)
+
+
+@torch.library.custom_op("nanogpt_triton::polar_update_tall", mutates_args=("out",))
+def _polar_update_tall_op(X: torch.Tensor, B: torch.Tensor, alpha: float, out: torch.Tensor) -> None:
+    _polar_update_tall(X, B, alpha, out)
+
+
+@_polar_update_tall_op.register_fake
+def _(X, B, alpha, out):
+    return None
+
+
+def _check_polar_update_args(name: str, X: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> None:
+    _check_runnable(name, X, B, out)
+    if X.dim() not in (2, 3):
+        raise ValueError(f"{name}: X must be (m, n) or (count, m, n), got shape {tuple(X.shape)}")
+    n = X.shape[-1]
+    for arg, t, shape in (("X", X, X.shape), ("B", B, (*X.shape[:-2], n, n)), ("out", out, X.shape)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+        _check_shape(name, arg, t, shape)
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: {arg} must be contiguous")
+    if n % 8:   # TMA needs 16-byte aligned rows
+        raise ValueError(f"{name}: n must be a multiple of 8, got X {tuple(X.shape)}")
+    block_m = (_INTERPRETED_TILES if _INTERPRET else _GEMM_TILES)["BLOCK_M"]
+    if X.dim() == 3 and X.shape[0] > 1 and X.shape[1] % block_m:
+        raise ValueError(f"{name}: with several matrices, m must be a multiple of {block_m} (a tile "
+                         f"may not straddle two of them), got X {tuple(X.shape)}")
+
+
+def polar_update_tall(X: torch.Tensor, B: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    """out = alpha * X + X @ B for X (m, n) or (count, m, n) and symmetric B (n, n) or
+    (count, n, n), all bf16 and contiguous: one Polar Express step on tall matrices, with fp32
+    accumulation and one rounding. The kernel multiplies by B^T, which is B only for symmetric B
+    (ba_plus_cAA's output is symmetric bit for bit); B is not checked, as that would cost a pass."""
+    _check_polar_update_args("polar_update_tall", X, B, out)
+    _polar_update_tall_op(X, B, float(alpha), out)
+    return out
+
+
+def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    Xf = X.float()
+    return (alpha * Xf + Xf @ B.float()).bfloat16()
+
+
 # =================================================================================================
 # 5. Soft-capped multi-token cross entropy with the FP8 head
 # =================================================================================================
@@ -470,10 +574,22 @@ def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Te
 # pass over a row finds it in L2) instead of twice in a forward and a backward kernel.
 #
 # z < 23, so exp(z - 23) can neither overflow nor lose the sum: lse is accumulated with the fixed
-# shift 23 instead of a running maximum. The sigmoid/exponential units bound this kernel, so the
-# gradient pass (whose result is rounded to 2 mantissa bits) uses the hardware tanh for the
-# sigmoid, with relative error below 2^-10; the K target columns, where dz can cancel, are then
-# rewritten with exact values.
+# shift 23 instead of a running maximum.
+#
+# Per logit the kernel moves 3 bytes from memory (when pass 2 hits L2) and evaluates 5
+# transcendental functions (16 per clock per SM). What mattered on an H100 was keeping the row
+# in L2 between the passes: eviction hints (pass-1 reads stay, pass-2 reads and the gradient
+# writes go first) took T = 16k from 1500 to 1250 us. The inner loops are also written for few
+# instructions (approximate hardware ex2/rcp without denormal handling, relative error ~2^-22;
+# every affine argument folded into one FMA; unmasked full blocks and one masked tail), which
+# halved their instruction count but alone changed no timing. Moving an exponential or the
+# reciprocal to the FMA units (polynomial, Newton steps), or the tanh to f16x2, measured slower.
+# The gradient pass (rounded to 2 mantissa bits) takes the sigmoid from the hardware tanh
+# (relative error below 2^-10); the K target columns, where dz can cancel, are then rewritten
+# with exact values.
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def _softcap(logits):
@@ -482,14 +598,57 @@ def _softcap(logits):
 
 
 @triton.jit
-def _softcap_fast(logits):
-    """_softcap through sigmoid(u) = (1 + tanh(u / 2)) / 2 with tanh.approx: one special-function
-    instruction instead of an exponential and a reciprocal."""
-    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f",
-                                  [(logits + 5.0) * (0.5 / 7.5)], dtype=tl.float32,
-                                  is_pure=True, pack=1)
-    s = 0.5 + 0.5 * t
-    return 23.0 * s, s
+def _ex2(x, INTERPRETED: tl.constexpr):
+    """2^x; on the GPU ex2.approx.ftz (relative error ~2^-22, subnormal results flushed to 0)."""
+    if INTERPRETED:
+        return tl.exp2(x)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _rcp(x, INTERPRETED: tl.constexpr):
+    """1 / x; on the GPU rcp.approx.ftz (relative error ~2^-23)."""
+    if INTERPRETED:
+        return 1.0 / x
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _tanh(x, INTERPRETED: tl.constexpr):
+    """tanh(x); on the GPU tanh.approx (relative error below 2^-10)."""
+    if INTERPRETED:
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _lse_terms(logits, INTERPRETED: tl.constexpr):
+    """exp(z - 23) = 2^(23 log2(e) (s - 1)) with s = sigmoid((l + 5) / 7.5)
+    = 1 / (1 + 2^(-(l + 5) log2(e) / 7.5))."""
+    s = _rcp(1.0 + _ex2(logits * (-_LOG2E / 7.5) - 5.0 * _LOG2E / 7.5, INTERPRETED), INTERPRETED)
+    return _ex2(s * (23.0 * _LOG2E) - 23.0 * _LOG2E, INTERPRETED)
+
+
+@triton.jit
+def _grad_terms(logits, lse_shift, scale, INTERPRETED: tl.constexpr):
+    """scale p (1 - t^2) for every column, as if none were a target: with t = tanh((l + 5) / 15)
+    = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) = 2^(11.5 log2(e) t + lse_shift)."""
+    t = _tanh(logits * (0.5 / 7.5) + 2.5 / 7.5, INTERPRETED)
+    return _ex2(t * (11.5 * _LOG2E) + lse_shift, INTERPRETED) * (1.0 - t * t) * scale
+
+
+@triton.jit
+def _store_e5m2(ptrs, value, mask, STREAMING: tl.constexpr, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        value = _round_to_e5m2_grid(value)
+    value = value.to(tl.float8e5, fp_downcast_rounding="rtne")
+    if STREAMING:
+        tl.store(ptrs, value, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(ptrs, value, mask=mask)
 
 
 @triton.jit
@@ -513,13 +672,17 @@ def _mtp_ce_kernel(
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad
     cols = tl.arange(0, BLOCK_V)
+    n_full = n_cols - n_cols % BLOCK_V
+    tail = cols < n_cols - n_full
 
-    # pass 1: log-sum-exp of the row, then the loss
+    # pass 1: log-sum-exp of the row, then the loss. The row is kept in L2 for pass 2.
     sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK_V):
-        in_row = cols < n_cols - c0
-        z, _ = _softcap(tl.load(row_ptr + c0 + cols, mask=in_row, other=0.0).to(tl.float32))
-        sum_exp += tl.where(in_row, tl.exp(z - 23.0), 0.0)
+    for c0 in range(0, n_full, BLOCK_V):
+        logits = tl.load(row_ptr + c0 + cols, eviction_policy="evict_last").to(tl.float32)
+        sum_exp += _lse_terms(logits, INTERPRETED)
+    if n_full < n_cols:
+        logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0).to(tl.float32)
+        sum_exp += tl.where(tail, _lse_terms(logits, INTERPRETED), 0.0)
     lse = 23.0 + tl.log(tl.sum(sum_exp, axis=0))
     loss = 0.0
     weight_sum = 0.0
@@ -530,19 +693,18 @@ def _mtp_ce_kernel(
         weight_sum += weight
     tl.store(losses_ptr + row, loss)
 
-    # pass 2: the gradient of every column as if none were a target, with the fast softcap
-    for c0 in range(0, n_cols, BLOCK_V):
-        col = c0 + cols
-        in_row = col < n_cols
-        logits = tl.load(row_ptr + col, mask=in_row, other=0.0).to(tl.float32)
-        if INTERPRETED:
-            z, s = _softcap(logits)
-        else:
-            z, s = _softcap_fast(logits)
-        grad = weight_sum * tl.exp(z - lse) * s * (1.0 - s) * grad_factor
-        if INTERPRETED:
-            grad = _round_to_e5m2_grid(grad)
-        tl.store(grad_row_ptr + col, grad.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=in_row)
+    # pass 2: the gradient of every column as if none were a target. Its reads are the row's
+    # last use and its writes are not read here, so both leave L2 first.
+    lse_shift = (11.5 - lse) * _LOG2E
+    scale = 0.25 * weight_sum * grad_factor
+    for c0 in range(0, n_full, BLOCK_V):
+        logits = tl.load(row_ptr + c0 + cols, eviction_policy="evict_first").to(tl.float32)
+        _store_e5m2(grad_row_ptr + c0 + cols, _grad_terms(logits, lse_shift, scale, INTERPRETED),
+                    None, True, INTERPRETED)
+    if n_full < n_cols:
+        logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0).to(tl.float32)
+        _store_e5m2(grad_row_ptr + n_full + cols, _grad_terms(logits, lse_shift, scale, INTERPRETED),
+                    tail, True, INTERPRETED)
 
     # then the exact gradient in the target columns overwrites pass 2's (after a barrier, which
     # orders the program's global stores)
@@ -555,24 +717,15 @@ def _mtp_ce_kernel(
         for j in tl.static_range(K):
             other, weight = _mtp_target(row, j, targets_ptr, w_ptr, n_rows, n_cols)
             dz -= tl.where(other == target, weight, 0.0)
-        grad = dz * s * (1.0 - s) * grad_factor
-        if INTERPRETED:
-            grad = _round_to_e5m2_grid(grad)
-        tl.store(grad_row_ptr + target, grad.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=in_row)
+        _store_e5m2(grad_row_ptr + target, dz * s * (1.0 - s) * grad_factor, in_row, False, INTERPRETED)
 
 
-# One program streams one row. Many warps per program keep few rows in flight per SM, so that a
-# row read by the first pass is still in L2 for the second. The kernel rewrites its outputs from
-# scratch, so autotuning (which runs it repeatedly) is safe.
-_CE_CONFIGS = [
-    triton.Config({"BLOCK_V": 1024}, num_warps=4),
-    triton.Config({"BLOCK_V": 2048}, num_warps=8),
-    triton.Config({"BLOCK_V": 2048}, num_warps=16),
-    triton.Config({"BLOCK_V": 4096}, num_warps=16),
-    triton.Config({"BLOCK_V": 2048}, num_warps=32),
-    triton.Config({"BLOCK_V": 4096}, num_warps=32),
-]
-_mtp_ce_tuned = triton.autotune(_CE_CONFIGS, key=["n_cols", "K"])(_mtp_ce_kernel)
+# One program streams one row. The tiling was measured on an H100 (V = 50304, T = 16k and 48k):
+# 2048 columns over 16 warps, 4 per thread, was 15-25% faster than 1024 x 4, 2048 x 8, 4096 x 16
+# and the 32-warp tilings, and than a persistent grid with fewer rows in flight. Its loops are
+# unrolled 4 times by the compiler, keeping enough loads in flight at full occupancy.
+_CE_TILE = dict(BLOCK_V=2048, num_warps=16)
+_CE_INTERPRETED_TILE = dict(BLOCK_V=256)
 
 
 def _check_mtp_args(name: str, logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor) -> None:
@@ -598,10 +751,8 @@ def _mtp_ce_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.T
     args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(), losses,
             grad, grad.stride(0), grad_scale, n_rows, n_cols)
     K = mtp_weights.numel()
-    if _INTERPRET:
-        _mtp_ce_kernel[(n_rows,)](*args, K=K, BLOCK_V=256, INTERPRETED=True)
-    else:
-        _mtp_ce_tuned[(n_rows,)](*args, K=K, INTERPRETED=False)
+    tile = _CE_INTERPRETED_TILE if _INTERPRET else _CE_TILE
+    _mtp_ce_kernel[(n_rows,)](*args, K=K, INTERPRETED=_INTERPRET, **tile)
     return losses, grad
 
 

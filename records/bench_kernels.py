@@ -157,19 +157,18 @@ def case_mlp(tk, T, d, hidden):
     shape = f"T={T}, d={d}, hidden={hidden}"
     gemm = 2 * T * d * hidden
     with torch.no_grad():
-        pre, _ = fwd_op(x, W1)
+        post = fwd_op(x, W1)
 
         def forward_ref(x, W1):
-            pre = x @ W1.t()
-            return pre, torch.relu(pre).square()
+            return torch.relu(x @ W1.t()).square()
 
-        def backward_ref(dY, W2, pre):
-            return 2 * (dY @ W2.t()) * torch.relu(pre)
+        def backward_ref(dY, W2, post):
+            return 2 * (dY @ W2.t()) * post.sqrt()
 
         results = [
             compare("linear_relu_square fwd kernel", shape, fwd_op, forward_ref, (x, W1),
-                    gemm, "TFLOP/s", BF16_TFLOPS, "pre and post"),
-            compare("linear_relu_square bwd kernel", shape, bwd_op, backward_ref, (dY, W2, pre),
+                    gemm, "TFLOP/s", BF16_TFLOPS, "post"),
+            compare("linear_relu_square bwd kernel", shape, bwd_op, backward_ref, (dY, W2, post),
                     gemm, "TFLOP/s", BF16_TFLOPS, "d_pre"),
         ]
     leaves = (x, W1, W2)
@@ -266,7 +265,8 @@ def case_index_add_rows(tk, tables, T, V, d):
 
 
 def polar_express_kernels(tk, G):
-    """Tall form with the kernels: A = X^T X, B = b A + c A A, X = a X + X B."""
+    """Tall form with the kernels, as train_gpt runs it: A = X^T X, B = b A + c A A, and
+    X = a X + X B in one GEMM with the add in its epilogue."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     A = X.new_empty(X.shape[0], X.shape[2], X.shape[2])
@@ -274,7 +274,7 @@ def polar_express_kernels(tk, G):
     for a, b, c in POLAR_EXPRESS_COEFFS:
         tk.XTX(X, A)
         tk.ba_plus_cAA(A, c, b, B)
-        X = a * X + X @ B
+        X = tk.polar_update_tall(X, B, a, torch.empty_like(X))
     return X
 
 
@@ -286,6 +286,20 @@ def polar_express_torch(G):
         B = b * A + c * (A @ A)
         X = a * X + X @ B
     return X
+
+
+def symmetric_bf16(batch, n):
+    x = torch.randn(batch, n, n, device=DEVICE)
+    return ((x + x.mT) / 64).bfloat16()
+
+
+def case_polar_update(tk, batch, m, n):
+    X, B = randn_bf16(batch, m, n), symmetric_bf16(batch, n)
+    out = torch.empty_like(X)
+    a = POLAR_EXPRESS_COEFFS[1][0]
+    return compare("polar_update_tall", f"({batch}, {m}, {n}) tall",
+                   lambda X, B: tk.polar_update_tall(X, B, a, out), lambda X, B: a * X + X @ B, (X, B),
+                   2 * batch * m * n * n, "TFLOP/s", BF16_TFLOPS, "a X + X B, the add in the GEMM epilogue")
 
 
 def case_polar_express(tk, batch, m, n):
@@ -327,13 +341,70 @@ def gram_config_sweep(tk) -> list[str]:
     return lines
 
 
+def tiling_label(tk, t: dict) -> str:
+    return (f"{t['BLOCK_M']}x{t['BLOCK_N']}, BLOCK_K {t['BLOCK_K']}, {t['num_warps']} warps, "
+            f"{t['num_stages']} stages" + (", flattened" if t["FLATTEN"] else "")
+            + (" (used)" if tk._GEMM_TILES is t else ""))
+
+
+def polar_update_tiling_sweep(tk) -> list[str]:
+    """GPU-only microseconds of every tiling of the fused Polar Express update, and of PyTorch's
+    forms: the compiled a X + X B, and cuBLAS's product X B alone (a floor without the add)."""
+    a = POLAR_EXPRESS_COEFFS[1][0]
+    cases = [(randn_bf16(count, 3072, 768), symmetric_bf16(count, 768)) for count in (3, 24)]
+    compiled = torch.compile(lambda X, B: a * X + X @ B)
+    lines = ["| tiling | " + " | ".join(f"{tuple(X.shape)}" for X, _ in cases) + " |",
+             "|---" * (len(cases) + 1) + "|"]
+    rows = [(tiling_label(tk, t), lambda X, B, out, t=t: tk._polar_update_tall(X, B, a, out, t))
+            for t in tk._GEMM_TILINGS]
+    rows += [("PyTorch a X + X B, torch.compile", lambda X, B, out: compiled(X, B)),
+             ("PyTorch X @ B alone (cuBLAS, no add)", lambda X, B, out: torch.matmul(X, B, out=out))]
+    for label, fn in rows:
+        cells = []
+        for X, B in cases:
+            out = torch.empty_like(X)
+            t = bench_gpu(lambda: fn(X, B, out))
+            cells.append("n/a" if t is None else f"{t * 1e3:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def mlp_tiling_sweep(tk) -> list[str]:
+    """GPU-only microseconds of every tiling of the MLP's fused GEMMs (forward: post; backward:
+    d_pre) at the stage-1 and stage-3 micro-batches, and of cuBLAS's x @ W1^T alone (a floor)."""
+    d, hidden = 768, 3072
+    W1 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16()
+    W2 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16()
+    Ts = (16384, 49152)
+    inputs = {T: (randn_bf16(T, d), randn_bf16(T, d), randn_bf16(T, hidden), randn_bf16(T, hidden))
+              for T in Ts}
+    lines = []
+    for epilogue, name in ((tk.RELU2_FORWARD, "forward"), (tk.RELU2_BACKWARD, "backward")):
+        lines += [f"| {name} tiling | " + " | ".join(f"T={T}" for T in Ts) + " |",
+                  "|---" * (len(Ts) + 1) + "|"]
+        for t in tk._GEMM_TILINGS:
+            cells = []
+            for T in Ts:
+                x, dY, post, d_pre = inputs[T]
+                args = (x, W1, post, post) if epilogue is tk.RELU2_FORWARD else (dY, W2, d_pre, post)
+                ms = bench_gpu(lambda: tk._launch_gemm_epilogue(*args, epilogue, tiles=t))
+                cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
+            lines.append(f"| {tiling_label(tk, t)} | " + " | ".join(cells) + " |")
+        cells = []
+        for T in Ts:
+            ms = bench_gpu(lambda: inputs[T][0] @ W1.t())
+            cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
+        lines += [f"| PyTorch x @ W1^T alone (cuBLAS, no epilogue) | " + " | ".join(cells) + " |", ""]
+    return lines
+
+
 # =================================================================================================
 # Main
 # =================================================================================================
 
 def autotune_choices(tk) -> list[str]:
     lines = []
-    for name in ("_symmetric_gram_tuned", "_mtp_ce_tuned"):
+    for name in ("_symmetric_gram_tuned",):
         for key, config in getattr(tk, name).cache.items():
             lines.append(f"- {name.strip('_')} {key}: {config}")
     return lines
@@ -354,6 +425,7 @@ def main() -> None:
         lambda: case_xtx(tk, 3, 3072, 768),
         lambda: case_ba_plus_caa(tk, 5, 768),
         lambda: case_ba_plus_caa(tk, 3, 768),
+        lambda: case_polar_update(tk, 3, 3072, 768),
         lambda: case_polar_express(tk, 3, 3072, 768),
         lambda: case_mlp(tk, 16384, 768, 3072),
         lambda: case_cross_entropy(tk, 16384, 768, 50304),
@@ -373,12 +445,15 @@ def main() -> None:
             print(rows[-1], flush=True)
         torch.cuda.empty_cache()
 
-    try:
-        sweep = gram_config_sweep(tk)
-    except Exception:
-        traceback.print_exc()
-        sweep = ["(sweep failed)"]
-    print("\n".join(sweep), flush=True)
+    sweeps = []
+    for sweep_fn in (gram_config_sweep, polar_update_tiling_sweep, mlp_tiling_sweep):
+        try:
+            sweeps.append(sweep_fn(tk))
+        except Exception:
+            traceback.print_exc()
+            sweeps.append(["(sweep failed)"])
+        print("\n".join(sweeps[-1]), flush=True)
+    gram_sweep, polar_update_sweep, mlp_sweep = sweeps
 
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
@@ -396,7 +471,15 @@ def main() -> None:
         "",
         "Gram kernel tilings, GPU-only microseconds (CUDA-graph replay):",
         "",
-        *sweep,
+        *gram_sweep,
+        "",
+        "Polar Express update (polar_update_tall) tilings, GPU-only microseconds (CUDA-graph replay):",
+        "",
+        *polar_update_sweep,
+        "",
+        "MLP GEMM (linear_relu_square) tilings, GPU-only microseconds (CUDA-graph replay):",
+        "",
+        *mlp_sweep,
         "",
         "Autotuner choices:",
         *autotune_choices(tk),
