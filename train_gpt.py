@@ -374,8 +374,7 @@ def polar_express(X: torch.Tensor, use_kernels: bool = False) -> torch.Tensor:
         X = X.unsqueeze(0)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     tall = X.shape[-2] > X.shape[-1]
-    # The fused kernel's tiles (128 rows) may not straddle two matrices; TMA needs n % 8 == 0.
-    fused_update = use_kernels and tall and X.shape[-2] % 128 == 0 and X.shape[-1] % 8 == 0
+    fused_update = use_kernels and tall and triton_kernels.polar_update_tall_fits(X)
     # For many rows baddbmm would make a defensive copy of X; a plain matmul into a new buffer
     # followed by an in-place add of a X avoids it.
     split_matmul = X.shape[-2] > 1024

@@ -38,7 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 __all__ = [
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
     "linear_relu_square", "linear_relu_square_reference",
-    "polar_update_tall", "polar_update_tall_reference",
+    "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
     "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_reference",
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
@@ -432,9 +432,10 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     if rows_per_batch < m and rows_per_batch % bm:
         raise ValueError(f"GEMM epilogue kernel: rows per batch ({rows_per_batch}) must be a multiple "
                          f"of BLOCK_M ({bm}) when there are several batches (m = {m})")
+    out_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2])
+    aux_desc = out_desc if aux is out else TensorDescriptor.from_tensor(aux, [bm, bn // 2])
     descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-                   TensorDescriptor.from_tensor(out, [bm, bn // 2]),
-                   TensorDescriptor.from_tensor(aux, [bm, bn // 2]))
+                   out_desc, aux_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(num_tiles, 4 if _INTERPRET else _num_sms(a.device))
     _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha, EPILOGUE=epilogue.value,
@@ -527,6 +528,17 @@ def _(X, B, alpha, out):
     return None
 
 
+def _gemm_block_m() -> int:
+    return (_INTERPRETED_TILES if _INTERPRET else _GEMM_TILES)["BLOCK_M"]
+
+
+def polar_update_tall_fits(X: torch.Tensor) -> bool:
+    """Whether polar_update_tall takes X's shape: rows of a multiple of 16 bytes (TMA) and, with
+    several matrices, a whole number of row tiles in each (a tile may not straddle two)."""
+    one_matrix = X.dim() == 2 or X.shape[0] == 1
+    return X.shape[-1] % 8 == 0 and (one_matrix or X.shape[-2] % _gemm_block_m() == 0)
+
+
 def _check_polar_update_args(name: str, X: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> None:
     _check_runnable(name, X, B, out)
     if X.dim() not in (2, 3):
@@ -539,7 +551,7 @@ def _check_polar_update_args(name: str, X: torch.Tensor, B: torch.Tensor, out: t
             raise ValueError(f"{name}: {arg} must be contiguous")
     if n % 8:   # TMA needs 16-byte aligned rows
         raise ValueError(f"{name}: n must be a multiple of 8, got X {tuple(X.shape)}")
-    block_m = (_INTERPRETED_TILES if _INTERPRET else _GEMM_TILES)["BLOCK_M"]
+    block_m = _gemm_block_m()
     if X.dim() == 3 and X.shape[0] > 1 and X.shape[1] % block_m:
         raise ValueError(f"{name}: with several matrices, m must be a multiple of {block_m} (a tile "
                          f"may not straddle two of them), got X {tuple(X.shape)}")

@@ -280,6 +280,18 @@ def test_polar_update_tall_rejects_bad_arguments():
         tk.polar_update_tall(X, B, 2.0, X)
 
 
+def test_polar_update_tall_fits_agrees_with_the_argument_checks():
+    for shape in [(2, 128, 40), (1, 40, 40), (40, 24), (2, 40, 40), (2, 128, 12), (40, 12)]:
+        X = torch.randn(shape, device=DEV).bfloat16()
+        B = symmetric_bf16(shape[:-2], shape[-1], DEV)
+        try:
+            tk.polar_update_tall(X, B, 1.5, torch.empty_like(X))
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert tk.polar_update_tall_fits(X) == accepted, shape
+
+
 def polar_express_fp64(G: torch.Tensor) -> torch.Tensor:
     """The same 5 steps in fp64 (tall form), from the bf16 input."""
     X = G.bfloat16().double()
