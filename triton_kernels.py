@@ -588,23 +588,36 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 # z < 23, so exp(z - 23) can neither overflow nor lose the sum: lse is accumulated with the fixed
 # shift 23 instead of a running maximum.
 #
-# Per logit the kernel moves 3 bytes from memory (when pass 2 hits L2) and evaluates 5
-# transcendental functions (16 per clock per SM). Measured on an H100 at T = 16k:
-# - Keeping the row in L2 between the passes is what matters. Eviction hints (pass-1 reads stay,
-#   pass-2 reads and the gradient writes go first) took 1500 to 1250 us; walking pass 2 backwards,
-#   so that the blocks pass 1 read last come first, 1330 to 1150 us.
-# - Before the backward walk Nsight Compute counted 1.99 GB of memory reads for 1.65 GB of logits
-#   (528 rows of 100 KB in flight overfill the 50 MB L2), with the transcendental unit 92% busy.
-#   Persistent grids of 2-3 programs per SM keep fewer rows in flight (without the transcendentals
-#   they stream at 91% of copy bandwidth), but then the arithmetic is not hidden: 1160-1330 us.
-# - The loops are written for few instructions (approximate hardware ex2/rcp without denormal
-#   handling, relative error ~2^-22; every affine argument folded into one FMA; unmasked full
-#   blocks and one masked tail), which halved their instruction count but alone changed no
-#   timing. Moving an exponential or the reciprocal to the FMA units (polynomials, Newton steps),
-#   the tanh to f16x2, or register prefetching of the next block did not pay either.
-# The gradient pass (rounded to 2 mantissa bits) takes the sigmoid from the hardware tanh
-# (relative error below 2^-10); the K target columns, where dz can cancel, are then rewritten
-# with exact values.
+# Per logit the kernel moves 3 bytes from memory (when pass 2 finds the row in a cache), and the
+# transcendental unit, 16 results per clock per SM (an eighth of the FMA rate), is the scarce
+# resource, so the arithmetic is arranged around it: 3.5 transcendentals per logit.
+# - Pass 1 needs exp(z - 23) at fp32 accuracy: 2^(23 log2(e) (s - 1)), s = 1 / d with
+#   d = 1 + 2^(-(l + 5) log2(e) / 7.5). Neighbouring logits share a reciprocal:
+#   1 / d_a = d_b / (d_a d_b) and 1 / d_b = d_a / (d_a d_b).
+# - Pass 2, rounded to 2 mantissa bits, takes the sigmoid from the hardware tanh (relative error
+#   below 2^-10) and the exponential from a polynomial on the FMA units (relative error 7.5e-5).
+#   The K target columns, where dz can cancel, are then rewritten with exact values.
+# - The targets and their logits are loaded before pass 1, which hides their latency.
+# The hardware ex2 / rcp are the approximate ones without denormal handling (relative error
+# ~2^-22), and every affine argument is folded into one FMA.
+#
+# Measured on an H100 at T = 16k (records/2026-11-23_h100_ce_cheaper_math):
+# - Keeping the row cached between the passes is what matters most. Eviction hints (pass-1 reads
+#   stay, pass-2 reads and the gradient writes go first) took 1500 to 1250 us. Walking pass 2
+#   backwards, so that the blocks pass 1 read last come first, took 1330 to 1150 us.
+# - Prefetching the targets took 1162 to 1124 us; the shared reciprocal and the polynomial then
+#   took it to 1068 us.
+# - Even so, Nsight Compute counts 2.16 GB read from memory for the 1.65 GB of logits. Pass 2
+#   finds the end of the row in L1, but its start is gone from L2 too (4 rows of 100 KB per SM,
+#   about 37 us per row).
+# - Layouts with fewer rows in flight read only 1.66-1.72 GB but were slower, because they hide
+#   less arithmetic:
+#   - persistent grids of 2-3 programs per SM: 1160-1350 us;
+#   - a row split over 2 or 4 programs that exchange their partial sums through global memory,
+#     either waiting for each other or leaving pass 2 to the last one to finish: 1150-1420 us;
+#   - 32-warp programs: 1450-1620 us.
+# - These did not pay: sigmoid from tanh in pass 1, one reciprocal for four logits, tanh on f16
+#   pairs, and register prefetching of the next block.
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -643,19 +656,50 @@ def _tanh(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _lse_terms(logits, INTERPRETED: tl.constexpr):
-    """exp(z - 23) = 2^(23 log2(e) (s - 1)) with s = sigmoid((l + 5) / 7.5)
-    = 1 / (1 + 2^(-(l + 5) log2(e) / 7.5))."""
-    s = _rcp(1.0 + _ex2(logits * (-_LOG2E / 7.5) - 5.0 * _LOG2E / 7.5, INTERPRETED), INTERPRETED)
-    return _ex2(s * (23.0 * _LOG2E) - 23.0 * _LOG2E, INTERPRETED)
+def _exp2_poly(x):
+    """2^x for -126 <= x < 128 on the FMA units, relative error 7.5e-5. x + 1.5 * 2^23 rounds x to
+    the integer n held in its low mantissa bits, which shifted into the exponent field scale
+    2^(x - n), x - n in [-1/2, 1/2], given by a degree-3 polynomial fitted for relative error."""
+    r = x + 12582912.0
+    f = x - (r - 12582912.0)
+    p = ((0.05517084 * f + 0.24260935) * f + 0.69326096) * f + 0.99992818
+    bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sigmoid_denominator(logits, INTERPRETED: tl.constexpr):
+    """1 + 2^(-(l + 5) log2(e) / 7.5) = 1 / sigmoid((l + 5) / 7.5), its exponent clamped at 60 so
+    that the product of two stays finite (below l = -317, where the sigmoid is under 2^-60 and
+    exp(z - 23) no longer depends on it)."""
+    return 1.0 + _ex2(tl.minimum(logits * (-_LOG2E / 7.5) - 5.0 * _LOG2E / 7.5, 60.0), INTERPRETED)
+
+
+@triton.jit
+def _lse_terms(logits, valid, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
+    """exp(z - 23) = 2^(23 log2(e) (s - 1)) of a block of logits, summed over neighbouring pairs
+    (BLOCK / 2 values), with one reciprocal per pair; where `valid` is False (if MASKED) the
+    terms are 0."""
+    la, lb = tl.split(tl.reshape(logits, (logits.shape[0] // 2, 2)))
+    da = _sigmoid_denominator(la, INTERPRETED)
+    db = _sigmoid_denominator(lb, INTERPRETED)
+    r = _rcp(da * db, INTERPRETED)
+    ta = _ex2((db * r) * (23.0 * _LOG2E) - 23.0 * _LOG2E, INTERPRETED)
+    tb = _ex2((da * r) * (23.0 * _LOG2E) - 23.0 * _LOG2E, INTERPRETED)
+    if MASKED:
+        va, vb = tl.split(tl.reshape(valid, (logits.shape[0] // 2, 2)))
+        ta = tl.where(va, ta, 0.0)
+        tb = tl.where(vb, tb, 0.0)
+    return ta + tb
 
 
 @triton.jit
 def _grad_terms(logits, lse_shift, scale, INTERPRETED: tl.constexpr):
     """scale p (1 - t^2) for every column, as if none were a target: with t = tanh((l + 5) / 15)
-    = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) = 2^(11.5 log2(e) t + lse_shift)."""
+    = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) = 2^(11.5 log2(e) t + lse_shift).
+    The exponent lies in [-(23 + ln V) log2(e), 0], inside _exp2_poly's range for any V."""
     t = _tanh(logits * (0.5 / 7.5) + 2.5 / 7.5, INTERPRETED)
-    return _ex2(t * (11.5 * _LOG2E) + lse_shift, INTERPRETED) * (1.0 - t * t) * scale
+    return _exp2_poly(t * (11.5 * _LOG2E) + lse_shift) * (1.0 - t * t) * scale
 
 
 @triton.jit
@@ -670,11 +714,13 @@ def _store_e5m2(ptrs, value, mask, STREAMING: tl.constexpr, INTERPRETED: tl.cons
 
 
 @triton.jit
-def _mtp_target(row, k: tl.constexpr, targets_ptr, w_ptr, n_rows, n_cols):
-    """Target column and weight of row `row` for offset k; weight 0 where the term is invalid."""
-    has_row = row + k < n_rows
+def _mtp_targets(row, targets_ptr, w_ptr, n_rows, n_cols, K: tl.constexpr, K_POW2: tl.constexpr):
+    """Target columns and weights of row `row` for k = 0..K-1, as vectors of K_POW2: target -1
+    where there is no row + k, weight 0 where the term is invalid."""
+    k = tl.arange(0, K_POW2)
+    has_row = (k < K) & (row + k < n_rows)
     target = tl.load(targets_ptr + row + k, mask=has_row, other=-1)
-    weight = tl.load(w_ptr + k)
+    weight = tl.load(w_ptr + k, mask=k < K, other=0.0)
     valid = has_row & (weight > 0) & (target >= 0) & (target < n_cols)
     return target, tl.where(valid, weight, 0.0)
 
@@ -683,7 +729,7 @@ def _mtp_target(row, k: tl.constexpr, targets_ptr, w_ptr, n_rows, n_cols):
 def _mtp_ce_kernel(
     logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, stride_grad, grad_scale,
     n_rows, n_cols,
-    K: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
+    K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     grad_factor = (23.0 / 7.5) / tl.cast(grad_scale, tl.float32)
     row = tl.program_id(0)
@@ -694,26 +740,25 @@ def _mtp_ce_kernel(
     n_full = n_blocks * BLOCK_V
     tail = cols < n_cols - n_full
 
+    # the targets and their logits first: their loads complete while pass 1 runs
+    target, weight = _mtp_targets(row, targets_ptr, w_ptr, n_rows, n_cols, K, K_POW2)
+    in_row = (target >= 0) & (target < n_cols)
+    z_target, s_target = _softcap(tl.load(row_ptr + target, mask=in_row, other=0.0).to(tl.float32))
+
     # pass 1: log-sum-exp of the row, then the loss. The row is kept in L2 for pass 2.
-    sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    sum_exp = tl.zeros((BLOCK_V // 2,), dtype=tl.float32)
     for i in tl.range(0, n_blocks, loop_unroll_factor=4):
         logits = tl.load(row_ptr + i * BLOCK_V + cols, eviction_policy="evict_last").to(tl.float32)
-        sum_exp += _lse_terms(logits, INTERPRETED)
+        sum_exp += _lse_terms(logits, tail, False, INTERPRETED)
     if n_full < n_cols:
         logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0).to(tl.float32)
-        sum_exp += tl.where(tail, _lse_terms(logits, INTERPRETED), 0.0)
+        sum_exp += _lse_terms(logits, tail, True, INTERPRETED)
     lse = 23.0 + tl.log(tl.sum(sum_exp, axis=0))
-    loss = 0.0
-    weight_sum = 0.0
-    for k in tl.static_range(K):
-        target, weight = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
-        z_target, _ = _softcap(tl.load(row_ptr + target, mask=weight > 0, other=0.0).to(tl.float32))
-        loss += tl.where(weight > 0, weight * (lse - z_target), 0.0)
-        weight_sum += weight
-    tl.store(losses_ptr + row, loss)
+    tl.store(losses_ptr + row, tl.sum(tl.where(weight > 0, weight * (lse - z_target), 0.0), axis=0))
+    weight_sum = tl.sum(weight, axis=0)
 
     # pass 2: the gradient of every column as if none were a target, walking the row backwards
-    # so that the blocks pass 1 read last, the likeliest to be still in L2, come first. Its
+    # so that the blocks pass 1 read last, the likeliest to be still cached, come first. Its
     # reads are the row's last use and its writes are not read here, so both leave L2 first.
     lse_shift = (11.5 - lse) * _LOG2E
     scale = 0.25 * weight_sum * grad_factor
@@ -728,23 +773,18 @@ def _mtp_ce_kernel(
                     None, True, INTERPRETED)
 
     # then the exact gradient in the target columns overwrites pass 2's (after a barrier, which
-    # orders the program's global stores)
+    # orders the program's global stores); a column that is the target of several k gets the
+    # same value from each
     tl.debug_barrier()
-    for k in tl.static_range(K):
-        target, _ = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
-        in_row = (target >= 0) & (target < n_cols)
-        z, s = _softcap(tl.load(row_ptr + target, mask=in_row, other=0.0).to(tl.float32))
-        dz = weight_sum * tl.exp(z - lse)
-        for j in tl.static_range(K):
-            other, weight = _mtp_target(row, j, targets_ptr, w_ptr, n_rows, n_cols)
-            dz -= tl.where(other == target, weight, 0.0)
-        _store_e5m2(grad_row_ptr + target, dz * s * (1.0 - s) * grad_factor, in_row, False, INTERPRETED)
+    same_column = target[:, None] == target[None, :]
+    dz = weight_sum * tl.exp(z_target - lse) - tl.sum(tl.where(same_column, weight[None, :], 0.0), axis=1)
+    _store_e5m2(grad_row_ptr + target, dz * s_target * (1.0 - s_target) * grad_factor, in_row, False,
+                INTERPRETED)
 
 
-# One program streams one row. The tiling was measured on an H100 (V = 50304, T = 16k and 48k):
-# 2048 columns over 16 warps, 4 per thread, was 15-25% faster than 1024 x 4, 2048 x 8, 4096 x 16
-# and the 32-warp tilings, and than persistent grids with fewer rows in flight. Its loops are
-# unrolled 4 times, keeping 4 loads per thread in flight at full occupancy (32 registers).
+# One program streams one row: 2048 columns over 16 warps, 4 per thread, loops unrolled 4 times
+# (4 loads per thread in flight at full occupancy, 32 registers). Measured on an H100 at
+# V = 50304: 15-25% faster than 1024 x 4, 2048 x 8 and the 32-warp tilings; 4096 x 16 is as fast.
 _CE_TILE = dict(BLOCK_V=2048, num_warps=16)
 _CE_INTERPRETED_TILE = dict(BLOCK_V=256)
 
@@ -773,7 +813,7 @@ def _mtp_ce_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.T
             grad, grad.stride(0), grad_scale, n_rows, n_cols)
     K = mtp_weights.numel()
     tile = _CE_INTERPRETED_TILE if _INTERPRET else _CE_TILE
-    _mtp_ce_kernel[(n_rows,)](*args, K=K, INTERPRETED=_INTERPRET, **tile)
+    _mtp_ce_kernel[(n_rows,)](*args, K=K, K_POW2=triton.next_power_of_2(K), INTERPRETED=_INTERPRET, **tile)
     return losses, grad
 
 
