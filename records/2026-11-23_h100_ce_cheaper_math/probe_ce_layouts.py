@@ -1,8 +1,8 @@
 """Probe: CE kernel layouts and arithmetic (run from the repository root on a GPU). Rows split over
 P programs (partial sums exchanged through global memory, waiting or last-finisher), persistent
-grids, targets prefetched, cheaper arithmetic. T = 16384, V = 50304, K = 3. The baseline
-arithmetic (P1 = 0, P2 = 0) and the scalar target helper of the kernel before 62abd84 are
-restated here, so the script runs against later versions of triton_kernels.py."""
+grids, targets prefetched, cheaper arithmetic. T = 16384, V = 50304, K = 3. The arithmetic that
+landed in 62abd84 (P1 = 2, P2 = 3) is imported from triton_kernels.py; the baseline arithmetic
+(P1 = 0, P2 = 0) and the scalar target helper of the kernel before it are restated here."""
 import statistics, sys, torch, triton, triton.language as tl
 sys.path.insert(0, ".")
 import os
@@ -29,16 +29,8 @@ def _lse_terms(logits, INTERPRETED: tl.constexpr):
 def _grad_terms(logits, lse_shift, scale, INTERPRETED: tl.constexpr):
     t = _tanh(logits * (0.5 / 7.5) + 2.5 / 7.5, INTERPRETED)
     return _ex2(t * (11.5 * _LOG2E) + lse_shift, INTERPRETED) * (1.0 - t * t) * scale
-from triton_kernels import _ex2, _rcp, _tanh, _store_e5m2, _LOG2E, _softcap
-
-
-@triton.jit
-def _exp2_poly3(x):
-    r = x + 12582912.0
-    f = x - (r - 12582912.0)
-    p = ((0.05517084 * f + 0.24260935) * f + 0.69326096) * f + 0.99992818
-    bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
+from triton_kernels import _ex2, _rcp, _tanh, _store_e5m2, _LOG2E, _softcap, _exp2_poly
+from triton_kernels import _lse_terms as _lse_terms_pair, _grad_terms as _grad_terms_poly
 
 
 @triton.jit
@@ -54,18 +46,8 @@ def _ez(s):
 @triton.jit
 def _p1(logits, valid, MASKED: tl.constexpr, P1: tl.constexpr):
     """Terms of the row sum, grouped by P1's reciprocal sharing: shape BLOCK / group."""
-    if P1 == 2:   # one reciprocal for two sigmoids: 1/a = b/(ab), 1/b = a/(ab)
-        la, lb = tl.split(tl.reshape(logits, (logits.shape[0] // 2, 2)))
-        da = _sig_den(la, 60.0)
-        db = _sig_den(lb, 60.0)
-        r = _rcp(da * db, INTERP)
-        ta = _ez(db * r)
-        tb = _ez(da * r)
-        if MASKED:
-            va, vb = tl.split(tl.reshape(valid, (logits.shape[0] // 2, 2)))
-            ta = tl.where(va, ta, 0.0)
-            tb = tl.where(vb, tb, 0.0)
-        return ta + tb
+    if P1 == 2:   # one reciprocal for two sigmoids (the landed kernel's arithmetic)
+        return _lse_terms_pair(logits, valid, MASKED, INTERP)
     elif P1 == 4:   # one reciprocal for four sigmoids
         lab, lcd = tl.split(tl.permute(tl.reshape(logits, (logits.shape[0] // 4, 2, 2)), (0, 2, 1)))
         la, lb = tl.split(lab)
@@ -109,9 +91,8 @@ def _p1(logits, valid, MASKED: tl.constexpr, P1: tl.constexpr):
 def _p2(logits, lse_shift, scale, P2: tl.constexpr):
     if P2 == 0:
         return _grad_terms(logits, lse_shift, scale, INTERP)
-    elif P2 == 3:
-        t = _tanh(logits * (0.5 / 7.5) + 2.5 / 7.5, INTERP)
-        return _exp2_poly3(t * (11.5 * _LOG2E) + lse_shift) * (1.0 - t * t) * scale
+    elif P2 == 3:   # the landed kernel's arithmetic
+        return _grad_terms_poly(logits, lse_shift, scale, INTERP)
     elif P2 == 4:   # tanh on f16 pairs
         u = (logits * (0.5 / 7.5) + 2.5 / 7.5)
         if INTERP:
@@ -119,7 +100,7 @@ def _p2(logits, lse_shift, scale, P2: tl.constexpr):
         else:
             t = tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [u.to(tl.float16)],
                                           dtype=tl.float16, is_pure=True, pack=2).to(tl.float32)
-        return _exp2_poly3(t * (11.5 * _LOG2E) + lse_shift) * (1.0 - t * t) * scale
+        return _exp2_poly(t * (11.5 * _LOG2E) + lse_shift) * (1.0 - t * t) * scale
     else:
         return logits * scale + lse_shift
 
