@@ -140,48 +140,59 @@ def _round_to_e5m2_grid(x):
 # 1-3. Symmetric Gram kernels: XXT, XTX, ba_plus_cAA
 # =================================================================================================
 # A is viewed as (batch, n, r): C[i, j] = sum_r A[i, r] A[j, r] is n x n. XXT reads A (M, K) with
-# n = M, r = K; XTX reads the same memory with the two strides swapped (n = K, r = M). Only the
-# BLOCK_M x BLOCK_N tiles that touch the lower triangle are launched (BLOCK_N may be a fraction of
-# BLOCK_M, which doubles the programs of a small matrix). Each tile stores its elements with
-# i >= j in place and, mirrored, its elements with i > j at (j, i): every element of C is written
-# exactly once, so C == C^T holds bit for bit.
+# n = M, r = K; XTX reads the same memory transposed (n = K, r = M), loading (BLOCK_R, BLOCK_M)
+# blocks along A's rows and multiplying their transposes, which the tensor cores read from shared
+# memory directly. Only the BLOCK_M x BLOCK_N tiles that touch the lower triangle are launched
+# (BLOCK_N may be a fraction of BLOCK_M, which doubles the programs of a small matrix). Each tile
+# stores its elements with i >= j in place and, mirrored, its elements with i > j at (j, i): every
+# element of C is written exactly once, so C == C^T holds bit for bit.
+#
+# The operands arrive through TMA descriptors of the 3-D A, so blocks past n or r (also at a batch
+# boundary) read zeros. A descriptor needs 16-byte aligned row strides; a matrix whose rows are not
+# (K not a multiple of 8) is copied with zero columns appended, which leaves the Gram matrix as it is.
+# On an H100 (records/2026-11-23_h100_gram_split, GPU-only us, autotuned), TMA loads against the
+# earlier pointer loads: XXT (5, 768, 768) 10.6 -> 8.3, XTX (3, 3072, 768) 19.2 -> 17.6,
+# ba_plus_cAA (5 | 3, 768, 768) 11.2 | 7.3 -> 8.9 | 7.0, XTX (24, 3072, 768) 109 -> 90-95 (probe).
+# Splitting the reduction over two programs (the last to finish adds the partial sums) was slower
+# at every shape.
 
 @triton.jit
 def _symmetric_gram_kernel(
-    a_ptr, c_ptr, alpha, beta,
+    row_desc, col_desc, a_ptr, c_ptr, alpha, beta,   # descriptors of A with blocks of BLOCK_M / BLOCK_N
     n, r, num_batches,                      # num_batches: only an autotuning key (grid axis 1)
-    stride_ab, stride_an, stride_ar,
+    stride_ab, stride_an, stride_ar,        # of a_ptr (the unpadded A), read by ba_plus_cAA's epilogue
     stride_cb, stride_cm, stride_cn,
+    TRANSPOSED: tl.constexpr,               # XTX: n indexes A's columns, r its rows
     ADD_BETA_A: tl.constexpr,               # ba_plus_cAA epilogue: alpha * acc + beta * A
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     beta = tl.cast(beta, tl.float32)
     tile_row, tile_col = _lower_triangle_tile(tl.program_id(0), BLOCK_M // BLOCK_N)
-    batch = tl.program_id(1).to(tl.int64)
-    a_ptr += batch * stride_ab
-    c_ptr += batch * stride_cb
-
-    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_col * BLOCK_N + tl.arange(0, BLOCK_N)
-    red = tl.arange(0, BLOCK_R)
-    row_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_an + red[None, :] * stride_ar
-    col_ptrs = a_ptr + cols[:, None].to(tl.int64) * stride_an + red[None, :] * stride_ar
+    batch = tl.program_id(1)
+    row0 = tile_row * BLOCK_M
+    col0 = tile_col * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, r, BLOCK_R):
-        in_red = red[None, :] < r - r0
-        x = tl.load(row_ptrs, mask=(rows[:, None] < n) & in_red, other=0.0)
-        y = tl.load(col_ptrs, mask=(cols[:, None] < n) & in_red, other=0.0)
-        acc = _mma(acc, x, tl.trans(y), INTERPRETED)
-        row_ptrs += BLOCK_R * stride_ar
-        col_ptrs += BLOCK_R * stride_ar
+        if TRANSPOSED:
+            x = row_desc.load([batch, r0, row0]).reshape(BLOCK_R, BLOCK_M)
+            y = col_desc.load([batch, r0, col0]).reshape(BLOCK_R, BLOCK_N)
+            acc = _mma(acc, x.T, y, INTERPRETED)
+        else:
+            x = row_desc.load([batch, row0, r0]).reshape(BLOCK_M, BLOCK_R)
+            y = col_desc.load([batch, col0, r0]).reshape(BLOCK_N, BLOCK_R)
+            acc = _mma(acc, x, y.T, INTERPRETED)
 
+    batch = batch.to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
     in_bounds = (rows[:, None] < n) & (cols[None, :] < n)
     if ADD_BETA_A:  # A is square here (n == r): add beta times its (rows, cols) tile
-        a_tile = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_an + cols[None, :] * stride_ar,
-                         mask=in_bounds, other=0.0)
+        a_tile = tl.load(a_ptr + batch * stride_ab + rows[:, None].to(tl.int64) * stride_an
+                         + cols[None, :] * stride_ar, mask=in_bounds, other=0.0)
         acc = alpha * acc + beta * a_tile.to(tl.float32)
     out = _to_bf16(acc, INTERPRETED)
+    c_ptr += batch * stride_cb
     c_tile = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
     c_mirror = c_ptr + cols[:, None].to(tl.int64) * stride_cm + rows[None, :] * stride_cn
     mirror_in_bounds = (cols[:, None] < n) & (rows[None, :] < n)
@@ -189,7 +200,7 @@ def _symmetric_gram_kernel(
     # for five 768 x 768 matrices), so they are avoided where the tile allows: a tile wholly below
     # the diagonal is stored whole, in place and mirrored; a square tile on the diagonal holds both
     # C[i, j] and C[j, i], so its upper half is filled from its own transpose and stored once.
-    if tile_row * BLOCK_M >= (tile_col + 1) * BLOCK_N:
+    if row0 >= col0 + BLOCK_N:
         tl.store(c_tile, out, mask=in_bounds)
         tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds)
     elif BLOCK_M == BLOCK_N:
@@ -199,15 +210,27 @@ def _symmetric_gram_kernel(
         tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds & (rows[None, :] > cols[:, None]))
 
 
-_GRAM_CONFIGS = [   # BLOCK_M must be a multiple of BLOCK_N
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_R": 64}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_R": 64}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 64}, num_stages=5, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 128}, num_stages=3, num_warps=4),
+def _set_gram_blocks(nargs: dict) -> None:
+    """Give the descriptors the block shapes of the configuration about to run (autotuning)."""
+    block_r = nargs["BLOCK_R"]
+    for desc, size in ((nargs["row_desc"], nargs["BLOCK_M"]), (nargs["col_desc"], nargs["BLOCK_N"])):
+        desc.block_shape = [1, block_r, size] if nargs["TRANSPOSED"] else [1, size, block_r]
+
+
+def _gram_config(block_m: int, block_n: int, block_r: int, **launch) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r},
+                         pre_hook=_set_gram_blocks, **launch)
+
+
+# BLOCK_M must be a multiple of BLOCK_N. On an H100, 128 x 128 tiles win for many matrices (XTX of
+# 24 3072 x 768: 90-95 against 129 us) and 64 x 64 for the 3 to 5 of an 8-GPU shard.
+_GRAM_CONFIGS = [
+    _gram_config(128, 128, 64, num_stages=3, num_warps=8),
+    _gram_config(64, 64, 64, num_stages=4, num_warps=4),
+    _gram_config(64, 64, 128, num_stages=3, num_warps=4),
 ]
 _symmetric_gram_tuned = triton.autotune(
-    _GRAM_CONFIGS, key=["n", "r", "num_batches", "ADD_BETA_A"])(_symmetric_gram_kernel)
+    _GRAM_CONFIGS, key=["n", "r", "num_batches", "TRANSPOSED", "ADD_BETA_A"])(_symmetric_gram_kernel)
 
 
 def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha: float = 1.0,
@@ -220,7 +243,16 @@ def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha:
         n, r, stride_an, stride_ar = cols, rows, A3.stride(2), A3.stride(1)
     else:
         n, r, stride_an, stride_ar = rows, cols, A3.stride(1), A3.stride(2)
-    args = (A3, C3, alpha, beta, n, r, batches, A3.stride(0), stride_an, stride_ar,
+    operand = A3
+    if A3.stride(2) != 1 or A3.stride(1) % 8 or A3.stride(0) % 8 or A3.data_ptr() % 16:
+        operand = A3.new_zeros(batches, rows, triton.cdiv(cols, 8) * 8)
+        operand[..., :cols] = A3
+    if config is None and _INTERPRET:
+        config = _gram_config(16, 16, 32)
+    # placeholder block shapes: the configuration's pre-hook sets the real ones
+    row_desc = TensorDescriptor.from_tensor(operand, [1, 8, 8])
+    col_desc = TensorDescriptor.from_tensor(operand, [1, 8, 8])
+    args = (row_desc, col_desc, A3, C3, alpha, beta, n, r, batches, A3.stride(0), stride_an, stride_ar,
             C3.stride(0), C3.stride(1), C3.stride(2))
 
     def grid(meta):
@@ -228,13 +260,12 @@ def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha:
         ratio = meta["BLOCK_M"] // meta["BLOCK_N"]
         return (ratio * tile_rows * (tile_rows + 1) // 2, batches)
 
-    if config is None and _INTERPRET:
-        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 32})
     if config is not None:
-        _symmetric_gram_kernel[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=_INTERPRET,
-                                     **config.all_kwargs())
+        _set_gram_blocks(dict(config.all_kwargs(), TRANSPOSED=transposed, row_desc=row_desc, col_desc=col_desc))
+        _symmetric_gram_kernel[grid](*args, TRANSPOSED=transposed, ADD_BETA_A=add_beta_a,
+                                     INTERPRETED=_INTERPRET, **config.all_kwargs())
     else:
-        _symmetric_gram_tuned[grid](*args, ADD_BETA_A=add_beta_a, INTERPRETED=False)
+        _symmetric_gram_tuned[grid](*args, TRANSPOSED=transposed, ADD_BETA_A=add_beta_a, INTERPRETED=False)
 
 
 def _check_gram_args(name: str, A: torch.Tensor, out: torch.Tensor, out_size: int) -> None:
@@ -618,6 +649,10 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 #   - 32-warp programs: 1450-1620 us.
 # - These did not pay: sigmoid from tanh in pass 1, one reciprocal for four logits, tanh on f16
 #   pairs, and register prefetching of the next block.
+# - Nor did keeping more of the row in L2 by hints (records/2026-11-23_h100_gram_split): evict_last
+#   on only the first 4-16 blocks of pass 1 took 1127 to 1140-1170 us, and an L2 set-aside for
+#   persisting accesses (cudaLimitPersistingL2CacheSize), where evict_last lines then live, made
+#   every variant slower (16 MiB: up to 1300 us, 31 MiB: 1510-1660 us).
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 

@@ -319,6 +319,7 @@ def gram_config_sweep(tk) -> list[str]:
     cases = [   # (label, A, out, transposed, add_beta_a, PyTorch form)
         ("XXT (5, 768, 768)", randn_bf16(5, 768, 768), False, False, lambda A: A @ A.mT),
         ("XTX (3, 3072, 768)", randn_bf16(3, 3072, 768), True, False, lambda A: A.mT @ A),
+        ("XTX (24, 3072, 768)", randn_bf16(24, 3072, 768), True, False, lambda A: A.mT @ A),
         ("ba_plus_cAA (5, 768, 768)", sym5, False, True, lambda A: torch.baddbmm(A, A, A, beta=-2.0, alpha=0.5)),
         ("ba_plus_cAA (3, 768, 768)", sym5[:3].contiguous(), False, True,
          lambda A: torch.baddbmm(A, A, A, beta=-2.0, alpha=0.5)),
