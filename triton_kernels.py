@@ -157,23 +157,13 @@ def _round_to_e5m2_grid(x):
 # at every shape.
 
 @triton.jit
-def _symmetric_gram_kernel(
-    row_desc, col_desc, a_ptr, c_ptr, alpha, beta,   # descriptors of A with blocks of BLOCK_M / BLOCK_N
-    n, r, num_batches,                      # num_batches: only an autotuning key (grid axis 1)
-    stride_ab, stride_an, stride_ar,        # of a_ptr (the unpadded A), read by ba_plus_cAA's epilogue
-    stride_cb, stride_cm, stride_cn,
-    TRANSPOSED: tl.constexpr,               # XTX: n indexes A's columns, r its rows
-    ADD_BETA_A: tl.constexpr,               # ba_plus_cAA epilogue: alpha * acc + beta * A
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
-):
-    alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
-    beta = tl.cast(beta, tl.float32)
-    tile_row, tile_col = _lower_triangle_tile(tl.program_id(0), BLOCK_M // BLOCK_N)
-    batch = tl.program_id(1)
-    row0 = tile_row * BLOCK_M
-    col0 = tile_col * BLOCK_N
+def _gram_tile_product(row_desc, col_desc, batch, row0, col0, r_begin, r_end, TRANSPOSED: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile at (row0, col0) of one matrix's Gram product, summed over
+    r in [r_begin, r_end)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, r, BLOCK_R):
+    for r0 in range(r_begin, r_end, BLOCK_R):
         if TRANSPOSED:
             x = row_desc.load([batch, r0, row0]).reshape(BLOCK_R, BLOCK_M)
             y = col_desc.load([batch, r0, col0]).reshape(BLOCK_R, BLOCK_N)
@@ -182,7 +172,15 @@ def _symmetric_gram_kernel(
             x = row_desc.load([batch, row0, r0]).reshape(BLOCK_M, BLOCK_R)
             y = col_desc.load([batch, col0, r0]).reshape(BLOCK_N, BLOCK_R)
             acc = _mma(acc, x, y.T, INTERPRETED)
+    return acc
 
+
+@triton.jit
+def _store_gram_tile(acc, a_ptr, c_ptr, alpha, beta, batch, row0, col0, n,
+                     stride_ab, stride_an, stride_ar, stride_cb, stride_cm, stride_cn,
+                     ADD_BETA_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     INTERPRETED: tl.constexpr):
+    """Write a finished tile of C in place and mirrored (ba_plus_cAA: alpha acc + beta A)."""
     batch = batch.to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
@@ -208,6 +206,29 @@ def _symmetric_gram_kernel(
     else:
         tl.store(c_tile, out, mask=in_bounds & (rows[:, None] >= cols[None, :]))
         tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds & (rows[None, :] > cols[:, None]))
+
+
+@triton.jit
+def _symmetric_gram_kernel(
+    row_desc, col_desc, a_ptr, c_ptr, alpha, beta,   # descriptors of A with blocks of BLOCK_M / BLOCK_N
+    n, r, num_batches,                      # num_batches: only an autotuning key (grid axis 1)
+    stride_ab, stride_an, stride_ar,        # of a_ptr (the unpadded A), read by ba_plus_cAA's epilogue
+    stride_cb, stride_cm, stride_cn,
+    TRANSPOSED: tl.constexpr,               # XTX: n indexes A's columns, r its rows
+    ADD_BETA_A: tl.constexpr,               # ba_plus_cAA epilogue: alpha * acc + beta * A
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
+    beta = tl.cast(beta, tl.float32)
+    tile_row, tile_col = _lower_triangle_tile(tl.program_id(0), BLOCK_M // BLOCK_N)
+    batch = tl.program_id(1)
+    row0 = tile_row * BLOCK_M
+    col0 = tile_col * BLOCK_N
+    acc = _gram_tile_product(row_desc, col_desc, batch, row0, col0, 0, r, TRANSPOSED,
+                             BLOCK_M, BLOCK_N, BLOCK_R, INTERPRETED)
+    _store_gram_tile(acc, a_ptr, c_ptr, alpha, beta, batch, row0, col0, n,
+                     stride_ab, stride_an, stride_ar, stride_cb, stride_cm, stride_cn,
+                     ADD_BETA_A, BLOCK_M, BLOCK_N, INTERPRETED)
 
 
 def _set_gram_blocks(nargs: dict) -> None:

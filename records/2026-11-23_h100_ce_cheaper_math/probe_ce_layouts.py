@@ -2,7 +2,8 @@
 P programs (partial sums exchanged through global memory, waiting or last-finisher), persistent
 grids, targets prefetched, cheaper arithmetic. T = 16384, V = 50304, K = 3. The arithmetic that
 landed in 62abd84 (P1 = 2, P2 = 3) is imported from triton_kernels.py; the baseline arithmetic
-(P1 = 0, P2 = 0) and the scalar target helper of the kernel before it are restated here."""
+(P1 = 0, P2 = 0) and the scalar target helper of the kernel before it are restated here, with
+helpers for K = 3 scalar targets that probe_ce_l2.py (records/2026-11-23_h100_gram_split) shares."""
 import statistics, sys, torch, triton, triton.language as tl
 sys.path.insert(0, ".")
 import os
@@ -17,6 +18,36 @@ def _mtp_target(row, k: tl.constexpr, targets_ptr, w_ptr, n_rows, n_cols):
     weight = tl.load(w_ptr + k)
     valid = has_row & (weight > 0) & (target >= 0) & (target < n_cols)
     return target, tl.where(valid, weight, 0.0)
+
+
+@triton.jit
+def _load_targets3(row, row_ptr, targets_ptr, w_ptr, n_rows, n_cols):
+    """The K = 3 targets of a row as scalars ("prefetched targets"): columns, weights, raw logits."""
+    t0, w0 = _mtp_target(row, 0, targets_ptr, w_ptr, n_rows, n_cols)
+    t1, w1 = _mtp_target(row, 1, targets_ptr, w_ptr, n_rows, n_cols)
+    t2, w2 = _mtp_target(row, 2, targets_ptr, w_ptr, n_rows, n_cols)
+    l0 = tl.load(row_ptr + t0, mask=w0 > 0, other=0.0).to(tl.float32)
+    l1 = tl.load(row_ptr + t1, mask=w1 > 0, other=0.0).to(tl.float32)
+    l2 = tl.load(row_ptr + t2, mask=w2 > 0, other=0.0).to(tl.float32)
+    return t0, t1, t2, w0, w1, w2, l0, l1, l2
+
+
+@triton.jit
+def _loss3(lse, w0, w1, w2, z0, z1, z2):
+    return tl.where(w0 > 0, w0 * (lse - z0), 0.0) + tl.where(w1 > 0, w1 * (lse - z1), 0.0) \
+        + tl.where(w2 > 0, w2 * (lse - z2), 0.0)
+
+
+@triton.jit
+def _store_target_grads3(grad_row_ptr, lse, weight_sum, grad_factor, t0, t1, t2, w0, w1, w2,
+                         z0, z1, z2, s0, s1, s2, col_lo, col_hi, INTERPRETED: tl.constexpr):
+    """The exact gradient of the 3 target columns inside [col_lo, col_hi)."""
+    dz0 = weight_sum * tl.exp(z0 - lse) - w0 - tl.where(t1 == t0, w1, 0.0) - tl.where(t2 == t0, w2, 0.0)
+    dz1 = weight_sum * tl.exp(z1 - lse) - w1 - tl.where(t0 == t1, w0, 0.0) - tl.where(t2 == t1, w2, 0.0)
+    dz2 = weight_sum * tl.exp(z2 - lse) - w2 - tl.where(t0 == t2, w0, 0.0) - tl.where(t1 == t2, w1, 0.0)
+    _store_e5m2(grad_row_ptr + t0, dz0 * s0 * (1.0 - s0) * grad_factor, (t0 >= col_lo) & (t0 < col_hi), False, INTERPRETED)
+    _store_e5m2(grad_row_ptr + t1, dz1 * s1 * (1.0 - s1) * grad_factor, (t1 >= col_lo) & (t1 < col_hi), False, INTERPRETED)
+    _store_e5m2(grad_row_ptr + t2, dz2 * s2 * (1.0 - s2) * grad_factor, (t2 >= col_lo) & (t2 < col_hi), False, INTERPRETED)
 
 
 @triton.jit
@@ -142,12 +173,7 @@ def _body(pid, logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr,
     col_hi = tl.minimum(b1 * BLOCK_V, n_cols)
 
     if PREFETCH_T:
-        t0, w0 = _mtp_target(row, 0, targets_ptr, w_ptr, n_rows, n_cols)
-        t1, w1 = _mtp_target(row, 1, targets_ptr, w_ptr, n_rows, n_cols)
-        t2, w2 = _mtp_target(row, 2, targets_ptr, w_ptr, n_rows, n_cols)
-        l0 = tl.load(row_ptr + t0, mask=w0 > 0, other=0.0).to(tl.float32)
-        l1 = tl.load(row_ptr + t1, mask=w1 > 0, other=0.0).to(tl.float32)
-        l2 = tl.load(row_ptr + t2, mask=w2 > 0, other=0.0).to(tl.float32)
+        t0, t1, t2, w0, w1, w2, l0, l1, l2 = _load_targets3(row, row_ptr, targets_ptr, w_ptr, n_rows, n_cols)
 
     sum_exp = tl.zeros((BLOCK_V // (4 if P1 == 4 else (2 if P1 == 2 else 1)),), dtype=tl.float32)
     for i in tl.range(b0, b1_full, loop_unroll_factor=U):
@@ -170,9 +196,7 @@ def _body(pid, logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr,
         z1, s1 = _softcap(l1)
         z2, s2 = _softcap(l2)
         if part == 0:
-            loss = tl.where(w0 > 0, w0 * (lse - z0), 0.0) + tl.where(w1 > 0, w1 * (lse - z1), 0.0) \
-                + tl.where(w2 > 0, w2 * (lse - z2), 0.0)
-            tl.store(losses_ptr + row, loss)
+            tl.store(losses_ptr + row, _loss3(lse, w0, w1, w2, z0, z1, z2))
         weight_sum = w0 + w1 + w2
     else:
         loss = 0.0
@@ -197,12 +221,8 @@ def _body(pid, logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr,
 
     tl.debug_barrier()
     if PREFETCH_T:
-        dz0 = weight_sum * tl.exp(z0 - lse) - w0 - tl.where(t1 == t0, w1, 0.0) - tl.where(t2 == t0, w2, 0.0)
-        dz1 = weight_sum * tl.exp(z1 - lse) - w1 - tl.where(t0 == t1, w0, 0.0) - tl.where(t2 == t1, w2, 0.0)
-        dz2 = weight_sum * tl.exp(z2 - lse) - w2 - tl.where(t0 == t2, w0, 0.0) - tl.where(t1 == t2, w1, 0.0)
-        _store_e5m2(grad_row_ptr + t0, dz0 * s0 * (1.0 - s0) * grad_factor, (t0 >= col_lo) & (t0 < col_hi), False, INTERP)
-        _store_e5m2(grad_row_ptr + t1, dz1 * s1 * (1.0 - s1) * grad_factor, (t1 >= col_lo) & (t1 < col_hi), False, INTERP)
-        _store_e5m2(grad_row_ptr + t2, dz2 * s2 * (1.0 - s2) * grad_factor, (t2 >= col_lo) & (t2 < col_hi), False, INTERP)
+        _store_target_grads3(grad_row_ptr, lse, weight_sum, grad_factor, t0, t1, t2, w0, w1, w2,
+                             z0, z1, z2, s0, s1, s2, col_lo, col_hi, INTERP)
     else:
         for k in tl.static_range(K):
             target, _ = _mtp_target(row, k, targets_ptr, w_ptr, n_rows, n_cols)
@@ -234,12 +254,7 @@ def _lf_kernel(logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr,
     b1 = (part + 1) * n_blocks_all // P
     b1_full = tl.minimum(b1, n_full_blocks)
     tail = cols < n_cols - n_full
-    t0, w0 = _mtp_target(row, 0, targets_ptr, w_ptr, n_rows, n_cols)
-    t1, w1 = _mtp_target(row, 1, targets_ptr, w_ptr, n_rows, n_cols)
-    t2, w2 = _mtp_target(row, 2, targets_ptr, w_ptr, n_rows, n_cols)
-    l0 = tl.load(row_ptr + t0, mask=w0 > 0, other=0.0).to(tl.float32)
-    l1 = tl.load(row_ptr + t1, mask=w1 > 0, other=0.0).to(tl.float32)
-    l2 = tl.load(row_ptr + t2, mask=w2 > 0, other=0.0).to(tl.float32)
+    t0, t1, t2, w0, w1, w2, l0, l1, l2 = _load_targets3(row, row_ptr, targets_ptr, w_ptr, n_rows, n_cols)
 
     sum_exp = tl.zeros((BLOCK_V // (4 if P1 == 4 else (2 if P1 == 2 else 1)),), dtype=tl.float32)
     for i in tl.range(b0, b1_full, loop_unroll_factor=U):
@@ -255,9 +270,7 @@ def _lf_kernel(logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr,
         z0, s0 = _softcap(l0)
         z1, s1 = _softcap(l1)
         z2, s2 = _softcap(l2)
-        loss = tl.where(w0 > 0, w0 * (lse - z0), 0.0) + tl.where(w1 > 0, w1 * (lse - z1), 0.0) \
-            + tl.where(w2 > 0, w2 * (lse - z2), 0.0)
-        tl.store(losses_ptr + row, loss)
+        tl.store(losses_ptr + row, _loss3(lse, w0, w1, w2, z0, z1, z2))
         weight_sum = w0 + w1 + w2
         lse_shift = (11.5 - lse) * _LOG2E
         scale = 0.25 * weight_sum * grad_factor
@@ -273,12 +286,8 @@ def _lf_kernel(logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr,
             logits = tl.load(row_ptr + c0 + cols, eviction_policy="evict_first").to(tl.float32)
             _store_e5m2(grad_row_ptr + c0 + cols, _p2(logits, lse_shift, scale, P2), None, True, INTERP)
         tl.debug_barrier()
-        dz0 = weight_sum * tl.exp(z0 - lse) - w0 - tl.where(t1 == t0, w1, 0.0) - tl.where(t2 == t0, w2, 0.0)
-        dz1 = weight_sum * tl.exp(z1 - lse) - w1 - tl.where(t0 == t1, w0, 0.0) - tl.where(t2 == t1, w2, 0.0)
-        dz2 = weight_sum * tl.exp(z2 - lse) - w2 - tl.where(t0 == t2, w0, 0.0) - tl.where(t1 == t2, w1, 0.0)
-        _store_e5m2(grad_row_ptr + t0, dz0 * s0 * (1.0 - s0) * grad_factor, (t0 >= 0) & (t0 < n_cols), False, INTERP)
-        _store_e5m2(grad_row_ptr + t1, dz1 * s1 * (1.0 - s1) * grad_factor, (t1 >= 0) & (t1 < n_cols), False, INTERP)
-        _store_e5m2(grad_row_ptr + t2, dz2 * s2 * (1.0 - s2) * grad_factor, (t2 >= 0) & (t2 < n_cols), False, INTERP)
+        _store_target_grads3(grad_row_ptr, lse, weight_sum, grad_factor, t0, t1, t2, w0, w1, w2,
+                             z0, z1, z2, s0, s1, s2, 0, n_cols, INTERP)
 
 
 if __name__ == '__main__':

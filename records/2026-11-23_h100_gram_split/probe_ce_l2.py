@@ -8,7 +8,6 @@ a GPU: python3 probe_ce_l2.py setaside|targets."""
 import ctypes
 import glob
 import os
-import statistics
 import sys
 
 import torch
@@ -16,7 +15,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, ".")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "2026-11-23_h100_ce_cheaper_math"))
 import triton_kernels as tk
+from probe_ce_layouts import _load_targets3, _loss3, _store_target_grads3
+from probe_gram import graph_us
 from triton_kernels import _LOG2E, _grad_terms, _lse_terms, _mtp_targets, _softcap, _store_e5m2
 
 
@@ -33,12 +36,7 @@ def _kernel(logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, st
     n_full = n_blocks * BLOCK_V
     tail = cols < n_cols - n_full
     if TARGETS == 2:    # K = 3 scalars, their logits loaded now, soft-capped after pass 1
-        t0, w0 = _mtp_target(row, 0, targets_ptr, w_ptr, n_rows, n_cols)
-        t1, w1 = _mtp_target(row, 1, targets_ptr, w_ptr, n_rows, n_cols)
-        t2, w2 = _mtp_target(row, 2, targets_ptr, w_ptr, n_rows, n_cols)
-        l0 = tl.load(row_ptr + t0, mask=w0 > 0, other=0.0).to(tl.float32)
-        l1 = tl.load(row_ptr + t1, mask=w1 > 0, other=0.0).to(tl.float32)
-        l2 = tl.load(row_ptr + t2, mask=w2 > 0, other=0.0).to(tl.float32)
+        t0, t1, t2, w0, w1, w2, l0, l1, l2 = _load_targets3(row, row_ptr, targets_ptr, w_ptr, n_rows, n_cols)
     else:
         target, weight = _mtp_targets(row, targets_ptr, w_ptr, n_rows, n_cols, K, K_POW2)
         in_row = (target >= 0) & (target < n_cols)
@@ -70,9 +68,7 @@ def _kernel(logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, st
         z0, s0 = _softcap(l0)
         z1, s1 = _softcap(l1)
         z2, s2 = _softcap(l2)
-        loss = tl.where(w0 > 0, w0 * (lse - z0), 0.0) + tl.where(w1 > 0, w1 * (lse - z1), 0.0) \
-            + tl.where(w2 > 0, w2 * (lse - z2), 0.0)
-        tl.store(losses_ptr + row, loss)
+        tl.store(losses_ptr + row, _loss3(lse, w0, w1, w2, z0, z1, z2))
         weight_sum = w0 + w1 + w2
     else:
         if TARGETS == 1:
@@ -94,25 +90,13 @@ def _kernel(logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, st
         _store_e5m2(grad_row_ptr + c0 + cols, g, None, True, False)
     tl.debug_barrier()
     if TARGETS == 2:
-        dz0 = weight_sum * tl.exp(z0 - lse) - w0 - tl.where(t1 == t0, w1, 0.0) - tl.where(t2 == t0, w2, 0.0)
-        dz1 = weight_sum * tl.exp(z1 - lse) - w1 - tl.where(t0 == t1, w0, 0.0) - tl.where(t2 == t1, w2, 0.0)
-        dz2 = weight_sum * tl.exp(z2 - lse) - w2 - tl.where(t0 == t2, w0, 0.0) - tl.where(t1 == t2, w1, 0.0)
-        _store_e5m2(grad_row_ptr + t0, dz0 * s0 * (1.0 - s0) * grad_factor, (t0 >= 0) & (t0 < n_cols), False, False)
-        _store_e5m2(grad_row_ptr + t1, dz1 * s1 * (1.0 - s1) * grad_factor, (t1 >= 0) & (t1 < n_cols), False, False)
-        _store_e5m2(grad_row_ptr + t2, dz2 * s2 * (1.0 - s2) * grad_factor, (t2 >= 0) & (t2 < n_cols), False, False)
+        _store_target_grads3(grad_row_ptr, lse, weight_sum, grad_factor, t0, t1, t2, w0, w1, w2,
+                             z0, z1, z2, s0, s1, s2, 0, n_cols, False)
     else:
         same_column = target[:, None] == target[None, :]
         dz = weight_sum * tl.exp(z_target - lse) - tl.sum(tl.where(same_column, weight[None, :], 0.0), axis=1)
         _store_e5m2(grad_row_ptr + target, dz * s_target * (1.0 - s_target) * grad_factor, in_row, False, False)
 
-
-@triton.jit
-def _mtp_target(row, k: tl.constexpr, targets_ptr, w_ptr, n_rows, n_cols):
-    has_row = row + k < n_rows
-    target = tl.load(targets_ptr + row + k, mask=has_row, other=-1)
-    weight = tl.load(w_ptr + k)
-    valid = has_row & (weight > 0) & (target >= 0) & (target < n_cols)
-    return target, tl.where(valid, weight, 0.0)
 
 
 def launch(logits, targets, w, grad_scale, protect, dummy=False, targets_mode=0):
@@ -143,28 +127,6 @@ def set_persisting_l2(lib, nbytes):
     return status, value.value
 
 
-def graph_us(fn, calls=20, rounds=5):
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times), times
-
-
 def setup():
     torch.manual_seed(0)
     T, V = 16384, 50304
@@ -178,7 +140,7 @@ def setup():
 
 
 def report(label, fn, n_bytes):
-    median, times = graph_us(fn)
+    median, times = graph_us(fn, rounds=5)
     print(f"| {label} | {median:.0f} us ({' '.join(f'{t:.0f}' for t in times)}) | "
           f"{n_bytes / median / 1e3:.0f} GB/s | {n_bytes / median / 1e3 / 3000:.0%} |", flush=True)
 

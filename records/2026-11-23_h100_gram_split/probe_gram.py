@@ -1,8 +1,10 @@
 """Probe: symmetric Gram kernels with TMA operand loads and the reduction split over SPLIT programs
-(the last of a tile's programs to finish adds the partial sums and stores the tile). Compares
-tilings against the landed pointer kernel and cuBLAS at the optimizer's shapes. Run from the
-repository root on a GPU: python3 probe_gram.py round1|round2 (the tiling lists of the two
-outputs), or under TRITON_INTERPRET=1 for a correctness check at small sizes."""
+(the last of a tile's programs to finish adds the partial sums and stores the tile). The tile
+product and the stores are triton_kernels' own. Compares tilings against the landed kernel and
+cuBLAS at the optimizer's shapes; "landed" was the pointer-load kernel of 18268b8 when the recorded
+outputs were made, and is the TMA kernel since f6c2ab3.
+Run from the repository root on a GPU: python3 probe_gram.py round1|round2 (the tiling lists of
+the two outputs), or under TRITON_INTERPRET=1 for a correctness check at small sizes."""
 import os
 import statistics
 import sys
@@ -14,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, ".")
 import triton_kernels as tk
-from triton_kernels import _lower_triangle_tile, _mma, _to_bf16
+from triton_kernels import _gram_tile_product, _lower_triangle_tile, _store_gram_tile
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERP else "cuda"
@@ -26,6 +28,7 @@ def _gram_kernel(a_desc, b_desc, c_ptr, a_ptr, ws_ptr, counter_ptr, alpha, beta,
                  TRANSPOSED: tl.constexpr, ADD_BETA_A: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  INTERPRETED: tl.constexpr):
+    """The landed kernel's tile product and stores, with the reduction split over SPLIT programs."""
     alpha = tl.cast(alpha, tl.float32)
     beta = tl.cast(beta, tl.float32)
     tile = tl.program_id(0) // SPLIT
@@ -36,22 +39,10 @@ def _gram_kernel(a_desc, b_desc, c_ptr, a_ptr, ws_ptr, counter_ptr, alpha, beta,
     col0 = tile_col * BLOCK_N
     r_part = tl.cdiv(tl.cdiv(r, BLOCK_R), SPLIT) * BLOCK_R
     r_begin = part * r_part
-    r_end = tl.minimum(r, r_begin + r_part)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(r_begin, r_end, BLOCK_R):
-        if TRANSPOSED:
-            x = a_desc.load([batch, r0, row0]).reshape(BLOCK_R, BLOCK_M)
-            y = b_desc.load([batch, r0, col0]).reshape(BLOCK_R, BLOCK_N)
-            acc = _mma(acc, x.T, y, INTERPRETED)
-        else:
-            x = a_desc.load([batch, row0, r0]).reshape(BLOCK_M, BLOCK_R)
-            y = b_desc.load([batch, col0, r0]).reshape(BLOCK_N, BLOCK_R)
-            acc = _mma(acc, x, y.T, INTERPRETED)
-
-    rows = row0 + tl.arange(0, BLOCK_M)
-    cols = col0 + tl.arange(0, BLOCK_N)
+    acc = _gram_tile_product(a_desc, b_desc, batch, row0, col0, r_begin, tl.minimum(r, r_begin + r_part),
+                             TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_R, INTERPRETED)
     last = True
-    if SPLIT > 1:
+    if SPLIT > 1:   # partial sums through a workspace; the tile's last program adds them in order
         slot = batch * tl.num_programs(0) // SPLIT + tile
         tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         ws = ws_ptr + slot.to(tl.int64) * (SPLIT * BLOCK_M * BLOCK_N) + tile_offsets
@@ -66,25 +57,9 @@ def _gram_kernel(a_desc, b_desc, c_ptr, a_ptr, ws_ptr, counter_ptr, alpha, beta,
                 acc += tl.load(ws + p * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
             tl.store(counter_ptr + slot, 0)
     if last:
-        c_ptr += batch.to(tl.int64) * stride_cb
-        in_bounds = (rows[:, None] < n) & (cols[None, :] < n)
-        if ADD_BETA_A:
-            a_ptr += batch.to(tl.int64) * stride_ab
-            a_tile = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_an + cols[None, :] * stride_ar,
-                             mask=in_bounds, other=0.0)
-            acc = alpha * acc + beta * a_tile.to(tl.float32)
-        out = _to_bf16(acc, INTERPRETED)
-        c_tile = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
-        c_mirror = c_ptr + cols[:, None].to(tl.int64) * stride_cm + rows[None, :] * stride_cn
-        mirror_in_bounds = (cols[:, None] < n) & (rows[None, :] < n)
-        if tile_row * BLOCK_M >= (tile_col + 1) * BLOCK_N:
-            tl.store(c_tile, out, mask=in_bounds)
-            tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds)
-        elif BLOCK_M == BLOCK_N:
-            tl.store(c_tile, tl.where(rows[:, None] >= cols[None, :], out, tl.trans(out)), mask=in_bounds)
-        else:
-            tl.store(c_tile, out, mask=in_bounds & (rows[:, None] >= cols[None, :]))
-            tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds & (rows[None, :] > cols[:, None]))
+        _store_gram_tile(acc, a_ptr, c_ptr, alpha, beta, batch, row0, col0, n,
+                         stride_ab, stride_an, stride_ar, stride_cb, stride_cm, stride_cn,
+                         ADD_BETA_A, BLOCK_M, BLOCK_N, INTERPRETED)
 
 
 _COUNTERS = {}
@@ -114,6 +89,7 @@ def gram(A, out, transposed, alpha=1.0, beta=0.0, add_beta_a=False, BLOCK_M=128,
 
 
 def graph_us(fn, calls=20, rounds=7):
+    """Median and per-round microseconds per call of fn replayed from a CUDA graph."""
     fn()
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -132,7 +108,7 @@ def graph_us(fn, calls=20, rounds=7):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return statistics.median(times), times
 
 
 def main():
@@ -191,7 +167,7 @@ def main():
                 sym = torch.equal(result, result.mT)
                 cell = f"err {err:.1e}{'' if sym else ' ASYM'}"
                 if not INTERP:
-                    cell = f"{graph_us(lambda: run(config, A, out, transposed, add)):.1f} ({cell})"
+                    cell = f"{graph_us(lambda: run(config, A, out, transposed, add))[0]:.1f} ({cell})"
             except Exception as error:
                 cell = f"fail: {type(error).__name__}: {str(error).splitlines()[0][:60]}"
             row.append(cell)
