@@ -382,10 +382,12 @@ def check_mtp_kernel(T, V, w, device, invalid_target=False):
     # < 2^-10, so < 1% on the value) more still, to the neighbouring code; never further.
     assert steps.max().item() <= 1
     assert steps.float().mean().item() < (0.05 if device == "cuda" else 1e-3)
-    # the target columns, where S_w p - w cancels, are computed exactly on every device
+    # the target columns, where S_w p - w cancels, are computed exactly on every device (an
+    # invalid target names no column: the clamped index would land on an ordinary one)
     for k in range(w.numel()):
-        cols = targets[k:].clamp(0, V - 1)
-        at_targets = steps[torch.arange(T - k, device=device), cols]
+        later = targets[k:]
+        valid = (later >= 0) & (later < V)
+        at_targets = steps[torch.arange(T - k, device=device)[valid], later[valid]]
         assert at_targets.float().mean().item() < 1e-3
 
 
