@@ -674,6 +674,9 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 #   on only the first 4-16 blocks of pass 1 took 1127 to 1140-1170 us, and an L2 set-aside for
 #   persisting accesses (cudaLimitPersistingL2CacheSize), where evict_last lines then live, made
 #   every variant slower (16 MiB: up to 1300 us, 31 MiB: 1510-1660 us).
+# - Nor did persistent programs that interleave pass 1 of their next row with pass 2 of the
+#   current one (records/2026-11-23_h100_ce_pipelined): carrying both passes needs 64 registers,
+#   so only half the warps fit, and they took 1330-1660 us.
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
