@@ -3,7 +3,8 @@ block by block with pass 2 of row r (P programs). Each program then keeps about 
 logits in L2 at any time, and its instruction stream always mixes both passes' loads, stores and
 arithmetic. T = 16384, V = 50304, K = 3; GPU-only times (CUDA graph replays).
 Run from the repository root: python3 records/2026-11-23_h100_ce_pipelined/probe_ce_pipelined.py
-(TRITON_INTERPRET=1 on a CPU: a small correctness check against the landed kernel only)."""
+(TRITON_INTERPRET=1 on a CPU: a small correctness check against the landed kernel only).
+The inputs and the timer are those of ../2026-11-23_h100_gram_split/probe_ce_l2.py and probe_gram.py."""
 import os
 import sys
 
@@ -14,6 +15,7 @@ import triton.language as tl
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "2026-11-23_h100_gram_split"))
 import triton_kernels as tk
+from probe_ce_l2 import setup
 from probe_gram import graph_us
 from triton_kernels import _LOG2E, _grad_terms, _lse_terms, _mtp_targets, _softcap, _store_e5m2
 
@@ -175,15 +177,8 @@ def main_cpu():
 
 
 def main_gpu():
-    torch.manual_seed(0)
-    T, V = 16384, 50304
-    targets = torch.randint(0, V, (T,), device="cuda")
-    w = torch.tensor([1.0, 0.5, 0.25], device="cuda")
-    logits = (torch.randn(T, V, device="cuda") * 3.0).bfloat16()
-    grad_scale = 0.75 / 448
-    props = torch.cuda.get_device_properties(0)
-    sms = props.multi_processor_count
-    print(f"{props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    logits, targets, w, grad_scale = setup()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     ref = tk.softcapped_mtp_losses_and_grad(logits, targets, w, grad_scale)
     variants = [("landed kernel", lambda: tk.softcapped_mtp_losses_and_grad(logits, targets, w, grad_scale))]
     for per_sm, block_v, warps, unroll, evict, maxnreg in (
