@@ -647,11 +647,15 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 #   d = 1 + 2^(-(l + 5) log2(e) / 7.5). Neighbouring logits share a reciprocal:
 #   1 / d_a = d_b / (d_a d_b) and 1 / d_b = d_a / (d_a d_b).
 # - Pass 2, rounded to 2 mantissa bits, takes the sigmoid from the hardware tanh (relative error
-#   below 2^-10) and the exponential from a polynomial on the FMA units (relative error 7.5e-5).
+#   below 2^-10) and the exponential from a polynomial on the FMA units (relative error 7.5e-5),
+#   whose coefficients carry the row's factor and the fraction of its lse shift.
 #   The K target columns, where dz can cancel, are then rewritten with exact values.
 # - The targets and their logits are loaded before pass 1, which hides their latency.
 # The hardware ex2 / rcp are the approximate ones without denormal handling (relative error
-# ~2^-22), and every affine argument is folded into one FMA.
+# ~2^-22), and every affine argument is folded into one FMA. The instruction count matters too
+# (below): a bf16 logit is widened by one integer instruction, pass 1 clamps logits on bf16
+# pairs, and the unrolled pass-2 blocks share one 64-bit base address. That is 10.5 instructions
+# per logit in pass 1 and 14 in pass 2 (SASS of the loops, Triton 3.6), from 12 and 17.6.
 #
 # Measured on an H100 at T = 16k (records/2026-11-23_h100_ce_cheaper_math):
 # - Keeping the row cached between the passes is what matters most. Eviction hints (pass-1 reads
@@ -660,8 +664,8 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 # - In probes, prefetching the targets took 1162 to 1124 us, and the shared reciprocal and the
 #   polynomial took it to 1068 us. The benchmark gives 1149 -> 1116 us for the landed kernel.
 # - Even so, Nsight Compute counts 2.16 GB read from memory for the 1.65 GB of logits. Pass 2
-#   finds the end of the row in L1, but its start is gone from L2 too (4 rows of 100 KB per SM,
-#   about 37 us per row).
+#   finds the end of the row in L1, but its start is gone from L2 too (3 rows of 100 KB per SM,
+#   about 27 us per row).
 # - Layouts with fewer rows in flight read only 1.66-1.72 GB but were slower, because they hide
 #   less arithmetic:
 #   - persistent grids of 2-3 programs per SM: 1160-1350 us;
@@ -677,6 +681,9 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 # - Nor did persistent programs that interleave pass 1 of their next row with pass 2 of the
 #   current one (records/2026-11-23_h100_ce_pipelined): carrying both passes needs 64 registers,
 #   so only half the warps fit, and they took 1330-1660 us.
+# - Fewer instructions (records/2026-11-23_h100_ce_fewer_instructions) took 1112 to 1056 us on
+#   one H100 (1135 to 1069 us at its 700 W power limit, which this kernel reaches within a
+#   second); another H100 ran the kernel at 1029 us before and after.
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -706,6 +713,28 @@ def _rcp(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _bf16_to_f32(x, INTERPRETED: tl.constexpr):
+    """x.to(float32) of bf16 x; on the GPU one integer instruction per value, taking two values
+    from one 32-bit register (the compiler's conversion spends two on the upper one)."""
+    if INTERPRETED:
+        return x.to(tl.float32)
+    return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r",
+                                     [x], dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _bf16_to_f32_above_m300(x, INTERPRETED: tl.constexpr):
+    """max(x, -300).to(float32) of bf16 x, NaN kept; on the GPU one maximum for two values, taken
+    on the bf16 pair (-300 is 0xC396 in bf16)."""
+    if INTERPRETED:
+        return tl.maximum(x.to(tl.float32), -300.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 c; mov.b32 c, 0xC396C396; max.NaN.bf16x2 c, $2, c; "
+        "shl.b32 $0, c, 16; and.b32 $1, c, 0xffff0000; }",
+        "=r,=r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
 def _tanh(x, INTERPRETED: tl.constexpr):
     """tanh(x); on the GPU tanh.approx (relative error below 2^-10)."""
     if INTERPRETED:
@@ -715,36 +744,40 @@ def _tanh(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _exp2_poly(x):
-    """2^x for -125 <= x <= 127 on the FMA units, relative error 7.5e-5. x + 1.5 * 2^23 rounds x to
-    the integer n held in its low mantissa bits, which shifted into the exponent field scale
-    2^(x - n), x - n in [-1/2, 1/2], given by a degree-3 polynomial fitted for relative error."""
-    r = x + 12582912.0
-    f = x - (r - 12582912.0)
-    p = ((0.05517084 * f + 0.24260935) * f + 0.69326096) * f + 0.99992818
+def _scaled_exp2_poly(a, x, exponent_base, coefficients):
+    """c 2^(a x + e) on the FMA units (relative error 7.5e-5), given exponent_base = floor(e) +
+    1.5 * 2^23 and the coefficients of the degree-3 polynomial fitted to 2^f on [-1/2, 1/2] (for
+    relative error) times c 2^(e - floor(e)). a x + exponent_base rounds to the integer grid of
+    its binade, so r holds n = floor(e) + round(a x) in its low mantissa bits, f = a x - round(a x)
+    comes exactly from r, and n shifted into the exponent field scales the polynomial. c 2^(a x + e)
+    must be a normal float."""
+    c3, c2, c1, c0 = coefficients
+    r = a * x + exponent_base
+    f = a * x + (exponent_base - r)
+    p = ((c3 * f + c2) * f + c1) * f + c0
     bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _sigmoid_denominator(logits, INTERPRETED: tl.constexpr):
-    """1 + 2^(-(l + 5) log2(e) / 7.5) = 1 / sigmoid((l + 5) / 7.5), its exponent clamped at 60 so
-    that the product of two stays finite (below l = -317, where the sigmoid is under 2^-60 and
-    exp(z - 23) no longer depends on it)."""
-    return 1.0 + _ex2(tl.minimum(logits * (-_LOG2E / 7.5) - 5.0 * _LOG2E / 7.5, 60.0), INTERPRETED)
+    """1 + 2^(-(l + 5) log2(e) / 7.5) = 1 / sigmoid((l + 5) / 7.5); below 2^57 for l >= -300, so
+    that the product of two stays finite."""
+    return 1.0 + _ex2(logits * (-_LOG2E / 7.5) - 5.0 * _LOG2E / 7.5, INTERPRETED)
 
 
 @triton.jit
 def _lse_terms(logits, valid, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
-    """exp(z - 23) = 2^(23 log2(e) (s - 1)) of a block of logits, summed over neighbouring pairs
-    (BLOCK / 2 values), with one reciprocal per pair; where `valid` is False (if MASKED) the
-    terms are 0."""
-    la, lb = tl.split(tl.reshape(logits, (logits.shape[0] // 2, 2)))
+    """exp(z - 23) = 2^(23 log2(e) (s - 1)) of a block of bf16 logits, summed over neighbouring
+    pairs (BLOCK / 2 values), with one reciprocal per pair; where `valid` is False (if MASKED) the
+    terms are 0. Logits below -300 count as -300: the sigmoid is then under 2^-56, and exp(z - 23)
+    equals exp(-23) in fp32 either way."""
+    la, lb = tl.split(tl.reshape(_bf16_to_f32_above_m300(logits, INTERPRETED), (logits.shape[0] // 2, 2)))
     da = _sigmoid_denominator(la, INTERPRETED)
     db = _sigmoid_denominator(lb, INTERPRETED)
-    r = _rcp(da * db, INTERPRETED)
-    ta = _ex2((db * r) * (23.0 * _LOG2E) - 23.0 * _LOG2E, INTERPRETED)
-    tb = _ex2((da * r) * (23.0 * _LOG2E) - 23.0 * _LOG2E, INTERPRETED)
+    r = _rcp(da * db, INTERPRETED) * (23.0 * _LOG2E)
+    ta = _ex2(db * r - 23.0 * _LOG2E, INTERPRETED)
+    tb = _ex2(da * r - 23.0 * _LOG2E, INTERPRETED)
     if MASKED:
         va, vb = tl.split(tl.reshape(valid, (logits.shape[0] // 2, 2)))
         ta = tl.where(va, ta, 0.0)
@@ -753,12 +786,29 @@ def _lse_terms(logits, valid, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _grad_terms(logits, lse_shift, scale, INTERPRETED: tl.constexpr):
-    """scale p (1 - t^2) for every column, as if none were a target: with t = tanh((l + 5) / 15)
-    = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) = 2^(11.5 log2(e) t + lse_shift).
-    The exponent lies in [-(23 + ln V) log2(e), 0], inside _exp2_poly's range for any V."""
-    t = _tanh(logits * (0.5 / 7.5) + 2.5 / 7.5, INTERPRETED)
-    return _exp2_poly(t * (11.5 * _LOG2E) + lse_shift) * (1.0 - t * t) * scale
+def _grad_row_constants(lse, scale):
+    """The per-row constants of _grad_terms for the row's lse and factor scale >= 0 (scalars):
+    the affine map of the logits inside the tanh, and _scaled_exp2_poly's exponent_base and
+    coefficients for the shift lse_shift = (11.5 - lse) log2(e) and the factor scale. A row with
+    scale 0 (no valid target) maps every logit to t = tanh(20) = 1, where 1 - t^2, and so the
+    gradient, is exactly 0 (the exponent shift cannot give 0)."""
+    has_grad = scale > 0
+    lse_shift = (11.5 - lse) * _LOG2E
+    n = tl.floor(lse_shift)
+    c = tl.where(has_grad, scale, 1.0) * tl.exp2(lse_shift - n)
+    tanh_a = tl.where(has_grad, 0.5 / 7.5, 0.0)
+    tanh_b = tl.where(has_grad, 2.5 / 7.5, 20.0)
+    return tanh_a, tanh_b, n + 12582912.0, (0.05517084 * c, 0.24260935 * c, 0.69326096 * c, 0.99992818 * c)
+
+
+@triton.jit
+def _grad_terms(logits, row_constants, INTERPRETED: tl.constexpr):
+    """scale p (1 - t^2) for every column of a block of bf16 logits, as if none were a target:
+    with t = tanh((l + 5) / 15) = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) =
+    2^(11.5 log2(e) t + lse_shift). The exponent lies in [-(23 + ln V) log2(e), 0]."""
+    tanh_a, tanh_b, exponent_base, coefficients = row_constants
+    t = _tanh(_bf16_to_f32(logits, INTERPRETED) * tanh_a + tanh_b, INTERPRETED)
+    return _scaled_exp2_poly(11.5 * _LOG2E, t, exponent_base, coefficients) * (1.0 - t * t)
 
 
 @triton.jit
@@ -807,10 +857,10 @@ def _mtp_ce_kernel(
     # pass 1: log-sum-exp of the row, then the loss. The row is kept in L2 for pass 2.
     sum_exp = tl.zeros((BLOCK_V // 2,), dtype=tl.float32)
     for i in tl.range(0, n_blocks, loop_unroll_factor=4):
-        logits = tl.load(row_ptr + i * BLOCK_V + cols, eviction_policy="evict_last").to(tl.float32)
+        logits = tl.load(row_ptr + i * BLOCK_V + cols, eviction_policy="evict_last")
         sum_exp += _lse_terms(logits, tail, False, INTERPRETED)
     if n_full < n_cols:
-        logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0).to(tl.float32)
+        logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0)
         sum_exp += _lse_terms(logits, tail, True, INTERPRETED)
     lse = 23.0 + tl.log(tl.sum(sum_exp, axis=0))
     tl.store(losses_ptr + row, tl.sum(tl.where(weight > 0, weight * (lse - z_target), 0.0), axis=0))
@@ -819,17 +869,18 @@ def _mtp_ce_kernel(
     # pass 2: the gradient of every column as if none were a target, walking the row backwards
     # so that the blocks pass 1 read last, the likeliest to be still cached, come first. Its
     # reads are the row's last use and its writes are not read here, so both leave L2 first.
-    lse_shift = (11.5 - lse) * _LOG2E
-    scale = 0.25 * weight_sum * grad_factor
+    row_constants = _grad_row_constants(lse, 0.25 * weight_sum * grad_factor)
     if n_full < n_cols:
-        logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0).to(tl.float32)
-        _store_e5m2(grad_row_ptr + n_full + cols, _grad_terms(logits, lse_shift, scale, INTERPRETED),
-                    tail, True, INTERPRETED)
+        logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0)
+        _store_e5m2(grad_row_ptr + n_full + cols, _grad_terms(logits, row_constants, INTERPRETED), tail, True,
+                    INTERPRETED)
     for i in tl.range(0, n_blocks, loop_unroll_factor=4):
-        c0 = (n_blocks - 1 - i) * BLOCK_V     # a product with BLOCK_V: the loads stay vectorised
-        logits = tl.load(row_ptr + c0 + cols, eviction_policy="evict_first").to(tl.float32)
-        _store_e5m2(grad_row_ptr + c0 + cols, _grad_terms(logits, lse_shift, scale, INTERPRETED),
-                    None, True, INTERPRETED)
+        # a product with BLOCK_V keeps the loads vectorised; in 64 bits, the unrolled blocks'
+        # addresses are one base with constant offsets
+        c0 = (n_blocks - 1 - i).to(tl.int64) * BLOCK_V
+        logits = tl.load((row_ptr + c0) + cols, eviction_policy="evict_first")
+        _store_e5m2((grad_row_ptr + c0) + cols, _grad_terms(logits, row_constants, INTERPRETED), None, True,
+                    INTERPRETED)
 
     # then the exact gradient in the target columns overwrites pass 2's (after a barrier, which
     # orders the program's global stores); a column that is the target of several k gets the
@@ -842,10 +893,16 @@ def _mtp_ce_kernel(
 
 
 # One program streams one row: 2048 columns over 16 warps, 4 per thread, loops unrolled 4 times
-# (4 loads per thread in flight at full occupancy, 32 registers). Measured on an H100 at
+# (4 loads per thread in flight; 40 registers, 3 programs per SM). Measured on an H100 at
 # V = 50304: 15-25% faster than 1024 x 4, 2048 x 8 and the 32-warp tilings; 4096 x 16 is as fast.
 _CE_TILE = dict(BLOCK_V=2048, num_warps=16)
 _CE_INTERPRETED_TILE = dict(BLOCK_V=256)
+
+
+def _check_grad_scale(name: str, grad_scale: float) -> None:
+    # the kernel builds gradients by exponent arithmetic that assumes normal fp32 values
+    if not 2.0 ** -60 <= grad_scale <= 2.0 ** 60:
+        raise ValueError(f"{name}: grad_scale must lie in [2^-60, 2^60], got {grad_scale}")
 
 
 def _check_mtp_args(name: str, logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor) -> None:
@@ -890,8 +947,7 @@ def softcapped_mtp_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     and fp32 weights (K,), K >= 1 (1..3 in the speedrun)."""
     name = "softcapped_mtp_losses_and_grad"
     _check_mtp_args(name, logits, targets, mtp_weights)
-    if not grad_scale > 0:
-        raise ValueError(f"{name}: grad_scale must be positive, got {grad_scale}")
+    _check_grad_scale(name, grad_scale)
     return _mtp_ce_op(logits, targets, mtp_weights, float(grad_scale))
 
 
@@ -969,9 +1025,10 @@ def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_wei
     if mtp_weights.dim() != 1 or mtp_weights.numel() < 1:
         raise ValueError(f"{name}: mtp_weights must be 1-D with at least one entry (K), "
                          f"got shape {tuple(mtp_weights.shape)}")
-    for arg, value in (("x_scale", x_scale), ("w_scale", w_scale), ("grad_scale", grad_scale)):
+    for arg, value in (("x_scale", x_scale), ("w_scale", w_scale)):
         if not value > 0:
             raise ValueError(f"{name}: {arg} must be positive, got {value}")
+    _check_grad_scale(name, grad_scale)
     return _SoftcappedMTPCrossEntropy.apply(h.contiguous(), targets, mtp_weights, W_head.contiguous(),
                                             float(x_scale), float(w_scale), float(grad_scale))
 

@@ -408,6 +408,38 @@ def test_mtp_kernel_whole_blocks():
     check_mtp_kernel(21, 4096 if DEV == "cuda" else 512, [1.0, 0.5, 0.25], DEV)
 
 
+def test_mtp_kernel_extreme_and_nan_logits():
+    # pass 1 counts logits below -300 as -300; infinities saturate the soft cap, and a NaN
+    # anywhere in a row must reach that row's loss (the training loop stops on a NaN loss)
+    T, V = 9, 600
+    logits = (torch.randn(T, V, device=DEV) * 4).bfloat16()
+    extremes = torch.tensor([-float("inf"), -1e4, -350.0, -300.5, 300.0, 1e4, float("inf")], device=DEV)
+    columns = torch.randperm(V, device=DEV)[:4 * extremes.numel()]
+    logits[:T - 1, columns] = extremes.repeat(4).bfloat16()
+    nan_row = T - 1
+    logits[nan_row, 7] = float("nan")
+    targets = torch.randint(0, V, (T,), device=DEV)
+    targets[nan_row] = 8
+    w = torch.tensor([1.0], device=DEV)
+    grad_scale = 0.75 / 448
+
+    losses, grad8 = tk.softcapped_mtp_losses_and_grad(logits, targets, w, grad_scale)
+    assert torch.isnan(losses[nan_row])
+    ref_losses, _, ref_grad = reference_losses_and_grad(logits[:nan_row], targets[:nan_row], w,
+                                                        torch.ones(nan_row, device=DEV))
+    assert ((losses[:nan_row].double() - ref_losses).abs() / ref_losses.abs()).max().item() < 1e-4
+    ref8 = (ref_grad / torch.tensor(grad_scale, dtype=torch.float32)).to(torch.float8_e5m2)
+    assert (e5m2_steps(grad8[:nan_row]) - e5m2_steps(ref8)).abs().max().item() <= 1
+
+
+@pytest.mark.parametrize("grad_scale", [0.0, -1.0, 2.0 ** 61, float("nan")])
+def test_mtp_kernel_rejects_grad_scale(grad_scale):
+    logits = torch.randn(4, 64, device=DEV).bfloat16()
+    targets = torch.zeros(4, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="grad_scale"):
+        tk.softcapped_mtp_losses_and_grad(logits, targets, torch.ones(1, device=DEV), grad_scale)
+
+
 def test_mtp_reference_matches_restatement():
     T, V = 30, 200
     logits = (torch.randn(T, V) * 4).bfloat16()
