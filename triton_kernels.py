@@ -654,8 +654,9 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 # The hardware ex2 / rcp are the approximate ones without denormal handling (relative error
 # ~2^-22), and every affine argument is folded into one FMA. The instruction count matters too
 # (below): a bf16 logit is widened by one integer instruction, pass 1 clamps logits on bf16
-# pairs, and the unrolled pass-2 blocks share one 64-bit base address. That is 10.5 instructions
-# per logit in pass 1 and 14 in pass 2 (SASS of the loops, Triton 3.6), from 12 and 17.6.
+# pairs, and the unrolled pass-2 blocks share one 64-bit base address. With 2048-column blocks
+# that is 10.5 instructions per logit in pass 1 and 14 in pass 2 (SASS of the loops, Triton 3.6),
+# from 12 and 17.6; with the landed 4096, 9.75 and 13.3.
 #
 # Measured on an H100 at T = 16k (records/2026-11-23_h100_ce_cheaper_math):
 # - Keeping the row cached between the passes is what matters most. Eviction hints (pass-1 reads
@@ -892,10 +893,12 @@ def _mtp_ce_kernel(
                 INTERPRETED)
 
 
-# One program streams one row: 2048 columns over 16 warps, 4 per thread, loops unrolled 4 times
-# (4 loads per thread in flight; 40 registers, 3 programs per SM). Measured on an H100 at
-# V = 50304: 15-25% faster than 1024 x 4, 2048 x 8 and the 32-warp tilings; 4096 x 16 is as fast.
-_CE_TILE = dict(BLOCK_V=2048, num_warps=16)
+# One program streams one row: 4096 columns over 16 warps, 8 per thread (16-byte loads), loops
+# unrolled 4 times (40 registers, 3 programs per SM). Measured on an H100 at V = 50304
+# (records/2026-11-23_h100_ce_fewer_instructions): 1013 us, against 1057 us for 2048 x 16
+# (1028 us capped at 32 registers, 4 programs per SM) and 1600 us for 2048 x 32; earlier, 2048 x 16
+# was 15-25% faster than 1024 x 4 and 2048 x 8.
+_CE_TILE = dict(BLOCK_V=4096, num_warps=16)
 _CE_INTERPRETED_TILE = dict(BLOCK_V=256)
 
 

@@ -404,8 +404,8 @@ def test_mtp_kernel(w, invalid_target):
 
 
 def test_mtp_kernel_whole_blocks():
-    # V a whole number of column blocks (256 in the interpreter, 2048 on the GPU): no tail block
-    check_mtp_kernel(21, 4096 if DEV == "cuda" else 512, [1.0, 0.5, 0.25], DEV)
+    # V a whole number of column blocks (256 in the interpreter, 4096 on the GPU): no tail block
+    check_mtp_kernel(21, 8192 if DEV == "cuda" else 512, [1.0, 0.5, 0.25], DEV)
 
 
 def test_mtp_kernel_extreme_and_nan_logits():
