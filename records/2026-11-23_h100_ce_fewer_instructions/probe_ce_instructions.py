@@ -18,16 +18,20 @@ import glob
 import importlib.util
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "2026-11-23_h100_gram_split"))
+from probe_gram import capture_graph, replay_us   # noqa: E402
 CALLS = 20   # kernel calls per CUDA-graph replay
 
 
 def setup():
-    """The inputs of the earlier CE probes (../2026-11-23_h100_gram_split/probe_ce_l2.py)."""
+    """The inputs of the earlier CE probes: a copy of setup() in
+    ../2026-11-23_h100_gram_split/probe_ce_l2.py, which no longer imports with this kernel file."""
     torch.manual_seed(0)
     T, V = 16384, 50304
     targets = torch.randint(0, V, (T,), device="cuda")
@@ -54,39 +58,12 @@ def steps(codes):
     return torch.where(code >= 0x80, -(code & 0x7F), code & 0x7F)
 
 
-def capture(fn):
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(CALLS):
-                fn()
-    torch.cuda.synchronize()
-    return graph
-
-
-def replay_us(graph, rounds):
-    """Microseconds per call of each of `rounds` replays."""
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return times
-
-
 def back_to_back(graphs, passes):
     """Median of 5 replays per variant, `passes` passes over the variants in alternating order."""
     times = {key: [] for key, _ in graphs}
     for p in range(passes):
         for key, graph in (graphs if p % 2 == 0 else graphs[::-1]):
-            times[key].append(statistics.median(replay_us(graph, 5)))
+            times[key].append(statistics.median(replay_us(graph, CALLS, 5)))
         print(f"pass {p + 1}: " + ", ".join(f"{k} {t[-1]:.0f}" for k, t in times.items()), flush=True)
     return times
 
@@ -100,11 +77,11 @@ def power_rounds(graphs, repeats, idle_s=2.0, sustain_s=3.0):
         for key, graph in graphs:
             time.sleep(idle_s)
             t0 = time.time()
-            burst[key].append(statistics.median(replay_us(graph, 5)))
+            burst[key].append(statistics.median(replay_us(graph, CALLS, 5)))
             end = time.time() + sustain_s
             while time.time() < end:
-                replay_us(graph, 5)
-            sustained[key].append(statistics.median(replay_us(graph, 10)))
+                replay_us(graph, CALLS, 5)
+            sustained[key].append(statistics.median(replay_us(graph, CALLS, 10)))
             print(f"{t0:.1f} {key}: burst {burst[key][-1]:.0f} us, sustained {sustained[key][-1]:.0f} us", flush=True)
     return burst, sustained
 
@@ -142,11 +119,11 @@ def main():
             print(f"| {name} | {block_v}x{warps} | {maxnreg} | {kernel.n_regs} | {loss_diff:.1e} | "
                   f"{(step_diff > 0).float().mean().item():.4%} | {step_diff.max().item()} |", flush=True)
             key = f"{name}{tile}/{maxnreg}"
-            graphs.append((key, capture(launch)))
+            graphs.append((key, capture_graph(launch, CALLS)))
             n_bytes[key] = T * V * 3          # bf16 logits read, e5m2 gradient written
     if os.environ.get("COPY") == "1":
         copy_dst = torch.empty_like(logits)
-        graphs.append(("copy", capture(lambda: copy_dst.copy_(logits))))
+        graphs.append(("copy", capture_graph(lambda: copy_dst.copy_(logits), CALLS)))
         n_bytes["copy"] = T * V * 4
 
     if os.environ.get("MODE", "passes") == "passes":

@@ -88,8 +88,8 @@ def gram(A, out, transposed, alpha=1.0, beta=0.0, add_beta_a=False, BLOCK_M=128,
         **({} if INTERP else dict(num_warps=num_warps, num_stages=num_stages)))
 
 
-def graph_us(fn, calls=20, rounds=7):
-    """Median and per-round microseconds per call of fn replayed from a CUDA graph."""
+def capture_graph(fn, calls=20):
+    """A CUDA graph of `calls` calls of fn, captured after a warm-up call."""
     fn()
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -100,6 +100,11 @@ def graph_us(fn, calls=20, rounds=7):
             for _ in range(calls):
                 fn()
     torch.cuda.synchronize()
+    return graph
+
+
+def replay_us(graph, calls, rounds):
+    """Microseconds per call in each of `rounds` replays of a graph of `calls` calls."""
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -108,6 +113,12 @@ def graph_us(fn, calls=20, rounds=7):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
+    return times
+
+
+def graph_us(fn, calls=20, rounds=7):
+    """Median and per-round microseconds per call of fn replayed from a CUDA graph."""
+    times = replay_us(capture_graph(fn, calls), calls, rounds)
     return statistics.median(times), times
 
 
