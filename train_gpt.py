@@ -1,6 +1,6 @@
 """NanoGPT speedrun trainer: a GPT-2-small-class model trained to 3.28 val loss on FineWeb.
 
-Read top to bottom: configuration, FP8 custom ops, optimizer, model, data, schedule, training
+Read top to bottom: configuration, execution paths, optimizer, model, data, schedule, training
 loop, main(). Importing this file does no work; `python train_gpt.py --help` lists the options.
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (1, 2, 4 or 8 processes).
 """
@@ -35,6 +35,15 @@ import triton_kernels
 # Configuration
 # =================================================================================================
 
+class Stage(NamedTuple):
+    """One stage of the batch schedule; the scheduled steps are split evenly over the stages."""
+    batch_tokens: int                 # tokens per step, all ranks and micro-batches together
+    max_seq_len: int                  # documents are cut into segments of at most this length
+    lr_mul: float                     # learning-rate multiplier (before the cooldown)
+    windows: tuple[int, int]          # (short, long) attention windows, in window blocks
+    mtp_weights: tuple[tuple[float, ...], tuple[float, ...]]  # MTP weights at its start, at its end
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # data
@@ -43,22 +52,21 @@ class Hyperparameters:
     val_tokens: int = 10_485_760            # the first tokens of the val stream
     val_batch_tokens: int = 4 * 64 * 1024 * 8  # tokens per validation step, all ranks together
     cycle_train_data: bool = False          # wrap around to the first shard when data runs out
-    # schedule: three stages of equal length, then an extension at the final learning rate
+    # schedule: the stages, of equal length, then an extension at the final learning rate that
+    # keeps the last stage's batch and MTP weights
     num_scheduled_iterations: int = 1450
     num_extension_iterations: int = 40
     stop_after_steps: int = 0               # >0: end the run early after this many steps
     micro_batches_per_step: int = 8         # world_size * grad_accum_steps
-    stage_batch_tokens: tuple = (8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8)
-    stage_max_seq_len: tuple = (896, 2048, 2048)
-    stage_lr_mul: tuple = (1.0, 1.52, 1.73)
-    stage_windows: tuple = ((1, 3), (3, 7), (5, 11))   # (short, long) attention windows, in blocks
+    stages: tuple = (
+        #     batch tokens  max len  lr    windows  MTP weights (start, end)
+        Stage(8 * 2048 * 8, 896, 1.0, (1, 3), ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0))),
+        Stage(16 * 2048 * 8, 2048, 1.52, (3, 7), ((1.0, 0.5), (1.0, 0.0))),
+        Stage(24 * 2048 * 8, 2048, 1.73, (5, 11), ((1.0,), (1.0,))),
+    )
     extension_windows: tuple = (6, 13)
     final_val_windows: tuple = (6, 20)      # long window widened for the last validation, no YaRN
     window_block_size: int = 128
-    # multi-token prediction weights per stage: (weights at the stage start, at its end)
-    stage_mtp_weights: tuple = (((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
-                                ((1.0, 0.5), (1.0, 0.0)),
-                                ((1.0,), (1.0,)))
     cooldown_frac: float = 0.60
     final_lr_mul: float = 0.15
     val_every: int = 250
@@ -92,6 +100,15 @@ class Hyperparameters:
     save_checkpoint: bool = False
     log_dir: str = "logs"
 
+    def __post_init__(self):
+        # rows given as plain tuples (command line, a log's config block) become Stage records
+        try:
+            stages = tuple(Stage(*row) for row in self.stages)
+        except TypeError:
+            raise ValueError(f"stages={self.stages!r}: expected rows of {len(Stage._fields)} "
+                             f"entries ({', '.join(Stage._fields)})") from None
+        object.__setattr__(self, "stages", stages)
+
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // 128) * 128
@@ -113,7 +130,9 @@ PRESETS: dict[str, dict] = {
         val_files="../shared/data/corpus/corpus_val_*.bin",
         val_tokens=8192, val_batch_tokens=8192, val_every=30,
         num_scheduled_iterations=84, num_extension_iterations=6, micro_batches_per_step=4,
-        stage_batch_tokens=(1024, 1024, 1024), stage_max_seq_len=(128, 256, 256),
+        stages=(Stage(1024, 128, 1.0, (1, 3), ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0))),
+                Stage(1024, 256, 1.52, (3, 7), ((1.0, 0.5), (1.0, 0.0))),
+                Stage(1024, 256, 1.73, (5, 11), ((1.0,), (1.0,)))),
         num_heads=2, head_dim=32, model_dim=64, mlp_hidden=256, bigram_vocab_mult=1,
         adam_lr=0.024,     # a tiny model on few tokens learns its embeddings faster
         compile=False,
@@ -141,7 +160,10 @@ def parse_config(argv: list[str]) -> Hyperparameters:
         if key not in fields:
             raise SystemExit(f"--{key}: unknown option (see --help)")
         overrides[key] = _parse_value(key, value, fields[key].default)
-    return Hyperparameters(**{**PRESETS[preset], **overrides})
+    try:
+        return Hyperparameters(**{**PRESETS[preset], **overrides})
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
 
 
 def _parse_value(key: str, text: str, default: object) -> object:
@@ -164,11 +186,19 @@ def _parse_value(key: str, text: str, default: object) -> object:
     return value
 
 
+def as_literal(value: object) -> object:
+    """value with its NamedTuples as plain tuples: its repr is then a Python literal, which the
+    command line and the records tools read back."""
+    if isinstance(value, tuple):
+        return tuple(as_literal(v) for v in value)
+    return value
+
+
 def config_help() -> str:
     lines = ["usage: train_gpt.py [--preset=NAME] [--key=value ...] [--summary [--world_size=K]]",
              f"presets: {', '.join(PRESETS)} (default speedrun)", "options (default):"]
     for f in dataclasses.fields(Hyperparameters):
-        lines.append(f"  --{f.name}={f.default!r}")
+        lines.append(f"  --{f.name}={as_literal(f.default)!r}")
     return "\n".join(lines)
 
 
@@ -182,18 +212,10 @@ def check_config(cfg: Hyperparameters, world_size: int) -> int:
         choices = ", ".join(divisors[:-1]) + " or " if len(divisors) > 1 else ""
         raise ValueError(f"world size {world_size} does not divide {micro}; "
                          f"use {choices}{divisors[-1]} processes")
-    stage_fields = ("stage_batch_tokens", "stage_max_seq_len", "stage_lr_mul", "stage_windows",
-                    "stage_mtp_weights")
-    lengths = {name: len(getattr(cfg, name)) for name in stage_fields}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"the stage settings need one entry per stage each; got lengths {lengths}")
-    for batch, max_len in zip(cfg.stage_batch_tokens, cfg.stage_max_seq_len):
-        if batch < 1 or batch % micro:
-            raise ValueError(f"stage_batch_tokens entry {batch}: expected a positive multiple of "
-                             f"micro_batches_per_step={micro} (world size x grad-accum steps)")
-        if not 1 <= max_len <= batch // micro:
-            raise ValueError(f"stage_max_seq_len entry {max_len}: expected 1 to {batch // micro}, "
-                             f"the tokens per rank and micro-batch of a {batch}-token batch")
+    if not cfg.stages:
+        raise ValueError("stages: expected at least one stage")
+    for k, stage in enumerate(cfg.stages, start=1):
+        check_stage(k, stage, micro)
     if cfg.val_batch_tokens < 1 or cfg.val_batch_tokens % micro:
         raise ValueError(f"val_batch_tokens={cfg.val_batch_tokens}: expected a positive multiple "
                          f"of micro_batches_per_step={micro}")
@@ -203,79 +225,122 @@ def check_config(cfg: Hyperparameters, world_size: int) -> int:
     return micro // world_size
 
 
+def check_stage(k: int, stage: Stage, micro: int) -> None:
+    """Check one row of the stage table (k counts from 1)."""
+    batch, max_len = stage.batch_tokens, stage.max_seq_len
+    if not isinstance(batch, int) or batch < 1 or batch % micro:
+        raise ValueError(f"stage {k} batch_tokens={batch!r}: expected a positive multiple of "
+                         f"micro_batches_per_step={micro} (world size x grad-accum steps)")
+    if not isinstance(max_len, int) or not 1 <= max_len <= batch // micro:
+        raise ValueError(f"stage {k} max_seq_len={max_len!r}: expected 1 to {batch // micro}, the "
+                         f"tokens per rank and micro-batch of a {batch}-token batch")
+    if len(stage.windows) != 2 or not 1 <= stage.windows[0] <= stage.windows[1]:
+        raise ValueError(f"stage {k} windows={stage.windows!r}: expected (short, long) window "
+                         f"blocks with 1 <= short <= long")
+    pair = stage.mtp_weights
+    if len(pair) != 2 or not pair[0] or len(pair[0]) != len(pair[1]):
+        raise ValueError(f"stage {k} mtp_weights={stage.mtp_weights!r}: expected (start, end) "
+                         f"weight tuples of one common, positive length")
+
+
 # =================================================================================================
-# FP8 custom ops
+# Execution paths: which implementation each op runs
 # =================================================================================================
-# The transposed head y = x @ w with x, w quantised to e4m3 under fixed scales and the gradient to
-# e5m2. Registered as custom ops with fake implementations so torch.compile(fullgraph) traces them.
+# Every fast path (Triton kernel, FP8 GEMM, flash attention, compilation) has a plain PyTorch
+# statement of the same math beside it. resolve_paths() decides once per run, from the
+# configuration and the device, which one each op takes; the model and the optimizer only read
+# the result, and the run log prints it, one line per op. Tests build a Paths directly to force
+# either implementation.
 
-def _col_major(t: torch.Tensor) -> torch.Tensor:
-    return t.T.contiguous().T
+@dataclass(frozen=True)
+class Paths:
+    mlp: str = "torch"            # "triton": linear + ReLU^2 with the activation in the GEMM epilogues
+    lm_head: str = "bf16"         # "fp8": e4m3 head GEMM, e5m2 logits gradient (training only)
+    loss: str = "torch"           # "triton": loss and logits gradient in one kernel (FP8 head only)
+    attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "dense"
+    optimizer: str = "torch"      # "triton": Gram kernels, fused Polar Express update, transposes
+    table_grads: str = "torch"    # "triton": lookup-table gradients by sorted runs of equal ids
+    compile: bool = False         # torch.compile the model and the optimizer's update math
+    flash_attn3: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
+    why: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self):
+        choices = dict(mlp=("torch", "triton"), lm_head=("bf16", "fp8"), loss=("torch", "triton"),
+                       attention=("dense", "varlen", "flash_attn3"), optimizer=("torch", "triton"),
+                       table_grads=("torch", "triton"))
+        for op, allowed in choices.items():
+            if getattr(self, op) not in allowed:
+                raise ValueError(f"Paths.{op}={getattr(self, op)!r}: expected one of {allowed}")
+        if self.loss == "triton" and self.lm_head != "fp8":
+            raise ValueError("Paths.loss='triton' needs lm_head='fp8' (the kernel writes the "
+                             "e5m2 logits gradient of the FP8 head)")
+        if (self.attention == "flash_attn3") != (self.flash_attn3 is not None):
+            raise ValueError("Paths: attention='flash_attn3' needs the loaded function in "
+                             "flash_attn3, and no other attention takes one")
 
-@torch.library.custom_op("nanogpt::mm_t", mutates_args=())
-def mm_t(x: torch.Tensor, w: torch.Tensor, x_s: float, w_s: float, grad_s: float
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w8 = w.div(w_s).to(torch.float8_e4m3fn)
-    y = torch._scaled_mm(x8, _col_major(w8), scale_a=x.new_tensor(x_s, dtype=torch.float32),
-                         scale_b=x.new_tensor(w_s, dtype=torch.float32),
-                         out_dtype=torch.bfloat16, use_fast_accum=True)
-    return y, x8, w8
-
-
-@mm_t.register_fake
-def _(x, w, x_s, w_s, grad_s):
-    return (x.new_empty(x.size(0), w.size(1)), x.to(torch.float8_e4m3fn),
-            w.to(torch.float8_e4m3fn))
-
-
-@torch.library.custom_op("nanogpt::mm_t_backward", mutates_args=())
-def mm_t_backward(g: torch.Tensor, x8: torch.Tensor, w8: torch.Tensor, x_s: float, w_s: float,
-                  grad_s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    g8 = g.div(grad_s).to(torch.float8_e5m2)
-    one = lambda v: g.new_tensor(v, dtype=torch.float32)  # noqa: E731
-    grad_x = torch._scaled_mm(g8, w8.T, scale_a=one(grad_s), scale_b=one(w_s),
-                              out_dtype=torch.bfloat16, use_fast_accum=False)
-    # x8^T @ g8 comes out (in, out): already the stored layout of w.
-    grad_w = torch._scaled_mm(x8.T.contiguous(), _col_major(g8), scale_a=one(x_s),
-                              scale_b=one(grad_s), out_dtype=torch.float32, use_fast_accum=False)
-    return grad_x, grad_w
-
-
-@mm_t_backward.register_fake
-def _(g, x8, w8, x_s, w_s, grad_s):
-    return g.new_empty(g.size(0), x8.size(1), dtype=torch.bfloat16), \
-        g.new_empty(x8.size(1), g.size(1), dtype=torch.float32)
-
-
-def _mm_t_setup(ctx, inputs, output):
-    _, _, x_s, w_s, grad_s = inputs
-    _, x8, w8 = output
-    ctx.save_for_backward(x8, w8)
-    ctx.scales = (x_s, w_s, grad_s)
+    def report(self) -> list[str]:
+        """One log line per op: the implementation and why it was chosen."""
+        lines = []
+        for f in dataclasses.fields(self):
+            if f.name in ("flash_attn3", "why"):
+                continue
+            value = getattr(self, f.name)
+            value = ("on" if value else "off") if isinstance(value, bool) else value
+            reason = self.why.get(f.name)
+            lines.append(f"path {f.name}: {value}" + (f" ({reason})" if reason else ""))
+        return lines
 
 
-def _mm_t_grad(ctx, grad_y, _grad_x8, _grad_w8):
-    x8, w8 = ctx.saved_tensors
-    grad_x, grad_w = mm_t_backward(grad_y, x8, w8, *ctx.scales)
-    return grad_x, grad_w, None, None, None
-
-
-mm_t.register_autograd(_mm_t_grad, setup_context=_mm_t_setup)
+def resolve_paths(cfg: Hyperparameters, device: torch.device,
+                  log: Callable[[str], None] = print) -> Paths:
+    """The implementation of every op for this run: Triton kernels where cfg.use_triton_kernels
+    and the device is a GPU (CPU runs take the PyTorch references; tests run the kernels on CPU
+    through Triton's interpreter), FP8 where the GPU has it (compute capability 8.9 or newer),
+    flash attention on any GPU (FlashAttention-3 when cfg.flash_attn3 and it loads), and
+    torch.compile where cfg.compile and the device is a GPU."""
+    cuda = device.type == "cuda"
+    kernels, kernels_why = "torch", "CPU: the PyTorch reference of every kernel"
+    if cuda:
+        kernels, kernels_why = (("triton", "Triton kernels on CUDA") if cfg.use_triton_kernels
+                                else ("torch", "--use_triton_kernels=false"))
+    head, head_why = "bf16", "CPU: no FP8"
+    if cuda:
+        major, minor = torch.cuda.get_device_capability(device)
+        head = "fp8" if (major, minor) >= (8, 9) else "bf16"
+        head_why = f"compute capability {major}.{minor}" + ("" if head == "fp8" else ": no FP8")
+    flash_attn3 = load_flash_attn3(log) if cfg.flash_attn3 and cuda else None
+    if flash_attn3 is not None:
+        attention, attention_why = "flash_attn3", "--flash_attn3=true, loaded from the kernels hub"
+    elif cuda:
+        attention = "varlen"
+        attention_why = "FlashAttention-3 did not load" if cfg.flash_attn3 else "torch.nn.attention.varlen"
+    else:
+        attention = "dense"
+        attention_why = ("--flash_attn3=true needs CUDA; CPU reference" if cfg.flash_attn3 else
+                         "CPU reference: one masked softmax per document")
+    compile_why = f"--compile={str(cfg.compile).lower()}"
+    if cfg.compile and not cuda:
+        compile_why = "CPU: the dense attention's loop over documents does not compile"
+    loss, loss_why = "torch", "the bf16 head's loss is plain PyTorch"
+    if head == "fp8":
+        loss, loss_why = kernels, kernels_why
+    return Paths(mlp=kernels, lm_head=head, loss=loss, attention=attention, optimizer=kernels,
+                 table_grads=kernels, compile=cfg.compile and cuda, flash_attn3=flash_attn3,
+                 why=dict(mlp=kernels_why, lm_head=head_why, loss=loss_why, attention=attention_why,
+                          optimizer=kernels_why, table_grads=kernels_why, compile=compile_why))
 
 
 # =================================================================================================
 # Optimizer: NorMuon for the matrix banks, Adam for everything else
 # =================================================================================================
-# One object owns every parameter and configures each from PARAM_TABLE by its label
-# (optimizer.md). Gradient reductions are launched asynchronously in table order and awaited in
-# WORK_ORDER, so the small updates run while the large reductions are still in flight; sharded
-# parameters are all-gathered right after their own update.
+# One object owns every parameter and configures each from PARAM_TABLE by its label. Gradient
+# reductions are launched asynchronously in table order and awaited in WORK_ORDER, so the small
+# updates run while the large reductions are still in flight; sharded parameters are all-gathered
+# right after their own update.
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """How one parameter is optimised and communicated (optimizer.md section 2)."""
+    """How one parameter is optimised and communicated."""
     label: str
     optimizer: str                            # "normuon" or "adam"
     comms: str                                # "sharded", "replicated" or "sharded_sparse"
@@ -334,8 +399,8 @@ def matrix_view(label: str, bank: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------
-# Update math (optimizer.md 5 and 6). Each function is compiled on CUDA when cfg.compile is set;
-# per-step values arrive as 0-dim CPU tensors so that new values never trigger a recompile.
+# Update math. Each function is compiled when paths.compile is set; per-step values arrive as
+# 0-dim CPU tensors so that new values never trigger a recompile.
 
 POLAR_EXPRESS_COEFFICIENTS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -504,8 +569,8 @@ class PendingReduction:
 
 
 class SparseBigramExchange:
-    """Sends only the touched rows of the bigram-embedding gradient to the ranks that own them
-    (optimizer.md 10). Used with 8 ranks and one micro-batch per step.
+    """Sends only the touched rows of the bigram-embedding gradient to the ranks that own them.
+    Used with 8 ranks and one micro-batch per step.
 
     The training loop calls, every step before the forward, mark(bigram ids of this rank's batch);
     on Adam (odd) steps additionally start_count_exchange() right after marking and
@@ -638,7 +703,7 @@ class NorMuonAndAdam:
     def __init__(self, params: dict[str, torch.nn.Parameter], cfg: Hyperparameters, rank: int,
                  world_size: int, grad_accum_steps: int,
                  cpu_group: dist.ProcessGroup | None = None,
-                 sparse_bigram: SparseBigramExchange | None = None):
+                 sparse_bigram: SparseBigramExchange | None = None, paths: Paths = Paths()):
         labels = [spec.label for spec in PARAM_TABLE]
         missing = [label for label in labels if label not in params]
         unknown = [label for label in params if label not in labels]
@@ -681,18 +746,17 @@ class NorMuonAndAdam:
                     torch.zeros(local.shape, dtype=torch.float32, device=local.device))
         self.tied = True
 
-        compile_math = cfg.compile and params["attn_bank"].is_cuda
-        if compile_math:
+        if paths.compile:
             # one compiled variant per shard shape: more than dynamo's default limit of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
         def compiled(fn):
-            return torch.compile(fn, fullgraph=True, dynamic=False) if compile_math else fn
+            return torch.compile(fn, fullgraph=True, dynamic=False) if paths.compile else fn
         self._nesterov_polar_express = compiled(nesterov_polar_express)
         self._normuon_normalise = compiled(normuon_normalise)
         self._cautious_update = compiled(cautious_update_with_mantissa)
         self._adam_update = compiled(adam_update)
-        self.use_kernels = cfg.use_triton_kernels and params["attn_bank"].is_cuda
+        self.use_kernels = paths.optimizer == "triton"
         if self.use_kernels:
             self._transpose_add = triton_kernels.transpose_add
             self._transpose_copy = triton_kernels.transpose_copy
@@ -885,10 +949,9 @@ class NorMuonAndAdam:
 # =================================================================================================
 # Model
 # =================================================================================================
-# An 11-layer GPT written as one flat forward over parameter banks. Layer map (architecture.md 6):
-# attention is skipped in layer 6, which instead receives the U-net skip from layer 3; layers 7-10
-# run two parallel residual lanes; some layers use paired-head attention, long windows or value
-# embeddings.
+# An 11-layer GPT written as one flat forward over parameter banks. Layer map: attention is
+# skipped in layer 6, which instead receives the U-net skip from layer 3; layers 7-10 run two
+# parallel residual lanes; some layers use paired-head attention, long windows or value embeddings.
 
 NUM_LAYERS = 11
 GATE_WIDTH = 12                  # the first 12 channels of a vector feed every small gate
@@ -899,7 +962,6 @@ PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
 LONG_WINDOW_LAYERS = (3, 10)     # also the layers with the key offset
 VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)  # layer VALUE_EMBED_LAYERS[k] reads value table k
 ATTN_LAYERS = tuple(i for i in range(NUM_LAYERS) if i != NO_ATTN_LAYER)
-SOFTCAP_A, SOFTCAP_B, SOFTCAP_C = 23.0, 5.0, 7.5   # z = A * sigmoid((logit + B) / C)
 ROTARY_MIN_FREQ = 1 / 1024
 INITIAL_ATTN_SCALE = 0.1
 YARN_BETA = 32
@@ -907,10 +969,6 @@ YARN_BETA = 32
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
-
-def softcap(logits: torch.Tensor) -> torch.Tensor:
-    return SOFTCAP_A * torch.sigmoid((logits + SOFTCAP_B) / SOFTCAP_C)
 
 
 def num_scalars(world_size: int) -> int:
@@ -1012,31 +1070,17 @@ def load_flash_attn3(log: Callable[[str], None]) -> Callable | None:
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
-              flash_attn3: Callable | None = None) -> torch.Tensor:
-    """Causal attention within documents over a left window; FlashAttention-3 when given, torch's
-    varlen flash attention on CUDA, the dense reference on CPU (all the same function)."""
-    if flash_attn3 is not None:
-        out = flash_attn3(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                          softmax_scale=scale, causal=True, window_size=(window, 0))
+              paths: Paths) -> torch.Tensor:
+    """Causal attention within documents over a left window, by paths.attention: FlashAttention-3,
+    torch's varlen flash attention, or the dense reference (all the same function)."""
+    if paths.attention == "flash_attn3":
+        out = paths.flash_attn3(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                softmax_scale=scale, causal=True, window_size=(window, 0))
         return out[0] if isinstance(out, tuple) else out   # some builds also return the lse
-    if q.is_cuda:
+    if paths.attention == "varlen":
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
                            window_size=(window, 0))
     return attention_reference(q, k, v, cu_seqlens, window, scale)
-
-
-def mtp_losses_from_logits(logits: torch.Tensor, targets: torch.Tensor,
-                           mtp_weights: torch.Tensor) -> torch.Tensor:
-    """Per-row multi-token loss: row t predicts targets t, t+1, ... with the given weights,
-    all from the same soft-capped logits row; rows near the end skip targets past T."""
-    z = softcap(logits.float())
-    lse = torch.logsumexp(z, dim=-1)
-    losses = torch.zeros_like(lse)
-    T = z.size(0)
-    for k in range(mtp_weights.numel()):
-        picked = z[:T - k].gather(1, targets[k:, None]).squeeze(1)
-        losses[:T - k] += mtp_weights[k] * (lse[:T - k] - picked)
-    return losses
 
 
 class TableRows(NamedTuple):
@@ -1048,13 +1092,15 @@ class TableRows(NamedTuple):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Hyperparameters, world_size: int, max_positions: int):
+    def __init__(self, cfg: Hyperparameters, world_size: int, max_positions: int,
+                 paths: Paths = Paths()):
         super().__init__()
         d, H, hd, V = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
         if H * hd != d or H % 2:
             raise ValueError(f"num_heads x head_dim must equal model_dim ({H} x {hd} != {d}) "
                              f"and num_heads must be even")
         self.cfg = cfg
+        self.paths = paths
         num_attn = len(ATTN_LAYERS)
         bound = math.sqrt(3) * 0.5 / math.sqrt(d)
         # Matrix banks: created in fp32, initialised, then stored in bf16.
@@ -1087,8 +1133,6 @@ class GPT(nn.Module):
         self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05))
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1)))
         self.rotary = Rotary(hd, max_positions)
-        self.fp8_head = False    # the training head in FP8; set where the device supports it
-        self.flash_attn3 = None  # FlashAttention-3's varlen function, when loaded (CUDA)
         if not self.embed.is_meta:
             self.rotary.reset()
 
@@ -1097,7 +1141,7 @@ class GPT(nn.Module):
     def mlp(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """weights: this layer's (2, hidden, d) slice of mlp_bank (c_fc, c_proj)."""
         c_fc, c_proj = weights.unbind(0)
-        if x.is_cuda and self.cfg.use_triton_kernels:
+        if self.paths.mlp == "triton":
             return triton_kernels.linear_relu_square(x, c_fc, c_proj)
         return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)
 
@@ -1134,10 +1178,10 @@ class GPT(nn.Module):
         if paired:
             y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
                           v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
-                          self.rotary.attn_scale, self.flash_attn3).reshape(T, H, hd)
+                          self.rotary.attn_scale, self.paths).reshape(T, H, hd)
         else:
             y = attention(q, k, v, cu_seqlens, max_seqlen, window, self.rotary.attn_scale,
-                          self.flash_attn3)
+                          self.paths)
         y = y * torch.sigmoid(F.linear(gate_x, self.attn_gate_bank[slot]))[..., None]
         return F.linear(y.reshape(T, d), out_lambda * W_out)
 
@@ -1221,20 +1265,16 @@ class GPT(nn.Module):
     def head_loss(self, h, targets, mtp_weights, grad_scale: float) -> torch.Tensor:
         cfg = self.cfg
         if mtp_weights is None:   # evaluation: bf16 head, plain next-token cross-entropy
-            z = softcap(h @ self.lm_head).float()
+            z = triton_kernels.softcap(h @ self.lm_head).float()
             return F.cross_entropy(z, targets)
-        fp8 = self.fp8_head and h.is_cuda
-        if fp8 and cfg.use_triton_kernels:
+        if self.paths.lm_head == "fp8":
             loss = triton_kernels.softcapped_mtp_cross_entropy(
                 h, targets, mtp_weights, self.lm_head, cfg.head_x_scale, cfg.head_w_scale,
-                cfg.head_grad_scale)
-            return loss * grad_scale
-        if fp8:
-            logits = mm_t(h, self.lm_head, cfg.head_x_scale, cfg.head_w_scale,
-                          grad_scale * cfg.head_grad_scale)[0]
+                cfg.head_grad_scale, use_kernels=self.paths.loss == "triton")
         else:
-            logits = h @ self.lm_head
-        return mtp_losses_from_logits(logits, targets, mtp_weights).sum() * grad_scale
+            loss = triton_kernels.softcapped_mtp_losses_reference(
+                h @ self.lm_head, targets, mtp_weights).sum()
+        return loss * grad_scale
 
 
 # =================================================================================================
@@ -1307,8 +1347,9 @@ BOS_INDEX_PREFIX_TOKENS = 6_000_000  # document starts indexed at once when a sh
 
 
 def bigram_hash(ids: np.ndarray, table_size: int) -> np.ndarray:
-    """Rows of the bigram embedding (architecture.md 7.1). The first position gets the reserved
-    last row; the hash runs across document starts (a BOS pairs with the previous document)."""
+    """Rows of the bigram embedding: a hash of each token and the one before it, modulo the table
+    size less one. The first position gets the reserved last row; the hash runs across document
+    starts (a BOS pairs with the previous document)."""
     reserved = table_size - 1
     ids = np.asarray(ids, dtype=np.int32)
     rows = np.empty(len(ids), dtype=np.int32)
@@ -1403,7 +1444,7 @@ class _Shard:
 
 
 class TrainLoader:
-    """One rank's training micro-batches, packed from documents (training.md section 7).
+    """One rank's training micro-batches, packed from documents.
 
     Every rank builds the same global micro-batch, ranks 0..W-1 in order with T + 1 tokens each,
     and keeps its own slice. A rank's tokens are segments: each starts at a BOS and ends at the
@@ -1499,7 +1540,7 @@ class TrainLoader:
 def val_batches(files: list[str], val_tokens: int, val_batch_tokens: int, rank: int,
                 world_size: int, grad_accum_steps: int, device: torch.device | str,
                 bigram_table_size: int) -> Iterator[Batch]:
-    """One rank's validation micro-batches over the first val_tokens tokens (training.md 5).
+    """One rank's validation micro-batches over the first val_tokens tokens.
 
     Per micro-batch the ranks read consecutive chunks of T tokens (plus one for the last target),
     rank r at pos + r * T; pos advances by world_size * T. No BOS alignment: cu_seqlens starts a
@@ -1556,13 +1597,14 @@ class StepSettings:
 
 
 class Schedule:
-    """Three equal stages over the scheduled steps (batch size, sequence length, windows, MTP
-    weights and lr multiplier change at their borders), then an extension at the final lr."""
+    """Equal stages over the scheduled steps (batch size, sequence length, windows, MTP weights
+    and lr multiplier change at their borders, cfg.stages), then an extension at the final lr.
+    Stage index len(cfg.stages) is the extension."""
 
     def __init__(self, cfg: Hyperparameters):
         self.cfg = cfg
         n = cfg.num_scheduled_iterations
-        num_stages = len(cfg.stage_batch_tokens)
+        num_stages = len(cfg.stages)
         self.stage_ends = [round((k + 1) / num_stages * n) for k in range(num_stages)]
         self.stage_ends.append(cfg.num_train_steps)                    # the extension
         self.stage_starts = [0] + self.stage_ends[:-1]
@@ -1574,9 +1616,13 @@ class Schedule:
         return next(k for k, end in enumerate(self.stage_ends) if step < end or
                     k == len(self.stage_ends) - 1)
 
+    def row(self, stage: int) -> Stage:
+        """The stage's row of cfg.stages; the extension keeps the last one."""
+        return self.cfg.stages[min(stage, len(self.cfg.stages) - 1)]
+
     def lr_mul(self, step: int) -> float:
         cfg = self.cfg
-        stage_mul = cfg.stage_lr_mul[min(self.stage_of(step), len(cfg.stage_lr_mul) - 1)]
+        stage_mul = self.row(self.stage_of(step)).lr_mul
         if step < self.cooldown_start:
             return stage_mul
         tau = min(1.0, (step - self.cooldown_start) /
@@ -1595,8 +1641,7 @@ class Schedule:
 
     def mtp_weights(self, step: int) -> tuple[float, ...]:
         stage = self.stage_of(step)
-        k = min(stage, len(self.cfg.stage_mtp_weights) - 1)
-        start_w, end_w = self.cfg.stage_mtp_weights[k]
+        start_w, end_w = self.row(stage).mtp_weights
         t = (step - self.stage_starts[stage]) / (self.stage_ends[stage] - self.stage_starts[stage])
         if stage == len(self.stage_ends) - 1:
             t = 1.0                                     # the extension keeps the final weights
@@ -1604,7 +1649,7 @@ class Schedule:
 
     def windows(self, step: int) -> tuple[int, int]:
         cfg, stage = self.cfg, self.stage_of(step)
-        blocks = cfg.stage_windows[stage] if stage < len(cfg.stage_windows) else cfg.extension_windows
+        blocks = cfg.stages[stage].windows if stage < len(cfg.stages) else cfg.extension_windows
         return blocks[0] * cfg.window_block_size, blocks[1] * cfg.window_block_size
 
     def final_val_windows(self) -> tuple[int, int]:
@@ -1612,11 +1657,9 @@ class Schedule:
         return short * self.cfg.window_block_size, long * self.cfg.window_block_size
 
     def at(self, step: int) -> StepSettings:
-        cfg = self.cfg
         stage = self.stage_of(step)
-        last = len(cfg.stage_batch_tokens) - 1
-        return StepSettings(stage=stage, batch_tokens=cfg.stage_batch_tokens[min(stage, last)],
-                            max_seq_len=cfg.stage_max_seq_len[min(stage, last)],
+        row = self.row(stage)
+        return StepSettings(stage=stage, batch_tokens=row.batch_tokens, max_seq_len=row.max_seq_len,
                             windows=self.windows(step), mtp_weights=self.mtp_weights(step),
                             lr_mul=self.lr_mul(step), muon_momentum=self.muon_momentum(step))
 
@@ -1696,7 +1739,7 @@ def environment_report() -> str:
 def config_report(cfg: Hyperparameters, run: Run) -> str:
     lines = [f"world_size={run.world_size} grad_accum_steps={run.grad_accum_steps} "
              f"device={run.device}", "config:"]
-    lines += [f"  {f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)]
+    lines += [f"  {f.name}={as_literal(getattr(cfg, f.name))!r}" for f in dataclasses.fields(cfg)]
     return "\n".join(lines)
 
 
@@ -1726,10 +1769,10 @@ class SparseTableGrads:
     """Gradients of the lookup tables (embed, value_embeds, bigram_embed), accumulated by row.
 
     Autograd would build each table's full dense gradient in every micro-batch (425M entries at
-    the speedrun's size, nearly all zero), then add it onto .grad: about 2 ms per micro-batch on
-    an H100. Here the looked-up rows enter the model as leaves instead; after backward their
-    gradients are scatter-added into an fp32 sum per table, which becomes the table's bf16 .grad
-    when the optimizer consumes it. The same sum, rounded once."""
+    the speedrun's size, nearly all zero), then add it onto .grad. Here the looked-up rows enter
+    the model as leaves instead; after backward their gradients are scatter-added into an fp32 sum
+    per table, which becomes the table's bf16 .grad when the optimizer consumes it. The same sum,
+    rounded once."""
 
     def __init__(self, model: GPT, use_kernels: bool):
         self.model = model
@@ -1752,8 +1795,8 @@ class SparseTableGrads:
 
     @torch.no_grad()
     def accumulate(self) -> None:
-        """After backward: add the rows' gradients into the sums (on the GPU by sorted runs of
-        equal ids, about 11 ms per stage-3 step faster on an H100 than index_add_'s atomics)."""
+        """After backward: add the rows' gradients into the sums (with the kernel, by sorted runs
+        of equal ids: one atomic add per run instead of one per row)."""
         for indices, rows in self.pending:
             # embed and the value tables read the same token ids: the kernel sorts them once
             token_sort = torch.sort(indices.embed) if self.use_kernels else None
@@ -1783,28 +1826,28 @@ class SparseTableGrads:
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule and data of one rank and runs steps on them."""
+    """Owns the model, optimizer, schedule and data of one rank and runs steps on them.
+    `paths` forces the implementation of each op; by default resolve_paths() decides."""
 
-    def __init__(self, cfg: Hyperparameters, run: Run, log: Logger):
+    def __init__(self, cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None):
         self.cfg, self.run, self.log = cfg, run, log
+        self.paths = resolve_paths(cfg, run.device, log) if paths is None else paths
+        for line in self.paths.report():
+            log(line)
         self.schedule = Schedule(cfg)
         self.val_tokens_per_rank = cfg.val_batch_tokens // cfg.micro_batches_per_step
-        max_train_tokens = max(cfg.stage_batch_tokens) // cfg.micro_batches_per_step
+        max_train_tokens = max(s.batch_tokens for s in cfg.stages) // cfg.micro_batches_per_step
         # paired-head layers index rotary positions up to twice the sequence length
         max_positions = 2 * max(self.val_tokens_per_rank, max_train_tokens)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg, run.world_size, max_positions).to(run.device)
-        self.model.fp8_head = (run.device.type == "cuda" and
-                               torch.cuda.get_device_capability(run.device) >= (8, 9))
-        if cfg.flash_attn3 and run.device.type == "cuda":
-            self.model.flash_attn3 = load_flash_attn3(log)
+        self.model = GPT(cfg, run.world_size, max_positions, self.paths).to(run.device)
         self.model.rotary.reset()
         if run.world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
         self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
-                        if cfg.compile else self.model)
-        self.table_grads = SparseTableGrads(self.model, cfg.use_triton_kernels and run.device.type == "cuda")
+                        if self.paths.compile else self.model)
+        self.table_grads = SparseTableGrads(self.model, self.paths.table_grads == "triton")
         self.train_files = find_shards(cfg.train_files)
         self.val_files = find_shards(cfg.val_files)
         self.sparse_bigram = None
@@ -1815,7 +1858,8 @@ class Trainer:
                 params["bigram_embed"].size(0), run.world_size, run.rank, run.device,
                 run.cpu_group)
         self.optimizer = NorMuonAndAdam(params, cfg, run.rank, run.world_size, run.grad_accum_steps,
-                                        cpu_group=run.cpu_group, sparse_bigram=self.sparse_bigram)
+                                        cpu_group=run.cpu_group, sparse_bigram=self.sparse_bigram,
+                                        paths=self.paths)
         self.long_window = self.schedule.windows(0)[1]
         self.loader = self.new_train_loader()
 
@@ -1940,8 +1984,9 @@ class PendingLoss:
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 \
-        else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
@@ -1949,7 +1994,7 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
     schedule = trainer.schedule
     total_steps = cfg.num_train_steps
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
-    if cfg.compile:
+    if trainer.paths.compile:
         trainer.warmup(last_step)
     training_ms = 0.0
     pending: PendingLoss | None = None
@@ -2033,8 +2078,9 @@ def main(argv: list[str] | None = None) -> None:
                          "world size from torchrun)")
     cfg = parse_config([arg for arg in argv if arg != "--summary" and arg not in world_args])
     if summary:
-        world_size = _parse_value("world_size", world_args[-1].split("=", 1)[1], 8) \
-            if world_args else 8
+        world_size = 8
+        if world_args:
+            world_size = _parse_value("world_size", world_args[-1].split("=", 1)[1], 8)
         print_summary(cfg, world_size)
         return
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")

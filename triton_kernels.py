@@ -14,17 +14,21 @@
   7. transpose_add   dst += src^T       (lm_head grad += embedding grad^T)
   8. index_add_rows  out[l, index[t]] += src[l, t]   (lookup-table gradients, row by row)
 
-Kernels 1-7 are wrapped in torch.library custom ops with a fake (meta) implementation, so that
-torch.compile(fullgraph=True) traces through it without a graph break. Each has a `*_reference`
-in plain PyTorch, which the CPU training path uses.
+Each kernel `name` has a `name_reference` with the same contract in plain PyTorch: the CPU
+training path runs the references, and the tests compare every kernel with its reference.
+Kernels 1-7 are torch.library custom ops with a fake (meta) implementation, so that
+torch.compile(fullgraph=True) traces through them without a graph break. The soft cap of the LM
+head, `softcap`, and its constants are defined here once; train_gpt.py imports them.
 
 The kernels also run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is
-how CI tests them. Interpreter defects (Triton 3.9) are worked around behind the constexpr
-flag INTERPRETED: its tl.dot multiplies bf16 tiles as raw uint16 integers (so tiles are widened
-to fp32 first), its fp32 -> bf16 cast truncates, and its fp32 -> fp8 cast does not carry a
-rounded-up mantissa into the exponent (so values are first rounded to nearest-even on the target
-grid by integer arithmetic, after which the cast is exact). On the GPU these paths are compiled
-out and the tensor cores and hardware conversions are used.
+how CI tests them. The interpreter's defects (Triton 3.9) are worked around behind the global
+constexpr INTERPRETED: its tl.dot multiplies bf16 tiles as raw uint16 integers (so tiles are
+widened to fp32 first), its fp32 -> bf16 cast truncates, and its fp32 -> fp8 cast does not carry
+a rounded-up mantissa into the exponent (so values are first rounded to nearest-even on the
+target grid by integer arithmetic, after which the cast is exact). On the GPU these branches are
+compiled out and the tensor cores and hardware conversions are used.
+
+Measured speeds, and the variants that were tried and not kept, are in records/kernels/README.md.
 """
 from __future__ import annotations
 
@@ -36,23 +40,32 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = [
+    "INTERPRET", "SOFTCAP_A", "SOFTCAP_B", "SOFTCAP_C", "softcap",
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
     "linear_relu_square", "linear_relu_square_reference",
     "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
-    "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_reference",
+    "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_and_grad_reference",
+    "softcapped_mtp_losses_reference",
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
     "index_add_rows", "index_add_rows_reference",
 ]
 
-# Triton decides at decoration time whether @triton.jit functions are interpreted; read the same
-# environment variable once so that the host code picks matching kernel variants.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# Triton decides at decoration time whether @triton.jit functions are interpreted; the host code
+# reads the same environment variable once, so that it picks matching tilings, and the kernels
+# read it as a global constexpr.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+INTERPRETED = tl.constexpr(INTERPRET)
 
 # Soft cap of the LM head: z = SOFTCAP_A * sigmoid((l + SOFTCAP_B) / SOFTCAP_C), z in (0, 23).
 SOFTCAP_A = 23.0
 SOFTCAP_B = 5.0
 SOFTCAP_C = 7.5
+
+
+def softcap(logits: torch.Tensor) -> torch.Tensor:
+    """The soft-capped logits z, in the dtype of `logits`."""
+    return SOFTCAP_A * torch.sigmoid((logits + SOFTCAP_B) / SOFTCAP_C)
 
 
 # =================================================================================================
@@ -65,7 +78,7 @@ def _check_runnable(name: str, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device != device:
             raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
-    if device.type == "cpu" and not _INTERPRET:
+    if device.type == "cpu" and not INTERPRET:
         raise RuntimeError(f"{name}: CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 "
                            f"before importing triton), or use {name}_reference instead")
     if device.type not in ("cpu", "cuda"):
@@ -87,7 +100,7 @@ def _check_shape(name: str, arg: str, t: torch.Tensor, shape: tuple) -> None:
 # =================================================================================================
 
 @triton.jit
-def _mma(acc, a, b, INTERPRETED: tl.constexpr):
+def _mma(acc, a, b):
     """acc + a @ b with fp32 accumulation. The interpreter multiplies bf16 tiles as raw uint16
     integers, so there the (exactly representable) fp32 widening of the operands is multiplied."""
     if INTERPRETED:
@@ -97,7 +110,7 @@ def _mma(acc, a, b, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _to_bf16(x, INTERPRETED: tl.constexpr):
+def _to_bf16(x):
     """fp32 -> bf16, round to nearest even (the interpreter's own cast truncates)."""
     if INTERPRETED:
         bits = x.to(tl.uint32, bitcast=True)
@@ -150,36 +163,28 @@ def _round_to_e5m2_grid(x):
 # The operands arrive through TMA descriptors of the 3-D A, so blocks past n or r (also at a batch
 # boundary) read zeros. A descriptor needs 16-byte aligned row strides; a matrix whose rows are not
 # (K not a multiple of 8) is copied with zero columns appended, which leaves the Gram matrix as it is.
-# On an H100 (records/2026-11-23_h100_gram_split, GPU-only us, autotuned), TMA loads against the
-# earlier pointer loads: XXT (5, 768, 768) 10.6 -> 8.3, XTX (3, 3072, 768) 19.2 -> 17.6,
-# ba_plus_cAA (5 | 3, 768, 768) 11.2 | 7.3 -> 8.9 | 7.0, XTX (24, 3072, 768) 109 -> 90-95 (probe).
-# Splitting the reduction over two programs (the last to finish adds the partial sums) was slower
-# at every shape.
 
 @triton.jit
-def _gram_tile_product(row_desc, col_desc, batch, row0, col0, r_begin, r_end, TRANSPOSED: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       INTERPRETED: tl.constexpr):
-    """The fp32 (BLOCK_M, BLOCK_N) tile at (row0, col0) of one matrix's Gram product, summed over
-    r in [r_begin, r_end)."""
+def _gram_tile_product(row_desc, col_desc, batch, row0, col0, r, TRANSPOSED: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile at (row0, col0) of one matrix's Gram product."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(r_begin, r_end, BLOCK_R):
+    for r0 in range(0, r, BLOCK_R):
         if TRANSPOSED:
             x = row_desc.load([batch, r0, row0]).reshape(BLOCK_R, BLOCK_M)
             y = col_desc.load([batch, r0, col0]).reshape(BLOCK_R, BLOCK_N)
-            acc = _mma(acc, x.T, y, INTERPRETED)
+            acc = _mma(acc, x.T, y)
         else:
             x = row_desc.load([batch, row0, r0]).reshape(BLOCK_M, BLOCK_R)
             y = col_desc.load([batch, col0, r0]).reshape(BLOCK_N, BLOCK_R)
-            acc = _mma(acc, x, y.T, INTERPRETED)
+            acc = _mma(acc, x, y.T)
     return acc
 
 
 @triton.jit
 def _store_gram_tile(acc, a_ptr, c_ptr, alpha, beta, batch, row0, col0, n,
                      stride_ab, stride_an, stride_ar, stride_cb, stride_cm, stride_cn,
-                     ADD_BETA_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     INTERPRETED: tl.constexpr):
+                     ADD_BETA_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Write a finished tile of C in place and mirrored (ba_plus_cAA: alpha acc + beta A)."""
     batch = batch.to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -189,15 +194,15 @@ def _store_gram_tile(acc, a_ptr, c_ptr, alpha, beta, batch, row0, col0, n,
         a_tile = tl.load(a_ptr + batch * stride_ab + rows[:, None].to(tl.int64) * stride_an
                          + cols[None, :] * stride_ar, mask=in_bounds, other=0.0)
         acc = alpha * acc + beta * a_tile.to(tl.float32)
-    out = _to_bf16(acc, INTERPRETED)
+    out = _to_bf16(acc)
     c_ptr += batch * stride_cb
     c_tile = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
     c_mirror = c_ptr + cols[:, None].to(tl.int64) * stride_cm + rows[None, :] * stride_cn
     mirror_in_bounds = (cols[:, None] < n) & (rows[None, :] < n)
-    # Stores masked by the triangle took twice as long as the whole product on an H100 (23 vs 7 us
-    # for five 768 x 768 matrices), so they are avoided where the tile allows: a tile wholly below
-    # the diagonal is stored whole, in place and mirrored; a square tile on the diagonal holds both
-    # C[i, j] and C[j, i], so its upper half is filled from its own transpose and stored once.
+    # Stores masked by the triangle cost more than the whole product, so they are avoided where
+    # the tile allows: a tile wholly below the diagonal is stored whole, in place and mirrored; a
+    # square tile on the diagonal holds both C[i, j] and C[j, i], so its upper half is filled from
+    # its own transpose and stored once.
     if row0 >= col0 + BLOCK_N:
         tl.store(c_tile, out, mask=in_bounds)
         tl.store(c_mirror, tl.trans(out), mask=mirror_in_bounds)
@@ -216,7 +221,7 @@ def _symmetric_gram_kernel(
     stride_cb, stride_cm, stride_cn,
     TRANSPOSED: tl.constexpr,               # XTX: n indexes A's columns, r its rows
     ADD_BETA_A: tl.constexpr,               # ba_plus_cAA epilogue: alpha * acc + beta * A
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     beta = tl.cast(beta, tl.float32)
@@ -224,11 +229,11 @@ def _symmetric_gram_kernel(
     batch = tl.program_id(1)
     row0 = tile_row * BLOCK_M
     col0 = tile_col * BLOCK_N
-    acc = _gram_tile_product(row_desc, col_desc, batch, row0, col0, 0, r, TRANSPOSED,
-                             BLOCK_M, BLOCK_N, BLOCK_R, INTERPRETED)
+    acc = _gram_tile_product(row_desc, col_desc, batch, row0, col0, r, TRANSPOSED,
+                             BLOCK_M, BLOCK_N, BLOCK_R)
     _store_gram_tile(acc, a_ptr, c_ptr, alpha, beta, batch, row0, col0, n,
                      stride_ab, stride_an, stride_ar, stride_cb, stride_cm, stride_cn,
-                     ADD_BETA_A, BLOCK_M, BLOCK_N, INTERPRETED)
+                     ADD_BETA_A, BLOCK_M, BLOCK_N)
 
 
 def _set_gram_blocks(nargs: dict) -> None:
@@ -243,8 +248,8 @@ def _gram_config(block_m: int, block_n: int, block_r: int, **launch) -> triton.C
                          pre_hook=_set_gram_blocks, **launch)
 
 
-# BLOCK_M must be a multiple of BLOCK_N. On an H100, 128 x 128 tiles win for many matrices (XTX of
-# 24 3072 x 768: 90-95 against 129 us) and 64 x 64 for the 3 to 5 of an 8-GPU shard.
+# The autotuner picks one per shape: 128 x 128 tiles suit many matrices (one GPU holds all 24 of
+# a bank), 64 x 64 the 3 to 5 of an 8-GPU shard. BLOCK_M must be a multiple of BLOCK_N.
 _GRAM_CONFIGS = [
     _gram_config(128, 128, 64, num_stages=3, num_warps=8),
     _gram_config(64, 64, 64, num_stages=4, num_warps=4),
@@ -268,7 +273,7 @@ def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha:
     if A3.stride(2) != 1 or A3.stride(1) % 8 or A3.stride(0) % 8 or A3.data_ptr() % 16:
         operand = A3.new_zeros(batches, rows, triton.cdiv(cols, 8) * 8)
         operand[..., :cols] = A3
-    if config is None and _INTERPRET:
+    if config is None and INTERPRET:
         config = _gram_config(16, 16, 32)
     # placeholder block shapes: the configuration's pre-hook sets the real ones
     row_desc = TensorDescriptor.from_tensor(operand, [1, 8, 8])
@@ -284,9 +289,9 @@ def _symmetric_gram(A: torch.Tensor, out: torch.Tensor, transposed: bool, alpha:
     if config is not None:
         _set_gram_blocks(dict(config.all_kwargs(), TRANSPOSED=transposed, row_desc=row_desc, col_desc=col_desc))
         _symmetric_gram_kernel[grid](*args, TRANSPOSED=transposed, ADD_BETA_A=add_beta_a,
-                                     INTERPRETED=_INTERPRET, **config.all_kwargs())
+                                     **config.all_kwargs())
     else:
-        _symmetric_gram_tuned[grid](*args, TRANSPOSED=transposed, ADD_BETA_A=add_beta_a, INTERPRETED=False)
+        _symmetric_gram_tuned[grid](*args, TRANSPOSED=transposed, ADD_BETA_A=add_beta_a)
 
 
 def _check_gram_args(name: str, A: torch.Tensor, out: torch.Tensor, out_size: int) -> None:
@@ -375,9 +380,9 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 #   RELU2_FORWARD:  a = x, b = W1 (= c_fc):   post = bf16(relu(bf16(acc))^2)
 #   RELU2_BACKWARD: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * sqrt(post)), acc = d_post
 #   AXPY:           a = X, b = B (symmetric, so X B^T = X B): out = bf16(acc + alpha * X)
-# The forward stores only post, not pre as well (the spec's kernel stores both): the forward is
-# bound by its stores, and relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own
-# bf16 rounding of d_pre dwarfs.
+# The forward stores only post, not pre as well: the forward is bound by its stores, and
+# relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own bf16 rounding of d_pre
+# dwarfs.
 # A persistent kernel (one program per SM strides over the output tiles) moving every tile through
 # TMA descriptors: the hardware does the address arithmetic and bounds handling, and the
 # epilogue's stores are asynchronous, so they overlap the next tile's loads. The fp32 accumulator
@@ -396,16 +401,16 @@ AXPY = tl.constexpr(2)             # out = acc + alpha * aux, aux = a's tile at 
 
 @triton.jit
 def _gemm_epilogue(acc, out_desc, aux_desc, alpha, row0, col0,
-                   EPILOGUE: tl.constexpr, INTERPRETED: tl.constexpr):
+                   EPILOGUE: tl.constexpr):
     if EPILOGUE == RELU2_BACKWARD:
         relu = tl.sqrt(aux_desc.load([row0, col0]).to(tl.float32))   # sqrt.approx, error ~2^-23
-        out_desc.store([row0, col0], _to_bf16(2.0 * acc * relu, INTERPRETED))
+        out_desc.store([row0, col0], _to_bf16(2.0 * acc * relu))
     elif EPILOGUE == AXPY:
         x = aux_desc.load([row0, col0]).to(tl.float32)
-        out_desc.store([row0, col0], _to_bf16(acc + alpha * x, INTERPRETED))
+        out_desc.store([row0, col0], _to_bf16(acc + alpha * x))
     else:   # relu of the bf16-rounded pre, as a bf16 matmul followed by relu would square
-        relu = tl.maximum(_to_bf16(acc, INTERPRETED).to(tl.float32), 0.0)
-        out_desc.store([row0, col0], _to_bf16(relu * relu, INTERPRETED))
+        relu = tl.maximum(_to_bf16(acc).to(tl.float32), 0.0)
+        out_desc.store([row0, col0], _to_bf16(relu * relu))
 
 
 @triton.jit
@@ -414,7 +419,7 @@ def _gemm_epilogue_kernel(
     m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
     EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr, INTERPRETED: tl.constexpr,
+    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     tiles_m = tl.cdiv(m, BLOCK_M)
@@ -434,21 +439,17 @@ def _gemm_epilogue_kernel(
         for k0 in range(0, k, BLOCK_K):
             a = a_desc.load([row0, k0])
             b = b_desc.load([b_row0, k0])
-            acc = _mma(acc, a, b.T, INTERPRETED)
+            acc = _mma(acc, a, b.T)
 
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE, INTERPRETED)
-        _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE, INTERPRETED)
+        _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
+        _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE)
 
 
-# Candidate tilings, all timed by records/bench_kernels.py for each epilogue; _GEMM_TILES is the
-# one used. On an H100 (GPU-only us; MLP at T = 48k, d = 768, hidden = 3072; update at
-# (3 * 3072, 768)), flattening the reference's 128 x 256 x 64, 8 warps, 3 stages was the fastest
-# for every epilogue: forward 418 -> 389 (cuBLAS's plain product: 370), backward 519 -> 482,
-# update 25.5 -> 24.5. A loaded aux tile (backward, AXPY) needs staging memory that 4 stages of
-# 128 x 256 x 64 leave no room for; warp specialisation did not help or failed to compile
-# (Triton 3.6). BLOCK_M must divide the rows of one matrix (3072 in the speedrun) when there are
-# several.
+# Candidate tilings, which records/bench_kernels.py times for each epilogue; _GEMM_TILES, the
+# fastest there for every epilogue, is the one used. A loaded aux tile (backward, AXPY) needs
+# staging memory that 4 stages of 128 x 256 x 64 leave no room for. BLOCK_M must divide the rows
+# of one matrix (3072 in the speedrun) when there are several.
 _GEMM_TILINGS = (
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
@@ -479,7 +480,7 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     m, k = a.shape
     n = out.shape[1]
     rows_per_batch = m if rows_per_batch is None else rows_per_batch
-    tiles = tiles or (_INTERPRETED_TILES if _INTERPRET else _GEMM_TILES)
+    tiles = tiles or (_INTERPRETED_TILES if INTERPRET else _GEMM_TILES)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     if rows_per_batch < m and rows_per_batch % bm:
         raise ValueError(f"GEMM epilogue kernel: rows per batch ({rows_per_batch}) must be a multiple "
@@ -489,9 +490,9 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
                    out_desc, aux_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    programs = min(num_tiles, 4 if _INTERPRET else _num_sms(a.device))
+    programs = min(num_tiles, 4 if INTERPRET else _num_sms(a.device))
     _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha, EPILOGUE=epilogue.value,
-                                       NUM_PROGRAMS=programs, INTERPRETED=_INTERPRET, **tiles)
+                                       NUM_PROGRAMS=programs, **tiles)
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
@@ -581,7 +582,7 @@ def _(X, B, alpha, out):
 
 
 def _gemm_block_m() -> int:
-    return (_INTERPRETED_TILES if _INTERPRET else _GEMM_TILES)["BLOCK_M"]
+    return (_INTERPRETED_TILES if INTERPRET else _GEMM_TILES)["BLOCK_M"]
 
 
 def polar_update_tall_fits(X: torch.Tensor) -> bool:
@@ -628,23 +629,28 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 # 5. Soft-capped multi-token cross entropy with the FP8 head
 # =================================================================================================
 # Row t of the logits l serves K targets: loss_t = sum_k w_k (lse_t - z_t[tgt_{t+k}]) over the
-# valid k (t + k < T, w_k > 0, 0 <= tgt < V), z = 23 sigmoid((l + 5) / 7.5), lse_t = logsumexp(z_t).
-# The training loss is the plain sum over rows, so the gradient of every row has the same upstream
-# factor and can be computed in the same kernel, before the backward pass asks for it:
+# valid k (t + k < T, w_k > 0, 0 <= tgt < V), z = A sigmoid((l + B) / C), lse_t = logsumexp(z_t),
+# with the soft cap's A = 23, B = 5, C = 7.5. The training loss is the plain sum over rows, so the
+# gradient of every row has the same upstream factor and can be computed in the same kernel,
+# before the backward pass asks for it:
 #   dz_j = S_w softmax(z)_j - sum_k w_k [j == tgt_{t+k}],   S_w = sum of the valid w_k,
-#   dl_j = dz_j (23 / 7.5) s_j (1 - s_j),   s = sigmoid((l + 5) / 7.5),
+#   dl_j = dz_j (A / C) s_j (1 - s_j),   s = sigmoid((l + B) / C),
 # written as e5m2(dl / grad_scale), the operand of the two FP8 backward GEMMs, which apply the
 # upstream factor through their scale. One kernel reads the logits once from memory (the second
 # pass over a row finds it in L2) instead of twice in a forward and a backward kernel.
 #
-# z < 23, so exp(z - 23) can neither overflow nor lose the sum: lse is accumulated with the fixed
-# shift 23 instead of a running maximum.
+# z < A, so exp(z - A) can neither overflow nor lose the sum: lse is accumulated with the fixed
+# shift A instead of a running maximum.
+#
+# Keeping the row in L2 between the passes matters most: pass-1 reads are marked evict_last,
+# pass-2 reads and the gradient writes evict_first, and pass 2 walks the row backwards, so that
+# the blocks pass 1 read last, the likeliest to be still cached, come first.
 #
 # Per logit the kernel moves 3 bytes from memory (when pass 2 finds the row in a cache), and the
 # transcendental unit, 16 results per clock per SM (an eighth of the FMA rate), is the scarce
 # resource, so the arithmetic is arranged around it: 3.5 transcendentals per logit.
-# - Pass 1 needs exp(z - 23) at fp32 accuracy: 2^(23 log2(e) (s - 1)), s = 1 / d with
-#   d = 1 + 2^(-(l + 5) log2(e) / 7.5). Neighbouring logits share a reciprocal:
+# - Pass 1 needs exp(z - A) at fp32 accuracy: 2^(A log2(e) (s - 1)), s = 1 / d with
+#   d = 1 + 2^(-(l + B) log2(e) / C). Neighbouring logits share a reciprocal:
 #   1 / d_a = d_b / (d_a d_b) and 1 / d_b = d_a / (d_a d_b).
 # - Pass 2, rounded to 2 mantissa bits, takes the sigmoid from the hardware tanh (relative error
 #   below 2^-10) and the exponential from a polynomial on the FMA units (relative error 7.5e-5),
@@ -652,51 +658,29 @@ def polar_update_tall_reference(X: torch.Tensor, B: torch.Tensor, alpha: float) 
 #   The K target columns, where dz can cancel, are then rewritten with exact values.
 # - The targets and their logits are loaded before pass 1, which hides their latency.
 # The hardware ex2 / rcp are the approximate ones without denormal handling (relative error
-# ~2^-22), and every affine argument is folded into one FMA. The instruction count matters too
-# (below): a bf16 logit is widened by one integer instruction, pass 1 clamps logits on bf16
-# pairs, and the unrolled pass-2 blocks share one 64-bit base address. With 2048-column blocks
-# that is 10.5 instructions per logit in pass 1 and 14 in pass 2 (SASS of the loops, Triton 3.6),
-# from 12 and 17.6; with the landed 4096, 9.75 and 13.3.
-#
-# Measured on an H100 at T = 16k (records/2026-11-23_h100_ce_cheaper_math):
-# - Keeping the row cached between the passes is what matters most. Eviction hints (pass-1 reads
-#   stay, pass-2 reads and the gradient writes go first) took 1500 to 1250 us. Walking pass 2
-#   backwards, so that the blocks pass 1 read last come first, took 1330 to 1150 us.
-# - In probes, prefetching the targets took 1162 to 1124 us, and the shared reciprocal and the
-#   polynomial took it to 1068 us. The benchmark gives 1149 -> 1116 us for the landed kernel.
-# - Even so, Nsight Compute counts 2.16 GB read from memory for the 1.65 GB of logits. Pass 2
-#   finds the end of the row in L1, but its start is gone from L2 too (3 rows of 100 KB per SM,
-#   about 27 us per row).
-# - Layouts with fewer rows in flight read only 1.66-1.72 GB but were slower, because they hide
-#   less arithmetic:
-#   - persistent grids of 2-3 programs per SM: 1160-1350 us;
-#   - a row split over 2 or 4 programs that exchange their partial sums through global memory,
-#     either waiting for each other or leaving pass 2 to the last one to finish: 1150-1420 us;
-#   - 32-warp programs: 1450-1620 us.
-# - These did not pay: sigmoid from tanh in pass 1, one reciprocal for four logits, tanh on f16
-#   pairs, and register prefetching of the next block.
-# - Nor did keeping more of the row in L2 by hints (records/2026-11-23_h100_gram_split): evict_last
-#   on only the first 4-16 blocks of pass 1 took 1127 to 1140-1170 us, and an L2 set-aside for
-#   persisting accesses (cudaLimitPersistingL2CacheSize), where evict_last lines then live, made
-#   every variant slower (16 MiB: up to 1300 us, 31 MiB: 1510-1660 us).
-# - Nor did persistent programs that interleave pass 1 of their next row with pass 2 of the
-#   current one (records/2026-11-23_h100_ce_pipelined): carrying both passes needs 64 registers,
-#   so only half the warps fit, and they took 1330-1660 us.
-# - Fewer instructions (records/2026-11-23_h100_ce_fewer_instructions) took 1112 to 1056 us on
-#   one H100 (1135 to 1069 us at its 700 W power limit, which this kernel reaches within a
-#   second); another H100 ran the kernel at 1029 us before and after.
+# ~2^-22), and every affine argument is folded into one FMA. The instruction count matters too:
+# a bf16 logit is widened by one integer instruction, pass 1 clamps logits on bf16 pairs, and the
+# unrolled pass-2 blocks share one 64-bit base address.
 
-_LOG2E = tl.constexpr(1.4426950408889634)
+def _kernel_constant(value: float):
+    """A module constant for @triton.jit code: a constexpr when compiled, the plain value under
+    the interpreter, which runs the kernels as Python (where a constexpr on the left of a tensor
+    operation would wrap the result)."""
+    return value if INTERPRET else tl.constexpr(value)
+
+
+_LOG2E = _kernel_constant(1.4426950408889634)
+_A, _B, _C = (_kernel_constant(v) for v in (SOFTCAP_A, SOFTCAP_B, SOFTCAP_C))
 
 
 @triton.jit
 def _softcap(logits):
-    s = tl.sigmoid((logits + 5.0) * (1.0 / 7.5))
-    return 23.0 * s, s
+    s = tl.sigmoid((logits + _B) * (1.0 / _C))
+    return _A * s, s
 
 
 @triton.jit
-def _ex2(x, INTERPRETED: tl.constexpr):
+def _ex2(x):
     """2^x; on the GPU ex2.approx.ftz (relative error ~2^-22, subnormal results flushed to 0)."""
     if INTERPRETED:
         return tl.exp2(x)
@@ -705,7 +689,7 @@ def _ex2(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _rcp(x, INTERPRETED: tl.constexpr):
+def _rcp(x):
     """1 / x; on the GPU rcp.approx.ftz (relative error ~2^-23)."""
     if INTERPRETED:
         return 1.0 / x
@@ -714,7 +698,7 @@ def _rcp(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _bf16_to_f32(x, INTERPRETED: tl.constexpr):
+def _bf16_to_f32(x):
     """x.to(float32) of bf16 x; on the GPU one integer instruction per value, taking two values
     from one 32-bit register (the compiler's conversion spends two on the upper one)."""
     if INTERPRETED:
@@ -724,7 +708,7 @@ def _bf16_to_f32(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _bf16_to_f32_above_m300(x, INTERPRETED: tl.constexpr):
+def _bf16_to_f32_above_m300(x):
     """max(x, -300).to(float32) of bf16 x, NaN kept; on the GPU one maximum for two values, taken
     on the bf16 pair (-300 is 0xC396 in bf16)."""
     if INTERPRETED:
@@ -736,7 +720,7 @@ def _bf16_to_f32_above_m300(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x, INTERPRETED: tl.constexpr):
+def _tanh(x):
     """tanh(x); on the GPU tanh.approx (relative error below 2^-10)."""
     if INTERPRETED:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
@@ -761,24 +745,24 @@ def _scaled_exp2_poly(a, x, exponent_base, coefficients):
 
 
 @triton.jit
-def _sigmoid_denominator(logits, INTERPRETED: tl.constexpr):
-    """1 + 2^(-(l + 5) log2(e) / 7.5) = 1 / sigmoid((l + 5) / 7.5); below 2^57 for l >= -300, so
+def _sigmoid_denominator(logits):
+    """1 + 2^(-(l + B) log2(e) / C) = 1 / sigmoid((l + B) / C); below 2^57 for l >= -300, so
     that the product of two stays finite."""
-    return 1.0 + _ex2(logits * (-_LOG2E / 7.5) - 5.0 * _LOG2E / 7.5, INTERPRETED)
+    return 1.0 + _ex2(logits * (-_LOG2E / _C) - _B * _LOG2E / _C)
 
 
 @triton.jit
-def _lse_terms(logits, valid, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
-    """exp(z - 23) = 2^(23 log2(e) (s - 1)) of a block of bf16 logits, summed over neighbouring
+def _lse_terms(logits, valid, MASKED: tl.constexpr):
+    """exp(z - A) = 2^(A log2(e) (s - 1)) of a block of bf16 logits, summed over neighbouring
     pairs (BLOCK / 2 values), with one reciprocal per pair; where `valid` is False (if MASKED) the
-    terms are 0. Logits below -300 count as -300: the sigmoid is then under 2^-56, and exp(z - 23)
-    equals exp(-23) in fp32 either way."""
-    la, lb = tl.split(tl.reshape(_bf16_to_f32_above_m300(logits, INTERPRETED), (logits.shape[0] // 2, 2)))
-    da = _sigmoid_denominator(la, INTERPRETED)
-    db = _sigmoid_denominator(lb, INTERPRETED)
-    r = _rcp(da * db, INTERPRETED) * (23.0 * _LOG2E)
-    ta = _ex2(db * r - 23.0 * _LOG2E, INTERPRETED)
-    tb = _ex2(da * r - 23.0 * _LOG2E, INTERPRETED)
+    terms are 0. Logits below -300 count as -300: the sigmoid is then under 2^-56, and exp(z - A)
+    equals exp(-A) in fp32 either way."""
+    la, lb = tl.split(tl.reshape(_bf16_to_f32_above_m300(logits), (logits.shape[0] // 2, 2)))
+    da = _sigmoid_denominator(la)
+    db = _sigmoid_denominator(lb)
+    r = _rcp(da * db) * (_A * _LOG2E)
+    ta = _ex2(db * r - _A * _LOG2E)
+    tb = _ex2(da * r - _A * _LOG2E)
     if MASKED:
         va, vb = tl.split(tl.reshape(valid, (logits.shape[0] // 2, 2)))
         ta = tl.where(va, ta, 0.0)
@@ -790,30 +774,30 @@ def _lse_terms(logits, valid, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
 def _grad_row_constants(lse, scale):
     """The per-row constants of _grad_terms for the row's lse and factor scale >= 0 (scalars):
     the affine map of the logits inside the tanh, and _scaled_exp2_poly's exponent_base and
-    coefficients for the shift lse_shift = (11.5 - lse) log2(e) and the factor scale. A row with
+    coefficients for the shift lse_shift = (A / 2 - lse) log2(e) and the factor scale. A row with
     scale 0 (no valid target) maps every logit to t = tanh(20) = 1, where 1 - t^2, and so the
     gradient, is exactly 0 (the exponent shift cannot give 0)."""
     has_grad = scale > 0
-    lse_shift = (11.5 - lse) * _LOG2E
+    lse_shift = (_A * 0.5 - lse) * _LOG2E
     n = tl.floor(lse_shift)
     c = tl.where(has_grad, scale, 1.0) * tl.exp2(lse_shift - n)
-    tanh_a = tl.where(has_grad, 0.5 / 7.5, 0.0)
-    tanh_b = tl.where(has_grad, 2.5 / 7.5, 20.0)
+    tanh_a = tl.where(has_grad, 0.5 / _C, 0.0)
+    tanh_b = tl.where(has_grad, 0.5 * _B / _C, 20.0)
     return tanh_a, tanh_b, n + 12582912.0, (0.05517084 * c, 0.24260935 * c, 0.69326096 * c, 0.99992818 * c)
 
 
 @triton.jit
-def _grad_terms(logits, row_constants, INTERPRETED: tl.constexpr):
+def _grad_terms(logits, row_constants):
     """scale p (1 - t^2) for every column of a block of bf16 logits, as if none were a target:
-    with t = tanh((l + 5) / 15) = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) =
-    2^(11.5 log2(e) t + lse_shift). The exponent lies in [-(23 + ln V) log2(e), 0]."""
+    with t = tanh((l + B) / 2C) = 2 s - 1, s (1 - s) = (1 - t^2) / 4 and p = exp(z - lse) =
+    2^((A / 2) log2(e) t + lse_shift). The exponent lies in [-(A + ln V) log2(e), 0]."""
     tanh_a, tanh_b, exponent_base, coefficients = row_constants
-    t = _tanh(_bf16_to_f32(logits, INTERPRETED) * tanh_a + tanh_b, INTERPRETED)
-    return _scaled_exp2_poly(11.5 * _LOG2E, t, exponent_base, coefficients) * (1.0 - t * t)
+    t = _tanh(_bf16_to_f32(logits) * tanh_a + tanh_b)
+    return _scaled_exp2_poly(_A * 0.5 * _LOG2E, t, exponent_base, coefficients) * (1.0 - t * t)
 
 
 @triton.jit
-def _store_e5m2(ptrs, value, mask, STREAMING: tl.constexpr, INTERPRETED: tl.constexpr):
+def _store_e5m2(ptrs, value, mask, STREAMING: tl.constexpr):
     if INTERPRETED:
         value = _round_to_e5m2_grid(value)
     value = value.to(tl.float8e5, fp_downcast_rounding="rtne")
@@ -839,9 +823,9 @@ def _mtp_targets(row, targets_ptr, w_ptr, n_rows, n_cols, K: tl.constexpr, K_POW
 def _mtp_ce_kernel(
     logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, stride_grad, grad_scale,
     n_rows, n_cols,
-    K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
+    K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    grad_factor = (23.0 / 7.5) / tl.cast(grad_scale, tl.float32)
+    grad_factor = (_A / _C) / tl.cast(grad_scale, tl.float32)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad
@@ -859,11 +843,11 @@ def _mtp_ce_kernel(
     sum_exp = tl.zeros((BLOCK_V // 2,), dtype=tl.float32)
     for i in tl.range(0, n_blocks, loop_unroll_factor=4):
         logits = tl.load(row_ptr + i * BLOCK_V + cols, eviction_policy="evict_last")
-        sum_exp += _lse_terms(logits, tail, False, INTERPRETED)
+        sum_exp += _lse_terms(logits, tail, False)
     if n_full < n_cols:
         logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0)
-        sum_exp += _lse_terms(logits, tail, True, INTERPRETED)
-    lse = 23.0 + tl.log(tl.sum(sum_exp, axis=0))
+        sum_exp += _lse_terms(logits, tail, True)
+    lse = _A + tl.log(tl.sum(sum_exp, axis=0))
     tl.store(losses_ptr + row, tl.sum(tl.where(weight > 0, weight * (lse - z_target), 0.0), axis=0))
     weight_sum = tl.sum(weight, axis=0)
 
@@ -873,15 +857,13 @@ def _mtp_ce_kernel(
     row_constants = _grad_row_constants(lse, 0.25 * weight_sum * grad_factor)
     if n_full < n_cols:
         logits = tl.load(row_ptr + n_full + cols, mask=tail, other=0.0)
-        _store_e5m2(grad_row_ptr + n_full + cols, _grad_terms(logits, row_constants, INTERPRETED), tail, True,
-                    INTERPRETED)
+        _store_e5m2(grad_row_ptr + n_full + cols, _grad_terms(logits, row_constants), tail, True)
     for i in tl.range(0, n_blocks, loop_unroll_factor=4):
         # a product with BLOCK_V keeps the loads vectorised; in 64 bits, the unrolled blocks'
         # addresses are one base with constant offsets
         c0 = (n_blocks - 1 - i).to(tl.int64) * BLOCK_V
         logits = tl.load((row_ptr + c0) + cols, eviction_policy="evict_first")
-        _store_e5m2((grad_row_ptr + c0) + cols, _grad_terms(logits, row_constants, INTERPRETED), None, True,
-                    INTERPRETED)
+        _store_e5m2((grad_row_ptr + c0) + cols, _grad_terms(logits, row_constants), None, True)
 
     # then the exact gradient in the target columns overwrites pass 2's (after a barrier, which
     # orders the program's global stores); a column that is the target of several k gets the
@@ -889,15 +871,11 @@ def _mtp_ce_kernel(
     tl.debug_barrier()
     same_column = target[:, None] == target[None, :]
     dz = weight_sum * tl.exp(z_target - lse) - tl.sum(tl.where(same_column, weight[None, :], 0.0), axis=1)
-    _store_e5m2(grad_row_ptr + target, dz * s_target * (1.0 - s_target) * grad_factor, in_row, False,
-                INTERPRETED)
+    _store_e5m2(grad_row_ptr + target, dz * s_target * (1.0 - s_target) * grad_factor, in_row, False)
 
 
 # One program streams one row: 4096 columns over 16 warps, 8 per thread (16-byte loads), loops
-# unrolled 4 times (40 registers, 3 programs per SM). Measured on an H100 at V = 50304
-# (records/2026-11-23_h100_ce_fewer_instructions): 1013 us, against 1057 us for 2048 x 16
-# (1028 us capped at 32 registers, 4 programs per SM) and 1600 us for 2048 x 32; earlier, 2048 x 16
-# was 15-25% faster than 1024 x 4 and 2048 x 8.
+# unrolled 4 times (40 registers, 3 programs per SM): the fastest tiling measured.
 _CE_TILE = dict(BLOCK_V=4096, num_warps=16)
 _CE_INTERPRETED_TILE = dict(BLOCK_V=256)
 
@@ -931,8 +909,8 @@ def _mtp_ce_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.T
     args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(), losses,
             grad, grad.stride(0), grad_scale, n_rows, n_cols)
     K = mtp_weights.numel()
-    tile = _CE_INTERPRETED_TILE if _INTERPRET else _CE_TILE
-    _mtp_ce_kernel[(n_rows,)](*args, K=K, K_POW2=triton.next_power_of_2(K), INTERPRETED=_INTERPRET, **tile)
+    tile = _CE_INTERPRETED_TILE if INTERPRET else _CE_TILE
+    _mtp_ce_kernel[(n_rows,)](*args, K=K, K_POW2=triton.next_power_of_2(K), **tile)
     return losses, grad
 
 
@@ -956,10 +934,10 @@ def softcapped_mtp_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor,
 
 def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
                                     mtp_weights: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch restatement of the kernel's losses, computed in fp32 from the given logits;
-    autograd gives the kernel's gradient."""
+    """The kernel's per-row losses in plain PyTorch, computed in fp32 from the given logits;
+    autograd through them gives the kernel's gradient."""
     n_rows, n_cols = logits.shape
-    z = SOFTCAP_A * torch.sigmoid((logits.float() + SOFTCAP_B) / SOFTCAP_C)
+    z = softcap(logits.float())
     lse = torch.logsumexp(z, dim=-1)
     losses = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     for k in range(min(mtp_weights.numel(), n_rows)):
@@ -971,21 +949,52 @@ def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
     return losses
 
 
+def softcapped_mtp_losses_and_grad_reference(logits: torch.Tensor, targets: torch.Tensor,
+                                             mtp_weights: torch.Tensor,
+                                             grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softcapped_mtp_losses_and_grad in plain PyTorch: the reference losses and the closed-form
+    gradient of their sum (section notes above), as e5m2(gradient / grad_scale)."""
+    n_rows, n_cols = logits.shape
+    s = torch.sigmoid((logits.float() + SOFTCAP_B) / SOFTCAP_C)
+    dz = torch.zeros_like(s)
+    softmax = torch.softmax(SOFTCAP_A * s, dim=1)
+    for k in range(min(mtp_weights.numel(), n_rows)):
+        target = targets[k:]
+        valid = (mtp_weights[k] > 0) & (target >= 0) & (target < n_cols)
+        weight = torch.nn.functional.pad(torch.where(valid, mtp_weights[k], 0.0), (0, k))
+        column = torch.nn.functional.pad(target.clamp(0, n_cols - 1), (0, k))
+        dz = dz + weight[:, None] * softmax
+        dz = dz.scatter_add(1, column[:, None], -weight[:, None])
+    grad = dz * (SOFTCAP_A / SOFTCAP_C) * s * (1.0 - s)
+    return (softcapped_mtp_losses_reference(logits, targets, mtp_weights),
+            (grad / grad_scale).to(torch.float8_e5m2))
+
+
+def _transposed(t: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+    """t^T as a new contiguous tensor (any dtype, fp8 included)."""
+    if not use_kernels:
+        return t.t().contiguous()
+    out = t.new_empty(t.shape[1], t.shape[0])
+    _transpose_copy_op(t, out)
+    return out
+
+
 class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, targets, mtp_weights, W_head, x_scale, w_scale, grad_scale):
+    def forward(ctx, h, targets, mtp_weights, W_head, x_scale, w_scale, grad_scale, use_kernels):
         # e4m3 quantisation with fixed scales; the division is done in fp32 (one rounding)
         h8 = (h.float() / x_scale).to(torch.float8_e4m3fn)
         W8 = (W_head.float() / w_scale).to(torch.float8_e4m3fn)          # (d, V) row-major
-        W8_t = W8.new_empty(W8.shape[1], W8.shape[0])
-        _transpose_copy_op(W8, W8_t)                                     # W8 column-major = W8_t^T
+        W8_t = _transposed(W8, use_kernels)                              # W8 column-major = W8_t^T
         x_s = torch.full((), x_scale, dtype=torch.float32, device=h.device)   # no host->device copy
         w_s = torch.full((), w_scale, dtype=torch.float32, device=h.device)
         logits = torch._scaled_mm(h8, W8_t.t(), scale_a=x_s, scale_b=w_s,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        losses, G8 = _mtp_ce_op(logits, targets, mtp_weights, grad_scale)
+        loss_and_grad = _mtp_ce_op if use_kernels else softcapped_mtp_losses_and_grad_reference
+        losses, G8 = loss_and_grad(logits, targets, mtp_weights, grad_scale)
         ctx.save_for_backward(G8, h8, W8)
         ctx.scales = (x_scale, w_scale, grad_scale)
+        ctx.use_kernels = use_kernels
         return losses.sum()
 
     @staticmethod
@@ -1000,23 +1009,24 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
             dh = torch._scaled_mm(G8, W8.t(), scale_a=g_s, scale_b=w_s,
                                   out_dtype=torch.bfloat16, use_fast_accum=False)
         if ctx.needs_input_grad[3]:   # dW = h^T G in the stored (d, V) layout, fp32
-            G8_t = G8.new_empty(G8.shape[1], G8.shape[0])
-            _transpose_copy_op(G8, G8_t)                                 # G8 column-major = G8_t^T
+            G8_t = _transposed(G8, ctx.use_kernels)                      # G8 column-major = G8_t^T
             dW_head = torch._scaled_mm(h8.t().contiguous(), G8_t.t(), scale_a=x_s, scale_b=g_s,
                                        out_dtype=torch.float32, use_fast_accum=False)
-        return dh, None, None, dW_head, None, None, None
+        return dh, None, None, dW_head, None, None, None, None
 
 
 def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
                                  W_head: torch.Tensor, x_scale: float, w_scale: float,
-                                 grad_scale: float) -> torch.Tensor:
+                                 grad_scale: float, use_kernels: bool = True) -> torch.Tensor:
     """The summed soft-capped multi-token cross entropy (0-dim fp32) with the LM head evaluated
     in FP8: h (T, d) bf16, W_head (d, V) bf16 (stored transposed, logits = h @ W_head), fixed
     e4m3 scales x_scale and w_scale. The logits gradient travels as e5m2(dl / (grad_scale x g))
     for an upstream gradient g, so grad_scale is the scale for g = 1 (the speedrun's 0.75 / 448).
-    Differentiable in h and W_head (dW_head comes back as fp32)."""
+    Differentiable in h and W_head (dW_head comes back as fp32). With use_kernels=False the loss,
+    its gradient and the transposes run as plain PyTorch (the same math, no Triton)."""
     name = "softcapped_mtp_cross_entropy"
-    _check_runnable(name, h, targets, mtp_weights, W_head)
+    if use_kernels:
+        _check_runnable(name, h, targets, mtp_weights, W_head)
     _check_dtype(name, "h", h, (torch.bfloat16,))
     _check_dtype(name, "W_head", W_head, (torch.bfloat16,))
     _check_dtype(name, "targets", targets, (torch.int64,))
@@ -1033,7 +1043,8 @@ def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_wei
             raise ValueError(f"{name}: {arg} must be positive, got {value}")
     _check_grad_scale(name, grad_scale)
     return _SoftcappedMTPCrossEntropy.apply(h.contiguous(), targets, mtp_weights, W_head.contiguous(),
-                                            float(x_scale), float(w_scale), float(grad_scale))
+                                            float(x_scale), float(w_scale), float(grad_scale),
+                                            use_kernels)
 
 
 def softcapped_mtp_cross_entropy_reference(h: torch.Tensor, targets: torch.Tensor,
@@ -1053,7 +1064,7 @@ def softcapped_mtp_cross_entropy_reference(h: torch.Tensor, targets: torch.Tenso
 def _transpose_kernel(
     src_ptr, dst_ptr, m, n,
     stride_sm, stride_sn, stride_dn, stride_dm,
-    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr,
+    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -1063,7 +1074,7 @@ def _transpose_kernel(
     dst_mask = (cols[:, None] < n) & (rows[None, :] < m)
     tile = tl.trans(tile)
     if ADD:   # bf16 only: one rounding of the fp32 sum
-        tile = _to_bf16(tl.load(dst_ptrs, mask=dst_mask).to(tl.float32) + tile.to(tl.float32), INTERPRETED)
+        tile = _to_bf16(tl.load(dst_ptrs, mask=dst_mask).to(tl.float32) + tile.to(tl.float32))
     tl.store(dst_ptrs, tile, mask=dst_mask)
 
 
@@ -1072,10 +1083,10 @@ _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 def _launch_transpose(src: torch.Tensor, dst: torch.Tensor, add: bool) -> None:
     m, n = src.shape
-    block = 32 if _INTERPRET else 64
+    block = 32 if INTERPRET else 64
     grid = (triton.cdiv(m, block), triton.cdiv(n, block))
     _transpose_kernel[grid](src, dst, m, n, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
-                            ADD=add, BLOCK_M=block, BLOCK_N=block, INTERPRETED=_INTERPRET, num_warps=4)
+                            ADD=add, BLOCK_M=block, BLOCK_N=block, num_warps=4)
 
 
 def _check_transpose_args(name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -1201,7 +1212,7 @@ def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
     sorted_index, order = torch.sort(index) if index_sorted is None else index_sorted
     _check_shape(name, "index_sorted", sorted_index, tuple(index.shape))
     tables, n_rows, n_cols = out3.shape
-    chunk, block_d = (16, 32) if _INTERPRET else (16, 512)   # measured best of 7 tilings on an H100
+    chunk, block_d = (16, 32) if INTERPRET else (16, 512)   # the fastest tiling measured
     grid = (triton.cdiv(index.numel(), chunk), triton.cdiv(n_cols, block_d), tables)
     _index_add_rows_kernel[grid](out3, out3.stride(0), out3.stride(1), src3, src3.stride(0), src3.stride(1),
                                  sorted_index, order, index.numel(), n_rows, n_cols,

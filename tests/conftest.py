@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
-# Polar Express coefficients (a, b, c), optimizer.md 5.2, restated from the spec for the tests
+# Polar Express coefficients (a, b, c), restated from the specification for the tests
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def stages_option(preset: str = "smoke", **columns: tuple) -> str:
+    """A --stages=... option: the preset's stage rows with some columns replaced, e.g.
+    stages_option(batch_tokens=(512, 512, 512))."""
+    import train_gpt
+    rows = train_gpt.Hyperparameters(**train_gpt.PRESETS[preset]).stages
+    rows = [row._replace(**{name: values[k] for name, values in columns.items()})
+            for k, row in enumerate(rows)]
+    return f"--stages={train_gpt.as_literal(tuple(rows))!r}"

@@ -358,7 +358,8 @@ def reference_losses_and_grad(logits, targets, w, dloss):
     return losses, lse_all, grad
 
 
-def check_mtp_kernel(T, V, w, device, invalid_target=False):
+def check_mtp_kernel(T, V, w, device, invalid_target=False,
+                     losses_and_grad=tk.softcapped_mtp_losses_and_grad):
     logits = (torch.randn(T, V, device=device) * 4).bfloat16()
     targets = torch.randint(0, V, (T,), device=device)
     if invalid_target:   # skipped by the validity rule 0 <= target < V
@@ -367,7 +368,7 @@ def check_mtp_kernel(T, V, w, device, invalid_target=False):
     w = torch.tensor(w, device=device)
     grad_scale = 0.75 / 448
 
-    losses, grad8 = tk.softcapped_mtp_losses_and_grad(logits, targets, w, grad_scale)
+    losses, grad8 = losses_and_grad(logits, targets, w, grad_scale)
     ref_losses, _, ref_grad = reference_losses_and_grad(logits, targets, w, torch.ones(T, device=device))
     has_loss = ref_losses != 0
     assert torch.equal(losses != 0, has_loss), "rows with and without a loss term differ"
@@ -398,9 +399,11 @@ def check_mtp_kernel(T, V, w, device, invalid_target=False):
     ([1.0, 0.5, 0.25], False),
     ([1.0, 0.5, 0.0], True),
 ])
-def test_mtp_kernel(w, invalid_target):
+@pytest.mark.parametrize("losses_and_grad", [tk.softcapped_mtp_losses_and_grad,
+                                             tk.softcapped_mtp_losses_and_grad_reference])
+def test_mtp_kernel(w, invalid_target, losses_and_grad):
     # T = 37 rows: the last K-1 rows lose their later targets; V = 700 is not a multiple of the block
-    check_mtp_kernel(37, 700, w, DEV, invalid_target)
+    check_mtp_kernel(37, 700, w, DEV, invalid_target, losses_and_grad)
 
 
 def test_mtp_kernel_whole_blocks():
@@ -467,7 +470,7 @@ def fp8_head_reference(h, targets, w, W_head, dloss, x_scale, w_scale):
     return losses.detach(), h_q, W_q
 
 
-def check_fp8_cross_entropy(T, d, V, device):
+def check_fp8_cross_entropy(T, d, V, device, use_kernels=True):
     x_scale, w_scale = 100 / 448, 1.6 / 448
     grad_accum_scale = 0.125
     h = torch.randn(T, d, device=device).bfloat16().requires_grad_()   # rmsnorm'd: unit scale
@@ -475,7 +478,8 @@ def check_fp8_cross_entropy(T, d, V, device):
     targets = torch.randint(0, V, (T,), device=device)
     w = torch.tensor([1.0, 0.5, 0.25], device=device)
 
-    loss = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, x_scale, w_scale, 0.75 / 448)
+    loss = tk.softcapped_mtp_cross_entropy(h, targets, w, W_head, x_scale, w_scale, 0.75 / 448,
+                                           use_kernels)
     (loss * grad_accum_scale).backward()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False   # a true fp32 reference
@@ -503,8 +507,14 @@ def check_fp8_cross_entropy(T, d, V, device):
     assert h.grad.dtype == torch.bfloat16 and W_head.grad.dtype == torch.bfloat16
 
 
-def test_fp8_cross_entropy_end_to_end():
-    check_fp8_cross_entropy(48, 64, 304, DEV)
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_fp8_cross_entropy_end_to_end(use_kernels):
+    check_fp8_cross_entropy(48, 64, 304, DEV, use_kernels)
+
+
+def test_softcap_is_the_record_formula():
+    logits = torch.randn(5, 7, dtype=torch.float64) * 20
+    assert torch.allclose(tk.softcap(logits), 23.0 * torch.sigmoid((logits + 5.0) / 7.5))
 
 
 @pytest.mark.gpu
@@ -513,8 +523,9 @@ def test_mtp_kernel_speedrun_shape():
 
 
 @pytest.mark.gpu
-def test_fp8_cross_entropy_speedrun_shape():
-    check_fp8_cross_entropy(16384, 768, 50304, "cuda")
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_fp8_cross_entropy_speedrun_shape(use_kernels):
+    check_fp8_cross_entropy(16384, 768, 50304, "cuda", use_kernels)
 
 
 # =================================================================================================
@@ -647,7 +658,7 @@ def test_references_restate_the_math():
 # =================================================================================================
 
 def polar_express(G: torch.Tensor) -> torch.Tensor:
-    """5 Polar Express steps through the kernels (optimizer.md 5.2), tall or wide form."""
+    """5 Polar Express steps through the kernels (the record's coefficients), tall or wide form."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     tall = X.shape[-2] > X.shape[-1]

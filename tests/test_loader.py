@@ -1,6 +1,6 @@
 """Data loaders: document packing, rank/accumulation splits, shard handling, validation, errors.
 
-Every expectation is rebuilt here from training.md sections 5 and 7 with slow, direct code
+Every expectation is rebuilt here from the record's data rules with slow, direct code
 (walk the documents one by one), never taken from the loader itself.
 """
 import itertools
@@ -48,7 +48,7 @@ def documents_of(shards):
 
 
 def expected_chunks(shards, requests, epochs=1):
-    """The rank chunks of training.md 7 for a list of (T, max_len), one per chunk in the global
+    """The rank chunks of the packing rule for a list of (T, max_len), one per chunk in the global
     order (step, micro-batch, rank): documents in order, each truncated to max_len, the last one
     of a chunk cut to fill T + 1 tokens. Returns chunks (lists of segments) and the documents'
     (epoch, shard, offset) each chunk touched."""
@@ -69,7 +69,7 @@ def expected_chunks(shards, requests, epochs=1):
 
 
 def check_chunk(batch, segments, T):
-    """A loader batch against the chunk made of `segments` (restated layout of training.md 7)."""
+    """A loader batch against the chunk made of `segments` (restated layout of the packing rule)."""
     flat = np.concatenate(segments)
     assert len(flat) == T + 1
     ends = list(itertools.accumulate(len(s) for s in segments))
@@ -151,7 +151,7 @@ def test_cu_seqlens_length_matches_spec_values():
 
 
 def test_hand_worked_packing(tmp_path):
-    """training.md 7 applied by hand: T = 16, max_len = 10, one rank."""
+    """The packing rule applied by hand: T = 16, max_len = 10, one rank."""
     doc = lambda n, v: [BOS_ID] + [v] * (n - 1)
     tokens = doc(5, 1) + doc(30, 2) + doc(3, 3) + doc(12, 4) + doc(4, 5) + doc(20, 6)
     path = tmp_path / "train_000000.bin"
@@ -479,11 +479,16 @@ def test_check_config():
             check_config(Hyperparameters(), world_size)
         assert str(error.value) == (f"world size {world_size} does not divide 8; "
                                     f"use 1, 2, 4 or 8 processes")
+    rows = Hyperparameters().stages
     cases = [
-        (dict(stage_batch_tokens=(131_072, 262_144, 393_220)), "stage_batch_tokens entry 393220"),
-        (dict(stage_max_seq_len=(896, 2048, 50_000)),
-         "stage_max_seq_len entry 50000: expected 1 to 49152"),
-        (dict(stage_max_seq_len=(896, 2048)), "one entry per stage"),
+        (dict(stages=(*rows[:2], rows[2]._replace(batch_tokens=393_220))),
+         "stage 3 batch_tokens=393220: expected a positive multiple of micro_batches_per_step=8"),
+        (dict(stages=(*rows[:2], rows[2]._replace(max_seq_len=50_000))),
+         "stage 3 max_seq_len=50000: expected 1 to 49152"),
+        (dict(stages=(rows[0]._replace(windows=(3, 1)), *rows[1:])), r"stage 1 windows=\(3, 1\)"),
+        (dict(stages=(rows[0]._replace(mtp_weights=((1.0, 0.5), (1.0,))), *rows[1:])),
+         r"stage 1 mtp_weights=.*expected \(start, end\) weight tuples"),
+        (dict(stages=()), "stages: expected at least one stage"),
         (dict(val_tokens=1000), "val_tokens=1000"),
         (dict(val_tokens=0), "val_tokens=0"),
         (dict(val_batch_tokens=1001, val_tokens=1001), "val_batch_tokens=1001"),

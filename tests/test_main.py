@@ -6,11 +6,11 @@ import re
 import pytest
 
 import train_gpt as tg
-from conftest import SHARED
+from conftest import SHARED, stages_option
 
 CORPUS = os.path.join(SHARED, "data", "corpus")
 TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
-        "--stage_batch_tokens=(512,512,512)", "--stage_max_seq_len=(64,128,128)",
+        stages_option(batch_tokens=(512, 512, 512), max_seq_len=(64, 128, 128)),
         "--val_tokens=1024", "--val_batch_tokens=1024", "--val_every=0",
         f"--train_files={CORPUS}/corpus_train_*.bin", f"--val_files={CORPUS}/corpus_val_*.bin"]
 
@@ -30,8 +30,8 @@ def test_missing_data_is_one_clear_error(tmp_path):
 
 def test_bad_batch_settings_are_one_clear_error(tmp_path):
     with pytest.raises(SystemExit) as e:
-        tg.main([*TINY, "--stage_batch_tokens=(510,512,512)", f"--log_dir={tmp_path}"])
-    assert str(e.value) == ("error: stage_batch_tokens entry 510: expected a positive multiple "
+        tg.main([*TINY, stages_option(batch_tokens=(510, 512, 512)), f"--log_dir={tmp_path}"])
+    assert str(e.value) == ("error: stage 1 batch_tokens=510: expected a positive multiple "
                             "of micro_batches_per_step=4 (world size x grad-accum steps)")
 
 

@@ -1,4 +1,4 @@
-"""The model against a slow, direct restatement of architecture.md section 7, written here.
+"""The model against a slow, direct restatement of the record's forward pass, written here.
 
 The restatement loops over tokens, heads and layers with explicit indices, so a wiring mistake in
 the fast flattened forward (paired-head layout, key offset, skip/backout/lanes, ...) shows up as a
@@ -62,7 +62,7 @@ def ref_attention_rows(q_rows, k_rows, v_rows, doc_rows, window, scale):
 def ref_forward_hidden(m: tg.GPT, ids, cu_seqlens, bg, windows):
     cfg = m.cfg
     T, d, H, hd, V = ids.numel(), cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
-    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731  (lambdas are cast to bf16, spec 7.3)
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731  (lambdas are cast to bf16)
     sc = m.scalars.detach()
     doc = [int((cu_seqlens <= t).sum()) for t in range(T)]
     freqs = ref_freqs(hd)
@@ -240,7 +240,7 @@ def test_training_and_validation_losses():
 
 @pytest.mark.parametrize("use_kernels", [
     False,
-    pytest.param(True, marks=pytest.mark.skipif(not tg.triton_kernels._INTERPRET,
+    pytest.param(True, marks=pytest.mark.skipif(not tg.triton_kernels.INTERPRET,
                                                 reason="the kernel on CPU tensors needs TRITON_INTERPRET=1")),
 ])
 def test_sparse_table_grads_sum_to_the_dense_gradients(use_kernels):
@@ -373,7 +373,7 @@ def test_varlen_attention_matches_reference_on_gpu():
     q, k, v = (torch.randn(rows, heads, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 700, 1500, 1501, 4000] + [4096] * 4, dtype=torch.int32, device="cuda")
     for window in (128, 384, 2047):
-        got = tg.attention(q, k, v, cu, 4096, window, 0.1)
+        got = tg.attention(q, k, v, cu, 4096, window, 0.1, tg.Paths(attention="varlen"))
         want = tg.attention_reference(q.float(), k.float(), v.float(), cu, window, 0.1)
         assert (got.float() - want).abs().max() < 2e-2
 
@@ -382,12 +382,25 @@ def test_varlen_attention_matches_reference_on_gpu():
 def test_fp8_head_close_to_bf16_head_on_gpu():
     torch.manual_seed(2)
     T, d, V = 4096, 768, 50304
-    h = tg.rms_norm(torch.randn(T, d, device="cuda", dtype=torch.bfloat16))
-    W = (torch.randn(d, V, device="cuda") * 0.02).bfloat16()
-    y8 = tg.mm_t(h, W, 100 / 448, 1.6 / 448, 0.75 / 448)[0].float()
-    y = (h.float() @ W.float())
-    # e4m3 keeps 3 mantissa bits: per-element relative error up to ~6%, far less on the whole
-    assert (y8 - y).norm() / y.norm() < 0.05
+    cfg = tg.Hyperparameters()
+    h = tg.rms_norm(torch.randn(T, d, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    W = (torch.randn(d, V, device="cuda") * 0.02).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (T,), device="cuda")
+    w = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+    losses = {}
+    for use_kernels in (True, False):
+        loss = tg.triton_kernels.softcapped_mtp_cross_entropy(
+            h, targets, w, W, cfg.head_x_scale, cfg.head_w_scale, cfg.head_grad_scale, use_kernels)
+        losses[use_kernels] = (loss.item(), *torch.autograd.grad(loss, (h, W)))
+    exact = tg.triton_kernels.softcapped_mtp_cross_entropy_reference(
+        h.float(), targets, w, W.float())
+    exact_grads = torch.autograd.grad(exact, (h, W))
+    for loss, dh, dW in losses.values():
+        # e4m3 operands keep 3 mantissa bits and the logits gradient travels in e5m2 (2 bits):
+        # about 5% per element, far less on the loss
+        assert abs(loss - exact.item()) / exact.item() < 0.01
+        for got, want in zip((dh, dW), exact_grads):
+            assert (got.float() - want).norm() / want.norm() < 0.1
 
 
 def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
@@ -411,6 +424,84 @@ def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
     assert fa3 is fake_fa3
     q, k, v = (torch.randn(20, 2, 8) for _ in range(3))
     cu = torch.tensor([0, 9, 20, 20], dtype=torch.int32)
-    got = tg.attention(q, k, v, cu, 20, 4, 0.25, fa3)
+    got = tg.attention(q, k, v, cu, 20, 4, 0.25, tg.Paths(attention="flash_attn3", flash_attn3=fa3))
     assert calls == [(20, 20, 0.25, True, (4, 0))]
     assert torch.equal(got, tg.attention_reference(q, k, v, cu, 4, 0.25))
+
+
+# -------------------------------------------------------------------------------------------------
+# Execution paths: decided once, and every fast path computes what its reference does
+# -------------------------------------------------------------------------------------------------
+
+PATH_OPS = ["mlp", "lm_head", "loss", "attention", "optimizer", "table_grads", "compile"]
+
+
+def test_cpu_paths_are_the_references():
+    lines = []
+    paths = tg.resolve_paths(tg.Hyperparameters(flash_attn3=True), torch.device("cpu"), lines.append)
+    assert paths == tg.Paths()   # PyTorch everywhere, not compiled
+    report = paths.report()
+    assert [line.split(":")[0] for line in report] == [f"path {op}" for op in PATH_OPS]
+    assert report[0] == "path mlp: torch (CPU: the PyTorch reference of every kernel)"
+    assert report[3] == "path attention: dense (--flash_attn3=true needs CUDA; CPU reference)"
+    assert report[6] == ("path compile: off (CPU: the dense attention's loop over documents does "
+                         "not compile)")
+    assert lines == []   # FlashAttention-3 is not even looked for on a CPU
+
+
+@pytest.mark.gpu
+def test_gpu_paths_take_every_kernel():
+    device = torch.device("cuda")
+    paths = tg.resolve_paths(tg.Hyperparameters(), device)
+    assert paths == tg.Paths(mlp="triton", lm_head="fp8", loss="triton", attention="varlen",
+                             optimizer="triton", table_grads="triton", compile=True)
+    plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
+    assert plain == tg.Paths(lm_head="fp8", attention="varlen")
+    assert plain.report()[0] == "path mlp: torch (--use_triton_kernels=false)"
+
+
+def test_paths_reject_unknown_and_contradictory_choices():
+    with pytest.raises(ValueError, match=r"Paths.mlp='cuda': expected one of \('torch', 'triton'\)"):
+        tg.Paths(mlp="cuda")
+    with pytest.raises(ValueError, match="loss='triton' needs lm_head='fp8'"):
+        tg.Paths(loss="triton")
+    with pytest.raises(ValueError, match="attention='flash_attn3' needs the loaded function"):
+        tg.Paths(attention="flash_attn3")
+
+
+def bf16_model(T):
+    """The tiny model in its training dtypes (bf16 banks), every parameter randomised."""
+    m = tg.GPT(TINY, world_size=1, max_positions=4 * T)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
+    m.rotary.reset()
+    return m
+
+
+@pytest.mark.skipif(not tg.triton_kernels.INTERPRET,
+                    reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
+def test_kernel_paths_train_like_the_reference_paths():
+    """One training forward and backward through the MLP and loss kernels against the same model
+    through their PyTorch references (both with the FP8 head): the same loss, and gradients equal
+    up to the kernels' bf16 and e5m2 roundings."""
+    torch.manual_seed(3)
+    T = 32
+    model = bf16_model(T)
+    ids, cu = random_tokens(T)
+    targets = torch.randint(0, 200, (T,))
+    bigram_ids = ref_bigram(ids, TINY.bigram_vocab_size)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    results = []
+    for paths in (tg.Paths(mlp="triton", lm_head="fp8", loss="triton"), tg.Paths(lm_head="fp8")):
+        model.paths = paths
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets, cu, bigram_ids, w, (8, 16), T, 0.5)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}))
+    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = results
+    assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
+    for name, want in reference_grads.items():
+        got = kernel_grads[name]
+        assert want.norm() > 0, name
+        assert (got - want).norm() < 0.05 * want.norm(), name

@@ -1,4 +1,4 @@
-"""Single-process tests of the NorMuonAndAdam optimizer (optimizer.md), on CPU with small shapes.
+"""Single-process tests of the NorMuonAndAdam optimizer, on CPU with small shapes.
 
 Every expected value is recomputed here from the spec's formulas (float64 where possible), not
 taken from the code under test. Polar Express is checked against the scalar polynomials its
@@ -11,7 +11,7 @@ import torch
 import train_gpt as tg
 from conftest import POLAR_EXPRESS_COEFFS
 
-# The spec's per-parameter table (optimizer.md section 2), written out independently of PARAM_TABLE:
+# The record's per-parameter table, written out independently of PARAM_TABLE:
 # label -> (optimizer, Adam betas, lr_mul, wd_mul)
 SPEC_TABLE = {
     "attn_bank": ("normuon", None, 1.0, 1.0),
@@ -40,7 +40,7 @@ CFG = tg.Hyperparameters()
 
 def make_params(d=16, hidden=64, attn_layers=2, mlp_layers=2, vocab=32, value_rows=40,
                 bigram_rows=32, heads=2, layers=3, seed=0) -> dict[str, torch.nn.Parameter]:
-    """Small tensors with the production layouts and dtypes (architecture.md 2)."""
+    """Small tensors with the production layouts and dtypes."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1e-2, dtype=torch.bfloat16):
@@ -137,7 +137,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # -------------------------------------------------------------------------------------------------
-# Polar Express (optimizer.md 5.2)
+# Polar Express
 
 def composite_polynomial(sigma: torch.Tensor) -> torch.Tensor:
     for a, b, c in POLAR_EXPRESS_COEFFS:
@@ -211,7 +211,7 @@ def test_nesterov_momentum():
 
 
 def normalise_reference(X: torch.Tensor, V: torch.Tensor, beta2: float):
-    """optimizer.md 5.3, one matrix at a time, float64."""
+    """The NorMuon normalisation, one matrix at a time, float64."""
     X, V = X.double(), V.double().clone()
     out = torch.empty_like(X)
     per_row = X.shape[-2] >= X.shape[-1]
@@ -318,7 +318,8 @@ def test_adam_update_math_and_strict_mask():
 # Whole optimizer steps against a restatement of the spec
 
 class ReferenceOptimizer:
-    """optimizer.md sections 3-6, 9 for one process, float64, written from the spec."""
+    """The whole step (reductions, Polar Express, normalisation, cautious decay, Adam, tie) for
+    one process, float64, written from the specification."""
 
     def __init__(self, params):
         self.master = {}   # NorMuon banks: float64 master values as (count, m, n)

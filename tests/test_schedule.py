@@ -1,9 +1,10 @@
-"""Schedule values against training.md sections 2-4 and the configuration parser."""
+"""Schedule values against the record's published schedule and the configuration parser."""
 import pytest
 
 import train_gpt as tg
+from conftest import stages_option
 
-# training.md section 3: step -> (lr multiplier, NorMuon momentum)
+# the record's schedule table: step -> (lr multiplier, NorMuon momentum)
 SPEC_TABLE = {
     0: (1.0, 0.85), 150: (1.0, 0.90), 300: (1.0, 0.95), 482: (1.0, 0.95), 483: (1.52, 0.95),
     579: (1.52, 0.95), 700: (1.33103, 0.95), 900: (1.01609, 0.95), 966: (0.91216, 0.95),
@@ -72,12 +73,13 @@ def test_protocol_t_schedule():
 
 
 def test_parse_config_overrides_and_errors():
-    cfg = tg.parse_config(["--preset=smoke", "--seed=7", "--stage_lr_mul=(1.0, 2.0, 3.0)",
+    cfg = tg.parse_config(["--preset=smoke", "--seed=7", stages_option(lr_mul=(1.0, 2.0, 3.0)),
                            "--compile=false", "--adam_lr=1"])
-    assert cfg.seed == 7 and cfg.stage_lr_mul == (1.0, 2.0, 3.0) and cfg.compile is False
+    assert cfg.seed == 7 and [s.lr_mul for s in cfg.stages] == [1.0, 2.0, 3.0]
+    assert cfg.compile is False and isinstance(cfg.stages[0], tg.Stage)
     assert cfg.adam_lr == 1.0 and cfg.model_dim == tg.PRESETS["smoke"]["model_dim"]
     for bad in (["--nope=1"], ["--seed=abc"], ["--seed=1.5"], ["--preset=huge"], ["seed=1"],
-                ["--compile=maybe"]):
+                ["--compile=maybe"], ["--stages=((1024, 128),)"], ["--stages=5"]):
         with pytest.raises(SystemExit):
             tg.parse_config(bad)
 
@@ -86,5 +88,5 @@ def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         tg.parse_config(["--help"])
     out = capsys.readouterr().out
-    for name in ("train_files", "val_tokens", "muon_lr", "stage_batch_tokens", "seed"):
+    for name in ("train_files", "val_tokens", "muon_lr", "stages", "seed"):
         assert f"--{name}=" in out

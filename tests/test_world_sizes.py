@@ -14,12 +14,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, stages_option
 
 TINY_RUN = [
     "--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
-    "--micro_batches_per_step=4", "--stage_batch_tokens=(512,1024,1024)",
-    "--stage_max_seq_len=(64,128,128)", "--val_tokens=2048", "--val_batch_tokens=2048",
+    "--micro_batches_per_step=4",
+    stages_option(batch_tokens=(512, 1024, 1024), max_seq_len=(64, 128, 128)),
+    "--val_tokens=2048", "--val_batch_tokens=2048",
     "--num_scheduled_iterations=30", "--num_extension_iterations=4", "--stop_after_steps=20",
     "--val_every=0",
 ]
