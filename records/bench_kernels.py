@@ -2,17 +2,18 @@
 
 Each kernel is timed (median of many launches, triton.testing.do_bench) against the best
 PyTorch form of the same math, run eagerly and through torch.compile. Achieved throughput is
-given against the measured ceilings of the project's H100 (measure.md): bf16 matmul
-790 TFLOP/s, FP8 matmul 1442 TFLOP/s, device copy 3.0 TB/s counting bytes read + written.
+given against the device's ceilings, measured at the start of the same run: a bf16 and an FP8
+8192^3 matrix product and a 4 GiB device copy (bytes read + written).
 The table is printed and written as markdown to records/kernels/<device>_<date>.md.
 
-    python3 records/bench_kernels.py [--out-dir records/kernels]
+    python3 records/bench_kernels.py [--out-dir records/kernels] [--cases NAME ...]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -25,9 +26,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEVICE = "cuda"
-BF16_TFLOPS = 790.0
-FP8_TFLOPS = 1442.0
-COPY_GBPS = 3000.0
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    bf16_tflops: float
+    fp8_tflops: float
+    copy_gbps: float
+
+
+def measure_ceilings() -> Ceilings:
+    """The device's measured peak rates: large matrix products on random data, a large copy."""
+    n = 8192
+    a, b = randn_bf16(n, n), randn_bf16(n, n)
+    bf16_ms = bench(lambda: a @ b)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.ones((), device=DEVICE)
+    fp8_ms = bench(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                            use_fast_accum=True))
+    src = torch.empty(2 ** 30, dtype=torch.float32, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    flops = 2 * n ** 3
+    return Ceilings(flops / bf16_ms * 1e-9, flops / fp8_ms * 1e-9, 2 * src.nbytes / copy_ms * 1e-6)
 
 from train_gpt import POLAR_EXPRESS_COEFFICIENTS as POLAR_EXPRESS_COEFFS  # noqa: E402
 
@@ -44,13 +65,15 @@ class Result:
     ours_host_us: float      # host time per call of ours (Python, dispatch, launch)
     work: float              # FLOPs or bytes of one call
     unit: str                # "TFLOP/s" or "GB/s"
-    ceiling: float           # in `unit`
+    ceiling: str             # which of the measured Ceilings: "bf16", "fp8" or "copy"
     note: str = ""
 
-    def row(self) -> str:
+    def row(self, ceilings: Ceilings) -> str:
         scale = 1e-12 if self.unit == "TFLOP/s" else 1e-9
         gpu_ms = self.ours_gpu_ms or self.ours_ms
         achieved = self.work * scale / (gpu_ms * 1e-3)
+        ceiling = {"bf16": ceilings.bf16_tflops, "fp8": ceilings.fp8_tflops,
+                   "copy": ceilings.copy_gbps}[self.ceiling]
         best = min(self.eager_ms, self.compiled_ms)
         us = lambda ms: "n/a" if ms is None else f"{ms * 1e3:.1f}"   # noqa: E731
         gpu_speedup = ("n/a" if not (self.ours_gpu_ms and self.best_ref_gpu_ms)
@@ -58,7 +81,7 @@ class Result:
         return (f"| {self.name} | {self.shape} | {us(self.ours_ms)} | {us(self.eager_ms)} | "
                 f"{us(self.compiled_ms)} | {best / self.ours_ms:.2f}x | {us(self.ours_gpu_ms)} | "
                 f"{us(self.best_ref_gpu_ms)} | {gpu_speedup} | {achieved:.0f} {self.unit} | "
-                f"{100 * achieved / self.ceiling:.0f}% | {self.ours_host_us:.0f} | {self.note} |")
+                f"{100 * achieved / ceiling:.0f}% | {self.ours_host_us:.0f} | {self.note} |")
 
 
 HEADER = ("| kernel | shape | ours (us) | PyTorch eager (us) | torch.compile (us) | speedup | "
@@ -128,13 +151,13 @@ def randn_bf16(*shape, scale=1.0):
 def case_xxt(tk, batch, m, k):
     A, out = randn_bf16(batch, m, k), torch.empty(batch, m, m, dtype=torch.bfloat16, device=DEVICE)
     return compare("XXT", f"({batch}, {m}, {k})", lambda A: tk.XXT(A, out), lambda A: A @ A.mT, (A,),
-                   batch * m * m * k, "TFLOP/s", BF16_TFLOPS, "FLOPs: symmetric half")
+                   batch * m * m * k, "TFLOP/s", "bf16", "FLOPs: symmetric half")
 
 
 def case_xtx(tk, batch, m, k):
     A, out = randn_bf16(batch, m, k), torch.empty(batch, k, k, dtype=torch.bfloat16, device=DEVICE)
     return compare("XTX", f"({batch}, {m}, {k})", lambda A: tk.XTX(A, out), lambda A: A.mT @ A, (A,),
-                   batch * k * k * m, "TFLOP/s", BF16_TFLOPS, "FLOPs: symmetric half")
+                   batch * k * k * m, "TFLOP/s", "bf16", "FLOPs: symmetric half")
 
 
 def case_ba_plus_caa(tk, batch, m):
@@ -144,7 +167,7 @@ def case_ba_plus_caa(tk, batch, m):
     a, b, c = POLAR_EXPRESS_COEFFS[1]
     return compare("ba_plus_cAA", f"({batch}, {m}, {m})", lambda A: tk.ba_plus_cAA(A, c, b, out),
                    lambda A: torch.baddbmm(A, A, A, beta=b, alpha=c), (A,),
-                   batch * m * m * m, "TFLOP/s", BF16_TFLOPS, "FLOPs: symmetric half")
+                   batch * m * m * m, "TFLOP/s", "bf16", "FLOPs: symmetric half")
 
 
 def case_mlp(tk, T, d, hidden):
@@ -167,9 +190,9 @@ def case_mlp(tk, T, d, hidden):
 
         results = [
             compare("linear_relu_square fwd kernel", shape, fwd_op, forward_ref, (x, W1),
-                    gemm, "TFLOP/s", BF16_TFLOPS, "post"),
+                    gemm, "TFLOP/s", "bf16", "post"),
             compare("linear_relu_square bwd kernel", shape, bwd_op, backward_ref, (dY, W2, post),
-                    gemm, "TFLOP/s", BF16_TFLOPS, "d_pre"),
+                    gemm, "TFLOP/s", "bf16", "d_pre"),
         ]
     leaves = (x, W1, W2)
     compiled_ref = torch.compile(tk.linear_relu_square_reference)
@@ -178,26 +201,8 @@ def case_mlp(tk, T, d, hidden):
         fwd_bwd(tk.linear_relu_square, leaves, leaves, dY),
         fwd_bwd(tk.linear_relu_square_reference, leaves, leaves, dY),
         fwd_bwd(compiled_ref, leaves, leaves, dY),
-        6 * gemm, "TFLOP/s", BF16_TFLOPS, "6 GEMMs"))
+        6 * gemm, "TFLOP/s", "bf16", "6 GEMMs"))
     return results
-
-
-def softcapped_mtp_losses_and_grad_torch(tk, logits, targets, w, grad_scale: float):
-    """The loss kernel's outputs in plain PyTorch: the reference losses and the closed-form
-    gradient of their sum, as e5m2(gradient / grad_scale)."""
-    T, V = logits.shape
-    s = torch.sigmoid((logits.float() + 5.0) / 7.5)
-    p = torch.softmax(23.0 * s, dim=1)
-    dz = torch.zeros_like(p)
-    rows = torch.arange(T, device=logits.device)
-    for k in range(w.numel()):
-        later = rows + k
-        target = targets[later.clamp(max=T - 1)]
-        weight = torch.where((later < T) & (w[k] > 0), w[k], 0.0)
-        dz = dz + weight[:, None] * p
-        dz = dz.scatter_add(1, target[:, None], -weight[:, None])
-    dl = dz * (23.0 / 7.5) * s * (1.0 - s)
-    return tk.softcapped_mtp_losses_reference(logits, targets, w), (dl / grad_scale).to(torch.float8_e5m2)
 
 
 def case_cross_entropy(tk, T, d, V):
@@ -209,9 +214,9 @@ def case_cross_entropy(tk, T, d, V):
     results = [
         compare("MTP CE loss + grad kernel", shape,
                 lambda l, t, w: tk.softcapped_mtp_losses_and_grad(l, t, w, grad_scale),
-                lambda l, t, w: softcapped_mtp_losses_and_grad_torch(tk, l, t, w, grad_scale),
+                lambda l, t, w: tk.softcapped_mtp_losses_and_grad_reference(l, t, w, grad_scale),
                 (logits, targets, w),
-                T * V * 3, "GB/s", COPY_GBPS, "bf16 logits -> losses, e5m2 grad"),
+                T * V * 3, "GB/s", "copy", "bf16 logits -> losses, e5m2 grad"),
     ]
     del logits
     h = randn_bf16(T, d).requires_grad_()
@@ -231,7 +236,7 @@ def case_cross_entropy(tk, T, d, V):
         "FP8 head + MTP CE fwd+bwd", f"T={T}, d={d}, V={V}, K=3",
         fwd_bwd(fp8_loss, leaves, leaves, dloss), fwd_bwd(bf16_loss, leaves, leaves, dloss),
         fwd_bwd(compiled_ref, leaves, leaves, dloss),
-        3 * 2 * T * d * V, "TFLOP/s", FP8_TFLOPS, "vs bf16-head PyTorch; 3 GEMMs"))
+        3 * 2 * T * d * V, "TFLOP/s", "fp8", "vs bf16-head PyTorch; 3 GEMMs"))
     return results
 
 
@@ -246,11 +251,11 @@ def case_transposes(tk, m, n):
     copy_ref = lambda s, d: d.copy_(s.t())               # noqa: E731
     return [
         compare("transpose_copy bf16", shape, tk.transpose_copy, copy_ref, (src, dst),
-                2 * 2 * m * n, "GB/s", COPY_GBPS),
+                2 * 2 * m * n, "GB/s", "copy"),
         compare("transpose_copy fp8", shape, tk.transpose_copy, copy_ref, (src8, dst8),
-                2 * m * n, "GB/s", COPY_GBPS),
+                2 * m * n, "GB/s", "copy"),
         compare("transpose_add bf16", f"({n}, {m})^T + ({m}, {n})", tk.transpose_add,
-                lambda s, d: d.add_(s.t()), (embed_grad, head_grad), 3 * 2 * m * n, "GB/s", COPY_GBPS),
+                lambda s, d: d.add_(s.t()), (embed_grad, head_grad), 3 * 2 * m * n, "GB/s", "copy"),
     ]
 
 
@@ -261,7 +266,7 @@ def case_index_add_rows(tk, tables, T, V, d):
     src = torch.randn(tables, T, d, device=DEVICE)
     return compare("index_add_rows (fp32)", f"({tables}, {T}, {d}) into ({tables}, {V}, {d})",
                    tk.index_add_rows, lambda out, index, src: out.index_add_(1, index, src), (out, index, src),
-                   4 * tables * T * d, "GB/s", COPY_GBPS, "bytes: src rows read (Zipf-like index)")
+                   4 * tables * T * d, "GB/s", "copy", "bytes: src rows read (Zipf-like index)")
 
 
 def polar_express_kernels(tk, G):
@@ -299,7 +304,7 @@ def case_polar_update(tk, batch, m, n):
     a = POLAR_EXPRESS_COEFFS[1][0]
     return compare("polar_update_tall", f"({batch}, {m}, {n}) tall",
                    lambda X, B: tk.polar_update_tall(X, B, a, out), lambda X, B: a * X + X @ B, (X, B),
-                   2 * batch * m * n * n, "TFLOP/s", BF16_TFLOPS, "a X + X B, the add in the GEMM epilogue")
+                   2 * batch * m * n * n, "TFLOP/s", "bf16", "a X + X B, the add in the GEMM epilogue")
 
 
 def case_polar_express(tk, batch, m, n):
@@ -309,7 +314,7 @@ def case_polar_express(tk, batch, m, n):
     flops = 5 * batch * (4 * m * n * n + 2 * n ** 3)
     return measure("Polar Express, 5 steps (compiled)", f"({batch}, {m}, {n}) tall",
                    lambda: ours(G), lambda: polar_express_torch(G), lambda: compiled(G),
-                   flops, "TFLOP/s", BF16_TFLOPS, "FLOPs: full-GEMM count; target >= 1.3x")
+                   flops, "TFLOP/s", "bf16", "FLOPs: full-GEMM count; target >= 1.3x")
 
 
 def gram_config_sweep(tk) -> list[str]:
@@ -411,9 +416,42 @@ def autotune_choices(tk) -> list[str]:
     return lines
 
 
+CASES = {   # name: the call that times it at the speedrun shapes
+    "xxt": lambda tk: case_xxt(tk, 5, 768, 768),
+    "xtx": lambda tk: case_xtx(tk, 3, 3072, 768),
+    "ba_plus_caa_5": lambda tk: case_ba_plus_caa(tk, 5, 768),
+    "ba_plus_caa_3": lambda tk: case_ba_plus_caa(tk, 3, 768),
+    "polar_update": lambda tk: case_polar_update(tk, 3, 3072, 768),
+    "polar_express": lambda tk: case_polar_express(tk, 3, 3072, 768),
+    "mlp": lambda tk: case_mlp(tk, 16384, 768, 3072),
+    "cross_entropy": lambda tk: case_cross_entropy(tk, 16384, 768, 50304),
+    "transposes": lambda tk: case_transposes(tk, 768, 50304),
+    "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
+}
+SWEEPS = {
+    "Gram kernel tilings": gram_config_sweep,
+    "Polar Express update (polar_update_tall) tilings": polar_update_tiling_sweep,
+    "MLP GEMM (linear_relu_square) tilings": mlp_tiling_sweep,
+}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "records", "kernels"))
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES),
+                        help="the kernels to time (default: all)")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the tiling sweeps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (the kernels' speed is only meaningful there); none found.")
@@ -421,67 +459,51 @@ def main() -> None:
     import triton_kernels as tk
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    cases = [
-        lambda: case_xxt(tk, 5, 768, 768),
-        lambda: case_xtx(tk, 3, 3072, 768),
-        lambda: case_ba_plus_caa(tk, 5, 768),
-        lambda: case_ba_plus_caa(tk, 3, 768),
-        lambda: case_polar_update(tk, 3, 3072, 768),
-        lambda: case_polar_express(tk, 3, 3072, 768),
-        lambda: case_mlp(tk, 16384, 768, 3072),
-        lambda: case_cross_entropy(tk, 16384, 768, 50304),
-        lambda: case_transposes(tk, 768, 50304),
-        lambda: case_index_add_rows(tk, 5, 49152, 50304, 768),
-    ]
+    ceilings = measure_ceilings()
+    print(f"measured ceilings: {ceilings}", flush=True)
     rows = []
-    for case in cases:
+    for name in args.cases:
         try:
-            results = case()
+            results = CASES[name](tk)
         except Exception:   # keep the other rows; the error goes into the table
             traceback.print_exc()
-            rows.append(f"| failed: {traceback.format_exc(limit=1).splitlines()[-1]} |")
+            rows.append(f"| {name} failed: {traceback.format_exc(limit=1).splitlines()[-1]} |")
             continue
         for result in results if isinstance(results, list) else [results]:
-            rows.append(result.row())
+            rows.append(result.row(ceilings))
             print(rows[-1], flush=True)
         torch.cuda.empty_cache()
 
     sweeps = []
-    for sweep_fn in (gram_config_sweep, polar_update_tiling_sweep, mlp_tiling_sweep):
+    for title, sweep_fn in ({} if args.no_sweeps else SWEEPS).items():
         try:
-            sweeps.append(sweep_fn(tk))
+            lines = sweep_fn(tk)
         except Exception:
             traceback.print_exc()
-            sweeps.append(["(sweep failed)"])
-        print("\n".join(sweeps[-1]), flush=True)
-    gram_sweep, polar_update_sweep, mlp_sweep = sweeps
+            lines = ["(sweep failed)"]
+        print("\n".join(lines), flush=True)
+        sweeps += [f"{title}, GPU-only microseconds (CUDA-graph replay):", "", *lines, ""]
 
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
+    command = "python3 records/bench_kernels.py " + " ".join(sys.argv[1:])
     report = "\n".join([
         f"# triton_kernels.py benchmark: {device}, {date}",
         "",
-        f"torch {torch.__version__}, Triton {triton.__version__}. 'ours', 'eager', 'torch.compile': "
-        "median of do_bench (L2 flushed between launches, host launch cost included where it exceeds "
-        "the GPU time). 'GPU-only': median of CUDA-graph replays (no host cost, warm L2); achieved "
-        "throughput is computed from it. 'host us/call': Python + dispatch + launch time of one call "
-        "of ours. Ceilings: bf16 matmul 790 TFLOP/s, FP8 1442 TFLOP/s, copy 3.0 TB/s (read + write). "
-        "Speedups: best of eager / compiled PyTorch over ours.",
+        f"Commit {git_commit()}, torch {torch.__version__}, Triton {triton.__version__}. "
+        f"Command: `{command.strip()}`.",
+        "",
+        "'ours', 'eager', 'torch.compile': median of do_bench (L2 flushed between launches, host "
+        "launch cost included where it exceeds the GPU time). 'GPU-only': median of CUDA-graph "
+        "replays (no host cost, warm L2); achieved throughput is computed from it. 'host us/call': "
+        "Python + dispatch + launch time of one call of ours. Speedups: best of eager / compiled "
+        f"PyTorch over ours. Ceilings, measured in this run: bf16 matmul {ceilings.bf16_tflops:.0f} "
+        f"TFLOP/s, FP8 matmul {ceilings.fp8_tflops:.0f} TFLOP/s (8192^3, random data), device copy "
+        f"{ceilings.copy_gbps:.0f} GB/s (4 GiB, bytes read + written).",
         "",
         HEADER, *rows,
         "",
-        "Gram kernel tilings, GPU-only microseconds (CUDA-graph replay):",
-        "",
-        *gram_sweep,
-        "",
-        "Polar Express update (polar_update_tall) tilings, GPU-only microseconds (CUDA-graph replay):",
-        "",
-        *polar_update_sweep,
-        "",
-        "MLP GEMM (linear_relu_square) tilings, GPU-only microseconds (CUDA-graph replay):",
-        "",
-        *mlp_sweep,
-        "",
+        *sweeps,
         "Autotuner choices:",
         *autotune_choices(tk),
         "",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The single-GPU protocols of measure.md on the shared corpus.
+# The single-GPU measurement protocols on the shared corpus (gradient accumulation 8, so one GPU
+# runs the math of eight).
 #
-#   records/measure.sh T|L|smoke OUTDIR [extra train_gpt.py options]
+#   records/measure.sh T|L|C|smoke OUTDIR [extra train_gpt.py options]
 #
 # Expects the compressed corpus shards (corpus_val_000000.bin.xz, corpus_train_00000N.bin.xz) in
 # $SHARDS (default .shards) and unpacks them next to themselves on first use.
@@ -9,25 +10,30 @@
 #      data allowed to cycle since only the time counts.
 #   L: early loss - the full schedule stopped after step 200, validation every 50 steps, no data
 #      repeated (the run stops with an error rather than repeat).
+#   C: the whole schedule compressed to 210 scheduled + 6 extension steps (stages end at
+#      70/140/210; untie and momentum cooldown follow), validation every 70 steps, no data repeated
+#      (it needs all 10 corpus train shards).
 # Validation always reads the first 2,097,152 tokens of the corpus val shard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-protocol=${1:?usage: records/measure.sh T|L|smoke OUTDIR [options]}
-outdir=${2:?usage: records/measure.sh T|L|smoke OUTDIR [options]}
+protocol=${1:?usage: records/measure.sh T|L|C|smoke OUTDIR [options]}
+outdir=${2:?usage: records/measure.sh T|L|C|smoke OUTDIR [options]}
 shift 2
+case "$protocol" in
+    T) args=(--num_scheduled_iterations=150 --num_extension_iterations=10 --val_every=0
+             --cycle_train_data=true) ;;
+    L) args=(--stop_after_steps=200 --val_every=50) ;;
+    C) args=(--num_scheduled_iterations=210 --num_extension_iterations=6 --val_every=70) ;;
+    smoke) args=(--num_scheduled_iterations=30 --num_extension_iterations=4 --val_every=0
+                 --cycle_train_data=true) ;;
+    *) echo "unknown protocol '$protocol' (expected T, L, C or smoke)" >&2; exit 2 ;;
+esac
 shards=${SHARDS:-.shards}
+shopt -s nullglob
 for f in "$shards"/*.bin.xz; do
     [ -f "${f%.xz}" ] || xz -dk "$f"
 done
 common=(--train_files="$shards/corpus_train_*.bin" --val_files="$shards/corpus_val_*.bin"
         --val_tokens=2097152 --log_dir="$outdir")
-case "$protocol" in
-    T) args=(--num_scheduled_iterations=150 --num_extension_iterations=10 --val_every=0
-             --cycle_train_data=true) ;;
-    L) args=(--stop_after_steps=200 --val_every=50) ;;
-    smoke) args=(--num_scheduled_iterations=30 --num_extension_iterations=4 --val_every=0
-                 --cycle_train_data=true) ;;
-    *) echo "unknown protocol '$protocol' (expected T, L or smoke)" >&2; exit 2 ;;
-esac
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 torchrun --standalone --nproc_per_node="${NGPU:-1}" train_gpt.py "${common[@]}" "${args[@]}" "$@"

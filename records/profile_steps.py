@@ -1,10 +1,11 @@
-"""Profile a few training steps on one GPU and print where the device time goes.
+"""Profile a few training steps on one GPU (or the CPU) and print where the time goes.
 
     python records/profile_steps.py [--stages 1 3] [--steps 4] [train_gpt.py options ...]
 
 For each chosen stage it compiles that stage's shapes (two untimed steps), times `--steps` steps
 (even and odd, so Adam steps are included), runs them again under the profiler and prints both
-step times and the kernels with the most device time. Meant for finding what to speed up; the numbers are not a timing protocol.
+step times and the kernels (on the CPU: the operators) with the most time. Meant for finding what
+to speed up; the numbers are not a timing protocol.
 """
 from __future__ import annotations
 
@@ -26,32 +27,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
     args, options = parser.parse_known_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_steps.py needs a CUDA GPU")
     cfg = tg.parse_config(options)
     run = tg.setup_distributed()
     run.grad_accum_steps = tg.check_config(cfg, run.world_size)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
+    cuda = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     for stage in args.stages:
+        if not 1 <= stage <= len(cfg.stages):
+            raise SystemExit(f"--stages: stage {stage} does not exist (1 to {len(cfg.stages)})")
         start = trainer.schedule.stage_starts[stage - 1] + 2
         for step in range(start, start + 2):   # compile this stage's graphs (even and odd)
             trainer.train_step(step, trainer.advance(step))
         steps = range(start + 2, start + 2 + args.steps)
-        torch.cuda.synchronize()
+        tg.synchronize(run.device)
         t0 = time.perf_counter()
         for step in steps:
             trainer.train_step(step, trainer.advance(step))
-        torch.cuda.synchronize()
+        tg.synchronize(run.device)
         plain_ms = 1000 * (time.perf_counter() - t0) / args.steps
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for step in steps:
                 trainer.train_step(step, trainer.advance(step))
-            torch.cuda.synchronize()
+            tg.synchronize(run.device)
             profiled_ms = 1000 * (time.perf_counter() - t0) / args.steps
         print(f"\n=== stage {stage}: {plain_ms:.1f} ms/step without the profiler, "
               f"{profiled_ms:.1f} with it ({args.steps} steps each)")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
 
 

@@ -1,0 +1,183 @@
+"""The tools in records/: step_times.py, compare_losses.py, measure.sh, profile_steps.py and
+bench_kernels.py (stats.py and run.sh are tested in test_stats.py).
+
+Logs are written here in the format train_gpt.py writes (its own config block, then step lines),
+with step times and losses chosen so that the expected medians and differences are known.
+"""
+import importlib.util
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT, SHARED, stages_option
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"records_{name}", os.path.join(ROOT, "records", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, **kwargs)
+
+
+def write_log(path, cfg, step_ms=None, losses=None):
+    """A run log: the config block as train_gpt.py writes it, then step and progress lines."""
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=8)
+    lines = ["(source and environment)", tg.config_report(cfg, run)]
+    total = 0
+    for step, ms in enumerate(step_ms or [], start=1):
+        total += ms
+        lines.append(f"step:{step}/{cfg.num_train_steps} train_time:{total}ms step_avg:{total / step:.2f}ms")
+    for step, loss in sorted((losses or {}).items()):
+        lines.append(f"progress step {step}/{cfg.num_train_steps} train_loss:{loss:.4f} tokens/s:1 "
+                     f"step_time:1.0ms eta:0m00s")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+# -------------------------------------------------------------------------------------------------
+# step_times.py
+# -------------------------------------------------------------------------------------------------
+
+def test_step_times_medians_per_stage_from_the_logged_schedule(tmp_path):
+    # 12 scheduled steps in three stages of 4, then 3 extension steps; the stage rows are not the
+    # defaults, so the tool must read them back from the log's config block
+    cfg = tg.parse_config(["--preset=smoke", "--num_scheduled_iterations=12",
+                           "--num_extension_iterations=3",
+                           stages_option(batch_tokens=(512, 1024, 2048))])
+    step_ms = [90, 10, 11, 12] + [95, 20, 21, 26] + [99, 30, 33, 34] + [98, 40, 45]
+    log = write_log(tmp_path / "run.txt", cfg, step_ms)
+    step_times = load_tool("step_times")
+    read_cfg, _ = step_times.read_log(log)
+    assert read_cfg.stages == cfg.stages
+    assert step_times.stage_medians(log, skip=1) == [(3, 11), (3, 21), (3, 33), (2, 42.5)]
+    result = run_tool("records/step_times.py", log, "--skip", "1")
+    assert result.returncode == 0, result.stderr
+    assert "   11.0 ( 3)   21.0 ( 3)   33.0 ( 3)   42.5 ( 2)" in result.stdout
+
+
+def test_step_times_names_a_file_that_is_no_log(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello\n")
+    result = run_tool("records/step_times.py", str(path))
+    assert result.returncode != 0 and "no config block found" in result.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# compare_losses.py
+# -------------------------------------------------------------------------------------------------
+
+def test_compare_losses_side_by_side(tmp_path):
+    cfg = tg.Hyperparameters(**tg.PRESETS["smoke"])
+    a = write_log(tmp_path / "a.txt", cfg, losses={1: 10.0, 2: 9.0, 3: 8.0, 4: 7.0})
+    b = write_log(tmp_path / "b.txt", cfg, losses={1: 10.0, 2: 9.01, 3: 7.95})
+    result = run_tool("records/compare_losses.py", a, b)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[2].split() == ["2", "9.0000", "9.0100", "+0.0100"]
+    assert lines[-1] == "largest difference: 0.0500 at step 3 (over 3 steps)"
+
+
+# -------------------------------------------------------------------------------------------------
+# measure.sh
+# -------------------------------------------------------------------------------------------------
+
+FAKE_TORCHRUN = """#!/bin/sh
+echo "$@ | $NCCL_NVLS_ENABLE $TORCH_SYMM_MEM_DISABLE_MULTICAST" >> "$FAKE_TORCHRUN_CALLS"
+"""
+
+
+@pytest.fixture
+def measure_env(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(FAKE_TORCHRUN)
+    (bin_dir / "torchrun").chmod(0o755)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    payload = np.arange(300, dtype="<u2").tobytes()
+    (shards / "corpus_train_000001.bin.xz").write_bytes(lzma.compress(payload))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SHARDS": str(shards),
+           "FAKE_TORCHRUN_CALLS": str(tmp_path / "calls.txt")}
+    return env, shards, tmp_path / "calls.txt", payload
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
+@pytest.mark.parametrize("protocol,options", [
+    ("T", "--num_scheduled_iterations=150 --num_extension_iterations=10 --val_every=0 --cycle_train_data=true"),
+    ("L", "--stop_after_steps=200 --val_every=50"),
+    ("C", "--num_scheduled_iterations=210 --num_extension_iterations=6 --val_every=70"),
+])
+def test_measure_sh_runs_each_protocol(measure_env, protocol, options):
+    env, shards, calls, payload = measure_env
+    result = subprocess.run([os.path.join(ROOT, "records", "measure.sh"), protocol, "/tmp/out", "--seed=3"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (shards / "corpus_train_000001.bin").read_bytes() == payload   # unpacked beside its .xz
+    assert calls.read_text() == (
+        f"--standalone --nproc_per_node=1 train_gpt.py --train_files={shards}/corpus_train_*.bin "
+        f"--val_files={shards}/corpus_val_*.bin --val_tokens=2097152 --log_dir=/tmp/out {options} "
+        f"--seed=3 | 0 1\n")
+
+
+def test_measure_sh_rejects_an_unknown_protocol(measure_env):
+    env, _, calls, _ = measure_env
+    result = subprocess.run([os.path.join(ROOT, "records", "measure.sh"), "X", "/tmp/out"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown protocol 'X' (expected T, L, C or smoke)" in result.stderr
+    assert not calls.exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# profile_steps.py and bench_kernels.py
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
+                    reason="needs ../shared/data/corpus")
+def test_profile_steps_on_the_cpu(tmp_path):
+    corpus = os.path.join(SHARED, "data", "corpus")
+    result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
+                      "--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
+                      f"--train_files={corpus}/corpus_train_*.bin",
+                      f"--val_files={corpus}/corpus_val_*.bin", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "=== stage 2:" in result.stdout and "ms/step without the profiler" in result.stdout
+    assert "Self CPU" in result.stdout   # the profiler's table
+
+
+def test_bench_row_gives_throughput_against_the_measured_ceiling():
+    bench = load_tool("bench_kernels")
+    ceilings = bench.Ceilings(bf16_tflops=800.0, fp8_tflops=1600.0, copy_gbps=4000.0)
+    # 2 GB moved in 1 ms GPU-only: 2000 GB/s, half the copy ceiling
+    result = bench.Result("copy-like", "(n,)", ours_ms=1.25, eager_ms=2.5, compiled_ms=5.0,
+                          ours_gpu_ms=1.0, best_ref_gpu_ms=3.0, ours_host_us=7.0, work=2e9,
+                          unit="GB/s", ceiling="copy")
+    cells = [c.strip() for c in result.row(ceilings).strip("|").split("|")]
+    assert cells[5] == "2.00x"                    # best PyTorch (eager 2.5 ms) over ours (1.25 ms)
+    assert cells[8] == "3.00x"                    # GPU-only
+    assert cells[9] == "2000 GB/s" and cells[10] == "50%"
+
+
+@pytest.mark.gpu
+def test_bench_kernels_writes_its_table(tmp_path):
+    result = run_tool("records/bench_kernels.py", "--cases", "transposes", "--no-sweeps",
+                      "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = tmp_path.iterdir()
+    text = report.read_text()
+    assert "Ceilings, measured in this run" in text
+    rows = [line for line in text.splitlines() if line.startswith("| transpose_")]
+    assert len(rows) == 3 and all("GB/s" in row and "%" in row for row in rows)
