@@ -460,6 +460,23 @@ def test_gpu_paths_take_every_kernel():
     assert plain.report()[0] == "path mlp: torch (--use_triton_kernels=false)"
 
 
+@pytest.mark.parametrize("capability,head", [((9, 0), "fp8"), ((8, 9), "fp8"), ((8, 0), "bf16")])
+def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capability, head):
+    """The decision for a GPU, taken on any machine: only the capability query touches CUDA."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    device = torch.device("cuda")
+    kernel_loss = "triton" if head == "fp8" else "torch"
+    assert tg.resolve_paths(tg.Hyperparameters(), device) == tg.Paths(
+        mlp="triton", lm_head=head, loss=kernel_loss, attention="varlen", optimizer="triton",
+        table_grads="triton", compile=True)
+    plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
+    assert plain == tg.Paths(lm_head=head, attention="varlen")
+    lines = plain.report()
+    assert lines[0] == "path mlp: torch (--use_triton_kernels=false)"
+    assert lines[1] == f"path lm_head: {head} (compute capability {capability[0]}.{capability[1]}" + (
+        ")" if head == "fp8" else ": no FP8)")
+
+
 def test_paths_reject_unknown_and_contradictory_choices():
     with pytest.raises(ValueError, match=r"Paths.mlp='cuda': expected one of \('torch', 'triton'\)"):
         tg.Paths(mlp="cuda")
