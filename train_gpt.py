@@ -12,11 +12,13 @@ import dataclasses
 import datetime
 import gc
 import glob
+import hashlib
 import math
 import os
 import subprocess
 import sys
 import time
+import unicodedata
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from torch import nn
 from torch.nn.attention.varlen import varlen_attn
 
 import triton_kernels
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # =================================================================================================
 # Configuration
@@ -76,7 +80,7 @@ class Hyperparameters:
     head_dim: int = 128
     model_dim: int = 768
     mlp_hidden: int = 3072
-    bigram_vocab_mult: int = 5              # bigram hash table rows = padded vocab x this
+    bigram_vocab_mult: float = 5.0          # bigram hash table rows = padded vocab x this
     # optimizer
     adam_lr: float = 0.008
     adam_eps: float = 1e-10
@@ -99,6 +103,19 @@ class Hyperparameters:
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
     save_checkpoint: bool = False
     log_dir: str = "logs"
+    # The changes of the public records after #74. The defaults above and here are record #74;
+    # the speedrun preset turns these on, and RECORD_CHANGES says how to turn each off again.
+    single_stream: bool = False             # #77: one residual stream; late attention reads layer 7's
+    tight_cu_seqlens: bool = False          # #78: cu_seqlens sized to the documents a batch holds
+    qk_head_pair_groups: bool = False       # #80: Q and K orthogonalised per head pair
+    mudd: bool = False                      # #81: dynamic dense connections on the last layers
+    mudd_gates: bool = False                # #85: per-token gates from two small MLPs
+    dc_attention: bool = False              # #85: dynamically composed attention on layer 10
+    xsa: bool = False                       # #82/#86: learnable exclusive self-attention
+    bigram_sign_trick: bool = False         # #83: a fixed random sign per bigram slot
+    prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight in stage 1, to 0 over stage 2
+    val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
+    val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
 
     def __post_init__(self):
         # rows given as plain tuples (command line, a log's config block) become Stage records
@@ -108,6 +125,15 @@ class Hyperparameters:
             raise ValueError(f"stages={self.stages!r}: expected rows of {len(Stage._fields)} "
                              f"entries ({', '.join(Stage._fields)})") from None
         object.__setattr__(self, "stages", stages)
+        for switch, needed in SWITCH_REQUIRES.items():
+            for other in needed:
+                if getattr(self, switch) and not getattr(self, other):
+                    raise ValueError(f"{switch}=true needs --{other}=true (the record that added "
+                                     f"{switch} built it on {other})")
+        rows = self.padded_vocab_size * self.bigram_vocab_mult
+        if rows != round(rows) or rows < 2:
+            raise ValueError(f"bigram_vocab_mult={self.bigram_vocab_mult}: the bigram table needs a "
+                             f"whole number of rows (padded vocabulary {self.padded_vocab_size} x this)")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -115,28 +141,70 @@ class Hyperparameters:
 
     @property
     def bigram_vocab_size(self) -> int:
-        return self.padded_vocab_size * self.bigram_vocab_mult
+        return round(self.padded_vocab_size * self.bigram_vocab_mult)
 
     @property
     def num_train_steps(self) -> int:
         return self.num_scheduled_iterations + self.num_extension_iterations
 
 
+class RecordChange(NamedTuple):
+    """One change of a public record after #74: the field values that turn it on."""
+    record: str
+    what: str
+    on: dict
+
+
+RECORD_CHANGES: list[RecordChange] = [
+    RecordChange("#77", "One residual stream instead of two lanes; the attention of layers 8-10 "
+                 "reads the stream cached after layer 7, and every attention layer has a "
+                 "post-attention lambda.", dict(single_stream=True)),
+    RecordChange("#78", "NorMuon's second-moment beta 0.95 -> 0.9.", dict(muon_beta2=0.9)),
+    RecordChange("#78", "cu_seqlens sized to the documents a micro-batch holds (64 / 96 / 128 "
+                 "slots at 16k / 32k / 48k tokens).", dict(tight_cu_seqlens=True)),
+    RecordChange("#80", "Q and K stored and orthogonalised per head pair (qk_bank), V and O in "
+                 "their own bank.", dict(qk_head_pair_groups=True)),
+    RecordChange("#81", "MUDD: two small per-token MLPs mix earlier layers' streams into layer "
+                 "10's values and residual and into the output.", dict(mudd=True)),
+    RecordChange("#82/#86", "Learnable exclusive self-attention: each head removes a learned "
+                 "share of its output along its own value.", dict(xsa=True)),
+    RecordChange("#83", "Bigram embedding rows multiplied by a fixed random sign pattern, so "
+                 "colliding bigrams interfere less.", dict(bigram_sign_trick=True)),
+    RecordChange("#85", "Per-token gates from two small MLPs replace the static XSA, output-gate, "
+                 "injection and skip parameters; the bigram table grows to 7.5x the vocabulary.",
+                 dict(mudd_gates=True, bigram_vocab_mult=7.5)),
+    RecordChange("#85", "Layer 10 adds a dynamically composed attention over a 112-token window.",
+                 dict(dc_attention=True)),
+    RecordChange("#88", "An auxiliary loss predicts each target's longest prefix token (weight "
+                 "0.25 in stage 1, to 0 over stage 2).", dict(prefix_loss_weight=0.25)),
+    RecordChange("#350", "Validation masks token pairs the GPT-2 tokenizer never produces.",
+                 dict(val_mask=True)),
+    RecordChange("#89", "The schedule of record #89: 1270 scheduled + 15 extension steps.",
+                 dict(num_scheduled_iterations=1270, num_extension_iterations=15)),
+]
+# A switch that builds on another (the record's code never ran it alone) needs that one on.
+SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
+                   "dc_attention": ("mudd_gates",)}
+
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
+SMOKE = dict(
+    train_files="../shared/data/corpus/corpus_train_*.bin",
+    val_files="../shared/data/corpus/corpus_val_*.bin",
+    val_tokens=8192, val_batch_tokens=8192, val_every=30,
+    num_scheduled_iterations=84, num_extension_iterations=6, micro_batches_per_step=4,
+    stages=(Stage(1024, 128, 1.0, (1, 3), ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0))),
+            Stage(1024, 256, 1.52, (3, 7), ((1.0, 0.5), (1.0, 0.0))),
+            Stage(1024, 256, 1.73, (5, 11), ((1.0,), (1.0,)))),
+    num_heads=2, head_dim=32, model_dim=64, mlp_hidden=256, bigram_vocab_mult=1.0,
+    adam_lr=0.024,     # a tiny model on few tokens learns its embeddings faster
+    compile=False,
+)
+SPEEDRUN = {field: value for change in RECORD_CHANGES for field, value in change.on.items()}
 PRESETS: dict[str, dict] = {
-    "speedrun": {},
-    "smoke": dict(
-        train_files="../shared/data/corpus/corpus_train_*.bin",
-        val_files="../shared/data/corpus/corpus_val_*.bin",
-        val_tokens=8192, val_batch_tokens=8192, val_every=30,
-        num_scheduled_iterations=84, num_extension_iterations=6, micro_batches_per_step=4,
-        stages=(Stage(1024, 128, 1.0, (1, 3), ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0))),
-                Stage(1024, 256, 1.52, (3, 7), ((1.0, 0.5), (1.0, 0.0))),
-                Stage(1024, 256, 1.73, (5, 11), ((1.0,), (1.0,)))),
-        num_heads=2, head_dim=32, model_dim=64, mlp_hidden=256, bigram_vocab_mult=1,
-        adam_lr=0.024,     # a tiny model on few tokens learns its embeddings faster
-        compile=False,
-    ),
+    "speedrun": SPEEDRUN,                            # the current record's recipe
+    "record74": {},                                  # the dataclass defaults
+    "smoke": {**SPEEDRUN, **SMOKE},
+    "smoke_record74": SMOKE,
 }
 
 
@@ -350,10 +418,13 @@ class ParamSpec:
     odd_matrix_lr_mul: float = 1.0            # NorMuon: extra factor for odd matrix indices
 
 
-# Scatter (launch) order. The NorMuon shape factor sqrt(max(1, rows/cols)) is computed from the
-# matrix shape, so mlp_bank's lr_mul is 1 here: the "2" in the spec table is that shape factor.
+# Every parameter any configuration has (param_labels says which), in scatter (launch) order.
+# The NorMuon shape factor sqrt(max(1, rows/cols)) is computed from the matrix shape, so
+# mlp_bank's lr_mul is 1 here: the "2" of the record's table is that shape factor.
 PARAM_TABLE: list[ParamSpec] = [
     ParamSpec("attn_bank", "normuon", "sharded"),
+    ParamSpec("qk_bank", "normuon", "sharded"),     # #80: Q and K head-pair blocks
+    ParamSpec("vo_bank", "normuon", "sharded"),     # #80: V and O
     ParamSpec("mlp_bank", "normuon", "sharded", odd_matrix_lr_mul=2.0),  # odd index = c_proj
     ParamSpec("scalars", "adam", "replicated", (0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
     ParamSpec("smear_gate", "adam", "replicated", (0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
@@ -366,17 +437,40 @@ PARAM_TABLE: list[ParamSpec] = [
     ParamSpec("x0_lambdas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),
     ParamSpec("bigram_lambdas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),
     ParamSpec("resid_lambdas", "adam", "replicated", (0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
+    ParamSpec("xsa_alphas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),           # #82
+    ParamSpec("mudd_w1", "adam", "replicated", (0.9, 0.99), lr_mul=0.25),             # #81
+    ParamSpec("mudd_w2", "adam", "replicated", (0.9, 0.99), lr_mul=0.25),
+    ParamSpec("mudd_b2", "adam", "replicated", (0.9, 0.99), lr_mul=0.25, wd_mul=0.0),
+    ParamSpec("gate_w1", "adam", "replicated", (0.9, 0.99), lr_mul=0.1),              # #85
+    ParamSpec("gate_w2", "adam", "replicated", (0.9, 0.99), lr_mul=0.1),
+    ParamSpec("gate_b2", "adam", "replicated", (0.9, 0.99), lr_mul=0.1, wd_mul=0.0),
+    ParamSpec("gate_scales", "adam", "replicated", (0.9, 0.99), lr_mul=0.1, wd_mul=0.0),
     ParamSpec("value_embeds", "adam", "sharded", (0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     ParamSpec("embed", "adam", "sharded", (0.5, 0.95), wd_mul=150.0),  # skipped while tied
 ]
 
 # Update order: small parameters first while the big reductions finish; lm_head before embed
-# because the tied copy needs the gathered head; the two Polar Express banks last.
+# because the tied copy needs the gathered head; the Polar Express banks last.
 WORK_ORDER: list[str] = [
     "scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
-    "x0_lambdas", "bigram_lambdas", "resid_lambdas", "value_embeds", "bigram_embed", "lm_head",
-    "embed", "attn_bank", "mlp_bank",
+    "x0_lambdas", "bigram_lambdas", "resid_lambdas", "xsa_alphas", "mudd_w1", "mudd_w2",
+    "mudd_b2", "gate_w1", "gate_w2", "gate_b2", "gate_scales", "value_embeds", "bigram_embed",
+    "lm_head", "embed", "attn_bank", "qk_bank", "vo_bank", "mlp_bank",
 ]
+
+
+def param_labels(cfg: Hyperparameters) -> list[str]:
+    """The parameters a model of this configuration has, in PARAM_TABLE order."""
+    absent = {"qk_bank", "vo_bank"} if not cfg.qk_head_pair_groups else {"attn_bank"}
+    if cfg.mudd_gates:   # the gates replace these static parameters
+        absent |= {"attn_gate_bank", "skip_gate", "x0_lambdas", "bigram_lambdas", "xsa_alphas"}
+    else:
+        absent |= {"gate_w1", "gate_w2", "gate_b2", "gate_scales"}
+    if not cfg.xsa:
+        absent.add("xsa_alphas")
+    if not cfg.mudd:
+        absent |= {"mudd_w1", "mudd_w2", "mudd_b2"}
+    return [spec.label for spec in PARAM_TABLE if spec.label not in absent]
 
 
 def comms_mode(spec: ParamSpec, world_size: int, grad_accum_steps: int) -> str:
@@ -691,9 +785,9 @@ class AdamState:
 
 
 class NorMuonAndAdam:
-    """NorMuon for attn_bank and mlp_bank, Adam (odd steps only) for everything else.
+    """NorMuon for the matrix banks, Adam (odd steps only) for everything else.
 
-    params maps every label of PARAM_TABLE to its parameter. Each rank keeps state only for its
+    params maps every label of param_labels(cfg) to its parameter. Each rank keeps state only for its
     own shard. The optimizer clears the gradients itself: NorMuon's every step, Adam's only after
     an Adam step, so that an Adam update sees the sum of two steps' gradients.
     While `tied`, embed is an exact transposed copy of lm_head: on Adam steps its gradient is
@@ -704,7 +798,7 @@ class NorMuonAndAdam:
                  world_size: int, grad_accum_steps: int,
                  cpu_group: dist.ProcessGroup | None = None,
                  sparse_bigram: SparseBigramExchange | None = None, paths: Paths = Paths()):
-        labels = [spec.label for spec in PARAM_TABLE]
+        labels = param_labels(cfg)
         missing = [label for label in labels if label not in params]
         unknown = [label for label in params if label not in labels]
         if missing or unknown:
@@ -713,9 +807,10 @@ class NorMuonAndAdam:
         self.params = params
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.specs = {spec.label: spec for spec in PARAM_TABLE}
+        self.table = [spec for spec in PARAM_TABLE if spec.label in params]
+        self.specs = {spec.label: spec for spec in self.table}
         self.modes = {spec.label: comms_mode(spec, world_size, grad_accum_steps)
-                      for spec in PARAM_TABLE}
+                      for spec in self.table}
         self._check_shapes()
 
         self.sparse_bigram = None
@@ -731,7 +826,7 @@ class NorMuonAndAdam:
         self.comms = MeanCollectives(world_size) if world_size > 1 else None
 
         self.state: dict[str, NorMuonState | AdamState] = {}
-        for spec in PARAM_TABLE:
+        for spec in self.table:
             local = self._local_param(spec.label)
             if spec.optimizer == "normuon":
                 count, m, n = local.shape
@@ -768,11 +863,11 @@ class NorMuonAndAdam:
 
     def _check_shapes(self) -> None:
         p = self.params
-        for label in ("attn_bank", "mlp_bank"):
+        for label in (spec.label for spec in self.table if spec.optimizer == "normuon"):
             if p[label].dtype != torch.bfloat16:
                 raise ValueError(f"{label}: dtype {p[label].dtype}, expected torch.bfloat16 (the "
                                  f"mantissa buffer extends bf16 weights to fp32)")
-        if p["attn_bank"].ndim != 3 or p["attn_bank"].shape[1] % 4:
+        if "attn_bank" in p and (p["attn_bank"].ndim != 3 or p["attn_bank"].shape[1] % 4):
             raise ValueError(f"attn_bank: shape {tuple(p['attn_bank'].shape)}, expected "
                              f"(layers, 4 * d, d)")
         if p["mlp_bank"].ndim != 4 or p["mlp_bank"].shape[1] != 2:
@@ -815,7 +910,7 @@ class NorMuonAndAdam:
         do_adam = step % 2 == 1
         # Phase 1: launch the reductions in table order
         pending: dict[str, PendingReduction | SparseBigramReduction] = {}
-        for spec in PARAM_TABLE:
+        for spec in self.table:
             label = spec.label
             if spec.optimizer == "adam" and not do_adam:
                 continue  # gradient kept: the next backward adds onto it
@@ -852,7 +947,7 @@ class NorMuonAndAdam:
             self._transpose_copy(self.params["lm_head"].data, self.params["embed"].data)
         for work in gathers:
             work.wait()
-        for spec in PARAM_TABLE:
+        for spec in self.table:
             if spec.optimizer == "normuon" or do_adam:
                 self.params[spec.label].grad = None
 
@@ -950,18 +1045,33 @@ class NorMuonAndAdam:
 # Model
 # =================================================================================================
 # An 11-layer GPT written as one flat forward over parameter banks. Layer map: attention is
-# skipped in layer 6, which instead receives the U-net skip from layer 3; layers 7-10 run two
-# parallel residual lanes; some layers use paired-head attention, long windows or value embeddings.
+# skipped in layer 6, which instead receives the U-net skip from layer 3; some layers use
+# paired-head attention, long windows or value embeddings. Record #74 runs layers 7-10 in two
+# parallel residual lanes; from #77 (single_stream) one stream, whose late attention layers read
+# the stream cached after layer 7. The later records' extras (MUDD, gates, XSA, DC attention)
+# are switches of the same forward.
 
 NUM_LAYERS = 11
 GATE_WIDTH = 12                  # the first 12 channels of a vector feed every small gate
 NO_ATTN_LAYER = 6                # MLP-only layer, where the skip connection is added back
-SKIP_SOURCE_LAYER = 3            # its post-attention stream is the skip value
-FIRST_TWO_LANE_LAYER = 7         # lane 1 starts here; lane 0 after this layer is the backout value
+SKIP_SOURCE_LAYER = 3            # its stream is the skip value (#74: after attention; #77: after the MLP)
+CACHED_LAYER = 7                 # the stream after this layer: backout (#74), late attention input (#77)
 PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
 LONG_WINDOW_LAYERS = (3, 10)     # also the layers with the key offset
 VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)  # layer VALUE_EMBED_LAYERS[k] reads value table k
 ATTN_LAYERS = tuple(i for i in range(NUM_LAYERS) if i != NO_ATTN_LAYER)
+LATE_ATTN_LAYERS = (8, 9, 10)    # single stream: their attention reads the cached layer-7 stream
+XSA_LAYERS = tuple(i for i in ATTN_LAYERS if i not in PAIRED_HEAD_LAYERS)
+GATED_XSA_LAYERS = (1, 3, 4, 7)  # with the MUDD gates, XSA runs here only
+GATED_OUT_LAYERS = (3, 10)       # with the MUDD gates, only these keep an attention output gate
+POST_GATE_LAYER = 4              # the post gate reads the stream entering this layer
+MUDD_LAYER = 10                  # MUDD block 0 runs at its start
+MUDD_HIDDEN = 64
+MUDD_SCALE = 0.1                 # coefficients = (w2 gelu(w1 x) + b2) x this
+DC_LAYER = 10
+DC_WINDOW = 112                  # tokens, the query's own included
+BIGRAM_SIGN_ROWS = 8192
+VAL_MASK_LOGIT = -60.0           # a masked pair's soft-capped logit at validation (z lies in (0, 23))
 ROTARY_MIN_FREQ = 1 / 1024
 INITIAL_ATTN_SCALE = 0.1
 YARN_BETA = 32
@@ -985,7 +1095,69 @@ def num_mlp_slots(world_size: int) -> int:
     return slots
 
 
+def unpack_mask_rows(bits: torch.Tensor) -> torch.Tensor:
+    """Rows of a bit-packed mask, (..., V / 8) uint8 with column 8c + j in bit j of byte c, as
+    (..., V) bool."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits[..., None] >> shifts) & 1).bool().flatten(-2)
+
+
+def padded_count(count: int, world_size: int) -> int:
+    """count rounded up to a multiple of the world size (matrices of a bank, split over ranks)."""
+    return count + (-count) % world_size
+
+
+class CoefficientLayout:
+    """Named columns of a small MLP's output: (name, width, initial value) per field. The initial
+    value is what the static parameter the field replaces started at; the MLP's output weights
+    start at zero, so its bias alone gives it."""
+
+    def __init__(self, fields: list[tuple[str, int, float]]):
+        self.names = [name for name, _, _ in fields]
+        self.widths = [width for _, width, _ in fields]
+        self.initial = torch.tensor([value for _, width, value in fields for _ in range(width)])
+
+    @property
+    def size(self) -> int:
+        return sum(self.widths)
+
+    def split(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, out.split(self.widths, dim=-1)))
+
+
+def mudd_layouts() -> list[CoefficientLayout]:
+    """MUDD block 0 (start of layer 10, on the stream h9) and block 1 (after the last layer)."""
+    resid = math.sqrt(1.1)
+    return [CoefficientLayout([("v_h0", 1, 0.0), ("v_h7", 1, 0.0), ("v_x", 1, 0.0),
+                               ("res_h0", 1, 0.0), ("res_h7", 1, 0.0), ("res_x", 1, 0.0),
+                               ("ve_gate", 2, 2.0), ("resid_attn", 1, resid), ("post_attn", 1, 1.0),
+                               ("x0", 1, 0.0), ("bigram", 1, 0.05), ("resid_mlp", 1, resid),
+                               ("post_mlp", 1, 1.0)]),
+            CoefficientLayout([("h0", 1, 0.0), ("h7", 1, -0.5), ("h9", 1, 0.0), ("ve0", 1, 0.0),
+                               ("h3", 1, 0.0)])]
+
+
+def gate_layouts(num_heads: int) -> list[CoefficientLayout]:
+    """The MUDD-generated gates: pre (from x0) and post (from the stream entering layer 4)."""
+    H = num_heads
+    return [CoefficientLayout([("xsa_1", H, 0.0), ("xsa_3", H, 0.0), ("out_3", H, 0.25),
+                               ("x0", 4, 0.0), ("bigram", 4, 0.05)]),          # layers 0-3
+            CoefficientLayout([("xsa_4", H, 0.0), ("xsa_7", H, 0.0), ("out_10", H, 0.25),
+                               ("x0", 5, 0.0), ("bigram", 5, 0.05),            # layers 4, 5, 7-9
+                               ("skip", 1, 0.5), ("dc_w1", H, 1.0), ("dc_w2", H, 0.0)])]
+
+
+GATE_INJECTION_LAYERS = ((0, 1, 2, 3), (4, 5, 7, 8, 9))   # the x0 / bigram columns of each gate
+
+
+def kaiming_uniform(rows: int, cols: int) -> torch.Tensor:
+    """nn.Linear's default initialisation of a (rows, cols) weight."""
+    bound = 1 / math.sqrt(cols)
+    return torch.empty(rows, cols).uniform_(-bound, bound)
+
+
 class Rotary(nn.Module):
+
     """Half-truncated RoPE (upper half of each head never rotates) with YaRN window extension.
 
     One angle table serves both layouts: normal layers read position t, paired-head layers read
@@ -1083,6 +1255,42 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
     return attention_reference(q, k, v, cu_seqlens, window, scale)
 
 
+def dc_attention_reference(q, k, v, cu_seqlens, scale: float, w1: torch.Tensor,
+                           w2: torch.Tensor, window: int = DC_WINDOW) -> torch.Tensor:
+    """The dynamically composed attention term (T, H, hd) that layer 10 adds to its heads' output:
+    y_h(t) += w2_h(t) sum_s a(t, s) v_h(s), a(t, s) = sum_g w1n_g(t) P_g(t, s), where P_g is head
+    g's softmax over the keys s of t's document with t - window < s <= t, and w1n is w1 divided by
+    its RMS over the heads. q, k, v: (T, H, hd); w1, w2: (T, H). One shifted copy of the keys and
+    values per offset: the plain statement, for the CPU and the tests."""
+    T = q.shape[0]
+    positions = torch.arange(T, device=q.device)
+    document = torch.searchsorted(cu_seqlens, positions, right=True)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    scores, valid = [], []
+    for offset in range(min(window, T)):
+        source = (positions - offset).clamp_min(0)
+        scores.append((qf * kf[source]).sum(-1) * scale)                        # (T, H)
+        valid.append((positions >= offset) & (document[source] == document))    # (T,)
+    scores = torch.stack(scores, dim=-1)                                        # (T, H, W)
+    valid = torch.stack(valid, dim=-1)[:, None, :]
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    w1n = w1.float() * torch.rsqrt(w1.float().square().mean(-1, keepdim=True) + 1e-6)
+    mixed = (w1n[:, :, None] * probs).sum(1)                                    # (T, W)
+    out = torch.zeros_like(vf)
+    for offset in range(mixed.shape[-1]):
+        source = (positions - offset).clamp_min(0)
+        out = out + mixed[:, offset, None, None] * vf[source]
+    return (w2.float()[:, :, None] * out).to(v.dtype)
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """y_h minus share_h times its component along the head's own value v_h: y - s (y.v / v.v) v,
+    with v.v at least 1e-8. y, v: (T, H, hd); share: (H,) or (T, H)."""
+    dot = (y.float() * v.float()).sum(-1)
+    den = v.float().square().sum(-1).clamp_min(1e-8)
+    return y - ((share * dot / den)[..., None] * v.float()).to(y.dtype)
+
+
 class TableRows(NamedTuple):
     """One micro-batch's rows of the three lookup tables, named after the tables (or the row
     indices, with the same shapes minus the model dimension)."""
@@ -1104,8 +1312,19 @@ class GPT(nn.Module):
         num_attn = len(ATTN_LAYERS)
         bound = math.sqrt(3) * 0.5 / math.sqrt(d)
         # Matrix banks: created in fp32, initialised, then stored in bf16.
-        self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, d).uniform_(-bound, bound)
-                                      .bfloat16())
+        if cfg.qk_head_pair_groups:
+            # Q and K as (2 hd, d) head-pair blocks, then V and O; zero padding matrices so that
+            # every bank splits evenly over the ranks
+            pairs = H // 2
+            qk_bank = torch.zeros(padded_count(2 * pairs * num_attn, world_size), 2 * hd, d)
+            qk_bank[:2 * pairs * num_attn].uniform_(-bound, bound)
+            vo_bank = torch.zeros(padded_count(2 * num_attn, world_size), d, d)
+            vo_bank[:2 * num_attn].uniform_(-bound, bound)
+            self.qk_bank = nn.Parameter(qk_bank.bfloat16())
+            self.vo_bank = nn.Parameter(vo_bank.bfloat16())
+        else:
+            self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, d).uniform_(-bound, bound)
+                                          .bfloat16())
         # c_fc random, c_proj zero. Padding slots (so the matrices split evenly over the ranks)
         # stay zero and never get a gradient: the initial weights do not depend on the world size.
         mlp_bank = torch.zeros(num_mlp_slots(world_size), 2, cfg.mlp_hidden, d)
@@ -1117,24 +1336,57 @@ class GPT(nn.Module):
         self.value_embeds = nn.Parameter(
             0.01 * torch.randn(len(VALUE_EMBED_LAYERS) * V, d, dtype=torch.bfloat16))
         self.bigram_embed = nn.Parameter(torch.zeros(cfg.bigram_vocab_size, d, dtype=torch.bfloat16))
-        self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_WIDTH, dtype=torch.bfloat16))
+        if not cfg.mudd_gates:
+            self.attn_gate_bank = nn.Parameter(
+                torch.zeros(num_attn, H, GATE_WIDTH, dtype=torch.bfloat16))
         self.ve_gate_bank = nn.Parameter(
             torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_WIDTH, dtype=torch.bfloat16))
         self.smear_gate = nn.Parameter(torch.zeros(1, GATE_WIDTH, dtype=torch.bfloat16))
-        self.skip_gate = nn.Parameter(torch.zeros(1, GATE_WIDTH, dtype=torch.bfloat16))
+        if not cfg.mudd_gates:
+            self.skip_gate = nn.Parameter(torch.zeros(1, GATE_WIDTH, dtype=torch.bfloat16))
         scalars = torch.ones(num_scalars(world_size))
         scalars[0:2 * NUM_LAYERS:2] = 0.5              # QKV weight lambdas (O lambdas stay 1)
         scalars[2 * NUM_LAYERS:2 * NUM_LAYERS + 3] = torch.tensor([0.0, 0.5, -1.5])
         self.scalars = nn.Parameter(scalars)            # ... smear, backout, skip (pre-sigmoid)
-        post_lambdas = torch.ones(NUM_LAYERS, 2, 2)
-        post_lambdas[FIRST_TWO_LANE_LAYER:, 0, 1] = 1.5  # attention write into lane 1
-        self.post_lambdas = nn.Parameter(post_lambdas)
-        self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS))
-        self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05))
+        if cfg.single_stream:   # (attention, MLP) write of every layer
+            self.post_lambdas = nn.Parameter(torch.ones(NUM_LAYERS, 2))
+        else:                   # [layer, sublayer, lane]
+            post_lambdas = torch.ones(NUM_LAYERS, 2, 2)
+            post_lambdas[CACHED_LAYER:, 0, 1] = 1.5    # attention write into lane 1
+            self.post_lambdas = nn.Parameter(post_lambdas)
+        if not cfg.mudd_gates:
+            self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS))
+            self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05))
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1)))
         self.rotary = Rotary(hd, max_positions)
+        if cfg.xsa and not cfg.mudd_gates:
+            self.xsa_alphas = nn.Parameter(torch.zeros(NUM_LAYERS, H))
+        if cfg.mudd:
+            self.mudd_w1, self.mudd_w2, self.mudd_b2 = self._coefficient_mlp(mudd_layouts())
+        if cfg.mudd_gates:
+            layouts = gate_layouts(H)
+            self.gate_w1, self.gate_w2, self.gate_b2 = self._coefficient_mlp(layouts)
+            self.gate_scales = nn.Parameter(torch.full((len(layouts),), MUDD_SCALE))
+        if cfg.bigram_sign_trick:
+            # fixed random signs, the same on every rank (a generator of their own)
+            signs = torch.randn(BIGRAM_SIGN_ROWS, d, generator=torch.Generator().manual_seed(83))
+            self.register_buffer("bigram_signs", signs.sign().bfloat16(), persistent=False)
+        if cfg.prefix_loss_weight > 0:
+            # token -> its longest strict prefix token (-1: none); filled from the tokenizer
+            self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64),
+                                 persistent=False)
         if not self.embed.is_meta:
             self.rotary.reset()
+
+    def _coefficient_mlp(self, layouts: list[CoefficientLayout]) -> tuple[nn.Parameter, ...]:
+        """w1 (blocks, MUDD_HIDDEN, d), w2 (all outputs, MUDD_HIDDEN) zero and b2 (all outputs)
+        for the blocks of `layouts`, their outputs stacked in order."""
+        d = self.cfg.model_dim
+        w1 = torch.stack([kaiming_uniform(MUDD_HIDDEN, d) for _ in layouts])
+        b2 = torch.cat([layout.initial for layout in layouts]) / MUDD_SCALE
+        return (nn.Parameter(w1.bfloat16()),
+                nn.Parameter(torch.zeros(len(b2), MUDD_HIDDEN, dtype=torch.bfloat16)),
+                nn.Parameter(b2))
 
     # --- sublayers ---------------------------------------------------------------------------
 
@@ -1145,17 +1397,43 @@ class GPT(nn.Module):
             return triton_kernels.linear_relu_square(x, c_fc, c_proj)
         return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)
 
-    def attn(self, layer: int, weights: torch.Tensor, x: torch.Tensor, ve: torch.Tensor | None,
-             cu_seqlens: torch.Tensor, max_seqlen: int, window: int) -> torch.Tensor:
-        """weights: this layer's (4d, d) slice of attn_bank (Q, K, V, O stacked)."""
+    def attention_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(W_qkv (3d, d), W_out (d, d)) of every attention layer. The banks are unbound rather
+        than indexed per layer: the backward then assembles each bank's gradient as one stack."""
+        d = self.cfg.model_dim
+        if not self.cfg.qk_head_pair_groups:
+            return {i: w.split((3 * d, d)) for i, w in zip(ATTN_LAYERS, self.attn_bank.unbind(0))}
+        blocks = self.cfg.num_heads   # Q's head pairs, then K's, per layer
+        qk, vo = self.qk_bank.unbind(0), self.vo_bank.unbind(0)
+        return {i: (torch.cat([*qk[blocks * j:blocks * (j + 1)], vo[2 * j]]), vo[2 * j + 1])
+                for j, i in enumerate(ATTN_LAYERS)}
+
+    def static_ve_gate(self, layer: int, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
+        """Record #74's value-embedding gate (T, H), in [0, 2]."""
+        G = self.ve_gate_bank[VALUE_EMBED_LAYERS.index(layer)]
+        paired = layer in PAIRED_HEAD_LAYERS
+        gate_in = x[:, :GATE_WIDTH] if paired else torch.cat([x[:, :6], ve[:, :6]], dim=-1)
+        return 2 * torch.sigmoid(F.linear(gate_in, G))
+
+    def static_out_gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Record #74's attention output gate (T, H), in [0, 1]."""
+        slot = ATTN_LAYERS.index(layer)
+        return torch.sigmoid(F.linear(x[:, :GATE_WIDTH], self.attn_gate_bank[slot]))
+
+    def attn(self, layer: int, W_qkv: torch.Tensor, W_out: torch.Tensor, x: torch.Tensor,
+             ve: torch.Tensor | None, ve_gate: torch.Tensor | None, cu_seqlens: torch.Tensor,
+             max_seqlen: int, window: int, out_gate: torch.Tensor | None,
+             xsa_share: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
+             dc_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One attention sublayer on the normed stream x (T, d). ve (T, d) is added to the values
+        scaled per head by ve_gate (T, H), and v_extra (T, d) unscaled; xsa_share (H,) or (T, H)
+        applies exclusive self-attention; dc_weights (w1, w2) add the composed attention; the
+        heads' outputs are multiplied by out_gate (T, H) if given."""
         T, d = x.shape
         H, hd = self.cfg.num_heads, self.cfg.head_dim
-        slot = ATTN_LAYERS.index(layer)
-        W_qkv, W_out = weights.split((3 * d, d))
         qkv_lambda, out_lambda = self.scalars[2 * layer], self.scalars[2 * layer + 1]
         q, k, v = F.linear(x, qkv_lambda * W_qkv).view(T, 3 * H, hd).split(H, dim=1)
         q, k = rms_norm(q), rms_norm(k)
-        gate_x = x[:, :GATE_WIDTH]
         paired = layer in PAIRED_HEAD_LAYERS
         if paired:
             # Heads (2g, 2g+1) rotate at positions (2t, 2t+1); then token t becomes rows 2t (heads
@@ -1172,18 +1450,43 @@ class GPT(nn.Module):
                 half = hd // 2
                 k = torch.cat([k[:, :, :half], torch.cat([k[:1, :, half:], k[:-1, :, half:]])], -1)
         if ve is not None:
-            G = self.ve_gate_bank[VALUE_EMBED_LAYERS.index(layer)]
-            gate_in = gate_x if paired else torch.cat([x[:, :6], ve[:, :6]], dim=-1)
-            v = v + 2 * torch.sigmoid(F.linear(gate_in, G))[..., None] * ve.view(T, H, hd)
+            v = v + ve_gate[..., None] * ve.view(T, H, hd)
+        if v_extra is not None:
+            v = v + v_extra.view(T, H, hd)
+        scale = self.rotary.attn_scale
         if paired:
             y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
                           v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
-                          self.rotary.attn_scale, self.paths).reshape(T, H, hd)
+                          scale, self.paths).reshape(T, H, hd)
         else:
-            y = attention(q, k, v, cu_seqlens, max_seqlen, window, self.rotary.attn_scale,
-                          self.paths)
-        y = y * torch.sigmoid(F.linear(gate_x, self.attn_gate_bank[slot]))[..., None]
+            y = attention(q, k, v, cu_seqlens, max_seqlen, window, scale, self.paths)
+        if xsa_share is not None:
+            y = exclusive_self_attention(y, v, xsa_share)
+        if dc_weights is not None:
+            y = y + dc_attention_reference(q, k, v, cu_seqlens, scale, *dc_weights)
+        if out_gate is not None:
+            y = y * out_gate[..., None]
         return F.linear(y.reshape(T, d), out_lambda * W_out)
+
+    def coefficients(self, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     layouts: list[CoefficientLayout], block: int, x: torch.Tensor,
+                     scale: torch.Tensor | float) -> dict[str, torch.Tensor]:
+        """Block `block` of a coefficient MLP on x (T, d): (w2 gelu(w1 x) + b2) x scale, split
+        into its named (T, width) columns."""
+        start = sum(layout.size for layout in layouts[:block])
+        rows = slice(start, start + layouts[block].size)
+        hidden = F.gelu(F.linear(x, w1[block]))
+        out = (F.linear(hidden, w2[rows]) + b2[rows].to(x.dtype)) * scale
+        return layouts[block].split(out)
+
+    def mudd_coefficients(self, block: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.coefficients(self.mudd_w1, self.mudd_w2, self.mudd_b2, mudd_layouts(), block,
+                                 x, MUDD_SCALE)
+
+    def gates(self, block: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = self.gate_scales[block].to(x.dtype)
+        return self.coefficients(self.gate_w1, self.gate_w2, self.gate_b2,
+                                 gate_layouts(self.cfg.num_heads), block, x, scale)
 
     # --- forward -----------------------------------------------------------------------------
 
@@ -1200,24 +1503,39 @@ class GPT(nn.Module):
         return TableRows(*(F.embedding(ids, getattr(self, name))
                            for name, ids in zip(TableRows._fields, indices)))
 
+    def bigram_sign_rows(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The fixed sign pattern (T, d) of each position's bigram: row (previous id XOR id) mod
+        BIGRAM_SIGN_ROWS, row 0 at the first position."""
+        ids = inputs.long()
+        rows = torch.cat([ids.new_zeros(1), (ids[:-1] ^ ids[1:]) % BIGRAM_SIGN_ROWS])
+        return self.bigram_signs[rows]
+
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
                 bigram_ids: torch.Tensor, mtp_weights: torch.Tensor | None, windows: tuple[int, int],
-                max_seqlen: int, grad_scale: float = 1.0, rows: TableRows | None = None) -> torch.Tensor:
-        """Training (mtp_weights given): token-summed multi-token loss x grad_scale.
-        Evaluation (mtp_weights None): mean next-token cross-entropy.
+                max_seqlen: int, grad_scale: float = 1.0, rows: TableRows | None = None,
+                prefix_weight: torch.Tensor | None = None,
+                val_mask_bits: torch.Tensor | None = None) -> torch.Tensor:
+        """Training (mtp_weights given): token-summed multi-token loss x grad_scale, plus the
+        prefix-token loss with prefix_weight (1,) when given.
+        Evaluation (mtp_weights None): mean next-token cross-entropy; with val_mask_bits, the
+        packed rows (T, V/8) of the validation mask, the pair (plain, masked).
         `rows`, when given, replaces the table lookup of inputs and bigram_ids (SparseTableGrads)."""
         if rows is None:
             rows = self.lookup(inputs, bigram_ids)
+        if self.cfg.bigram_sign_trick:
+            rows = rows._replace(bigram_embed=rows.bigram_embed * self.bigram_sign_rows(inputs))
         h = self.final_hidden(rows, cu_seqlens, windows, max_seqlen)
-        return self.head_loss(h, targets, mtp_weights, grad_scale)
+        if mtp_weights is None:
+            return self.eval_loss(h, targets, val_mask_bits)
+        return self.head_loss(h, targets, mtp_weights, grad_scale, prefix_weight)
 
     def final_hidden(self, rows: TableRows, cu_seqlens: torch.Tensor, windows: tuple[int, int],
                      max_seqlen: int) -> torch.Tensor:
         """The normalised stream that feeds the output head, (T, d)."""
+        cfg = self.cfg
         short_window, long_window = windows
         bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
         resid, post = bf16(self.resid_lambdas), bf16(self.post_lambdas)
-        x0_lambdas, bigram_lambdas = bf16(self.x0_lambdas), bf16(self.bigram_lambdas)
         smear_lambda, backout_lambda, skip_lambda = self.scalars[2 * NUM_LAYERS:2 * NUM_LAYERS + 3]
 
         # rows from SparseTableGrads come in fp32, so that their gradients leave the graph in fp32
@@ -1227,54 +1545,125 @@ class GPT(nn.Module):
         e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
         x0 = rms_norm(e)
 
-        # unbind rather than one index per layer: the backward then assembles each bank's
-        # gradient as one stack of the layer gradients
-        attn_weights = dict(zip(ATTN_LAYERS, self.attn_bank.unbind(0)))
+        # per layer: the weights of the x0 and bigram injections, the skip weight
+        if cfg.mudd_gates:
+            gates = self.gates(0, x0)
+            x0_w = dict(zip(GATE_INJECTION_LAYERS[0], gates["x0"].split(1, dim=-1)))
+            bigram_w = dict(zip(GATE_INJECTION_LAYERS[0], gates["bigram"].split(1, dim=-1)))
+        else:
+            x0_w = dict(enumerate(bf16(self.x0_lambdas)))
+            bigram_w = dict(enumerate(bf16(self.bigram_lambdas)))
+            skip_weight = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
+                F.linear(x0[:, :GATE_WIDTH], self.skip_gate))
+
+        attn_weights = self.attention_weights()
         mlp_weights = self.mlp_bank.unbind(0)
-        lane0, lane1 = x0 + bigram_lambdas[0] * bigram, None
-        skip = backout = None
+        x = x0 + bigram_w[0] * bigram       # the stream entering layer 0 (lane 0 of record #74)
+        h0, lane1, skip, h7, h7_normed, h9, block0 = x, None, None, None, None, None, None
         for i in range(NUM_LAYERS):
             r_attn, r_mlp = resid[i, 0], resid[i, 1]
+            p_attn, p_mlp = (post[i, 0], post[i, 1]) if cfg.single_stream else (None, post[i, 1, 0])
+            if cfg.mudd_gates and i == POST_GATE_LAYER:
+                gates.update(self.gates(1, x))
+                x0_w.update(zip(GATE_INJECTION_LAYERS[1], gates["x0"].split(1, dim=-1)))
+                bigram_w.update(zip(GATE_INJECTION_LAYERS[1], gates["bigram"].split(1, dim=-1)))
+                skip_weight = torch.sigmoid(skip_lambda) * gates["skip"]
+            inject_x0 = x0
+            if cfg.mudd and i == MUDD_LAYER:   # block 0 mixes earlier streams into this layer
+                h9, block0 = x, self.mudd_coefficients(0, x)
+                x = (1 + block0["res_x"]) * x + block0["res_h0"] * h0 + block0["res_h7"] * h7
+                r_attn, p_attn = block0["resid_attn"], block0["post_attn"]
+                r_mlp, p_mlp = block0["resid_mlp"], block0["post_mlp"]
+                x0_w[i], bigram_w[i], inject_x0 = block0["x0"], block0["bigram"], h0
             if i == NO_ATTN_LAYER:
-                skip_weight = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
-                    F.linear(x0[:, :GATE_WIDTH], self.skip_gate))
-                lane0 = lane0 + skip_weight * skip
-                lane0 = r_mlp * lane0 + post[i, 1, 0] * self.mlp(mlp_weights[i], rms_norm(lane0))
+                x = x + skip_weight * skip
+                x = r_mlp * x + p_mlp * self.mlp(mlp_weights[i], rms_norm(x))
                 continue
-            if i == FIRST_TWO_LANE_LAYER:
-                lane1 = lane0
-            window = long_window if i in LONG_WINDOW_LAYERS else short_window
-            ve = value_embeds[VALUE_EMBED_LAYERS.index(i)] if i in VALUE_EMBED_LAYERS else None
-            a = self.attn(i, attn_weights[i], rms_norm(lane0), ve, cu_seqlens, max_seqlen, window)
-            inject = x0_lambdas[i] * x0 + (bigram_lambdas[i] * bigram if i > 0 else 0)
+            if i == CACHED_LAYER and not cfg.single_stream:
+                lane1 = x
+            attn_in = h7_normed if cfg.single_stream and i in LATE_ATTN_LAYERS else rms_norm(x)
+            a = self.attn(i, *attn_weights[i], attn_in, **self.attn_extras(
+                i, attn_in, value_embeds, gates if cfg.mudd_gates else None, block0, h0, h7, h9),
+                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                window=long_window if i in LONG_WINDOW_LAYERS else short_window)
+            inject = x0_w[i] * inject_x0 + (bigram_w[i] * bigram if i > 0 else 0)
             if lane1 is None:
-                lane0 = r_attn * lane0 + a + inject
-                if i == SKIP_SOURCE_LAYER:
-                    skip = lane0
-                lane0 = r_mlp * lane0 + post[i, 1, 0] * self.mlp(mlp_weights[i], rms_norm(lane0))
+                x = r_attn * x + (a if p_attn is None else p_attn * a) + inject
+                if i == SKIP_SOURCE_LAYER and not cfg.single_stream:
+                    skip = x
+                x = r_mlp * x + p_mlp * self.mlp(mlp_weights[i], rms_norm(x))
             else:
-                lane0 = r_attn * lane0 + post[i, 0, 0] * a + inject
+                x = r_attn * x + post[i, 0, 0] * a + inject
                 lane1 = r_attn * lane1 + post[i, 0, 1] * a
                 m = self.mlp(mlp_weights[i], rms_norm(lane1))
-                lane0 = r_mlp * lane0 + post[i, 1, 0] * m
+                x = r_mlp * x + p_mlp * m
                 lane1 = r_mlp * lane1 + post[i, 1, 1] * m
-            if i == FIRST_TWO_LANE_LAYER:
-                backout = lane0
-        return rms_norm((lane0 + lane1) / 2 - backout_lambda * backout)
+            if i == SKIP_SOURCE_LAYER and cfg.single_stream:
+                skip = x
+            if i == CACHED_LAYER:
+                h7 = x
+                h7_normed = rms_norm(h7) if cfg.single_stream else None
+        if cfg.mudd:    # block 1 replaces the backout
+            c = self.mudd_coefficients(1, x)
+            x = (x + c["h0"] * h0 + c["h7"] * h7 + c["h9"] * h9 + c["ve0"] * value_embeds[0]
+                 + c["h3"] * skip)
+            return rms_norm(x)
+        if lane1 is not None:
+            x = (x + lane1) / 2
+        return rms_norm(x - backout_lambda * h7)
 
-    def head_loss(self, h, targets, mtp_weights, grad_scale: float) -> torch.Tensor:
+    def attn_extras(self, layer: int, x: torch.Tensor, value_embeds: torch.Tensor,
+                    gates: dict | None, block0: dict | None, h0, h7, h9) -> dict:
+        """The keyword arguments of attn() for `layer`: value embedding and its gate, XSA share,
+        output gate, MUDD value correction and DC weights, from whichever switch provides them."""
+        cfg, H = self.cfg, self.cfg.num_heads
+        extras = dict(ve=None, ve_gate=None, out_gate=None)
+        if layer in VALUE_EMBED_LAYERS:
+            ve = value_embeds[VALUE_EMBED_LAYERS.index(layer)]
+            extras["ve"] = ve
+            if cfg.mudd and layer == MUDD_LAYER:
+                extras["ve_gate"] = block0["ve_gate"].repeat_interleave(H // 2, dim=-1)
+            else:
+                extras["ve_gate"] = self.static_ve_gate(layer, x, ve)
+        if cfg.mudd and layer == MUDD_LAYER:
+            extras["v_extra"] = block0["v_h0"] * h0 + block0["v_h7"] * h7 + block0["v_x"] * h9
+        if gates is None:
+            extras["out_gate"] = self.static_out_gate(layer, x)
+            if cfg.xsa and layer in XSA_LAYERS:
+                extras["xsa_share"] = torch.tanh(self.xsa_alphas[layer]).to(x.dtype)
+            return extras
+        if layer in GATED_OUT_LAYERS:
+            extras["out_gate"] = gates[f"out_{layer}"]
+        if layer in GATED_XSA_LAYERS:
+            extras["xsa_share"] = torch.tanh(gates[f"xsa_{layer}"])
+        if cfg.dc_attention and layer == DC_LAYER:
+            extras["dc_weights"] = (gates["dc_w1"], gates["dc_w2"])
+        return extras
+
+    def head_loss(self, h, targets, mtp_weights, grad_scale: float,
+                  prefix_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The token-summed training loss x grad_scale: multi-token, plus the prefix-token term."""
         cfg = self.cfg
-        if mtp_weights is None:   # evaluation: bf16 head, plain next-token cross-entropy
-            z = triton_kernels.softcap(h @ self.lm_head).float()
-            return F.cross_entropy(z, targets)
+        prefix_targets = None if prefix_weight is None else self.prefix_table[targets]
         if self.paths.lm_head == "fp8":
             loss = triton_kernels.softcapped_mtp_cross_entropy(
                 h, targets, mtp_weights, self.lm_head, cfg.head_x_scale, cfg.head_w_scale,
-                cfg.head_grad_scale, use_kernels=self.paths.loss == "triton")
+                cfg.head_grad_scale, use_kernels=self.paths.loss == "triton",
+                extra_targets=prefix_targets, extra_weight=prefix_weight)
         else:
             loss = triton_kernels.softcapped_mtp_losses_reference(
-                h @ self.lm_head, targets, mtp_weights).sum()
+                h @ self.lm_head, targets, mtp_weights, prefix_targets, prefix_weight).sum()
         return loss * grad_scale
+
+    def eval_loss(self, h, targets, val_mask_bits: torch.Tensor | None) -> torch.Tensor:
+        """bf16 head, plain next-token cross-entropy over every column; with the packed mask rows
+        (T, V/8), also with each masked column's soft-capped logit set to VAL_MASK_LOGIT."""
+        z = triton_kernels.softcap(h @ self.lm_head).float()
+        loss = F.cross_entropy(z, targets)
+        if val_mask_bits is None:
+            return loss
+        return torch.stack([loss, F.cross_entropy(z.masked_fill(unpack_mask_rows(val_mask_bits),
+                                                                VAL_MASK_LOGIT), targets)])
 
 
 # =================================================================================================
@@ -1359,9 +1748,17 @@ def bigram_hash(ids: np.ndarray, table_size: int) -> np.ndarray:
     return rows
 
 
-def cu_seqlens_length(tokens_per_rank: int) -> int:
+# #78: slots for the most documents a training micro-batch of these sizes held in FineWeb's first
+# ten shards (56 / 90 / 121 at 16k / 32k / 48k tokens); attention's cost grows with the slots.
+TIGHT_CU_SEQLENS = {16384: 64, 32768: 96, 49152: 128}
+
+
+def cu_seqlens_length(tokens_per_rank: int, tight: bool = False) -> int:
     """Fixed cu_seqlens length D for a T-token buffer (static shapes for the compiler): room for
-    one sequence per 300 tokens, rounded up to a multiple of 128, and at least 128."""
+    one sequence per 300 tokens, rounded up to a multiple of 128, and at least 128; with `tight`,
+    TIGHT_CU_SEQLENS where it names T."""
+    if tight and tokens_per_rank in TIGHT_CU_SEQLENS:
+        return TIGHT_CU_SEQLENS[tokens_per_rank]
     return max(1, -(-(tokens_per_rank // 300) // 128)) * 128
 
 
@@ -1391,10 +1788,10 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _make_batch(tokens: np.ndarray, starts: np.ndarray, device: torch.device,
-                bigram_table_size: int) -> Batch:
+                bigram_table_size: int, tight_cu_seqlens: bool = False) -> Batch:
     """A batch from a rank's T + 1 tokens (int32) and the offsets where its sequences start."""
     T = len(tokens) - 1
-    D = cu_seqlens_length(T)
+    D = cu_seqlens_length(T, tight_cu_seqlens)
     if len(starts) > D - 1:
         raise DataError(f"a {T}-token batch holds {len(starts)} sequences but cu_seqlens (length "
                         f"{D}) has room for {D - 1}: the documents are too short for this batch")
@@ -1457,7 +1854,7 @@ class TrainLoader:
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device | str,
                  bigram_table_size: int, cycle: bool = False, log: Callable[[str], None] = print,
-                 bos_prefix_tokens: int = BOS_INDEX_PREFIX_TOKENS):
+                 bos_prefix_tokens: int = BOS_INDEX_PREFIX_TOKENS, tight_cu_seqlens: bool = False):
         if not files:
             raise DataError("no train shards given")
         if not 0 <= rank < world_size:
@@ -1469,6 +1866,7 @@ class TrainLoader:
         self.device = torch.device(device)
         self.bigram_table_size = bigram_table_size
         self.cycle, self.log = cycle, log
+        self.tight_cu_seqlens = tight_cu_seqlens
         self.epoch = 1
         self.tokens_used = 0  # tokens handed out in segments, all ranks together
         self._prefix_tokens = bos_prefix_tokens
@@ -1492,7 +1890,7 @@ class TrainLoader:
         tokens = np.concatenate(mine).astype(np.int32)
         # segment lengths sum to T + 1; the last one ends at T because its last token is only a target
         starts = np.cumsum([0] + [len(s) for s in mine[:-1]])
-        return _make_batch(tokens, starts, self.device, self.bigram_table_size)
+        return _make_batch(tokens, starts, self.device, self.bigram_table_size, self.tight_cu_seqlens)
 
     def _take_segments(self, budget: int, max_seq_len: int) -> list[np.ndarray]:
         segments = []
@@ -1581,6 +1979,132 @@ def _read_stream(files: list[str], count: int) -> np.ndarray:
 
 
 # =================================================================================================
+# Tokenizer tables: prefix tokens (#88) and the validation mask (#350)
+# =================================================================================================
+# Both come from the GPT-2 byte-pair encoding's vocabulary (token bytes -> id).
+
+def gpt2_vocabulary() -> dict[bytes, int]:
+    """The GPT-2 tokenizer's token bytes -> id (tiktoken; the files download once, or come from
+    TIKTOKEN_CACHE_DIR)."""
+    try:
+        import tiktoken
+        return dict(tiktoken.get_encoding("gpt2")._mergeable_ranks)
+    except Exception as e:  # noqa: BLE001 - network, cache or package: one message for all
+        raise DataError(f"the GPT-2 tokenizer could not be loaded ({type(e).__name__}: {e}); "
+                        f"offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 "
+                        f"files, or run once with internet access") from None
+
+
+def prefix_token_table(vocabulary: dict[bytes, int], size: int) -> np.ndarray:
+    """table[t] = the id of the longest token whose bytes are a strict prefix of token t's, -1 when
+    none is (or t is not in the vocabulary). In byte order every prefix of a string sorts before
+    it, so a stack holds the chain of prefixes of the current token."""
+    table = np.full(size, -1, dtype=np.int64)
+    chain: list[bytes] = []
+    for token in sorted(vocabulary):
+        while chain and not token.startswith(chain[-1]):
+            chain.pop()
+        if chain:
+            table[vocabulary[token]] = vocabulary[chain[-1]]
+        chain.append(token)
+    return table
+
+
+# The regex that splits text into chunks before BPE can cut between two letters only after an
+# English contraction chunk, and the tokens that can end such a chunk are its suffixes.
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+CONTRACTION_TAILS = frozenset(c[i:].encode() for c in CONTRACTIONS for i in range(len(c)))
+VAL_MASK_VERSION = 1             # part of the cache key: bump when the rule below changes
+
+
+def _edge_char(data: bytes, last: bool) -> str | None:
+    """The first (last) character of UTF-8 bytes, or None when it is cut by the token edge."""
+    for size in range(1, min(4, len(data)) + 1):
+        try:
+            char = (data[-size:] if last else data[:size]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return char if len(char) == 1 else None
+    return None
+
+
+def _chunk_class(char: str | None) -> str | None:
+    """letter / number / symbol as the chunking regex sees them; None for whitespace, controls and
+    characters cut by a token edge, where a chunk border cannot be ruled out."""
+    if char is None:
+        return None
+    category = unicodedata.category(char)
+    if category[0] == "L":
+        return "letter"
+    if category[0] == "N":
+        return "number"
+    if char.isspace() or category[0] in "CZ":
+        return None
+    return "symbol"
+
+
+def _same_chunk(left: bytes, right: bytes) -> bool:
+    """Whether the characters either side of the border between two tokens must lie in one regex
+    chunk: both letters (unless the left token can end a contraction chunk), both digits, both
+    symbols, or a plain space before a non-space (the space always opens the next word's chunk)."""
+    p, q = _edge_char(left, last=True), _edge_char(right, last=False)
+    p_class, q_class = _chunk_class(p), _chunk_class(q)
+    if p == " ":
+        return q_class is not None
+    if p_class is None or p_class != q_class:
+        return False
+    return not (p_class == "letter" and left in CONTRACTION_TAILS)
+
+
+def val_mask_pairs(vocabulary: dict[bytes, int]) -> np.ndarray:
+    """(previous token, next token) pairs the GPT-2 tokenizer never emits, (n, 2) int32.
+
+    BPE merges adjacent pieces of a chunk while any two of them concatenate to a token, so the
+    tokens of one chunk never do; a pair (a, b) whose bytes concatenate to a token can therefore
+    be adjacent only across a chunk border, and it is masked where no border can fall between
+    them (_same_chunk). Pairs across documents go through the separator token, never masked."""
+    pairs = []
+    for token in vocabulary:
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocabulary and right in vocabulary and _same_chunk(left, right):
+                pairs.append((vocabulary[left], vocabulary[right]))
+    return np.array(sorted(set(pairs)), dtype=np.int32).reshape(-1, 2)
+
+
+def load_val_mask_pairs(cache_dir: str, log: Callable[[str], None]) -> np.ndarray:
+    """val_mask_pairs of the GPT-2 vocabulary, from a cache file keyed by the vocabulary and the
+    rule's version (built and written on the first use)."""
+    vocabulary = gpt2_vocabulary()
+    digest = hashlib.sha256(repr(sorted(vocabulary.items())).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"val_mask_gpt2_v{VAL_MASK_VERSION}_{digest}.npy")
+    start = time.perf_counter()
+    if os.path.exists(path):
+        pairs = np.load(path)
+        log(f"val mask: {len(pairs):,} pairs read from {path} in {time.perf_counter() - start:.2f}s")
+        return pairs
+    pairs = val_mask_pairs(vocabulary)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, pairs)
+    os.replace(tmp, path)
+    log(f"val mask: {len(pairs):,} pairs built in {time.perf_counter() - start:.2f}s (before the "
+        f"clock starts) and cached in {path}")
+    return pairs
+
+
+def packed_mask_table(pairs: np.ndarray, size: int) -> np.ndarray:
+    """The pairs as a (size, size / 8) uint8 table: bit j of byte c of row a is set when (a, 8c + j)
+    is masked (the layout unpack_mask_rows reads)."""
+    if size % 8:
+        raise ValueError(f"the mask table needs a vocabulary size divisible by 8, got {size}")
+    table = np.zeros((size, size // 8), dtype=np.uint8)
+    np.bitwise_or.at(table, (pairs[:, 0], pairs[:, 1] // 8), (1 << (pairs[:, 1] % 8)).astype(np.uint8))
+    return table
+
+
+# =================================================================================================
 # Schedule
 # =================================================================================================
 
@@ -1592,6 +2116,7 @@ class StepSettings:
     max_seq_len: int
     windows: tuple[int, int]        # (short, long) attention windows in tokens
     mtp_weights: tuple[float, ...]
+    prefix_weight: float            # of the prefix-token loss (#88)
     lr_mul: float
     muon_momentum: float
 
@@ -1647,6 +2172,17 @@ class Schedule:
             t = 1.0                                     # the extension keeps the final weights
         return tuple(a + (b - a) * t for a, b in zip(start_w, end_w))
 
+    def prefix_weight(self, step: int) -> float:
+        """The prefix-token loss weight: cfg.prefix_loss_weight through stage 1, falling linearly
+        to 0 over stage 2, 0 after."""
+        stage = self.stage_of(step)
+        if stage > 1:
+            return 0.0
+        if stage == 0:
+            return self.cfg.prefix_loss_weight
+        t = (step - self.stage_starts[1]) / (self.stage_ends[1] - self.stage_starts[1])
+        return self.cfg.prefix_loss_weight * (1 - t)
+
     def windows(self, step: int) -> tuple[int, int]:
         cfg, stage = self.cfg, self.stage_of(step)
         blocks = cfg.stages[stage].windows if stage < len(cfg.stages) else cfg.extension_windows
@@ -1661,7 +2197,8 @@ class Schedule:
         row = self.row(stage)
         return StepSettings(stage=stage, batch_tokens=row.batch_tokens, max_seq_len=row.max_seq_len,
                             windows=self.windows(step), mtp_weights=self.mtp_weights(step),
-                            lr_mul=self.lr_mul(step), muon_momentum=self.muon_momentum(step))
+                            prefix_weight=self.prefix_weight(step), lr_mul=self.lr_mul(step),
+                            muon_momentum=self.muon_momentum(step))
 
     def warmup_steps(self, last_step: int | None = None) -> list[int]:
         """Steps whose shapes and code paths cover every compiled variant: the first two steps
@@ -1715,12 +2252,11 @@ class Logger:
 
 
 def environment_report() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
     parts = []
     for i, name in enumerate(("train_gpt.py", "triton_kernels.py")):
         if i:
             parts.append("\n\n" + "-" * 40 + f"\n# {name}\n" + "-" * 40 + "\n\n")
-        with open(os.path.join(here, name)) as f:
+        with open(os.path.join(REPO_ROOT, name)) as f:
             parts.append(f.read())
     import triton
     parts += ["\n" + "=" * 100,
@@ -1842,6 +2378,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg, run.world_size, max_positions, self.paths).to(run.device)
         self.model.rotary.reset()
+        self.val_mask_table = None
+        if cfg.prefix_loss_weight > 0 or cfg.val_mask:
+            self.load_tokenizer_tables()
         if run.world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
@@ -1863,11 +2402,25 @@ class Trainer:
         self.long_window = self.schedule.windows(0)[1]
         self.loader = self.new_train_loader()
 
+    def load_tokenizer_tables(self) -> None:
+        """The prefix-token table (#88) into the model, the validation mask (#350) onto the device;
+        both before the clock starts."""
+        start = time.perf_counter()
+        vocabulary = gpt2_vocabulary()
+        V = self.cfg.padded_vocab_size
+        if self.cfg.prefix_loss_weight > 0:
+            self.model.prefix_table.copy_(torch.from_numpy(prefix_token_table(vocabulary, V)))
+            self.log(f"prefix tokens: table built in {time.perf_counter() - start:.2f}s")
+        if self.cfg.val_mask:
+            cache_dir = os.path.join(REPO_ROOT, self.cfg.val_mask_cache)
+            pairs = load_val_mask_pairs(cache_dir, self.log if self.run.is_master else lambda _: None)
+            self.val_mask_table = torch.from_numpy(packed_mask_table(pairs, V)).to(self.run.device)
+
     def new_train_loader(self) -> TrainLoader:
         run = self.run
         return TrainLoader(self.train_files, run.rank, run.world_size, run.device,
                            self.cfg.bigram_vocab_size, cycle=self.cfg.cycle_train_data,
-                           log=self.log)
+                           log=self.log, tight_cu_seqlens=self.cfg.tight_cu_seqlens)
 
     def advance(self, step: int) -> StepSettings:
         """Settings of `step`; a change of the long window rescales rotary (YaRN) on the way."""
@@ -1885,6 +2438,9 @@ class Trainer:
         grad_scale = 1.0 / run.grad_accum_steps
         mtp_weights = torch.tensor(settings.mtp_weights, dtype=torch.float32).to(
             run.device, non_blocking=True)
+        prefix_weight = None
+        if self.cfg.prefix_loss_weight > 0:
+            prefix_weight = torch.tensor([settings.prefix_weight]).to(run.device, non_blocking=True)
         is_adam_step = step % 2 == 1
         total = torch.zeros((), device=run.device)
         for _ in range(run.grad_accum_steps):
@@ -1897,7 +2453,7 @@ class Trainer:
             rows = self.table_grads.lookup(batch.inputs, batch.bigram_ids)
             loss = self.forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_ids,
                                 mtp_weights, settings.windows, settings.max_seq_len, grad_scale,
-                                rows)
+                                rows, prefix_weight=prefix_weight)
             if self.sparse_bigram is not None and is_adam_step:
                 self.sparse_bigram.start_index_exchange()
             loss.backward()
@@ -1910,25 +2466,33 @@ class Trainer:
             self.optimizer.untie()
         if run.world_size > 1:
             dist.all_reduce(total)
-        # per token and per unit of MTP weight, so it reads like a cross-entropy
-        return total / (grad_scale * settings.batch_tokens * sum(settings.mtp_weights))
+        # per token and per unit of loss weight, so it reads like a cross-entropy
+        weight = sum(settings.mtp_weights) + settings.prefix_weight
+        return total / (grad_scale * settings.batch_tokens * weight)
 
     @torch.no_grad()
-    def validate(self, windows: tuple[int, int]) -> float:
-        run, cfg = self.run, self.cfg
+    def eval_forward(self, batch: Batch, windows: tuple[int, int]) -> torch.Tensor:
+        """The mean next-token loss of a validation batch; with the mask, (plain, masked)."""
+        bits = None if self.val_mask_table is None else self.val_mask_table[batch.inputs.long()]
         self.model.eval()
-        losses = []
-        for batch in val_batches(self.val_files, cfg.val_tokens, cfg.val_batch_tokens, run.rank,
-                                 run.world_size, run.grad_accum_steps, run.device,
-                                 cfg.bigram_vocab_size):
-            losses.append(self.forward(batch.inputs, batch.targets, batch.cu_seqlens,
-                                       batch.bigram_ids, None, windows, self.val_tokens_per_rank))
+        loss = self.forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_ids, None,
+                            windows, self.val_tokens_per_rank, val_mask_bits=bits)
         self.model.train()
-        val_loss = torch.stack(losses).mean()
+        return loss
+
+    def validate(self, windows: tuple[int, int]) -> tuple[float, float | None]:
+        """The val loss, and the masked one when the validation mask is on (else None)."""
+        run, cfg = self.run, self.cfg
+        losses = [self.eval_forward(batch, windows)
+                  for batch in val_batches(self.val_files, cfg.val_tokens, cfg.val_batch_tokens,
+                                           run.rank, run.world_size, run.grad_accum_steps,
+                                           run.device, cfg.bigram_vocab_size)]
+        val_loss = torch.stack(losses).mean(0)
         if run.world_size > 1:
             dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
             val_loss /= run.world_size
-        return val_loss.item()
+        values = val_loss.tolist()
+        return (values[0], values[1]) if isinstance(values, list) else (values, None)
 
     def warmup(self, last_step: int) -> None:
         """Run real steps around every schedule transition so that every compiled variant exists
@@ -1943,11 +2507,7 @@ class Trainer:
             self.cfg.bigram_vocab_size)))
         for step in steps:
             settings = self.advance(step)
-            with torch.no_grad():
-                self.model.eval()
-                self.forward(val_batch.inputs, val_batch.targets, val_batch.cu_seqlens,
-                             val_batch.bigram_ids, None, settings.windows, self.val_tokens_per_rank)
-                self.model.train()
+            self.eval_forward(val_batch, settings.windows)
             self.train_step(step, settings)
         self.log("Resetting Model")
         self.model.zero_grad(set_to_none=True)
@@ -2018,9 +2578,10 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
             synchronize(run.device)
             training_ms += 1000 * (time.perf_counter() - t0)
             windows = schedule.final_val_windows() if step == total_steps else settings.windows
-            val_loss = trainer.validate(windows)
-            log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{training_ms:.0f}ms "
-                f"step_avg:{training_ms / max(step, 1):.2f}ms")
+            val_loss, masked = trainer.validate(windows)
+            masked_text = "" if masked is None else f" val_loss_masked:{masked:.4f}"
+            log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f}{masked_text} "
+                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
             synchronize(run.device)
             t0 = time.perf_counter()
         if is_last:

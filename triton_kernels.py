@@ -33,8 +33,10 @@ Measured speeds, and the variants that were tried and not kept, are in records/k
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -808,22 +810,29 @@ def _store_e5m2(ptrs, value, mask, STREAMING: tl.constexpr):
 
 
 @triton.jit
-def _mtp_targets(row, targets_ptr, w_ptr, n_rows, n_cols, K: tl.constexpr, K_POW2: tl.constexpr):
-    """Target columns and weights of row `row` for k = 0..K-1, as vectors of K_POW2: target -1
-    where there is no row + k, weight 0 where the term is invalid."""
+def _mtp_targets(row, targets_ptr, w_ptr, extra_targets_ptr, extra_w_ptr, n_rows, n_cols,
+                 K: tl.constexpr, K_POW2: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """Target columns and weights of row `row` for k = 0..K-1 (and, with HAS_EXTRA, the row's
+    extra target as lane K), as vectors of K_POW2: target -1 where there is no row + k, weight 0
+    where the term is invalid."""
     k = tl.arange(0, K_POW2)
     has_row = (k < K) & (row + k < n_rows)
     target = tl.load(targets_ptr + row + k, mask=has_row, other=-1)
     weight = tl.load(w_ptr + k, mask=k < K, other=0.0)
+    if HAS_EXTRA:
+        extra = k == K
+        target = tl.where(extra, tl.load(extra_targets_ptr + row + 0 * k, mask=extra, other=-1), target)
+        weight = tl.where(extra, tl.load(extra_w_ptr + 0 * k, mask=extra, other=0.0), weight)
+        has_row = has_row | extra
     valid = has_row & (weight > 0) & (target >= 0) & (target < n_cols)
     return target, tl.where(valid, weight, 0.0)
 
 
 @triton.jit
 def _mtp_ce_kernel(
-    logits_ptr, stride_row, targets_ptr, w_ptr, losses_ptr, grad_ptr, stride_grad, grad_scale,
-    n_rows, n_cols,
-    K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, stride_row, targets_ptr, w_ptr, extra_targets_ptr, extra_w_ptr, losses_ptr,
+    grad_ptr, stride_grad, grad_scale, n_rows, n_cols,
+    K: tl.constexpr, K_POW2: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     grad_factor = (_A / _C) / tl.cast(grad_scale, tl.float32)
     row = tl.program_id(0)
@@ -835,7 +844,8 @@ def _mtp_ce_kernel(
     tail = cols < n_cols - n_full
 
     # the targets and their logits first: their loads complete while pass 1 runs
-    target, weight = _mtp_targets(row, targets_ptr, w_ptr, n_rows, n_cols, K, K_POW2)
+    target, weight = _mtp_targets(row, targets_ptr, w_ptr, extra_targets_ptr, extra_w_ptr, n_rows,
+                                  n_cols, K, K_POW2, HAS_EXTRA)
     in_row = (target >= 0) & (target < n_cols)
     z_target, s_target = _softcap(tl.load(row_ptr + target, mask=in_row, other=0.0).to(tl.float32))
 
@@ -902,72 +912,105 @@ def _check_mtp_args(name: str, logits: torch.Tensor, targets: torch.Tensor, mtp_
 
 @torch.library.custom_op("nanogpt_triton::mtp_ce", mutates_args=())
 def _mtp_ce_op(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
-               grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               grad_scale: float, extra_targets: Optional[torch.Tensor] = None,
+               extra_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = logits.shape
     losses = logits.new_empty(n_rows, dtype=torch.float32)
     grad = torch.empty(n_rows, n_cols, dtype=torch.float8_e5m2, device=logits.device)
-    args = (logits, logits.stride(0), targets.contiguous(), mtp_weights.contiguous(), losses,
-            grad, grad.stride(0), grad_scale, n_rows, n_cols)
+    targets, mtp_weights = targets.contiguous(), mtp_weights.contiguous()
+    has_extra = extra_targets is not None
+    extra = (extra_targets.contiguous(), extra_weight.contiguous()) if has_extra else (targets, mtp_weights)
+    args = (logits, logits.stride(0), targets, mtp_weights, *extra, losses, grad, grad.stride(0),
+            grad_scale, n_rows, n_cols)
     K = mtp_weights.numel()
     tile = _CE_INTERPRETED_TILE if INTERPRET else _CE_TILE
-    _mtp_ce_kernel[(n_rows,)](*args, K=K, K_POW2=triton.next_power_of_2(K), **tile)
+    _mtp_ce_kernel[(n_rows,)](*args, K=K, K_POW2=triton.next_power_of_2(K + has_extra),
+                              HAS_EXTRA=has_extra, **tile)
     return losses, grad
 
 
 @_mtp_ce_op.register_fake
-def _(logits, targets, mtp_weights, grad_scale):
+def _(logits, targets, mtp_weights, grad_scale, extra_targets=None, extra_weight=None):
     losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
     return losses, torch.empty(logits.shape, dtype=torch.float8_e5m2, device=logits.device)
 
 
+def _check_extra_target(name: str, targets: torch.Tensor, extra_targets: torch.Tensor | None,
+                        extra_weight: torch.Tensor | None) -> None:
+    if (extra_targets is None) != (extra_weight is None):
+        raise ValueError(f"{name}: extra_targets and extra_weight go together")
+    if extra_targets is not None:
+        _check_dtype(name, "extra_targets", extra_targets, (torch.int64,))
+        _check_shape(name, "extra_targets", extra_targets, tuple(targets.shape))
+        _check_dtype(name, "extra_weight", extra_weight, (torch.float32,))
+        _check_shape(name, "extra_weight", extra_weight, (1,))
+
+
 def softcapped_mtp_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor,
-                                   mtp_weights: torch.Tensor,
-                                   grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                   mtp_weights: torch.Tensor, grad_scale: float,
+                                   extra_targets: torch.Tensor | None = None,
+                                   extra_weight: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row multi-token losses (T,) fp32 and the gradient of their sum with respect to the
     logits, as e5m2(gradient / grad_scale) (T, V), for bf16 logits (T, V), int64 targets (T,)
-    and fp32 weights (K,), K >= 1 (1..3 in the speedrun)."""
+    and fp32 weights (K,), K >= 1 (1..3 in the speedrun). Row t's terms are the targets of rows
+    t..t+K-1, and with extra_targets (T,) int64 and extra_weight (1,) fp32 one more term, its own
+    extra target (the prefix-token loss)."""
     name = "softcapped_mtp_losses_and_grad"
     _check_mtp_args(name, logits, targets, mtp_weights)
+    _check_extra_target(name, targets, extra_targets, extra_weight)
     _check_grad_scale(name, grad_scale)
-    return _mtp_ce_op(logits, targets, mtp_weights, float(grad_scale))
+    return _mtp_ce_op(logits, targets, mtp_weights, float(grad_scale), extra_targets, extra_weight)
+
+
+def _mtp_terms(targets: torch.Tensor, mtp_weights: torch.Tensor, n_cols: int,
+               extra_targets: torch.Tensor | None, extra_weight: torch.Tensor | None) -> list:
+    """Every row's loss terms as (target column (T,), weight (0-dim), valid (T,)) triples: the
+    target k rows later for each k, then the extra target. A term is invalid where row t + k does
+    not exist, its weight is 0 or its target lies outside [0, V); its column is then clamped."""
+    n_rows = targets.shape[0]
+    terms = [(F.pad(targets[k:], (0, k), value=-1), mtp_weights[k])
+             for k in range(min(mtp_weights.numel(), n_rows))]
+    if extra_targets is not None:
+        terms.append((extra_targets, extra_weight[0]))
+    return [(target.clamp(0, n_cols - 1), weight, (weight > 0) & (target >= 0) & (target < n_cols))
+            for target, weight in terms]
 
 
 def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
-                                    mtp_weights: torch.Tensor) -> torch.Tensor:
+                                    mtp_weights: torch.Tensor,
+                                    extra_targets: torch.Tensor | None = None,
+                                    extra_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's per-row losses in plain PyTorch, computed in fp32 from the given logits;
     autograd through them gives the kernel's gradient."""
-    n_rows, n_cols = logits.shape
     z = softcap(logits.float())
     lse = torch.logsumexp(z, dim=-1)
-    losses = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
-    for k in range(min(mtp_weights.numel(), n_rows)):
-        target = targets[k:]
-        valid = (mtp_weights[k] > 0) & (target >= 0) & (target < n_cols)
-        z_target = z[:n_rows - k].gather(1, target.clamp(0, n_cols - 1)[:, None])[:, 0]
-        term = torch.where(valid, mtp_weights[k] * (lse[:n_rows - k] - z_target), 0.0)
-        losses = losses + torch.nn.functional.pad(term, (0, k))
+    losses = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for column, weight, valid in _mtp_terms(targets, mtp_weights, logits.shape[1], extra_targets,
+                                            extra_weight):
+        z_target = z.gather(1, column[:, None])[:, 0]
+        losses = losses + torch.where(valid, weight * (lse - z_target), 0.0)
     return losses
 
 
 def softcapped_mtp_losses_and_grad_reference(logits: torch.Tensor, targets: torch.Tensor,
-                                             mtp_weights: torch.Tensor,
-                                             grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                             mtp_weights: torch.Tensor, grad_scale: float,
+                                             extra_targets: torch.Tensor | None = None,
+                                             extra_weight: torch.Tensor | None = None
+                                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """softcapped_mtp_losses_and_grad in plain PyTorch: the reference losses and the closed-form
     gradient of their sum (section notes above), as e5m2(gradient / grad_scale)."""
-    n_rows, n_cols = logits.shape
     s = torch.sigmoid((logits.float() + SOFTCAP_B) / SOFTCAP_C)
     dz = torch.zeros_like(s)
     softmax = torch.softmax(SOFTCAP_A * s, dim=1)
-    for k in range(min(mtp_weights.numel(), n_rows)):
-        target = targets[k:]
-        valid = (mtp_weights[k] > 0) & (target >= 0) & (target < n_cols)
-        weight = torch.nn.functional.pad(torch.where(valid, mtp_weights[k], 0.0), (0, k))
-        column = torch.nn.functional.pad(target.clamp(0, n_cols - 1), (0, k))
+    for column, weight, valid in _mtp_terms(targets, mtp_weights, logits.shape[1], extra_targets,
+                                            extra_weight):
+        weight = torch.where(valid, weight, 0.0)
         dz = dz + weight[:, None] * softmax
         dz = dz.scatter_add(1, column[:, None], -weight[:, None])
     grad = dz * (SOFTCAP_A / SOFTCAP_C) * s * (1.0 - s)
-    return (softcapped_mtp_losses_reference(logits, targets, mtp_weights),
-            (grad / grad_scale).to(torch.float8_e5m2))
+    losses = softcapped_mtp_losses_reference(logits, targets, mtp_weights, extra_targets, extra_weight)
+    return losses, (grad / grad_scale).to(torch.float8_e5m2)
 
 
 def _transposed(t: torch.Tensor, use_kernels: bool) -> torch.Tensor:
@@ -981,7 +1024,8 @@ def _transposed(t: torch.Tensor, use_kernels: bool) -> torch.Tensor:
 
 class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, targets, mtp_weights, W_head, x_scale, w_scale, grad_scale, use_kernels):
+    def forward(ctx, h, targets, mtp_weights, W_head, x_scale, w_scale, grad_scale, use_kernels,
+                extra_targets, extra_weight):
         # e4m3 quantisation with fixed scales; the division is done in fp32 (one rounding)
         h8 = (h.float() / x_scale).to(torch.float8_e4m3fn)
         W8 = (W_head.float() / w_scale).to(torch.float8_e4m3fn)          # (d, V) row-major
@@ -991,7 +1035,7 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
         logits = torch._scaled_mm(h8, W8_t.t(), scale_a=x_s, scale_b=w_s,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
         loss_and_grad = _mtp_ce_op if use_kernels else softcapped_mtp_losses_and_grad_reference
-        losses, G8 = loss_and_grad(logits, targets, mtp_weights, grad_scale)
+        losses, G8 = loss_and_grad(logits, targets, mtp_weights, grad_scale, extra_targets, extra_weight)
         ctx.save_for_backward(G8, h8, W8)
         ctx.scales = (x_scale, w_scale, grad_scale)
         ctx.use_kernels = use_kernels
@@ -1012,18 +1056,21 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
             G8_t = _transposed(G8, ctx.use_kernels)                      # G8 column-major = G8_t^T
             dW_head = torch._scaled_mm(h8.t().contiguous(), G8_t.t(), scale_a=x_s, scale_b=g_s,
                                        out_dtype=torch.float32, use_fast_accum=False)
-        return dh, None, None, dW_head, None, None, None, None
+        return dh, None, None, dW_head, None, None, None, None, None, None
 
 
 def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
                                  W_head: torch.Tensor, x_scale: float, w_scale: float,
-                                 grad_scale: float, use_kernels: bool = True) -> torch.Tensor:
+                                 grad_scale: float, use_kernels: bool = True,
+                                 extra_targets: torch.Tensor | None = None,
+                                 extra_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The summed soft-capped multi-token cross entropy (0-dim fp32) with the LM head evaluated
     in FP8: h (T, d) bf16, W_head (d, V) bf16 (stored transposed, logits = h @ W_head), fixed
     e4m3 scales x_scale and w_scale. The logits gradient travels as e5m2(dl / (grad_scale x g))
     for an upstream gradient g, so grad_scale is the scale for g = 1 (the speedrun's 0.75 / 448).
     Differentiable in h and W_head (dW_head comes back as fp32). With use_kernels=False the loss,
-    its gradient and the transposes run as plain PyTorch (the same math, no Triton)."""
+    its gradient and the transposes run as plain PyTorch (the same math, no Triton). The extra
+    target term is softcapped_mtp_losses_and_grad's."""
     name = "softcapped_mtp_cross_entropy"
     if use_kernels:
         _check_runnable(name, h, targets, mtp_weights, W_head)
@@ -1041,10 +1088,11 @@ def softcapped_mtp_cross_entropy(h: torch.Tensor, targets: torch.Tensor, mtp_wei
     for arg, value in (("x_scale", x_scale), ("w_scale", w_scale)):
         if not value > 0:
             raise ValueError(f"{name}: {arg} must be positive, got {value}")
+    _check_extra_target(name, targets, extra_targets, extra_weight)
     _check_grad_scale(name, grad_scale)
     return _SoftcappedMTPCrossEntropy.apply(h.contiguous(), targets, mtp_weights, W_head.contiguous(),
                                             float(x_scale), float(w_scale), float(grad_scale),
-                                            use_kernels)
+                                            use_kernels, extra_targets, extra_weight)
 
 
 def softcapped_mtp_cross_entropy_reference(h: torch.Tensor, targets: torch.Tensor,

@@ -7,6 +7,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TIKTOKEN_CACHE = os.path.join(SHARED, "data", "gpt2_tokenizer", "tiktoken_cache")
+if os.path.isdir(TIKTOKEN_CACHE):   # the GPT-2 tokenizer's files without the network
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
 
 # Polar Express coefficients (a, b, c), restated from the specification for the tests
 POLAR_EXPRESS_COEFFS = [

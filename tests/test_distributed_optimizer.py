@@ -88,7 +88,7 @@ def dense_worker(rank: int, world_size: int, port: int) -> None:
     params, ref_params = clone_params(initial), clone_params(initial)
     opt = tg.NorMuonAndAdam(params, CFG, rank, world_size, grad_accum_steps=8 // world_size)
     ref = tg.NorMuonAndAdam(ref_params, CFG, 0, 1, grad_accum_steps=8)
-    for spec in tg.PARAM_TABLE:  # the sparse bigram exchange needs 8 ranks
+    for spec in opt.table:  # the sparse bigram exchange needs 8 ranks
         assert opt.modes[spec.label] == spec.comms.replace("sharded_sparse", "sharded")
     for step in STEPS:
         for index, (label, p) in enumerate(params.items()):

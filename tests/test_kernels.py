@@ -329,9 +329,10 @@ def test_polar_update_tall_speedrun_shapes():
 # 5. Soft-capped multi-token cross entropy
 # =================================================================================================
 
-def reference_losses_and_grad(logits, targets, w, dloss):
+def reference_losses_and_grad(logits, targets, w, dloss, extra=None):
     """fp64 restatement: per-row losses, lse and d(sum dloss_t loss_t)/d logits, row by row in
-    chunks (bounded memory at the real shapes)."""
+    chunks (bounded memory at the real shapes). extra = (extra_targets, weight) adds to row t the
+    term for its own extra target."""
     T, V = logits.shape
     w = w.double().tolist()
     losses = torch.zeros(T, dtype=torch.float64, device=logits.device)
@@ -344,9 +345,10 @@ def reference_losses_and_grad(logits, targets, w, dloss):
         z = 23.0 * s
         lse = torch.logsumexp(z, dim=1)
         dz = torch.zeros_like(z)
-        for k, wk in enumerate(w):
-            later = rows + k
-            target = targets[later.clamp(max=T - 1)]
+        terms = [(rows + k, targets[(rows + k).clamp(max=T - 1)], wk) for k, wk in enumerate(w)]
+        if extra is not None:
+            terms.append((rows, extra[0][rows], extra[1]))
+        for later, target, wk in terms:
             valid = (later < T) & (target >= 0) & (target < V) & (wk > 0)
             z_t = z.gather(1, target.clamp(0, V - 1)[:, None])[:, 0]
             losses[rows] += torch.where(valid, wk * (lse - z_t), 0.0)
@@ -359,7 +361,7 @@ def reference_losses_and_grad(logits, targets, w, dloss):
 
 
 def check_mtp_kernel(T, V, w, device, invalid_target=False,
-                     losses_and_grad=tk.softcapped_mtp_losses_and_grad):
+                     losses_and_grad=tk.softcapped_mtp_losses_and_grad, extra_weight=None):
     logits = (torch.randn(T, V, device=device) * 4).bfloat16()
     targets = torch.randint(0, V, (T,), device=device)
     if invalid_target:   # skipped by the validity rule 0 <= target < V
@@ -368,8 +370,18 @@ def check_mtp_kernel(T, V, w, device, invalid_target=False,
     w = torch.tensor(w, device=device)
     grad_scale = 0.75 / 448
 
-    losses, grad8 = losses_and_grad(logits, targets, w, grad_scale)
-    ref_losses, _, ref_grad = reference_losses_and_grad(logits, targets, w, torch.ones(T, device=device))
+    extra = None
+    if extra_weight is not None:   # a second target per row; -1 (none) for a few, a repeat for some
+        extra_targets = torch.randint(0, V, (T,), device=device)
+        extra_targets[::5] = -1
+        extra_targets[1::7] = targets[1::7]
+        extra = (extra_targets, extra_weight)
+        losses, grad8 = losses_and_grad(logits, targets, w, grad_scale, extra_targets,
+                                        torch.tensor([extra_weight], device=device))
+    else:
+        losses, grad8 = losses_and_grad(logits, targets, w, grad_scale)
+    ref_losses, _, ref_grad = reference_losses_and_grad(logits, targets, w, torch.ones(T, device=device),
+                                                        extra)
     has_loss = ref_losses != 0
     assert torch.equal(losses != 0, has_loss), "rows with and without a loss term differ"
     # fp32 streaming sums of exp over at most 50k positive terms: ~1e-6 relative
@@ -404,6 +416,14 @@ def check_mtp_kernel(T, V, w, device, invalid_target=False,
 def test_mtp_kernel(w, invalid_target, losses_and_grad):
     # T = 37 rows: the last K-1 rows lose their later targets; V = 700 is not a multiple of the block
     check_mtp_kernel(37, 700, w, DEV, invalid_target, losses_and_grad)
+
+
+@pytest.mark.parametrize("w,extra_weight", [([1.0, 0.5, 0.25], 0.25), ([1.0, 0.0], 0.25), ([1.0], 0.0)])
+@pytest.mark.parametrize("losses_and_grad", [tk.softcapped_mtp_losses_and_grad,
+                                             tk.softcapped_mtp_losses_and_grad_reference])
+def test_mtp_kernel_extra_target(w, extra_weight, losses_and_grad):
+    # the prefix-token term: one more target per row, its own, with its own weight
+    check_mtp_kernel(37, 700, w, DEV, losses_and_grad=losses_and_grad, extra_weight=extra_weight)
 
 
 def test_mtp_kernel_whole_blocks():

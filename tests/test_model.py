@@ -312,11 +312,11 @@ def test_parameter_count_at_world_size_8():
 
 
 def test_summary_command(capsys):
-    tg.main(["--summary", "--world_size=8"])
+    tg.main(["--summary", "--preset=record74", "--world_size=8"])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == "total parameters: 543,818,952"
     labels = [line.split()[0] for line in out[1:-1]]
-    assert sorted(labels) == sorted(s.label for s in tg.PARAM_TABLE)
+    assert sorted(labels) == sorted(tg.param_labels(tg.Hyperparameters()))
 
 
 def test_rotary_yarn_frequencies_and_scale():

@@ -30,6 +30,19 @@ SPEC_TABLE = {
     "value_embeds": ("adam", (0.75, 0.95), 75.0, 5.0),
     "embed": ("adam", (0.5, 0.95), 1.0, 150.0),
 }
+# The parameters records #80-#85 add, from their descriptions
+LATER_SPEC_TABLE = {
+    "qk_bank": ("normuon", None, 1.0, 1.0),
+    "vo_bank": ("normuon", None, 1.0, 1.0),
+    "xsa_alphas": ("adam", (0.9, 0.95), 1.0, 0.0),
+    "mudd_w1": ("adam", (0.9, 0.99), 0.25, 1.0),
+    "mudd_w2": ("adam", (0.9, 0.99), 0.25, 1.0),
+    "mudd_b2": ("adam", (0.9, 0.99), 0.25, 0.0),
+    "gate_w1": ("adam", (0.9, 0.99), 0.1, 1.0),
+    "gate_w2": ("adam", (0.9, 0.99), 0.1, 1.0),
+    "gate_b2": ("adam", (0.9, 0.99), 0.1, 0.0),
+    "gate_scales": ("adam", (0.9, 0.99), 0.1, 0.0),
+}
 ADAM_LR, ADAM_WD, ADAM_EPS = 0.008, 0.005, 1e-10
 MUON_LR, MUON_WD, MUON_BETA2 = 0.023, 1.2, 0.95
 CFG = tg.Hyperparameters()
@@ -94,13 +107,15 @@ def truncate_to_bf16(x32: np.ndarray) -> torch.Tensor:
 # Table, work order, comms modes
 
 def test_table_matches_spec_and_work_order_is_a_permutation():
-    assert [s.label for s in tg.PARAM_TABLE] == list(SPEC_TABLE)  # scatter order = spec order
-    for s in tg.PARAM_TABLE:
-        optimizer, betas, lr_mul, wd_mul = SPEC_TABLE[s.label]
+    assert tg.param_labels(CFG) == list(SPEC_TABLE)  # record #74: scatter order = spec order
+    specs = {s.label: s for s in tg.PARAM_TABLE}
+    for label, (optimizer, betas, lr_mul, wd_mul) in {**SPEC_TABLE, **LATER_SPEC_TABLE}.items():
+        s = specs[label]
         assert (s.optimizer, s.betas, s.lr_mul, s.wd_mul) == (optimizer, betas, lr_mul, wd_mul)
-    assert sorted(tg.WORK_ORDER) == sorted(SPEC_TABLE)
+    assert sorted(specs) == sorted({**SPEC_TABLE, **LATER_SPEC_TABLE})
+    assert sorted(tg.WORK_ORDER) == sorted(specs)
     assert tg.WORK_ORDER.index("lm_head") < tg.WORK_ORDER.index("embed")
-    assert tg.WORK_ORDER[-2:] == ["attn_bank", "mlp_bank"]
+    assert tg.WORK_ORDER[-4:] == ["attn_bank", "qk_bank", "vo_bank", "mlp_bank"]
 
 
 def test_comms_mode():
