@@ -1256,30 +1256,35 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
 
 
 def dc_attention_reference(q, k, v, cu_seqlens, scale: float, w1: torch.Tensor,
-                           w2: torch.Tensor, window: int = DC_WINDOW) -> torch.Tensor:
+                           w2: torch.Tensor, window: int = DC_WINDOW, chunk: int = 128) -> torch.Tensor:
     """The dynamically composed attention term (T, H, hd) that layer 10 adds to its heads' output:
     y_h(t) += w2_h(t) sum_s a(t, s) v_h(s), a(t, s) = sum_g w1n_g(t) P_g(t, s), where P_g is head
     g's softmax over the keys s of t's document with t - window < s <= t, and w1n is w1 divided by
-    its RMS over the heads. q, k, v: (T, H, hd); w1, w2: (T, H). One shifted copy of the keys and
-    values per offset: the plain statement, for the CPU and the tests."""
-    T = q.shape[0]
-    positions = torch.arange(T, device=q.device)
-    document = torch.searchsorted(cu_seqlens, positions, right=True)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    scores, valid = [], []
-    for offset in range(min(window, T)):
-        source = (positions - offset).clamp_min(0)
-        scores.append((qf * kf[source]).sum(-1) * scale)                        # (T, H)
-        valid.append((positions >= offset) & (document[source] == document))    # (T,)
-    scores = torch.stack(scores, dim=-1)                                        # (T, H, W)
-    valid = torch.stack(valid, dim=-1)[:, None, :]
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-    w1n = w1.float() * torch.rsqrt(w1.float().square().mean(-1, keepdim=True) + 1e-6)
-    mixed = (w1n[:, :, None] * probs).sum(1)                                    # (T, W)
-    out = torch.zeros_like(vf)
-    for offset in range(mixed.shape[-1]):
-        source = (positions - offset).clamp_min(0)
-        out = out + mixed[:, offset, None, None] * vf[source]
+    its RMS over the heads. q, k, v: (T, H, hd); w1, w2: (T, H).
+
+    Banded: the queries go in chunks of `chunk` rows, each against the chunk + window - 1 keys that
+    can reach it, so memory grows with T x (chunk + window), not T^2."""
+    T, H, hd = q.shape
+    n = -(-T // chunk)
+    rows = n * chunk
+    positions = torch.arange(rows, device=q.device)
+    document = torch.searchsorted(cu_seqlens, positions.clamp_max(T - 1), right=True)
+    keys = (positions[::chunk, None] - (window - 1)
+            + torch.arange(chunk + window - 1, device=q.device))           # (n, L)
+    key_index = keys.clamp(0, T - 1)
+    query = positions.view(n, chunk, 1)
+    visible = ((keys[:, None, :] >= 0) & (keys[:, None, :] <= query) & (keys[:, None, :] > query - window)
+               & (document[key_index][:, None, :] == document.view(n, chunk, 1)))  # (n, C, L)
+    pad = (0, 0, 0, 0, 0, rows - T)
+    Q = F.pad(q.float(), pad).view(n, chunk, H, hd)
+    K, V = k.float()[key_index], v.float()[key_index]                        # (n, L, H, hd)
+    scores = torch.einsum("nchd,nlhd->nhcl", Q, K) * scale
+    # a large finite fill: rows past T (padding) see no key, and must not produce NaN
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], -1e30), dim=-1)
+    w1f = F.pad(w1.float(), (0, 0, 0, rows - T)).view(n, chunk, H)
+    w1n = w1f * torch.rsqrt(w1f.square().mean(-1, keepdim=True) + 1e-6)
+    mixed = torch.einsum("nch,nhcl->ncl", w1n, probs)
+    out = torch.einsum("ncl,nlhd->nchd", mixed, V).reshape(rows, H, hd)[:T]
     return (w2.float()[:, :, None] * out).to(v.dtype)
 
 
@@ -1361,12 +1366,12 @@ class GPT(nn.Module):
         self.rotary = Rotary(hd, max_positions)
         if cfg.xsa and not cfg.mudd_gates:
             self.xsa_alphas = nn.Parameter(torch.zeros(NUM_LAYERS, H))
+        self.mudd_layouts, self.gate_layouts = mudd_layouts(), gate_layouts(H)
         if cfg.mudd:
-            self.mudd_w1, self.mudd_w2, self.mudd_b2 = self._coefficient_mlp(mudd_layouts())
+            self.mudd_w1, self.mudd_w2, self.mudd_b2 = self._coefficient_mlp(self.mudd_layouts)
         if cfg.mudd_gates:
-            layouts = gate_layouts(H)
-            self.gate_w1, self.gate_w2, self.gate_b2 = self._coefficient_mlp(layouts)
-            self.gate_scales = nn.Parameter(torch.full((len(layouts),), MUDD_SCALE))
+            self.gate_w1, self.gate_w2, self.gate_b2 = self._coefficient_mlp(self.gate_layouts)
+            self.gate_scales = nn.Parameter(torch.full((len(self.gate_layouts),), MUDD_SCALE))
         if cfg.bigram_sign_trick:
             # fixed random signs, the same on every rank (a generator of their own)
             signs = torch.randn(BIGRAM_SIGN_ROWS, d, generator=torch.Generator().manual_seed(83))
@@ -1480,13 +1485,13 @@ class GPT(nn.Module):
         return layouts[block].split(out)
 
     def mudd_coefficients(self, block: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.coefficients(self.mudd_w1, self.mudd_w2, self.mudd_b2, mudd_layouts(), block,
-                                 x, MUDD_SCALE)
+        return self.coefficients(self.mudd_w1, self.mudd_w2, self.mudd_b2, self.mudd_layouts,
+                                 block, x, MUDD_SCALE)
 
     def gates(self, block: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = self.gate_scales[block].to(x.dtype)
-        return self.coefficients(self.gate_w1, self.gate_w2, self.gate_b2,
-                                 gate_layouts(self.cfg.num_heads), block, x, scale)
+        return self.coefficients(self.gate_w1, self.gate_w2, self.gate_b2, self.gate_layouts,
+                                 block, x, scale)
 
     # --- forward -----------------------------------------------------------------------------
 
