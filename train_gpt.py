@@ -105,7 +105,7 @@ class Hyperparameters:
     log_dir: str = "logs"
     # The changes of the public records after #74. The defaults above and here are record #74;
     # the speedrun preset turns these on, and RECORD_CHANGES says how to turn each off again.
-    single_stream: bool = False             # #77: one residual stream; late attention reads layer 7's
+    single_stream: bool = False             # #77: one stream; layers 8-10 attend from layer 7's
     tight_cu_seqlens: bool = False          # #78: cu_seqlens sized to the documents a batch holds
     qk_head_pair_groups: bool = False       # #80: Q and K orthogonalised per head pair
     mudd: bool = False                      # #81: dynamic dense connections on the last layers
@@ -113,7 +113,7 @@ class Hyperparameters:
     dc_attention: bool = False              # #85: dynamically composed attention on layer 10
     xsa: bool = False                       # #82/#86: learnable exclusive self-attention
     bigram_sign_trick: bool = False         # #83: a fixed random sign per bigram slot
-    prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight in stage 1, to 0 over stage 2
+    prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight (stage 1; to 0 in 2)
     val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
     val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
 
@@ -132,8 +132,9 @@ class Hyperparameters:
                                      f"{switch} built it on {other})")
         rows = self.padded_vocab_size * self.bigram_vocab_mult
         if rows != round(rows) or rows < 2:
-            raise ValueError(f"bigram_vocab_mult={self.bigram_vocab_mult}: the bigram table needs a "
-                             f"whole number of rows (padded vocabulary {self.padded_vocab_size} x this)")
+            raise ValueError(f"bigram_vocab_mult={self.bigram_vocab_mult}: the bigram table needs "
+                             f"a whole number of rows (padded vocabulary "
+                             f"{self.padded_vocab_size} x this)")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -787,8 +788,8 @@ class AdamState:
 class NorMuonAndAdam:
     """NorMuon for the matrix banks, Adam (odd steps only) for everything else.
 
-    params maps every label of param_labels(cfg) to its parameter. Each rank keeps state only for its
-    own shard. The optimizer clears the gradients itself: NorMuon's every step, Adam's only after
+    params maps every label of param_labels(cfg) to its parameter. Each rank keeps state only
+    for its own shard. The optimizer clears the gradients itself: NorMuon's every step, Adam's only after
     an Adam step, so that an Adam update sees the sum of two steps' gradients.
     While `tied`, embed is an exact transposed copy of lm_head: on Adam steps its gradient is
     folded into lm_head's, and it is overwritten with lm_head^T after the update. Call untie()
@@ -1054,8 +1055,8 @@ class NorMuonAndAdam:
 NUM_LAYERS = 11
 GATE_WIDTH = 12                  # the first 12 channels of a vector feed every small gate
 NO_ATTN_LAYER = 6                # MLP-only layer, where the skip connection is added back
-SKIP_SOURCE_LAYER = 3            # its stream is the skip value (#74: after attention; #77: after the MLP)
-CACHED_LAYER = 7                 # the stream after this layer: backout (#74), late attention input (#77)
+SKIP_SOURCE_LAYER = 3            # its stream is the skip value (#74: before its MLP, #77: after)
+CACHED_LAYER = 7                 # its output stream: backout (#74), late attention input (#77)
 PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
 LONG_WINDOW_LAYERS = (3, 10)     # also the layers with the key offset
 VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)  # layer VALUE_EMBED_LAYERS[k] reads value table k
@@ -1071,7 +1072,7 @@ MUDD_SCALE = 0.1                 # coefficients = (w2 gelu(w1 x) + b2) x this
 DC_LAYER = 10
 DC_WINDOW = 112                  # tokens, the query's own included
 BIGRAM_SIGN_ROWS = 8192
-VAL_MASK_LOGIT = -60.0           # a masked pair's soft-capped logit at validation (z lies in (0, 23))
+VAL_MASK_LOGIT = -60.0           # a masked pair's soft-capped logit at validation (z in (0, 23))
 ROTARY_MIN_FREQ = 1 / 1024
 INITIAL_ATTN_SCALE = 0.1
 YARN_BETA = 32
@@ -1256,7 +1257,8 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
 
 
 def dc_attention_reference(q, k, v, cu_seqlens, scale: float, w1: torch.Tensor,
-                           w2: torch.Tensor, window: int = DC_WINDOW, chunk: int = 128) -> torch.Tensor:
+                           w2: torch.Tensor, window: int = DC_WINDOW,
+                           chunk: int = 128) -> torch.Tensor:
     """The dynamically composed attention term (T, H, hd) that layer 10 adds to its heads' output:
     y_h(t) += w2_h(t) sum_s a(t, s) v_h(s), a(t, s) = sum_g w1n_g(t) P_g(t, s), where P_g is head
     g's softmax over the keys s of t's document with t - window < s <= t, and w1n is w1 divided by
@@ -1273,7 +1275,8 @@ def dc_attention_reference(q, k, v, cu_seqlens, scale: float, w1: torch.Tensor,
             + torch.arange(chunk + window - 1, device=q.device))           # (n, L)
     key_index = keys.clamp(0, T - 1)
     query = positions.view(n, chunk, 1)
-    visible = ((keys[:, None, :] >= 0) & (keys[:, None, :] <= query) & (keys[:, None, :] > query - window)
+    key = keys[:, None, :]
+    visible = ((key >= 0) & (key <= query) & (key > query - window)
                & (document[key_index][:, None, :] == document.view(n, chunk, 1)))  # (n, C, L)
     pad = (0, 0, 0, 0, 0, rows - T)
     Q = F.pad(q.float(), pad).view(n, chunk, H, hd)
