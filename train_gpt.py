@@ -101,7 +101,10 @@ class Hyperparameters:
     compile: bool = True
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
-    save_checkpoint: bool = False
+    save_every: int = 0                     # >0: a checkpoint every N steps (N even, see below)
+    save_checkpoint: bool = False           # a checkpoint at the end of the run
+    checkpoint_dir: str = "checkpoints"
+    resume: str = ""                        # a checkpoint to continue, or "latest" in checkpoint_dir
     log_dir: str = "logs"
     # The changes of the public records after #74. The defaults above and here are record #74;
     # the speedrun preset turns these on, and RECORD_CHANGES says how to turn each off again.
@@ -285,6 +288,9 @@ def check_config(cfg: Hyperparameters, world_size: int) -> int:
         raise ValueError("stages: expected at least one stage")
     for k, stage in enumerate(cfg.stages, start=1):
         check_stage(k, stage, micro)
+    if cfg.save_every < 0 or cfg.save_every % 2:
+        raise ValueError(f"save_every={cfg.save_every}: expected 0 or an even number of steps (a "
+                         f"checkpoint falls after an Adam step, when no gradient is pending)")
     if cfg.val_batch_tokens < 1 or cfg.val_batch_tokens % micro:
         raise ValueError(f"val_batch_tokens={cfg.val_batch_tokens}: expected a positive multiple "
                          f"of micro_batches_per_step={micro}")
@@ -1004,6 +1010,48 @@ class NorMuonAndAdam:
         self._adam_update(self._local_param(label), grad, state.exp_avg, state.exp_avg_sq,
                           torch.tensor(beta1), torch.tensor(beta2), torch.tensor(step_size),
                           torch.tensor(decay), cfg.adam_eps)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _state_tensors(self, label: str) -> dict[str, torch.Tensor]:
+        state = self.state[label]
+        if isinstance(state, NorMuonState):
+            return dict(momentum=state.momentum, second_moment=state.second_moment,
+                        mantissa=state.mantissa)
+        return dict(exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
+
+    def full_state(self) -> dict:
+        """Every state tensor in the full (unsharded) layout of its parameter (the matrix view for
+        NorMuon banks), the Adam step counts and the tie; collective: every rank must call it."""
+        labels = {}
+        for spec in self.table:
+            full = {}
+            for name, local in self._state_tensors(spec.label).items():
+                if self.modes[spec.label] not in ("sharded", "sharded_sparse"):
+                    full[name] = local.clone()
+                    continue
+                # the 16-bit mantissa travels as float16 bits (NCCL has no uint16)
+                wire = local.view(torch.float16) if local.dtype == torch.uint16 else local
+                gathered = wire.new_empty(wire.shape[0] * self.world_size, *wire.shape[1:])
+                self.comms.all_gather(gathered, wire.contiguous()).wait()
+                full[name] = gathered.view(local.dtype)
+            step = getattr(self.state[spec.label], "step", None)
+            labels[spec.label] = dict(tensors=full, step=step)
+        return dict(labels=labels, tied=self.tied)
+
+    def load_full_state(self, saved: dict) -> None:
+        """The inverse of full_state: this rank takes its shard of every full state tensor."""
+        for spec in self.table:
+            entry = saved["labels"][spec.label]
+            for name, local in self._state_tensors(spec.label).items():
+                full = entry["tensors"][name]
+                if self.modes[spec.label] in ("sharded", "sharded_sparse"):
+                    rows = local.shape[0]
+                    full = full[self.rank * rows:(self.rank + 1) * rows]
+                local.copy_(full)
+            if entry["step"] is not None:
+                self.state[spec.label].step = entry["step"]
+        self.tied = saved["tied"]
 
     # -- untie and reset --------------------------------------------------------------------------
 
@@ -1924,6 +1972,22 @@ class TrainLoader:
             index = 0
         return self._executor.submit(_Shard, self.files[index], self._executor, self._prefix_tokens)
 
+    def state(self) -> dict:
+        """The position in the stream (plain data), from which restore() continues exactly."""
+        return dict(files=list(self.files), shard_index=self._shard_index, cursor=self._cursor,
+                    epoch=self.epoch, tokens_used=self.tokens_used,
+                    segments_this_epoch=self._segments_this_epoch)
+
+    def restore(self, state: dict) -> None:
+        if state["files"] != self.files:
+            raise DataError(f"the checkpoint's loader read the train shards {state['files']}, this "
+                            f"run has {self.files}; resume with the same --train_files")
+        self._shard_index, self._cursor = state["shard_index"], state["cursor"]
+        self.epoch, self.tokens_used = state["epoch"], state["tokens_used"]
+        self._segments_this_epoch = state["segments_this_epoch"]
+        self._shard = _Shard(self.files[self._shard_index], self._executor, self._prefix_tokens)
+        self._next_shard = self._prefetch(self._shard_index + 1)
+
     def _advance_shard(self) -> None:
         if self._next_shard is None:
             total = sum(read_shard_header(path) for path in self.files)
@@ -2528,6 +2592,155 @@ class Trainer:
         gc.collect()
 
 
+# =================================================================================================
+# Checkpoints
+# =================================================================================================
+# One file per checkpoint, written by rank 0 under a temporary name and then renamed, so that a
+# crash never leaves a half-written checkpoint under a final name. It holds the model and the
+# optimizer state in a form that does not depend on the world size (shards gathered, the padding
+# rows that only make banks split evenly left out), the loader's position, the step, the clock,
+# the RNG states, and what wrote it: the configuration and a digest of the code. It is written
+# after an Adam (odd) step only, when no gradient is pending. Reading it loads tensors and plain
+# data only, never code.
+
+CHECKPOINT_FORMAT = 1
+# Fields that do not change the training math: a checkpoint may be resumed with other values.
+RUN_ONLY_FIELDS = frozenset({
+    "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
+    "compile", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
+    "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the difference."""
+
+
+def code_digest() -> str:
+    """sha256 of the two source files: a checkpoint resumes only under the code that wrote it."""
+    digest = hashlib.sha256()
+    for name in ("train_gpt.py", "triton_kernels.py"):
+        with open(os.path.join(REPO_ROOT, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def unpadded_rows(label: str, cfg: Hyperparameters, matrices: bool = False) -> int | None:
+    """The rows of a parameter along dim 0 (of its matrix view if `matrices`) that exist on every
+    world size; None where nothing is padding."""
+    num_attn = len(ATTN_LAYERS)
+    rows = {"scalars": 2 * NUM_LAYERS + 3, "mlp_bank": NUM_LAYERS,
+            "qk_bank": cfg.num_heads * num_attn, "vo_bank": 2 * num_attn}.get(label)
+    if rows is not None and matrices and label == "mlp_bank":
+        rows *= 2
+    return rows
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"step_{step:06d}.pt")
+
+
+def latest_checkpoint(directory: str) -> str:
+    paths = glob.glob(os.path.join(directory, "step_*.pt"))
+    if not paths:
+        raise CheckpointError(f"--resume=latest: no checkpoint (step_*.pt) in {directory!r}")
+    return max(paths)
+
+
+def save_checkpoint(trainer: Trainer, step: int, training_ms: float) -> str | None:
+    """The state after `step` completed steps into checkpoint_dir (rank 0 writes; collective)."""
+    cfg, run = trainer.cfg, trainer.run
+    optimizer = trainer.optimizer.full_state()   # every rank takes part in the gathers
+    if not run.is_master:
+        return None
+    for label, entry in optimizer["labels"].items():
+        rows = unpadded_rows(label, cfg, matrices=trainer.optimizer.specs[label].optimizer == "normuon")
+        entry["tensors"] = {name: t[:rows].cpu() for name, t in entry["tensors"].items()}
+    model = {name: p.detach()[:unpadded_rows(name, cfg)].cpu()
+             for name, p in trainer.model.named_parameters()}
+    rng = dict(cpu=torch.get_rng_state())
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    meta = dict(format=CHECKPOINT_FORMAT, code=code_digest(), step=step,
+                resumable=step % 2 == 0, world_size=run.world_size,
+                config={f.name: as_literal(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
+    data = dict(meta=meta, model=model, optimizer=optimizer, loader=trainer.loader.state(),
+                training_ms=training_ms, rng=rng)
+    os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+    path = checkpoint_path(cfg.checkpoint_dir, step)
+    tmp = f"{path}.tmp"
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's contents: tensors and plain data only (no code runs while loading)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind: one message
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not loaded: it holds something other than tensors and "
+                              f"plain data, or is damaged ({first_line})") from None
+    if not isinstance(data, dict) or "meta" not in data:
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint")
+    return data
+
+
+def check_resumable(meta: dict, cfg: Hyperparameters, path: str) -> None:
+    """A clear error if the checkpoint was written by other code or for other math."""
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')}, this code reads "
+                              f"format {CHECKPOINT_FORMAT}")
+    if meta["code"] != code_digest():
+        raise CheckpointError(f"{path}: written by code version {meta['code']}, this is "
+                              f"{code_digest()} (train_gpt.py or triton_kernels.py changed); resume "
+                              f"with the code that wrote it")
+    if not meta["resumable"]:
+        raise CheckpointError(f"{path}: written after step {meta['step']}, an even step whose "
+                              f"gradients were still pending; training resumes only from an even "
+                              f"step count")
+    differences = [f"{name}={value!r} (this run: {as_literal(getattr(cfg, name))!r})"
+                   for name, value in meta["config"].items()
+                   if name not in RUN_ONLY_FIELDS and value != as_literal(getattr(cfg, name))]
+    if differences:
+        raise CheckpointError(f"{path}: written with {', '.join(differences)}; resume with the same "
+                              f"preset and options")
+
+
+def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:
+    """Continue from a checkpoint: model, optimizer, loader and RNG state, the rotary schedule
+    replayed up to the step. Returns (steps completed, training ms so far)."""
+    cfg, run = trainer.cfg, trainer.run
+    data = read_checkpoint(path)
+    meta = data["meta"]
+    check_resumable(meta, cfg, path)
+    if meta["world_size"] != run.world_size:
+        trainer.log(f"resuming a checkpoint of {meta['world_size']} processes on {run.world_size}: "
+                    f"the same math, the state split anew")
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            p[:unpadded_rows(name, cfg)].copy_(data["model"][name])
+    optimizer = trainer.optimizer
+    for label, entry in data["optimizer"]["labels"].items():
+        sharded = optimizer.modes[label] in ("sharded", "sharded_sparse")
+        for name, local in optimizer._state_tensors(label).items():
+            full = local.new_zeros(local.shape[0] * (run.world_size if sharded else 1), *local.shape[1:])
+            saved = entry["tensors"][name]
+            full[:saved.shape[0]].copy_(saved)
+            entry["tensors"][name] = full
+    optimizer.load_full_state(data["optimizer"])
+    trainer.loader.restore(data["loader"])
+    torch.set_rng_state(data["rng"]["cpu"])
+    if run.device.type == "cuda" and "cuda" in data["rng"]:
+        torch.cuda.set_rng_state(data["rng"]["cuda"], run.device)
+    step = meta["step"]
+    for s in range(step):   # YaRN rescales at each window change, so the changes are replayed
+        trainer.advance(min(s, cfg.num_train_steps - 1))
+    return step, data["training_ms"]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -2564,8 +2777,18 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
     if trainer.paths.compile:
         trainer.warmup(last_step)
-    training_ms = 0.0
+    start_step, training_ms = 0, 0.0
+    if cfg.resume:
+        path = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
+        start_step, training_ms = load_checkpoint(trainer, path)
+        log(f"resumed from {path} after step {start_step}")
     pending: PendingLoss | None = None
+
+    def checkpoint(completed: int) -> None:
+        start = time.perf_counter()
+        path = save_checkpoint(trainer, completed, training_ms)
+        if path is not None:
+            log(f"checkpoint: {path} written in {time.perf_counter() - start:.1f}s (off the clock)")
 
     def report(p: PendingLoss) -> None:
         loss = p.get()
@@ -2579,7 +2802,7 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
     synchronize(run.device)
     log(f"startup: {time.time() - run.launch_time:.1f}s from launch to the first timed step")
     t0 = time.perf_counter()
-    for step in range(last_step + 1):
+    for step in range(start_step, last_step + 1):
         settings = trainer.advance(min(step, total_steps - 1))
         is_last = step == last_step
         if is_last or (cfg.val_every > 0 and step % cfg.val_every == 0):
@@ -2594,6 +2817,11 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
             t0 = time.perf_counter()
         if is_last:
             break
+        if cfg.save_every and step > start_step and step % cfg.save_every == 0:
+            synchronize(run.device)
+            training_ms += 1000 * (time.perf_counter() - t0)
+            checkpoint(step)
+            t0 = time.perf_counter()
         step_start = time.perf_counter()
         loss = trainer.train_step(step, settings)
         now = time.perf_counter()
@@ -2609,11 +2837,8 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
     if run.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    if cfg.save_checkpoint and run.is_master:
-        path = log.path.replace(".txt", "_state.pt")
-        torch.save(dict(step=last_step, config=dataclasses.asdict(cfg),
-                        model=trainer.model.state_dict()), path)
-        log(f"saved checkpoint {path}")
+    if cfg.save_checkpoint:
+        checkpoint(last_step)
 
 
 def print_summary(cfg: Hyperparameters, world_size: int) -> None:
@@ -2666,7 +2891,7 @@ def main(argv: list[str] | None = None) -> None:
             log(environment_report(), console=False)
             log(config_report(cfg, run))
         train(cfg, run, log)
-    except DataError as e:    # missing, foreign or exhausted data: one clear line, no traceback
+    except (DataError, CheckpointError) as e:   # bad data or checkpoint: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():

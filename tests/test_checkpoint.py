@@ -1,0 +1,129 @@
+"""Checkpoints: a resumed run trains exactly like an uninterrupted one (on one process, on two,
+and across world sizes), and a checkpoint that does not fit the run, or that would run code when
+unpickled, is refused with a clear error."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT, SHARED, stages_option
+
+CORPUS = os.path.join(SHARED, "data", "corpus")
+pytestmark = pytest.mark.skipif(not os.path.isdir(CORPUS), reason="needs ../shared/data/corpus")
+TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
+        stages_option(batch_tokens=(512, 1024, 1024), max_seq_len=(64, 128, 128)),
+        "--val_tokens=1024", "--val_batch_tokens=1024", "--val_every=0",
+        f"--train_files={CORPUS}/corpus_train_*.bin", f"--val_files={CORPUS}/corpus_val_*.bin"]
+PROGRESS = re.compile(r"^progress step (\d+)/\d+ train_loss:([0-9.]+)", re.M)
+VAL = re.compile(r"^step:(\d+)/\d+ val_loss:([0-9.]+)", re.M)
+
+
+def run_main(log_dir, *args):
+    tg.main([*TINY, f"--log_dir={log_dir}", *args])
+    (log,) = glob.glob(os.path.join(log_dir, "*.txt"))
+    with open(log) as f:
+        text = f.read()
+    return {int(s): float(v) for s, v in PROGRESS.findall(text)}, VAL.findall(text)[-1], text
+
+
+def test_resume_continues_exactly(tmp_path):
+    checkpoints = f"--checkpoint_dir={tmp_path / 'ckpt'}"
+    straight, straight_val, _ = run_main(tmp_path / "a", "--stop_after_steps=6")
+    first, _, text = run_main(tmp_path / "b", "--stop_after_steps=4", "--save_every=2", checkpoints)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000002.pt"]   # step 4 ends the run
+    run_main(tmp_path / "c", "--stop_after_steps=4", "--save_checkpoint=true", checkpoints)
+    assert "written in" in text
+    resumed, resumed_val, text = run_main(tmp_path / "d", "--stop_after_steps=6", "--resume=latest",
+                                          checkpoints)
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_000004.pt'} after step 4" in text
+    assert sorted(resumed) == [5, 6] and all(first[s] == straight[s] for s in first)
+    assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+    assert resumed_val == straight_val
+
+
+def torchrun(nproc, log_dir, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "train_gpt.py"), *TINY, f"--log_dir={log_dir}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (log,) = glob.glob(os.path.join(log_dir, "*.txt"))
+    with open(log) as f:
+        return {int(s): float(v) for s, v in PROGRESS.findall(f.read())}
+
+
+def test_resume_on_two_processes_and_on_another_world_size(tmp_path):
+    checkpoints = f"--checkpoint_dir={tmp_path / 'ckpt'}"
+    straight = torchrun(2, tmp_path / "a", "--stop_after_steps=6")
+    torchrun(2, tmp_path / "b", "--stop_after_steps=4", "--save_checkpoint=true", checkpoints)
+    resumed = torchrun(2, tmp_path / "c", "--stop_after_steps=6", "--resume=latest", checkpoints)
+    assert sorted(resumed) == [5, 6]
+    assert all(abs(resumed[s] - straight[s]) < 1e-4 for s in resumed), (resumed, straight)
+    # the same checkpoint on one process: the same math up to the world sizes' rounding
+    one = torchrun(1, tmp_path / "d", "--stop_after_steps=6", "--resume=latest", checkpoints)
+    assert all(abs(one[s] - straight[s]) < 0.01 for s in one), (one, straight)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint after 2 steps of the tiny speedrun and one after 3 (not resumable)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    run_main(tmp / "log2", "--stop_after_steps=2", "--save_checkpoint=true", f"--checkpoint_dir={tmp}")
+    run_main(tmp / "log3", "--stop_after_steps=3", "--save_checkpoint=true", f"--checkpoint_dir={tmp}")
+    return tmp
+
+
+def resume_error(checkpoint, *args, path="step_000002.pt"):
+    with pytest.raises(SystemExit) as e:
+        tg.main([*TINY, "--stop_after_steps=4", f"--resume={checkpoint / path}",
+                 f"--log_dir={checkpoint / 'resume'}", *args])
+    return str(e.value)
+
+
+def test_checkpoint_from_another_preset_names_the_differences(checkpoint):
+    message = resume_error(checkpoint, "--xsa=false", "--mudd_gates=false", "--dc_attention=false")
+    assert message.startswith(f"error: {checkpoint / 'step_000002.pt'}: written with ")
+    assert "xsa=True (this run: False)" in message and "mudd_gates=True (this run: False)" in message
+    assert message.endswith("resume with the same preset and options")
+
+
+def test_checkpoint_from_other_code_is_refused(checkpoint, monkeypatch):
+    monkeypatch.setattr(tg, "code_digest", lambda: "0123456789abcdef")
+    message = resume_error(checkpoint)
+    assert "written by code version" in message and "this is 0123456789abcdef" in message
+
+
+def test_checkpoint_after_an_even_step_is_not_resumable(checkpoint):
+    message = resume_error(checkpoint, path="step_000003.pt")
+    assert "gradients were still pending" in message
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint \\(step_\\*.pt\\) in"):
+        tg.main([*TINY, "--resume=latest", f"--checkpoint_dir={tmp_path}", f"--log_dir={tmp_path}"])
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a checkpoint must never be allowed to do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "step_000002.pt"
+    torch.save({"meta": {"format": 1}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(tg.CheckpointError, match="not loaded: it holds something other than tensors"):
+        tg.read_checkpoint(str(path))
+    assert not marker.exists()
+    torch.load(path, weights_only=False)   # plain unpickling really does run it
+    assert marker.exists()
