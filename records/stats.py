@@ -13,7 +13,9 @@ Columns: Runs, Steps, mean and sample standard deviation (ddof=1) of time and lo
 difference of each mean from the baseline's (+/-), p = one-sided one-sample t-test that the mean
 loss is below --target (the record rule asks for p < 0.01), and Time p = Welch's two-sided t-test
 of the difference in mean time from the baseline. '-' marks a value that needs more runs.
---plot draws every validation of every run (step vs val loss), one colour per group.
+--plot draws every validation of every run (step vs val loss), one colour per group. With
+--masked the masked val loss of runs with the validation mask (`val_loss_masked:Y` on the same
+line) is used instead.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_TARGET = 3.28
-VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+|nan|inf) train_time:(\d+)ms step_avg:(\d+\.\d+)ms$")
+NUMBER = r"(\d+\.\d+|nan|inf)"
+VAL_LINE = re.compile(rf"^step:(\d+)/(\d+) val_loss:{NUMBER}(?: val_loss_masked:{NUMBER})? "
+                      rf"train_time:(\d+)ms step_avg:(\d+\.\d+)ms$")
 
 
 class StatsError(ValueError):
@@ -150,8 +154,9 @@ class Group:
     runs: list[Run] = field(default_factory=list)
 
 
-def parse_log(path: str) -> Run:
-    """The validations of one log; its last one gives the final loss and time."""
+def parse_log(path: str, masked: bool = False) -> Run:
+    """The validations of one log; its last one gives the final loss and time. With `masked`, the
+    loss is the masked validation loss (runs with the validation mask, #350)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             matches = [m for m in map(VAL_LINE.match, f.read().splitlines()) if m]
@@ -160,12 +165,17 @@ def parse_log(path: str) -> Run:
     if not matches:
         raise StatsError(f"{path}: no validation line (`step:S/N val_loss:X train_time:Tms step_avg:Ams`); "
                          f"not a train_gpt.py log, or the run ended before its first validation")
+    column = 4 if masked else 3
+    if masked and matches[-1][4] is None:
+        raise StatsError(f"{path}: no val_loss_masked (the run had no validation mask); drop --masked")
     last = matches[-1]
-    return Run(path=path, steps=int(last[1]), total_steps=int(last[2]), val_loss=float(last[3]),
-               train_time_s=int(last[4]) / 1000, curve=[(int(m[1]), float(m[3])) for m in matches])
+    return Run(path=path, steps=int(last[1]), total_steps=int(last[2]), val_loss=float(last[column]),
+               train_time_s=int(last[5]) / 1000,
+               curve=[(int(m[1]), float(m[column])) for m in matches if m[column] is not None])
 
 
-def collect_groups(paths: Sequence[str], labels: Sequence[str] | None = None) -> list[Group]:
+def collect_groups(paths: Sequence[str], labels: Sequence[str] | None = None,
+                   masked: bool = False) -> list[Group]:
     """Parse the logs named by paths into groups by folder, in order of first mention."""
     groups: dict[str, Group] = {}
     for path in paths:
@@ -179,7 +189,7 @@ def collect_groups(paths: Sequence[str], labels: Sequence[str] | None = None) ->
             raise StatsError(f"{path}: no such file or folder")
         group = groups.setdefault(os.path.realpath(folder), Group(label="", folder=folder))
         known = {os.path.realpath(run.path) for run in group.runs}
-        group.runs += [parse_log(f) for f in files if os.path.realpath(f) not in known]
+        group.runs += [parse_log(f, masked) for f in files if os.path.realpath(f) not in known]
     result = list(groups.values())
     for group in result:
         group.runs.sort(key=lambda run: run.path)
@@ -321,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", action="append", help="name of the next group (once per group, in order)")
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET, help="val loss target (default 3.28)")
     parser.add_argument("--plot", metavar="OUT.png", help="also draw the val loss curves into this file")
+    parser.add_argument("--masked", action="store_true",
+                        help="use the masked val loss (runs with the validation mask, #350)")
     args = parser.parse_args(argv)
     try:
-        groups = collect_groups(args.paths, args.label)
+        groups = collect_groups(args.paths, args.label, args.masked)
         for group in groups:
             for run in group.runs:
                 if run.steps != run.total_steps:

@@ -245,6 +245,22 @@ def test_last_validation_line_counts(tmp_path):
     assert run.curve == [(0, 10.8), (10, 4.2), (20, 3.5), (30, 3.3012)]
 
 
+def test_masked_validation_loss(tmp_path):
+    """Runs with the validation mask log both losses on one line; --masked reads the second."""
+    path = tmp_path / "m" / "log.txt"
+    path.parent.mkdir()
+    path.write_text("step:0/20 val_loss:10.8000 val_loss_masked:10.7000 train_time:0ms step_avg:0.04ms\n"
+                    "step:20/20 val_loss:3.2800 val_loss_masked:3.2610 train_time:9000ms "
+                    "step_avg:450.00ms\n")
+    plain, masked = stats.parse_log(str(path)), stats.parse_log(str(path), masked=True)
+    assert (plain.val_loss, masked.val_loss, masked.train_time_s) == (3.28, 3.261, 9.0)
+    assert masked.curve == [(0, 10.7), (20, 3.261)]
+    unmasked_run = str(tmp_path / "u" / "log.txt")
+    write_log(unmasked_run, 30, [(0, 10.8, 0), (30, 3.3012, 4321)])
+    with pytest.raises(stats.StatsError, match="no val_loss_masked"):
+        stats.parse_log(unmasked_run, masked=True)
+
+
 def test_grouping_by_folder_and_default_labels(tmp_path, capsys):
     write_group(str(tmp_path / "alpha"), BASELINE[:2])
     write_group(str(tmp_path / "beta"), CHANGE[:2])
