@@ -7,6 +7,7 @@ Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (1, 2, 4 or 8 pr
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -15,6 +16,7 @@ import glob
 import hashlib
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +103,7 @@ class Hyperparameters:
     compile: bool = True
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
+    peak_tflops: float = 0.0                # the device's dense bf16 peak for MFU (0: from the table)
     save_every: int = 0                     # >0: a checkpoint every N steps (N even, see below)
     save_checkpoint: bool = False           # a checkpoint at the end of the run
     checkpoint_dir: str = "checkpoints"
@@ -2309,6 +2312,8 @@ class Logger:
     def __init__(self, run: Run, log_dir: str):
         self.enabled = run.is_master
         self.path = None
+        self.interactive = sys.stdout.isatty()
+        self._bar_shown = False
         if self.enabled:
             os.makedirs(log_dir, exist_ok=True)
             self.path = os.path.join(log_dir, f"{uuid.uuid4()}.txt")
@@ -2318,9 +2323,39 @@ class Logger:
         if not self.enabled:
             return
         if console:
+            if self._bar_shown:
+                print(flush=True)
+                self._bar_shown = False
             print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
+
+    def progress(self, line: str) -> None:
+        """A progress line: on an interactive terminal it overwrites the previous one (a status
+        bar); the log file, and a console that is not a terminal, get every line."""
+        if not self.enabled:
+            return
+        if not self.interactive:
+            self(line)
+            return
+        print("\r\033[K" + line, end="", flush=True)
+        self._bar_shown = True
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def git_commit() -> str:
+    """The checkout's commit, marked when files differ from it ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=REPO_ROOT, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=REPO_ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if not commit:
+        return "unknown"
+    return commit + (" (with uncommitted changes)" if dirty else "")
 
 
 def environment_report() -> str:
@@ -2332,6 +2367,7 @@ def environment_report() -> str:
             parts.append(f.read())
     import triton
     parts += ["\n" + "=" * 100,
+              f"Commit {git_commit()}",
               f"Running Python {sys.version}",
               f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
               f"Running Triton version {triton.__version__}"]
@@ -2608,7 +2644,7 @@ CHECKPOINT_FORMAT = 1
 RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
     "compile", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
-    "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache"})
+    "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops"})
 
 
 class CheckpointError(ValueError):
@@ -2749,8 +2785,8 @@ def synchronize(device: torch.device) -> None:
 class PendingLoss:
     """A step's loss, read once the device has produced it so the queue never stalls."""
 
-    def __init__(self, step: int, loss: torch.Tensor, step_ms: float, tokens: int):
-        self.step, self.step_ms, self.tokens = step, step_ms, tokens
+    def __init__(self, step: int, loss: torch.Tensor, step_ms: float, settings: StepSettings):
+        self.step, self.step_ms, self.settings = step, step_ms, settings
         self.value = loss.to("cpu", non_blocking=True)
         self.event = None
         if loss.is_cuda:
@@ -2763,6 +2799,75 @@ class PendingLoss:
         return self.value.item()
 
 
+# -------------------------------------------------------------------------------------------------
+# Throughput, progress and the run report
+
+# Dense bf16 peak of each device (datasheet, TFLOP/s), matched against the device's name;
+# --peak_tflops overrides it.
+PEAK_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("RTX 4090", 165.2))
+
+
+def peak_tflops(cfg: Hyperparameters, device: torch.device) -> float | None:
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def flops_per_token(cfg: Hyperparameters, settings: StepSettings) -> float:
+    """Training FLOPs per token (forward and backward, 3 x the forward): 2 per weight of every
+    matrix a token passes through, and attention's QK^T and PV over half of each layer's window
+    (the mean context of a causal window), the window capped by the stage's longest document."""
+    d = cfg.model_dim
+    weights = len(ATTN_LAYERS) * 4 * d * d + NUM_LAYERS * 2 * d * cfg.mlp_hidden
+    weights += d * cfg.padded_vocab_size
+    for on, layouts in ((cfg.mudd, mudd_layouts()), (cfg.mudd_gates, gate_layouts(cfg.num_heads))):
+        if on:
+            weights += sum(MUDD_HIDDEN * (d + layout.size) for layout in layouts)
+    short, long = settings.windows
+    context = [min(long if i in LONG_WINDOW_LAYERS else short, settings.max_seq_len) / 2
+               for i in ATTN_LAYERS]
+    if cfg.dc_attention:
+        context.append(DC_WINDOW / 2)
+    return 3 * (2 * weights + sum(4 * d * c for c in context))
+
+
+class ProgressClock:
+    """A smoothed ETA that knows the stages cost different times: an exponential average of the
+    step time in each stage; a stage not run yet is estimated from the latest stage's time per
+    token times its batch."""
+
+    def __init__(self, schedule: Schedule, last_step: int):
+        self.schedule, self.last_step = schedule, last_step
+        self.stage_ms: dict[int, float] = {}
+        self.ms_per_token = 0.0
+
+    def update(self, settings: StepSettings, step_ms: float) -> None:
+        previous = self.stage_ms.get(settings.stage)
+        self.stage_ms[settings.stage] = step_ms if previous is None else 0.9 * previous + 0.1 * step_ms
+        self.ms_per_token = self.stage_ms[settings.stage] / settings.batch_tokens
+
+    def eta_s(self, next_step: int) -> float:
+        ms = 0.0
+        for stage, (start, end) in enumerate(zip(self.schedule.stage_starts, self.schedule.stage_ends)):
+            steps = max(0, min(end, self.last_step) - max(start, next_step))
+            if steps:
+                step_ms = self.stage_ms.get(stage)
+                if step_ms is None:
+                    step_ms = self.ms_per_token * self.schedule.row(stage).batch_tokens
+                ms += steps * step_ms
+        return ms / 1000
+
+
+def run_report(lines: dict[str, str], config: str) -> str:
+    """The end-of-run summary as markdown: a two-column table, then the configuration."""
+    table = ["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in lines.items()]
+    return "\n".join(["# Run report", "", *table, "", "## Configuration", "", "```", config, "```", ""])
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
@@ -2770,75 +2875,150 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
-    trainer = Trainer(cfg, run, log)
-    schedule = trainer.schedule
-    total_steps = cfg.num_train_steps
-    last_step = min(total_steps, cfg.stop_after_steps or total_steps)
-    if trainer.paths.compile:
-        trainer.warmup(last_step)
-    start_step, training_ms = 0, 0.0
-    if cfg.resume:
-        path = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
-        start_step, training_ms = load_checkpoint(trainer, path)
-        log(f"resumed from {path} after step {start_step}")
-    pending: PendingLoss | None = None
+class TrainingRun:
+    """The timed loop around a Trainer: the clock (validation and checkpoints stay off it), the
+    progress lines, the checkpoints and the report at the end."""
 
-    def checkpoint(completed: int) -> None:
+    def __init__(self, cfg: Hyperparameters, run: Run, log: Logger):
+        self.cfg, self.run, self.log = cfg, run, log
+        self.trainer = Trainer(cfg, run, log)
+        self.total_steps = cfg.num_train_steps
+        self.last_step = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
+        if self.trainer.paths.compile:
+            self.trainer.warmup(self.last_step)
+        self.start_step, self.training_ms = 0, 0.0
+        if cfg.resume:
+            path = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
+            self.start_step, self.training_ms = load_checkpoint(self.trainer, path)
+            log(f"resumed from {path} after step {self.start_step}")
+        self.clock = ProgressClock(self.trainer.schedule, self.last_step)
+        self.peak = peak_tflops(cfg, run.device)
+        self.pending: PendingLoss | None = None
+        self.step_ms: dict[int, list[float]] = {}     # per stage
+        self.mfu: list[float] = []
+        self.tokens = 0
+        self.val_text = "none"
+        self.t0 = 0.0
+
+    @contextlib.contextmanager
+    def off_the_clock(self) -> Iterator[None]:
+        synchronize(self.run.device)
+        self.training_ms += 1000 * (time.perf_counter() - self.t0)
+        yield
+        synchronize(self.run.device)
+        self.t0 = time.perf_counter()
+
+    def train(self) -> None:
+        cfg, trainer = self.cfg, self.trainer
+        synchronize(self.run.device)
+        self.startup_s = time.time() - self.run.launch_time
+        self.log(f"startup: {self.startup_s:.1f}s from launch to the first timed step")
+        self.t0 = time.perf_counter()
+        for step in range(self.start_step, self.last_step + 1):
+            settings = trainer.advance(min(step, self.total_steps - 1))
+            is_last = step == self.last_step
+            if is_last or (cfg.val_every > 0 and step % cfg.val_every == 0):
+                with self.off_the_clock():
+                    self.validate(step, settings)
+            if is_last:
+                break
+            if cfg.save_every and step > self.start_step and step % cfg.save_every == 0:
+                with self.off_the_clock():
+                    self.checkpoint(step)
+            self.train_step(step, settings)
+        if self.pending is not None:
+            self.report_step(self.pending)
+        if cfg.save_checkpoint:
+            self.checkpoint(self.last_step)
+        self.finish()
+
+    def validate(self, step: int, settings: StepSettings) -> None:
+        final = step == self.total_steps
+        windows = self.trainer.schedule.final_val_windows() if final else settings.windows
+        val_loss, masked = self.trainer.validate(windows)
+        masked_text = "" if masked is None else f" val_loss_masked:{masked:.4f}"
+        self.val_text = f"{val_loss:.4f}" + ("" if masked is None else f" (masked {masked:.4f})")
+        self.log(f"step:{step}/{self.total_steps} val_loss:{val_loss:.4f}{masked_text} "
+                 f"train_time:{self.training_ms:.0f}ms step_avg:{self.training_ms / max(step, 1):.2f}ms")
+
+    def checkpoint(self, completed: int) -> None:
         start = time.perf_counter()
-        path = save_checkpoint(trainer, completed, training_ms)
+        path = save_checkpoint(self.trainer, completed, self.training_ms)
         if path is not None:
-            log(f"checkpoint: {path} written in {time.perf_counter() - start:.1f}s (off the clock)")
+            self.log(f"checkpoint: {path} written in {time.perf_counter() - start:.1f}s "
+                     f"(off the clock)")
 
-    def report(p: PendingLoss) -> None:
+    def train_step(self, step: int, settings: StepSettings) -> None:
+        step_start = time.perf_counter()
+        loss = self.trainer.train_step(step, settings)
+        now = time.perf_counter()
+        elapsed_ms = self.training_ms + 1000 * (now - self.t0)
+        self.log(f"step:{step + 1}/{self.total_steps} train_time:{elapsed_ms:.0f}ms "
+                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms", console=False)
+        # report the previous step: its loss is ready by now without waiting on this one
+        if self.pending is not None:
+            self.report_step(self.pending)
+        self.pending = PendingLoss(step, loss, 1000 * (now - step_start), settings)
+
+    def report_step(self, p: PendingLoss) -> None:
         loss = p.get()
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {p.step}; stopping")
-        eta = p.step_ms / 1000 * (last_step - p.step - 1)
-        log(f"progress step {p.step + 1}/{total_steps} train_loss:{loss:.4f} "
-            f"tokens/s:{p.tokens / p.step_ms * 1000:,.0f} step_time:{p.step_ms:.1f}ms "
-            f"eta:{format_duration(eta)}")
+        settings = p.settings
+        self.clock.update(settings, p.step_ms)
+        self.step_ms.setdefault(settings.stage, []).append(p.step_ms)
+        self.tokens += settings.batch_tokens
+        tokens_per_s = settings.batch_tokens / p.step_ms * 1000
+        mfu_text = ""
+        if self.peak:
+            mfu = (flops_per_token(self.cfg, settings) * tokens_per_s
+                   / (self.peak * 1e12 * self.run.world_size))
+            self.mfu.append(mfu)
+            mfu_text = f" mfu:{100 * mfu:.1f}%"
+        self.log.progress(f"progress step {p.step + 1}/{self.total_steps} train_loss:{loss:.4f} "
+                          f"tokens/s:{tokens_per_s:,.0f}{mfu_text} step_time:{p.step_ms:.1f}ms "
+                          f"eta:{format_duration(self.clock.eta_s(p.step + 1))}")
 
-    synchronize(run.device)
-    log(f"startup: {time.time() - run.launch_time:.1f}s from launch to the first timed step")
-    t0 = time.perf_counter()
-    for step in range(start_step, last_step + 1):
-        settings = trainer.advance(min(step, total_steps - 1))
-        is_last = step == last_step
-        if is_last or (cfg.val_every > 0 and step % cfg.val_every == 0):
-            synchronize(run.device)
-            training_ms += 1000 * (time.perf_counter() - t0)
-            windows = schedule.final_val_windows() if step == total_steps else settings.windows
-            val_loss, masked = trainer.validate(windows)
-            masked_text = "" if masked is None else f" val_loss_masked:{masked:.4f}"
-            log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f}{masked_text} "
-                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
-            synchronize(run.device)
-            t0 = time.perf_counter()
-        if is_last:
-            break
-        if cfg.save_every and step > start_step and step % cfg.save_every == 0:
-            synchronize(run.device)
-            training_ms += 1000 * (time.perf_counter() - t0)
-            checkpoint(step)
-            t0 = time.perf_counter()
-        step_start = time.perf_counter()
-        loss = trainer.train_step(step, settings)
-        now = time.perf_counter()
-        elapsed_ms = training_ms + 1000 * (now - t0)
-        log(f"step:{step + 1}/{total_steps} train_time:{elapsed_ms:.0f}ms "
-            f"step_avg:{elapsed_ms / (step + 1):.2f}ms", console=False)
-        # report the previous step: its loss is ready by now without waiting on this one
-        if pending is not None:
-            report(pending)
-        pending = PendingLoss(step, loss, 1000 * (now - step_start), settings.batch_tokens)
-    if pending is not None:
-        report(pending)
-    if run.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    if cfg.save_checkpoint:
-        checkpoint(last_step)
+    def finish(self) -> None:
+        """The report: one block in the log, and report.md beside it."""
+        run = self.run
+        memory = "n/a (CPU)"
+        if run.device.type == "cuda":
+            memory = (f"{torch.cuda.max_memory_allocated() // 2**20:,} MiB allocated, "
+                      f"{torch.cuda.max_memory_reserved() // 2**20:,} MiB reserved")
+            self.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        names = [f"stage {k + 1}" for k in range(len(self.cfg.stages))] + ["extension"]
+        stage_times = ", ".join(f"{names[k]} {statistics.median(ms):.1f}"
+                                for k, ms in sorted(self.step_ms.items()))
+        device = (torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "CPU")
+        import triton
+        lines = {
+            "final val loss": self.val_text,
+            "steps": f"{self.last_step} of {self.total_steps}",
+            "training time": f"{self.training_ms / 1000:.2f} s (validation and checkpoints excluded)",
+            "median step time (ms)": stage_times or "no steps",
+            "tokens trained": f"{self.tokens:,}",
+            "MFU": (f"{100 * statistics.mean(self.mfu):.1f}% of {self.peak:g} TFLOP/s x "
+                    f"{run.world_size}" if self.mfu else "n/a (no peak rate for this device)"),
+            "peak memory": memory,
+            "start-up": f"{self.startup_s:.1f} s from launch to the first timed step",
+            "commit": git_commit(),
+            "device": f"{device} x {run.world_size}",
+            "software": f"Python {sys.version.split()[0]}, PyTorch {torch.__version__}, "
+                        f"Triton {triton.__version__}",
+        }
+        for key, value in lines.items():
+            self.log(f"report {key}: {value}")
+        if self.log.path is not None:
+            path = self.log.path.removesuffix(".txt") + "_report.md"
+            with open(path, "w") as f:
+                f.write(run_report(lines, config_report(self.cfg, run)))
+            self.log(f"report written to {path}")
+
+
+def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
+    TrainingRun(cfg, run, log).train()
 
 
 def print_summary(cfg: Hyperparameters, world_size: int) -> None:

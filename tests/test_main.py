@@ -57,3 +57,60 @@ def test_log_holds_code_environment_config_and_reference_lines(tmp_path):
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"training loss became nan at step \d+"):
         run_main(["--adam_lr=1e30", "--muon_lr=1e30", "--stop_after_steps=8"], tmp_path)
+
+
+def test_report_and_mfu_against_the_flop_count(tmp_path):
+    text = run_main(["--stop_after_steps=3", "--peak_tflops=0.001"], tmp_path)
+    cfg = tg.parse_config([*TINY, "--peak_tflops=0.001"])
+    settings = tg.Schedule(cfg).at(1)
+    for tokens_per_s, mfu in re.findall(r"^progress step \d+/90 .*tokens/s:([\d,]+) mfu:([\d.]+)%",
+                                        text, re.M):
+        want = tg.flops_per_token(cfg, settings) * int(tokens_per_s.replace(",", "")) / 1e9
+        assert float(mfu) == pytest.approx(100 * want, rel=0.01, abs=0.06)
+    (report,) = glob.glob(os.path.join(tmp_path, "*_report.md"))
+    with open(report) as f:
+        table = f.read()
+    for key in ("final val loss", "training time", "median step time", "tokens trained", "MFU",
+                "peak memory", "start-up", "commit", "device", "software"):
+        assert f"\n| {key}" in table
+    assert "| tokens trained | 1,536 |" in table and "  model_dim=32" in table
+    assert re.search(r"^report final val loss: \d+\.\d{4} \(masked \d+\.\d{4}\)$", text, re.M)
+
+
+def test_flops_per_token_counts_weights_and_windows():
+    cfg = tg.Hyperparameters(**tg.PRESETS["record74"])
+    s = tg.Schedule(cfg).at(0)      # stage 1: windows 128 / 384 tokens, documents up to 896
+    d, V = 768, 50304
+    weights = 10 * 4 * d * d + 11 * 2 * d * 3072 + d * V
+    attention = 4 * d * (8 * 128 / 2 + 2 * 384 / 2)   # 8 short-window layers, 2 long-window ones
+    assert tg.flops_per_token(cfg, s) == pytest.approx(3 * (2 * weights + attention))
+
+
+def test_eta_knows_the_stages_cost_different_times():
+    cfg = tg.parse_config(["--preset=record74", "--num_scheduled_iterations=30",
+                           "--num_extension_iterations=6"])
+    schedule = tg.Schedule(cfg)                       # stages 0-9, 10-19, 20-29, extension 30-35
+    clock = tg.ProgressClock(schedule, last_step=36)
+    clock.update(schedule.at(0), 100.0)               # stage 1: 100 ms for 131,072 tokens
+    # the rest of stage 1 at 100 ms, the unseen stages at the same time per token
+    want = (9 * 100 + 10 * 200 + 10 * 300 + 6 * 300) / 1000
+    assert clock.eta_s(1) == pytest.approx(want)
+    clock.update(schedule.at(10), 180.0)              # stage 2 turns out cheaper per token
+    assert clock.eta_s(11) == pytest.approx((9 * 180 + 10 * 270 + 6 * 270) / 1000)
+
+
+def test_progress_is_a_status_bar_on_terminals_only(tmp_path, capsys):
+    run = tg.Run(rank=0, world_size=1, device=tg.torch.device("cpu"), grad_accum_steps=1)
+    log = tg.Logger(run, str(tmp_path))
+    log.interactive = True
+    log.progress("progress step 1/9")
+    log.progress("progress step 2/9")
+    log("step:2/9 val_loss:5.0000")
+    out = capsys.readouterr().out
+    assert "\r\033[Kprogress step 1/9\r\033[Kprogress step 2/9\nstep:2/9 val_loss:5.0000\n" in out
+    log.interactive = False
+    log.progress("progress step 3/9")
+    assert capsys.readouterr().out == "progress step 3/9\n"
+    with open(log.path) as f:   # the file gets every line
+        assert f.read().splitlines() == ["progress step 1/9", "progress step 2/9",
+                                         "step:2/9 val_loss:5.0000", "progress step 3/9"]
