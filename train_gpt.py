@@ -194,9 +194,8 @@ SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
                    "dc_attention": ("mudd_gates",)}
 
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
+# It reads what `python data/cached_fineweb10B.py 1` downloads (the val shard and one train shard).
 SMOKE = dict(
-    train_files="../shared/data/corpus/corpus_train_*.bin",
-    val_files="../shared/data/corpus/corpus_val_*.bin",
     val_tokens=8192, val_batch_tokens=8192, val_every=30,
     num_scheduled_iterations=84, num_extension_iterations=6, micro_batches_per_step=4,
     stages=(Stage(1024, 128, 1.0, (1, 3), ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0))),
@@ -235,8 +234,13 @@ def parse_config(argv: list[str]) -> Hyperparameters:
         if key not in fields:
             raise SystemExit(f"--{key}: unknown option (see --help)")
         overrides[key] = _parse_value(key, value, fields[key].default)
+    values = {**PRESETS[preset], **overrides}
+    for name in ("train_files", "val_files"):   # a preset's paths start at the repository
+        path = values.get(name, fields[name].default)
+        if name not in overrides and not os.path.isabs(path):
+            values[name] = os.path.join(REPO_ROOT, path)
     try:
-        return Hyperparameters(**{**PRESETS[preset], **overrides})
+        return Hyperparameters(**values)
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
 
@@ -289,6 +293,12 @@ def check_config(cfg: Hyperparameters, world_size: int) -> int:
                          f"use {choices}{divisors[-1]} processes")
     if not cfg.stages:
         raise ValueError("stages: expected at least one stage")
+    if cfg.num_scheduled_iterations < len(cfg.stages):
+        raise ValueError(f"num_scheduled_iterations={cfg.num_scheduled_iterations}: expected at "
+                         f"least one step per stage ({len(cfg.stages)})")
+    for name in ("num_extension_iterations", "stop_after_steps", "val_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)}: expected 0 or more")
     for k, stage in enumerate(cfg.stages, start=1):
         check_stage(k, stage, micro)
     if cfg.save_every < 0 or cfg.save_every % 2:
@@ -2048,7 +2058,8 @@ def _read_stream(files: list[str], count: int) -> np.ndarray:
         have += len(pieces[-1])
     if have < count:
         raise DataError(f"validation needs val_tokens + 1 = {count:,} tokens but the val shards "
-                        f"{files} hold only {have:,}; lower --val_tokens or add val data")
+                        f"{files} hold only {have:,}; lower --val_tokens (a multiple of "
+                        f"--val_batch_tokens) or add val data")
     return np.concatenate(pieces)
 
 
@@ -3030,6 +3041,7 @@ def print_summary(cfg: Hyperparameters, world_size: int) -> None:
     with torch.device("meta"):
         model = GPT(cfg, world_size, max_positions=2)
     specs = {s.label: s for s in PARAM_TABLE}
+    print(f"world size {world_size} (--world_size=K for another; the banks' padding depends on it)")
     print(f"{'label':<16} {'shape':<22} {'dtype':<9} {'optimizer':<9} {'lr_mul':>7} {'wd_mul':>7}"
           f"  comms")
     total = 0
@@ -3052,7 +3064,8 @@ def main(argv: list[str] | None = None) -> None:
                          "world size from torchrun)")
     cfg = parse_config([arg for arg in argv if arg != "--summary" and arg not in world_args])
     if summary:
-        world_size = 8
+        # the world size of this machine unless given: torchrun's, else one process per GPU
+        world_size = int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 1
         if world_args:
             world_size = _parse_value("world_size", world_args[-1].split("=", 1)[1], 8)
         print_summary(cfg, world_size)

@@ -143,7 +143,12 @@ def _gpt2_encoder():
     global _encoder
     if _encoder is None:
         import tiktoken
-        _encoder = tiktoken.get_encoding("gpt2")
+        try:
+            _encoder = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # noqa: BLE001 - network or cache: one message for all
+            raise DataError(f"the GPT-2 encoding could not be loaded ({type(e).__name__}); "
+                            f"tiktoken downloads it once and caches it. Offline, set "
+                            f"TIKTOKEN_CACHE_DIR to a folder that holds its cached files") from None
     return _encoder
 
 

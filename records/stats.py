@@ -189,7 +189,16 @@ def collect_groups(paths: Sequence[str], labels: Sequence[str] | None = None,
             raise StatsError(f"{path}: no such file or folder")
         group = groups.setdefault(os.path.realpath(folder), Group(label="", folder=folder))
         known = {os.path.realpath(run.path) for run in group.runs}
-        group.runs += [parse_log(f, masked) for f in files if os.path.realpath(f) not in known]
+        for f in files:
+            if os.path.realpath(f) in known:
+                continue
+            try:
+                group.runs.append(parse_log(f, masked))
+            except StatsError as e:   # one bad log does not sink its group
+                print(f"skipped: {e}", file=sys.stderr)
+    for group in groups.values():
+        if not group.runs:
+            raise StatsError(f"{group.folder}: no readable log")
     result = list(groups.values())
     for group in result:
         group.runs.sort(key=lambda run: run.path)

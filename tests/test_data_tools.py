@@ -368,3 +368,21 @@ def test_bad_options_are_usage_errors(tmp_path, capsys, args, expected):
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
 
+
+
+def test_tokenizer_offline_says_how_to_work_offline(tmp_path, monkeypatch, capsys):
+    import tiktoken
+
+    def unreachable(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", unreachable)
+    monkeypatch.setattr(tokenizer, "_encoder", None)
+    doc = tmp_path / "a.txt"
+    doc.write_text("Some text.")
+    (tmp_path / "b.txt").write_text("More text.")
+    code = tokenizer.main([str(doc), str(tmp_path / "b.txt"), "--out_dir", str(tmp_path / "out"),
+                           "--val_docs=1", "--workers=1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "the GPT-2 encoding could not be loaded (ConnectionError)" in err
+    assert "TIKTOKEN_CACHE_DIR" in err

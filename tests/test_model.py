@@ -315,8 +315,20 @@ def test_summary_command(capsys):
     tg.main(["--summary", "--preset=record74", "--world_size=8"])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == "total parameters: 543,818,952"
-    labels = [line.split()[0] for line in out[1:-1]]
+    assert out[0].startswith("world size 8 ")
+    labels = [line.split()[0] for line in out[2:-1]]
     assert sorted(labels) == sorted(tg.param_labels(tg.Hyperparameters()))
+
+
+def test_summary_takes_the_world_size_of_this_machine(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    tg.main(["--summary", "--preset=smoke"])   # 4 micro-batches: world size 8 would not fit
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("world size 1 ") and out[-1] == "total parameters: 26,300,033"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    tg.main(["--summary", "--preset=smoke"])
+    assert capsys.readouterr().out.startswith("world size 2 ")
 
 
 def test_rotary_yarn_frequencies_and_scale():

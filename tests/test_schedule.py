@@ -1,4 +1,6 @@
 """Schedule values against the record's published schedule and the configuration parser."""
+import os
+
 import pytest
 
 import train_gpt as tg
@@ -90,3 +92,20 @@ def test_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     for name in ("train_files", "val_tokens", "muon_lr", "stages", "seed"):
         assert f"--{name}=" in out
+
+
+def test_step_counts_must_be_sensible():
+    for option, message in (("--num_scheduled_iterations=0", "at least one step per stage"),
+                            ("--num_scheduled_iterations=-5", "at least one step per stage"),
+                            ("--num_extension_iterations=-1", "expected 0 or more"),
+                            ("--stop_after_steps=-3", "expected 0 or more")):
+        with pytest.raises(ValueError, match=message):
+            tg.check_config(tg.parse_config([option]), 8)
+
+
+def test_preset_paths_start_at_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tg.parse_config(["--preset=smoke"])
+    assert cfg.train_files == os.path.join(tg.REPO_ROOT, "data/fineweb10B/fineweb_train_*.bin")
+    cfg = tg.parse_config(["--preset=smoke", "--val_files=mine/*.bin"])   # the user's: as given
+    assert cfg.val_files == "mine/*.bin"
