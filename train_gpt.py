@@ -2486,6 +2486,8 @@ class Trainer:
 
     def __init__(self, cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None):
         self.cfg, self.run, self.log = cfg, run, log
+        self.train_files = find_shards(cfg.train_files)   # missing data fails before anything else
+        self.val_files = find_shards(cfg.val_files)
         self.paths = resolve_paths(cfg, run.device, log) if paths is None else paths
         for line in self.paths.report():
             log(line)
@@ -2506,8 +2508,6 @@ class Trainer:
         self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
                         if self.paths.compile else self.model)
         self.table_grads = SparseTableGrads(self.model, self.paths.table_grads == "triton")
-        self.train_files = find_shards(cfg.train_files)
-        self.val_files = find_shards(cfg.val_files)
         self.sparse_bigram = None
         params = dict(self.model.named_parameters())
         spec = next(s for s in PARAM_TABLE if s.label == "bigram_embed")

@@ -400,7 +400,7 @@ def mlp_tiling_sweep(tk) -> list[str]:
         for T in Ts:
             ms = bench_gpu(lambda: inputs[T][0] @ W1.t())
             cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
-        lines += [f"| PyTorch x @ W1^T alone (cuBLAS, no epilogue) | " + " | ".join(cells) + " |", ""]
+        lines += ["| PyTorch x @ W1^T alone (cuBLAS, no epilogue) | " + " | ".join(cells) + " |", ""]
     return lines
 
 

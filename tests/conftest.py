@@ -10,6 +10,22 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TIKTOKEN_CACHE = os.path.join(SHARED, "data", "gpt2_tokenizer", "tiktoken_cache")
 if os.path.isdir(TIKTOKEN_CACHE):   # the GPT-2 tokenizer's files without the network
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+CORPUS = os.path.join(SHARED, "data", "corpus")
+
+
+def _have_tokenizer() -> bool:
+    try:
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+        return True
+    except Exception:  # noqa: BLE001 - offline without its cached files
+        return False
+
+
+needs_corpus = pytest.mark.skipif(not os.path.isdir(CORPUS),
+                                  reason="needs the shared corpus in ../shared/data/corpus")
+needs_tokenizer = pytest.mark.skipif(not _have_tokenizer(),
+                                     reason="needs the GPT-2 tokenizer's files (TIKTOKEN_CACHE_DIR)")
 
 # Polar Express coefficients (a, b, c), restated from the specification for the tests
 POLAR_EXPRESS_COEFFS = [

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, SHARED, stages_option
+from conftest import CORPUS, ROOT, needs_corpus, needs_tokenizer, stages_option
 
-CORPUS = os.path.join(SHARED, "data", "corpus")
-pytestmark = pytest.mark.skipif(not os.path.isdir(CORPUS), reason="needs ../shared/data/corpus")
+pytestmark = [needs_corpus, needs_tokenizer]
 TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
         stages_option(batch_tokens=(512, 1024, 1024), max_seq_len=(64, 128, 128)),
         "--val_tokens=1024", "--val_batch_tokens=1024", "--val_every=0",

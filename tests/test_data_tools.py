@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, needs_tokenizer
 from train_gpt import BOS_ID, load_shard, write_shard
 
 TIKTOKEN_CACHE = os.path.join(SHARED, "data", "gpt2_tokenizer", "tiktoken_cache")
@@ -198,6 +198,7 @@ def split_documents(tokens: np.ndarray) -> list[list[int]]:
     return [tokens[a + 1:b].tolist() for a, b in zip(starts, starts[1:])]
 
 
+@needs_tokenizer
 def test_tokens_match_tiktoken_with_bos_before_each_document(tmp_path):
     inputs = write_corpus(str(tmp_path / "in"))
     out = str(tmp_path / "out")
@@ -220,6 +221,7 @@ def many_texts(n: int) -> list[str]:
     return [f"Document number {i}: " + " ".join(f"w{(i * 7 + j) % 50}" for j in range(i % 9 + 3)) for i in range(n)]
 
 
+@needs_tokenizer
 def test_split_is_deterministic_across_workers_and_input_order(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "BATCH_CHARS", 100)   # many small worker tasks, several waves
     texts = many_texts(40)
@@ -242,6 +244,7 @@ def test_split_is_deterministic_across_workers_and_input_order(tmp_path, monkeyp
     assert val_documents(other_seed) != val_documents(reordered)
 
 
+@needs_tokenizer
 def test_val_documents_are_the_smallest_seeded_hashes(tmp_path):
     texts = many_texts(25)
     inputs = write_corpus(str(tmp_path / "in"), texts)
@@ -253,6 +256,7 @@ def test_val_documents_are_the_smallest_seeded_hashes(tmp_path):
     assert sorted(split_documents(read_split(out, "custom", "val")[1])) == expected
 
 
+@needs_tokenizer
 def test_shard_boundaries_with_a_small_shard_size(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "BATCH_CHARS", 100)
     texts = many_texts(30)
@@ -273,6 +277,7 @@ def test_shard_boundaries_with_a_small_shard_size(tmp_path, monkeypatch):
     assert train_docs == [d for d in encoded if d in train_docs]   # input order, across worker tasks
 
 
+@needs_tokenizer
 def test_val_fraction_rounds_but_keeps_at_least_one_document(tmp_path):
     inputs = write_corpus(str(tmp_path / "in"), many_texts(12))
     summary = tokenizer.tokenize(inputs, str(tmp_path / "a"), val_fraction=0.01, workers=1)
@@ -281,6 +286,7 @@ def test_val_fraction_rounds_but_keeps_at_least_one_document(tmp_path):
     assert (summary.val.documents, summary.train.documents) == (6, 6)
 
 
+@needs_tokenizer
 def test_overwrite_removes_shards_of_an_earlier_run(tmp_path, capsys):
     inputs = write_corpus(str(tmp_path / "in"), many_texts(30))
     out = str(tmp_path / "out")
@@ -292,6 +298,7 @@ def test_overwrite_removes_shards_of_an_earlier_run(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["custom_train_000001.bin", "custom_val_000000.bin"]
 
 
+@needs_tokenizer
 def test_script_runs_in_parallel_and_prints_a_summary(tmp_path):
     inputs = write_corpus(str(tmp_path / "in"))
     out = str(tmp_path / "out")

@@ -6,7 +6,7 @@ import re
 import pytest
 
 import train_gpt as tg
-from conftest import SHARED, stages_option
+from conftest import SHARED, needs_corpus, needs_tokenizer, stages_option
 
 CORPUS = os.path.join(SHARED, "data", "corpus")
 TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
@@ -40,6 +40,8 @@ def test_world_size_option_belongs_to_summary():
         tg.main(["--world_size=2"])
 
 
+@needs_corpus
+@needs_tokenizer
 def test_log_holds_code_environment_config_and_reference_lines(tmp_path):
     text = run_main(["--stop_after_steps=3"], tmp_path)
     with open(tg.__file__) as f:
@@ -54,11 +56,15 @@ def test_log_holds_code_environment_config_and_reference_lines(tmp_path):
     assert len(re.findall(r"^progress step \d+/90 train_loss:", text, re.M)) == 3
 
 
+@needs_corpus
+@needs_tokenizer
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"training loss became nan at step \d+"):
         run_main(["--adam_lr=1e30", "--muon_lr=1e30", "--stop_after_steps=8"], tmp_path)
 
 
+@needs_corpus
+@needs_tokenizer
 def test_report_and_mfu_against_the_flop_count(tmp_path):
     text = run_main(["--stop_after_steps=3", "--peak_tflops=0.001"], tmp_path)
     cfg = tg.parse_config([*TINY, "--peak_tflops=0.001"])

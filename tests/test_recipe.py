@@ -4,7 +4,6 @@ loop-by-loop forward of the whole speedrun model), the prefix-token table, the v
 the bigram signs, the schedule, and the switches themselves (each can be turned off, all off is
 record #74, contradictions fail).
 """
-import copy
 import math
 import os
 
@@ -13,23 +12,12 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import CORPUS, needs_corpus, needs_tokenizer
 from test_model import random_model, random_tokens, ref_attention_rows, ref_bigram, ref_rmsnorm
 
 SPEEDRUN_TINY = tg.Hyperparameters(**{**tg.SPEEDRUN, "vocab_size": 200, "num_heads": 2,
                                       "head_dim": 32, "model_dim": 64, "mlp_hidden": 96,
                                       "bigram_vocab_mult": 1.0})
-
-
-def have_tokenizer() -> bool:
-    try:
-        tg.gpt2_vocabulary()
-        return True
-    except tg.DataError:
-        return False
-
-
-needs_tokenizer = pytest.mark.skipif(not have_tokenizer(),
-                                     reason="needs the GPT-2 tokenizer files (TIKTOKEN_CACHE_DIR)")
 
 
 def gelu(x):
@@ -491,13 +479,12 @@ def train_steps(cfg, steps=3):
     return losses, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
 
-CORPUS = os.path.join(os.path.dirname(tg.REPO_ROOT), "shared", "data", "corpus")
-needs_corpus = pytest.mark.skipif(not os.path.isdir(CORPUS), reason="needs ../shared/data/corpus")
 TINY_FILES = dict(train_files=f"{CORPUS}/corpus_train_*.bin", val_files=f"{CORPUS}/corpus_val_*.bin",
                   model_dim=32, head_dim=16, mlp_hidden=64)
 
 
 @needs_corpus
+@needs_tokenizer
 def test_every_switch_off_reproduces_record74_bit_for_bit():
     record74 = tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES})
     switched_off = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, **SMOKE_SWITCH_OFF})
@@ -516,6 +503,7 @@ RECORD74_PINNED_LOSSES = [10.7988, 10.8001, 10.4888]
 
 
 @needs_corpus
+@needs_tokenizer
 def test_record74_trains_as_before_the_later_records():
     losses, _ = train_steps(tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES}))
     assert [round(loss, 4) for loss in losses] == pytest.approx(RECORD74_PINNED_LOSSES, abs=2e-4)
