@@ -1589,14 +1589,20 @@ class GPT(nn.Module):
         Evaluation (mtp_weights None): mean next-token cross-entropy; with val_mask_bits, the
         packed rows (T, V/8) of the validation mask, the pair (plain, masked).
         `rows`, when given, replaces the table lookup of inputs and bigram_ids (SparseTableGrads)."""
+        h = self.hidden_states(inputs, bigram_ids, cu_seqlens, windows, max_seqlen, rows)
+        if mtp_weights is None:
+            return self.eval_loss(h, targets, val_mask_bits)
+        return self.head_loss(h, targets, mtp_weights, grad_scale, prefix_weight)
+
+    def hidden_states(self, inputs: torch.Tensor, bigram_ids: torch.Tensor,
+                      cu_seqlens: torch.Tensor, windows: tuple[int, int], max_seqlen: int,
+                      rows: TableRows | None = None) -> torch.Tensor:
+        """The normalised stream (T, d) that feeds the output head, from the token ids."""
         if rows is None:
             rows = self.lookup(inputs, bigram_ids)
         if self.cfg.bigram_sign_trick:
             rows = rows._replace(bigram_embed=rows.bigram_embed * self.bigram_sign_rows(inputs))
-        h = self.final_hidden(rows, cu_seqlens, windows, max_seqlen)
-        if mtp_weights is None:
-            return self.eval_loss(h, targets, val_mask_bits)
-        return self.head_loss(h, targets, mtp_weights, grad_scale, prefix_weight)
+        return self.final_hidden(rows, cu_seqlens, windows, max_seqlen)
 
     def final_hidden(self, rows: TableRows, cu_seqlens: torch.Tensor, windows: tuple[int, int],
                      max_seqlen: int) -> torch.Tensor:
@@ -3032,6 +3038,104 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
     TrainingRun(cfg, run, log).train()
 
 
+# =================================================================================================
+# Sampling from a checkpoint
+# =================================================================================================
+
+SAMPLE_OPTIONS = dict(checkpoint="", prompt="", max_new_tokens=64, temperature=0.8, top_k=50,
+                      seed=0)
+SAMPLE_CONTEXT = 1024            # tokens the model sees when it predicts the next one
+
+
+def model_from_checkpoint(path: str, device: torch.device, log: Callable[[str], None]
+                          ) -> tuple[GPT, Hyperparameters, tuple[int, int]]:
+    """The model of a checkpoint on one process, its configuration, and the attention windows of
+    the step it was written at (rotary rescaled as training had left it)."""
+    data = read_checkpoint(path)
+    meta = data["meta"]
+    if meta["code"] != code_digest():
+        log(f"note: {path} was written by code version {meta['code']}, this is {code_digest()}")
+    cfg = Hyperparameters(**{**meta["config"], "compile": False})
+    paths = resolve_paths(cfg, device, log)
+    torch.manual_seed(0)
+    model = GPT(cfg, world_size=1, max_positions=2 * SAMPLE_CONTEXT, paths=paths)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p[:unpadded_rows(name, cfg)].copy_(data["model"][name])
+    model.to(device).eval()
+    schedule, step = Schedule(cfg), meta["step"]
+    window = schedule.windows(0)[1]
+    model.rotary.reset()
+    for s in range(min(step, cfg.num_train_steps - 1) + 1):   # YaRN at every long-window change
+        new = schedule.windows(s)[1]
+        if new != window:
+            model.rotary.apply_yarn(window, new)
+            window = new
+    windows = schedule.final_val_windows() if step >= cfg.num_train_steps else schedule.windows(step)
+    return model, cfg, windows
+
+
+@torch.no_grad()
+def generate(model: GPT, cfg: Hyperparameters, windows: tuple[int, int], prompt_ids: list[int],
+             max_new_tokens: int, temperature: float, top_k: int, seed: int) -> list[int]:
+    """Continue prompt_ids (a document start first) token by token: each step recomputes the
+    whole context, at most SAMPLE_CONTEXT tokens (no KV cache: the model is a training model, and
+    a short continuation costs seconds). temperature 0 picks the most likely token."""
+    device = model.embed.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        context = np.array(ids[-SAMPLE_CONTEXT:], dtype=np.int32)
+        T = len(context)
+        inputs = torch.from_numpy(context).to(device)
+        bigram_ids = torch.from_numpy(bigram_hash(context, cfg.bigram_vocab_size)).to(device)
+        cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device)
+        h = model.hidden_states(inputs, bigram_ids, cu_seqlens, windows, T)
+        logits = triton_kernels.softcap(h[-1].float() @ model.lm_head.float())[:cfg.vocab_size]
+        if temperature == 0:
+            ids.append(int(logits.argmax()))
+            continue
+        logits = logits / temperature
+        if 0 < top_k < logits.numel():
+            logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
+        ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
+    return ids
+
+
+def sample(argv: list[str]) -> None:
+    """train_gpt.py --sample --checkpoint=PATH --prompt=TEXT [--max_new_tokens --temperature
+    --top_k --seed]: print a continuation of the prompt."""
+    options = dict(SAMPLE_OPTIONS)
+    for arg in argv:
+        key, _, value = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in SAMPLE_OPTIONS or not _:
+            raise SystemExit(f"argument {arg!r}: --sample takes --key=value options "
+                             f"{', '.join('--' + k for k in SAMPLE_OPTIONS)}")
+        options[key] = _parse_value(key, value, SAMPLE_OPTIONS[key])
+    if not options["checkpoint"]:
+        raise SystemExit("--sample needs --checkpoint=PATH (a checkpoint of --save_checkpoint or "
+                         "--save_every)")
+    if options["temperature"] < 0 or options["max_new_tokens"] < 1:
+        raise SystemExit("--temperature must be 0 or more and --max_new_tokens at least 1")
+    import tiktoken
+    encoding = tiktoken.get_encoding("gpt2")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, cfg, windows = model_from_checkpoint(options["checkpoint"], device,
+                                                    lambda line: print(line, file=sys.stderr))
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    prompt_ids = [BOS_ID] + encoding.encode_ordinary(options["prompt"])
+    start = time.perf_counter()
+    ids = generate(model, cfg, windows, prompt_ids, options["max_new_tokens"],
+                   options["temperature"], options["top_k"], options["seed"])
+    seconds = time.perf_counter() - start
+    print(options["prompt"] + encoding.decode(ids[len(prompt_ids):]))
+    print(f"{len(ids) - len(prompt_ids)} tokens in {seconds:.1f}s "
+          f"({(len(ids) - len(prompt_ids)) / seconds:.1f} tokens/s, {device.type}, the whole context "
+          f"recomputed for every token)", file=sys.stderr)
+
+
 def print_summary(cfg: Hyperparameters, world_size: int) -> None:
     """Every parameter with its optimizer settings, built on the meta device (no memory)."""
     if world_size < 1 or cfg.micro_batches_per_step % world_size:
@@ -3057,6 +3161,9 @@ def print_summary(cfg: Hyperparameters, world_size: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     launch_time = time.time()
     argv = sys.argv[1:] if argv is None else argv
+    if "--sample" in argv:
+        sample([arg for arg in argv if arg != "--sample"])
+        return
     summary = "--summary" in argv
     world_args = [arg for arg in argv if arg.startswith("--world_size=")]
     if world_args and not summary:

@@ -126,3 +126,31 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
     torch.load(path, weights_only=False)   # plain unpickling really does run it
     assert marker.exists()
+
+
+def test_sampling_continues_the_prompt(checkpoint, capsys):
+    path = str(checkpoint / "step_000002.pt")
+    args = ["--sample", f"--checkpoint={path}", "--prompt=The cat sat on the", "--max_new_tokens=5"]
+    tg.main([*args, "--seed=1"])
+    first = capsys.readouterr()
+    tg.main([*args, "--seed=1"])
+    assert capsys.readouterr().out == first.out                       # the seed decides
+    assert first.out.startswith("The cat sat on the")
+    assert re.search(r"^5 tokens in [\d.]+s \([\d.]+ tokens/s, cpu", first.err, re.M)
+
+
+def test_greedy_sampling_takes_the_most_likely_token(checkpoint):
+    model, cfg, windows = tg.model_from_checkpoint(str(checkpoint / "step_000002.pt"),
+                                                   torch.device("cpu"), print)
+    prompt = [tg.BOS_ID, 464, 3797, 3332]
+    (chosen,) = tg.generate(model, cfg, windows, prompt, 1, 0.0, 0, 0)[len(prompt):]
+    # the model's own validation loss of prompt + candidate, through the training code's forward
+    losses = {}
+    for candidate in {chosen, *torch.randint(0, cfg.vocab_size, (20,)).tolist()}:
+        ids = torch.tensor(prompt + [candidate])
+        inputs, targets = ids[:-1].int(), ids[1:].long()
+        bigram = torch.from_numpy(tg.bigram_hash(inputs.numpy(), cfg.bigram_vocab_size))
+        cu = torch.tensor([0, len(inputs)], dtype=torch.int32)
+        with torch.no_grad():
+            losses[candidate] = model(inputs, targets, cu, bigram, None, windows, len(inputs)).item()
+    assert min(losses, key=losses.get) == chosen
