@@ -2082,7 +2082,7 @@ def gpt2_vocabulary() -> dict[bytes, int]:
         import tiktoken
         return dict(tiktoken.get_encoding("gpt2")._mergeable_ranks)
     except Exception as e:  # noqa: BLE001 - network, cache or package: one message for all
-        raise DataError(f"the GPT-2 tokenizer could not be loaded ({type(e).__name__}: {e}); "
+        raise DataError(f"the GPT-2 tokenizer could not be loaded ({type(e).__name__}); "
                         f"offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 "
                         f"files, or run once with internet access") from None
 
@@ -3039,6 +3039,99 @@ def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
 
 
 # =================================================================================================
+# Preflight: what a long run needs, checked in seconds before it starts
+# =================================================================================================
+
+class Check(NamedTuple):
+    name: str
+    ok: bool
+    detail: str
+
+
+def read_ratio(path: str, max_seq_len: int) -> float:
+    """Shard tokens the loader reads per token it trains on when documents are cut at
+    max_seq_len (the rest of a longer document is skipped), from one shard's documents."""
+    tokens = load_shard(path)
+    starts = np.flatnonzero(np.asarray(tokens) == BOS_ID)
+    lengths = np.diff(np.append(starts, len(tokens)))
+    used = np.minimum(lengths, max_seq_len).sum()
+    return float(lengths.sum() / used) if used else float("inf")
+
+
+def data_coverage(cfg: Hyperparameters, files: list[str]) -> Check:
+    """The training tokens the schedule reads, estimated from the first shard's document lengths,
+    against the tokens the shards hold."""
+    schedule = Schedule(cfg)
+    last = min(cfg.num_train_steps, cfg.stop_after_steps or cfg.num_train_steps)
+    needed = 0.0
+    for stage, (start, end) in enumerate(zip(schedule.stage_starts, schedule.stage_ends)):
+        steps = max(0, min(end, last) - start)
+        row = schedule.row(stage)
+        needed += steps * row.batch_tokens * read_ratio(files[0], row.max_seq_len)
+    available = sum(read_shard_header(path) for path in files)
+    detail = (f"the schedule reads about {needed / 1e6:,.1f}M train tokens, the {len(files)} "
+              f"shards hold {available / 1e6:,.1f}M")
+    if cfg.cycle_train_data:
+        return Check("train data covers the schedule", True, detail + " (cycling on)")
+    if needed > available:
+        return Check("train data covers the schedule", False,
+                     detail + ": add shards or pass --cycle_train_data=true")
+    return Check("train data covers the schedule", True, detail)
+
+
+def preflight(cfg: Hyperparameters, run: Run) -> list[Check]:
+    """Data, tokenizer, execution paths, communication and checkpoint folder, each a Check."""
+    checks = []
+    try:
+        files = find_shards(cfg.train_files)
+        for path in files:
+            read_shard_header(path)
+        checks.append(Check("train shards", True, f"{len(files)} valid ({cfg.train_files})"))
+        checks.append(data_coverage(cfg, files))
+    except DataError as e:
+        checks.append(Check("train shards", False, str(e)))
+    try:
+        _read_stream(find_shards(cfg.val_files), cfg.val_tokens + 1)
+        checks.append(Check("val data", True, f"{cfg.val_tokens:,} tokens ({cfg.val_files})"))
+    except DataError as e:
+        checks.append(Check("val data", False, str(e)))
+    if cfg.prefix_loss_weight > 0 or cfg.val_mask:
+        try:
+            gpt2_vocabulary()
+            checks.append(Check("GPT-2 tokenizer", True, "for the prefix-token loss / val mask"))
+        except DataError as e:
+            checks.append(Check("GPT-2 tokenizer", False, str(e)))
+    notes = []
+    paths = resolve_paths(cfg, run.device, notes.append)
+    for line in paths.report():
+        op, _, detail = line.removeprefix("path ").partition(": ")
+        checks.append(Check(f"path {op}", True, detail))
+    if run.world_size > 1:
+        total = torch.ones((), device=run.device)
+        dist.all_reduce(total)
+        checks.append(Check("all-reduce", int(total.item()) == run.world_size,
+                            f"{int(total.item())} of {run.world_size} ranks answered"))
+    if cfg.save_every or cfg.save_checkpoint:
+        try:
+            os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+            probe = os.path.join(cfg.checkpoint_dir, f".write_test_{run.rank}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+            checks.append(Check("checkpoint folder", True, f"{cfg.checkpoint_dir} is writable"))
+        except OSError as e:
+            checks.append(Check("checkpoint folder", False, f"{cfg.checkpoint_dir}: {e.strerror}"))
+    return checks
+
+
+def preflight_table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'check':<{width}}  result  detail"]
+    lines += [f"{c.name:<{width}}  {'ok' if c.ok else 'FAILED':<6}  {c.detail}" for c in checks]
+    return "\n".join(lines)
+
+
+# =================================================================================================
 # Sampling from a checkpoint
 # =================================================================================================
 
@@ -3164,6 +3257,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--sample" in argv:
         sample([arg for arg in argv if arg != "--sample"])
         return
+    only_preflight = "--preflight" in argv
+    argv = [arg for arg in argv if arg != "--preflight"]
     summary = "--summary" in argv
     world_args = [arg for arg in argv if arg.startswith("--world_size=")]
     if world_args and not summary:
@@ -3186,10 +3281,21 @@ def main(argv: list[str] | None = None) -> None:
             run.grad_accum_steps = check_config(cfg, run.world_size)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        checks = preflight(cfg, run)
+        if only_preflight:
+            if run.is_master:
+                print(preflight_table(checks))
+            if not all(check.ok for check in checks):
+                raise SystemExit(1)
+            return
+        failed = [check for check in checks if not check.ok]
+        if failed:
+            raise SystemExit("error: " + "; ".join(check.detail for check in failed))
         log = Logger(run, cfg.log_dir)
         if run.is_master:
             log(environment_report(), console=False)
             log(config_report(cfg, run))
+            log("preflight:\n" + preflight_table(checks), console=False)
         train(cfg, run, log)
     except (DataError, CheckpointError) as e:   # bad data or checkpoint: one line, no traceback
         raise SystemExit(f"error: {e}") from None

@@ -6,9 +6,8 @@ import re
 import pytest
 
 import train_gpt as tg
-from conftest import SHARED, needs_corpus, needs_tokenizer, stages_option
+from conftest import CORPUS, SHARED, needs_corpus, needs_tokenizer, stages_option
 
-CORPUS = os.path.join(SHARED, "data", "corpus")
 TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
         stages_option(batch_tokens=(512, 512, 512), max_seq_len=(64, 128, 128)),
         "--val_tokens=1024", "--val_batch_tokens=1024", "--val_every=0",
@@ -120,3 +119,38 @@ def test_progress_is_a_status_bar_on_terminals_only(tmp_path, capsys):
     with open(log.path) as f:   # the file gets every line
         assert f.read().splitlines() == ["progress step 1/9", "progress step 2/9",
                                          "step:2/9 val_loss:5.0000", "progress step 3/9"]
+
+
+@needs_corpus
+def test_preflight_table_and_exit_code(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:   # the full schedule on one small shard: not enough data
+        tg.main(["--preflight", "--preset=smoke_record74", f"--train_files={CORPUS}/corpus_train_*.bin",
+                 f"--val_files={CORPUS}/corpus_val_*.bin", "--num_scheduled_iterations=30000",
+                 f"--checkpoint_dir={tmp_path}", "--save_every=2"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split("  ")[0].strip(): line for line in out[1:]}
+    assert "FAILED" in rows["train data covers the schedule"] and "add shards" in rows["train data covers the schedule"]
+    assert " ok " in rows["val data"] and " ok " in rows["checkpoint folder"]
+    assert rows["path mlp"].split()[-1] != "FAILED"
+    tg.main(["--preflight", "--preset=smoke_record74", f"--train_files={CORPUS}/corpus_train_*.bin",
+             f"--val_files={CORPUS}/corpus_val_*.bin", "--num_scheduled_iterations=30000",
+             "--cycle_train_data=true"])                      # cycling: no failure, no exit
+    assert "(cycling on)" in capsys.readouterr().out
+
+
+@needs_corpus
+def test_a_run_checks_first(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        tg.main([*TINY, "--preset=smoke_record74", "--num_scheduled_iterations=30000",
+                 f"--log_dir={tmp_path}"])
+    assert str(e.value).startswith("error: the schedule reads about ")
+    assert str(e.value).endswith("add shards or pass --cycle_train_data=true")
+    assert not os.listdir(tmp_path)   # nothing started, no log written
+
+
+def test_read_ratio_counts_the_cut_tokens(tmp_path):
+    path = str(tmp_path / "shard.bin")
+    tg.write_shard(path, [tg.BOS_ID, 1, 2, 3, 4, 5, tg.BOS_ID, 6, tg.BOS_ID, 7, 8, 9])
+    # documents of 6, 2 and 4 tokens cut at 3: 3 + 2 + 3 used of 12 read
+    assert tg.read_ratio(path, 3) == pytest.approx(12 / 8)
