@@ -2303,6 +2303,20 @@ class Schedule:
         return sorted(steps)
 
 
+def replay_yarn(rotary: Rotary, schedule: Schedule, step: int) -> int:
+    """Rotary as training leaves it when it reaches `step`: reset, then one YaRN update at every
+    long-window change up to that step (updates compose, so each is applied in turn). Returns the
+    long window of `step`."""
+    rotary.reset()
+    window = schedule.windows(0)[1]
+    for s in range(1, min(step, schedule.cfg.num_train_steps - 1) + 1):
+        new = schedule.windows(s)[1]
+        if new != window:
+            rotary.apply_yarn(window, new)
+            window = new
+    return window
+
+
 # =================================================================================================
 # Training loop
 # =================================================================================================
@@ -2639,8 +2653,7 @@ class Trainer:
         self.table_grads.reset()
         self.model.load_state_dict(initial_state)
         self.optimizer.reset()
-        self.model.rotary.reset()
-        self.long_window = self.schedule.windows(0)[1]
+        self.long_window = replay_yarn(self.model.rotary, self.schedule, 0)
         self.loader = self.new_train_loader()
         gc.collect()
 
@@ -2789,8 +2802,7 @@ def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:
     if run.device.type == "cuda" and "cuda" in data["rng"]:
         torch.cuda.set_rng_state(data["rng"]["cuda"], run.device)
     step = meta["step"]
-    for s in range(step):   # YaRN rescales at each window change, so the changes are replayed
-        trainer.advance(min(s, cfg.num_train_steps - 1))
+    trainer.long_window = replay_yarn(trainer.model.rotary, trainer.schedule, step)
     return step, data["training_ms"]
 
 
@@ -2896,9 +2908,9 @@ class TrainingRun:
     """The timed loop around a Trainer: the clock (validation and checkpoints stay off it), the
     progress lines, the checkpoints and the report at the end."""
 
-    def __init__(self, cfg: Hyperparameters, run: Run, log: Logger):
+    def __init__(self, cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None):
         self.cfg, self.run, self.log = cfg, run, log
-        self.trainer = Trainer(cfg, run, log)
+        self.trainer = Trainer(cfg, run, log, paths)
         self.total_steps = cfg.num_train_steps
         self.last_step = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
         if self.trainer.paths.compile:
@@ -2913,6 +2925,7 @@ class TrainingRun:
         self.pending: PendingLoss | None = None
         self.step_ms: dict[int, list[float]] = {}     # per stage
         self.mfu: list[float] = []
+        self.flops: dict[tuple, float] = {}          # FLOPs per token by stage shape
         self.tokens = 0
         self.val_text = "none"
         self.t0 = 0.0
@@ -2988,8 +3001,10 @@ class TrainingRun:
         tokens_per_s = settings.batch_tokens / p.step_ms * 1000
         mfu_text = ""
         if self.peak:
-            mfu = (flops_per_token(self.cfg, settings) * tokens_per_s
-                   / (self.peak * 1e12 * self.run.world_size))
+            key = (settings.windows, settings.max_seq_len)   # all the count depends on
+            if key not in self.flops:
+                self.flops[key] = flops_per_token(self.cfg, settings)
+            mfu = self.flops[key] * tokens_per_s / (self.peak * 1e12 * self.run.world_size)
             self.mfu.append(mfu)
             mfu_text = f" mfu:{100 * mfu:.1f}%"
         self.log.progress(f"progress step {p.step + 1}/{self.total_steps} train_loss:{loss:.4f} "
@@ -3034,8 +3049,8 @@ class TrainingRun:
             self.log(f"report written to {path}")
 
 
-def train(cfg: Hyperparameters, run: Run, log: Logger) -> None:
-    TrainingRun(cfg, run, log).train()
+def train(cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None) -> None:
+    TrainingRun(cfg, run, log, paths).train()
 
 
 # =================================================================================================
@@ -3079,7 +3094,7 @@ def data_coverage(cfg: Hyperparameters, files: list[str]) -> Check:
     return Check("train data covers the schedule", True, detail)
 
 
-def preflight(cfg: Hyperparameters, run: Run) -> list[Check]:
+def preflight(cfg: Hyperparameters, run: Run, paths: Paths) -> list[Check]:
     """Data, tokenizer, execution paths, communication and checkpoint folder, each a Check."""
     checks = []
     try:
@@ -3101,8 +3116,6 @@ def preflight(cfg: Hyperparameters, run: Run) -> list[Check]:
             checks.append(Check("GPT-2 tokenizer", True, "for the prefix-token loss / val mask"))
         except DataError as e:
             checks.append(Check("GPT-2 tokenizer", False, str(e)))
-    notes = []
-    paths = resolve_paths(cfg, run.device, notes.append)
     for line in paths.report():
         op, _, detail = line.removeprefix("path ").partition(": ")
         checks.append(Check(f"path {op}", True, detail))
@@ -3157,13 +3170,7 @@ def model_from_checkpoint(path: str, device: torch.device, log: Callable[[str], 
             p[:unpadded_rows(name, cfg)].copy_(data["model"][name])
     model.to(device).eval()
     schedule, step = Schedule(cfg), meta["step"]
-    window = schedule.windows(0)[1]
-    model.rotary.reset()
-    for s in range(min(step, cfg.num_train_steps - 1) + 1):   # YaRN at every long-window change
-        new = schedule.windows(s)[1]
-        if new != window:
-            model.rotary.apply_yarn(window, new)
-            window = new
+    replay_yarn(model.rotary, schedule, step)
     windows = schedule.final_val_windows() if step >= cfg.num_train_steps else schedule.windows(step)
     return model, cfg, windows
 
@@ -3281,7 +3288,9 @@ def main(argv: list[str] | None = None) -> None:
             run.grad_accum_steps = check_config(cfg, run.world_size)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        checks = preflight(cfg, run)
+        notes: list[str] = []   # FlashAttention-3's, when it does not load
+        paths = resolve_paths(cfg, run.device, notes.append)
+        checks = preflight(cfg, run, paths)
         if only_preflight:
             if run.is_master:
                 print(preflight_table(checks))
@@ -3296,7 +3305,9 @@ def main(argv: list[str] | None = None) -> None:
             log(environment_report(), console=False)
             log(config_report(cfg, run))
             log("preflight:\n" + preflight_table(checks), console=False)
-        train(cfg, run, log)
+        for note in notes:
+            log(note)
+        train(cfg, run, log, paths)
     except (DataError, CheckpointError) as e:   # bad data or checkpoint: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:

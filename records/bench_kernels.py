@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -50,7 +49,7 @@ def measure_ceilings() -> Ceilings:
     flops = 2 * n ** 3
     return Ceilings(flops / bf16_ms * 1e-9, flops / fp8_ms * 1e-9, 2 * src.nbytes / copy_ms * 1e-6)
 
-from train_gpt import POLAR_EXPRESS_COEFFICIENTS as POLAR_EXPRESS_COEFFS  # noqa: E402
+from train_gpt import POLAR_EXPRESS_COEFFICIENTS as POLAR_EXPRESS_COEFFS, git_commit  # noqa: E402
 
 
 @dataclass
@@ -433,17 +432,6 @@ SWEEPS = {
     "Polar Express update (polar_update_tall) tilings": polar_update_tiling_sweep,
     "MLP GEMM (linear_relu_square) tilings": mlp_tiling_sweep,
 }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def main() -> None:

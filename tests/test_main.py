@@ -6,7 +6,7 @@ import re
 import pytest
 
 import train_gpt as tg
-from conftest import CORPUS, SHARED, needs_corpus, needs_tokenizer, stages_option
+from conftest import CORPUS, needs_corpus, needs_tokenizer, stages_option
 
 TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
         stages_option(batch_tokens=(512, 512, 512), max_seq_len=(64, 128, 128)),

@@ -15,9 +15,9 @@ import train_gpt as tg
 from conftest import CORPUS, needs_corpus, needs_tokenizer
 from test_model import random_model, random_tokens, ref_attention_rows, ref_bigram, ref_rmsnorm
 
-SPEEDRUN_TINY = tg.Hyperparameters(**{**tg.SPEEDRUN, "vocab_size": 200, "num_heads": 2,
-                                      "head_dim": 32, "model_dim": 64, "mlp_hidden": 96,
-                                      "bigram_vocab_mult": 1.0})
+SPEEDRUN_TINY_SIZES = dict(vocab_size=200, num_heads=2, head_dim=32, model_dim=64, mlp_hidden=96,
+                           bigram_vocab_mult=1.0)
+SPEEDRUN_TINY = tg.Hyperparameters(**{**tg.SPEEDRUN, **SPEEDRUN_TINY_SIZES})
 
 
 def gelu(x):
@@ -310,9 +310,6 @@ def test_every_change_turns_off_alone(change):
     loss.backward()
     assert math.isfinite(loss.item())
 
-
-SPEEDRUN_TINY_SIZES = dict(vocab_size=200, num_heads=2, head_dim=32, model_dim=64, mlp_hidden=96,
-                           bigram_vocab_mult=1.0)
 
 
 def test_speedrun_is_record74_plus_the_changes():
