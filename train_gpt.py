@@ -14,6 +14,7 @@ import datetime
 import gc
 import glob
 import hashlib
+import json
 import math
 import os
 import statistics
@@ -108,6 +109,8 @@ class Hyperparameters:
     save_checkpoint: bool = False           # a checkpoint at the end of the run
     checkpoint_dir: str = "checkpoints"
     resume: str = ""                        # a checkpoint to continue, or "latest" in checkpoint_dir
+    compile_cache: str = ""                 # a file of compiled graphs: loaded if it fits, else
+                                            # written after the warm-up
     log_dir: str = "logs"
     # The changes of the public records after #74. The defaults above and here are record #74;
     # the speedrun preset turns these on, and RECORD_CHANGES says how to turn each off again.
@@ -2233,6 +2236,9 @@ class Schedule:
         return next(k for k, end in enumerate(self.stage_ends) if step < end or
                     k == len(self.stage_ends) - 1)
 
+    def stage_name(self, stage: int) -> str:
+        return "extension" if stage == len(self.cfg.stages) else f"stage {stage + 1}"
+
     def row(self, stage: int) -> Stage:
         """The stage's row of cfg.stages; the extension keeps the last one."""
         return self.cfg.stages[min(stage, len(self.cfg.stages) - 1)]
@@ -2321,6 +2327,49 @@ def replay_yarn(rotary: Rotary, schedule: Schedule, step: int) -> int:
 # Training loop
 # =================================================================================================
 
+def process_age_s() -> float:
+    """Seconds since this process started (from Linux's /proc; 0 where that is not available)."""
+    try:
+        with open("/proc/self/stat") as f:
+            # the fields after the parenthesised command name; the 20th is the start time in ticks
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class StartupClock:
+    """Where the time from launch to the first timed step goes: seconds per phase, in order.
+    Launch is the process start; what no phase covers is reported as "other"."""
+
+    def __init__(self):
+        age = process_age_s()
+        self.start = time.perf_counter() - age
+        self.phases: dict[str, float] = {"interpreter start and imports": age}
+
+    def record(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(name, time.perf_counter() - begin)
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def report(self, total_s: float) -> list[str]:
+        lines = [f"startup: {total_s:.1f}s from launch to the first timed step"]
+        lines += [f"startup phase {name}: {seconds:.2f}s" for name, seconds in self.phases.items()]
+        lines.append(f"startup phase other: {total_s - sum(self.phases.values()):.2f}s")
+        return lines
+
+
 @dataclass
 class Run:
     """What one process knows about its place in the job."""
@@ -2329,7 +2378,7 @@ class Run:
     device: torch.device
     grad_accum_steps: int
     cpu_group: object = None        # gloo group for CPU-side collectives (sparse bigram counts)
-    launch_time: float = 0.0        # wall clock at the start of main(), for the start-up time
+    startup: StartupClock = dataclasses.field(default_factory=StartupClock)
 
     @property
     def is_master(self) -> bool:
@@ -2506,8 +2555,10 @@ class Trainer:
 
     def __init__(self, cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None):
         self.cfg, self.run, self.log = cfg, run, log
-        self.train_files = find_shards(cfg.train_files)   # missing data fails before anything else
-        self.val_files = find_shards(cfg.val_files)
+        phase = run.startup.phase
+        with phase("data open"):
+            self.train_files = find_shards(cfg.train_files)   # missing data fails first
+            self.val_files = find_shards(cfg.val_files)
         self.paths = resolve_paths(cfg, run.device, log) if paths is None else paths
         for line in self.paths.report():
             log(line)
@@ -2516,30 +2567,36 @@ class Trainer:
         max_train_tokens = max(s.batch_tokens for s in cfg.stages) // cfg.micro_batches_per_step
         # paired-head layers index rotary positions up to twice the sequence length
         max_positions = 2 * max(self.val_tokens_per_rank, max_train_tokens)
-        torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg, run.world_size, max_positions, self.paths).to(run.device)
-        self.model.rotary.reset()
+        with phase("model build"):
+            torch.manual_seed(cfg.seed)
+            self.model = GPT(cfg, run.world_size, max_positions, self.paths).to(run.device)
+            self.model.rotary.reset()
         self.val_mask_table = None
         if cfg.prefix_loss_weight > 0 or cfg.val_mask:
-            self.load_tokenizer_tables()
-        if run.world_size > 1:
-            for p in self.model.parameters():
-                dist.broadcast(p.detach(), 0)
+            with phase("tokenizer tables"):
+                self.load_tokenizer_tables()
+        with phase("model broadcast"):
+            if run.world_size > 1:
+                for p in self.model.parameters():
+                    dist.broadcast(p.detach(), 0)
+            synchronize(run.device)
         self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
                         if self.paths.compile else self.model)
-        self.table_grads = SparseTableGrads(self.model, self.paths.table_grads == "triton")
-        self.sparse_bigram = None
-        params = dict(self.model.named_parameters())
-        spec = next(s for s in PARAM_TABLE if s.label == "bigram_embed")
-        if comms_mode(spec, run.world_size, run.grad_accum_steps) == "sharded_sparse":
-            self.sparse_bigram = SparseBigramExchange(
-                params["bigram_embed"].size(0), run.world_size, run.rank, run.device,
-                run.cpu_group)
-        self.optimizer = NorMuonAndAdam(params, cfg, run.rank, run.world_size, run.grad_accum_steps,
-                                        cpu_group=run.cpu_group, sparse_bigram=self.sparse_bigram,
-                                        paths=self.paths)
+        with phase("optimizer build"):
+            self.table_grads = SparseTableGrads(self.model, self.paths.table_grads == "triton")
+            self.sparse_bigram = None
+            params = dict(self.model.named_parameters())
+            spec = next(s for s in PARAM_TABLE if s.label == "bigram_embed")
+            if comms_mode(spec, run.world_size, run.grad_accum_steps) == "sharded_sparse":
+                self.sparse_bigram = SparseBigramExchange(
+                    params["bigram_embed"].size(0), run.world_size, run.rank, run.device,
+                    run.cpu_group)
+            self.optimizer = NorMuonAndAdam(params, cfg, run.rank, run.world_size,
+                                            run.grad_accum_steps, cpu_group=run.cpu_group,
+                                            sparse_bigram=self.sparse_bigram, paths=self.paths)
         self.long_window = self.schedule.windows(0)[1]
-        self.loader = self.new_train_loader()
+        with phase("data open"):
+            self.loader = self.new_train_loader()
 
     def load_tokenizer_tables(self) -> None:
         """The prefix-token table (#88) into the model, the validation mask (#350) onto the device;
@@ -2639,23 +2696,31 @@ class Trainer:
         steps = self.schedule.warmup_steps(last_step)
         self.log("Compiling model and warming up kernels (~7 minutes on first execution)")
         self.log(f"Sampling steps {steps} for warmup")
-        initial_state = copy.deepcopy(self.model.state_dict())
-        val_batch = next(iter(val_batches(
-            self.val_files, self.cfg.val_batch_tokens, self.cfg.val_batch_tokens, self.run.rank,
-            self.run.world_size, self.run.grad_accum_steps, self.run.device,
-            self.cfg.bigram_vocab_size)))
+        startup = self.run.startup
+        with startup.phase("state snapshot"):
+            initial_state = copy.deepcopy(self.model.state_dict())
+            val_batch = next(iter(val_batches(
+                self.val_files, self.cfg.val_batch_tokens, self.cfg.val_batch_tokens,
+                self.run.rank, self.run.world_size, self.run.grad_accum_steps, self.run.device,
+                self.cfg.bigram_vocab_size)))
         for step in steps:
+            begin, graphs_before = time.perf_counter(), compiled_graphs()
             settings = self.advance(step)
             self.eval_forward(val_batch, settings.windows)
             self.train_step(step, settings)
+            synchronize(self.run.device)
+            startup.record(f"warm-up step {step} ({self.schedule.stage_name(settings.stage)}, "
+                           f"{compiled_graphs() - graphs_before} graphs compiled)",
+                           time.perf_counter() - begin)
         self.log("Resetting Model")
-        self.model.zero_grad(set_to_none=True)
-        self.table_grads.reset()
-        self.model.load_state_dict(initial_state)
-        self.optimizer.reset()
-        self.long_window = replay_yarn(self.model.rotary, self.schedule, 0)
-        self.loader = self.new_train_loader()
-        gc.collect()
+        with startup.phase("state restore"):
+            self.model.zero_grad(set_to_none=True)
+            self.table_grads.reset()
+            self.model.load_state_dict(initial_state)
+            self.optimizer.reset()
+            self.long_window = replay_yarn(self.model.rotary, self.schedule, 0)
+            self.loader = self.new_train_loader()
+            gc.collect()
 
 
 # =================================================================================================
@@ -2674,7 +2739,8 @@ CHECKPOINT_FORMAT = 1
 RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
     "compile", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
-    "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops"})
+    "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops",
+    "compile_cache"})
 
 
 class CheckpointError(ValueError):
@@ -2806,6 +2872,95 @@ def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:
     return step, data["training_ms"]
 
 
+# =================================================================================================
+# Compile cache
+# =================================================================================================
+# torch.compile keeps what it builds in caches local to the machine, so every fresh node starts
+# cold. --compile_cache=PATH carries them in one file, through PyTorch's own cache-artifact save
+# and load, headed by what they were built for: code, software, GPU, world size and every field
+# that can change a graph. A file built for anything else is reported in one line and rebuilt.
+# (PyTorch keys each artifact exactly too, so even a file that got past this check could only
+# miss, never be used for the wrong graph.) The file holds compiled code: load only your own.
+
+COMPILE_CACHE_MAGIC = b"train_gpt.py compile cache 1\n"
+# Fields that cannot change a compiled graph: a cache built under other values still fits.
+NOT_GRAPH_FIELDS = frozenset({
+    "train_files", "val_files", "val_tokens", "cycle_train_data", "stop_after_steps", "val_every",
+    "seed", "peak_tflops", "save_every", "save_checkpoint", "checkpoint_dir", "resume", "log_dir",
+    "val_mask_cache", "compile_cache"})
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (model and optimizer together)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def compile_cache_misses() -> int:
+    """Graphs inductor has compiled in this process because no cache held them."""
+    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
+
+
+def compile_cache_key(cfg: Hyperparameters, run: Run) -> dict[str, str]:
+    """What the compiled graphs of this run depend on, as strings."""
+    import triton
+    device = "cpu"
+    if run.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(run.device)
+        device = f"{torch.cuda.get_device_name(run.device)} (compute capability {major}.{minor})"
+    key = {"code": code_digest(), "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": str(torch.version.cuda), "device": device, "world_size": str(run.world_size)}
+    key.update((f.name, repr(as_literal(getattr(cfg, f.name)))) for f in dataclasses.fields(cfg)
+               if f.name not in NOT_GRAPH_FIELDS)
+    return key
+
+
+def load_compile_cache(path: str, key: dict[str, str], log: Callable[[str], None]) -> bool:
+    """Hot-load the artifacts in `path` into torch.compile's caches if they were built for `key`.
+    A missing, unreadable or mismatched file gets one log line and False: the run compiles."""
+    if not os.path.exists(path):
+        log(f"compile cache {path}: not there yet; compiling, then writing it")
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.readline() != COMPILE_CACHE_MAGIC:
+                raise ValueError("not a compile cache of train_gpt.py")
+            built_for = json.loads(f.readline())
+            artifacts = f.read()
+    except (OSError, ValueError) as e:
+        log(f"compile cache {path}: unreadable ({e}); compiling afresh and replacing it")
+        return False
+    differences = [f"{name} {built_for.get(name, '(none)')} -> {key.get(name, '(none)')}"
+                   for name in sorted(key.keys() | built_for.keys())
+                   if key.get(name) != built_for.get(name)]
+    if differences:
+        log(f"compile cache {path}: built for another run ({'; '.join(differences)}); "
+            f"compiling afresh and replacing it")
+        return False
+    torch.compiler.load_cache_artifacts(artifacts)
+    log(f"compile cache {path}: loaded {len(artifacts) / 2**20:.1f} MiB")
+    return True
+
+
+def save_compile_cache(path: str, key: dict[str, str], log: Callable[[str], None]) -> None:
+    """Write everything torch.compile built or loaded in this process to `path` (write, then
+    rename: an interrupted write never leaves a broken cache)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        log(f"compile cache {path}: nothing was compiled; not written")
+        return
+    artifacts = saved[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(COMPILE_CACHE_MAGIC + json.dumps(key).encode() + b"\n" + artifacts)
+    os.replace(tmp, path)
+    log(f"compile cache {path}: written, {len(artifacts) / 2**20:.1f} MiB")
+
+
+# =================================================================================================
+# The timed run
+# =================================================================================================
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -2914,11 +3069,15 @@ class TrainingRun:
         self.total_steps = cfg.num_train_steps
         self.last_step = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
         if self.trainer.paths.compile:
-            self.trainer.warmup(self.last_step)
+            self.compile_and_warm_up()
+        elif cfg.compile_cache:
+            log(f"compile cache {cfg.compile_cache}: not used (nothing is compiled: "
+                f"{self.trainer.paths.why['compile']})")
         self.start_step, self.training_ms = 0, 0.0
         if cfg.resume:
             path = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
-            self.start_step, self.training_ms = load_checkpoint(self.trainer, path)
+            with run.startup.phase("checkpoint restore"):
+                self.start_step, self.training_ms = load_checkpoint(self.trainer, path)
             log(f"resumed from {path} after step {self.start_step}")
         self.clock = ProgressClock(self.trainer.schedule, self.last_step)
         self.peak = peak_tflops(cfg, run.device)
@@ -2929,6 +3088,22 @@ class TrainingRun:
         self.tokens = 0
         self.val_text = "none"
         self.t0 = 0.0
+
+    def compile_and_warm_up(self) -> None:
+        """Compile every graph variant in warm-up steps, from --compile_cache where it fits; write
+        the cache (rank 0) when it was missing, did not fit or lacked a graph."""
+        cfg, run, log = self.cfg, self.run, self.log
+        loaded = False
+        if cfg.compile_cache:
+            key = compile_cache_key(cfg, run)
+            with run.startup.phase("compile cache load"):
+                loaded = load_compile_cache(cfg.compile_cache, key, log)
+        misses = compile_cache_misses()
+        self.trainer.warmup(self.last_step)
+        log(f"compiled graphs: {compiled_graphs()}")
+        if cfg.compile_cache and run.is_master and (not loaded or compile_cache_misses() > misses):
+            with run.startup.phase("compile cache save"):
+                save_compile_cache(cfg.compile_cache, key, log)
 
     @contextlib.contextmanager
     def off_the_clock(self) -> Iterator[None]:
@@ -2941,8 +3116,9 @@ class TrainingRun:
     def train(self) -> None:
         cfg, trainer = self.cfg, self.trainer
         synchronize(self.run.device)
-        self.startup_s = time.time() - self.run.launch_time
-        self.log(f"startup: {self.startup_s:.1f}s from launch to the first timed step")
+        self.startup_s = self.run.startup.elapsed_s()
+        for line in self.run.startup.report(self.startup_s):
+            self.log(line)
         self.t0 = time.perf_counter()
         for step in range(self.start_step, self.last_step + 1):
             settings = trainer.advance(min(step, self.total_steps - 1))
@@ -3020,8 +3196,8 @@ class TrainingRun:
                       f"{torch.cuda.max_memory_reserved() // 2**20:,} MiB reserved")
             self.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                      f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        names = [f"stage {k + 1}" for k in range(len(self.cfg.stages))] + ["extension"]
-        stage_times = ", ".join(f"{names[k]} {statistics.median(ms):.1f}"
+        stage_name = self.trainer.schedule.stage_name
+        stage_times = ", ".join(f"{stage_name(k)} {statistics.median(ms):.1f}"
                                 for k, ms in sorted(self.step_ms.items()))
         device = (torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "CPU")
         import triton
@@ -3259,7 +3435,7 @@ def print_summary(cfg: Hyperparameters, world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    launch_time = time.time()
+    startup = StartupClock()
     argv = sys.argv[1:] if argv is None else argv
     if "--sample" in argv:
         sample([arg for arg in argv if arg != "--sample"])
@@ -3281,16 +3457,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     torch._dynamo.config.recompile_limit = 64
-    run = setup_distributed()
-    run.launch_time = launch_time
+    with startup.phase("distributed set-up"):
+        run = setup_distributed()
+    run.startup = startup
     try:
         try:
             run.grad_accum_steps = check_config(cfg, run.world_size)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         notes: list[str] = []   # FlashAttention-3's, when it does not load
-        paths = resolve_paths(cfg, run.device, notes.append)
-        checks = preflight(cfg, run, paths)
+        with startup.phase("preflight"):
+            paths = resolve_paths(cfg, run.device, notes.append)
+            checks = preflight(cfg, run, paths)
         if only_preflight:
             if run.is_master:
                 print(preflight_table(checks))
@@ -3300,11 +3478,12 @@ def main(argv: list[str] | None = None) -> None:
         failed = [check for check in checks if not check.ok]
         if failed:
             raise SystemExit("error: " + "; ".join(check.detail for check in failed))
-        log = Logger(run, cfg.log_dir)
-        if run.is_master:
-            log(environment_report(), console=False)
-            log(config_report(cfg, run))
-            log("preflight:\n" + preflight_table(checks), console=False)
+        with startup.phase("log header"):   # reads git and nvidia-smi
+            log = Logger(run, cfg.log_dir)
+            if run.is_master:
+                log(environment_report(), console=False)
+                log(config_report(cfg, run))
+                log("preflight:\n" + preflight_table(checks), console=False)
         for note in notes:
             log(note)
         train(cfg, run, log, paths)

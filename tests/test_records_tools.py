@@ -95,7 +95,7 @@ def test_compare_losses_side_by_side(tmp_path):
 # -------------------------------------------------------------------------------------------------
 
 FAKE_TORCHRUN = """#!/bin/sh
-echo "$@ | $NCCL_NVLS_ENABLE $TORCH_SYMM_MEM_DISABLE_MULTICAST" >> "$FAKE_TORCHRUN_CALLS"
+echo "$@ | $NCCL_NVLS_ENABLE $TORCH_SYMM_MEM_DISABLE_MULTICAST | $TORCHINDUCTOR_CACHE_DIR" >> "$FAKE_TORCHRUN_CALLS"
 """
 
 
@@ -111,6 +111,7 @@ def measure_env(tmp_path):
     (shards / "corpus_train_000001.bin.xz").write_bytes(lzma.compress(payload))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SHARDS": str(shards),
            "FAKE_TORCHRUN_CALLS": str(tmp_path / "calls.txt")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)     # torch may have set it in this process
     return env, shards, tmp_path / "calls.txt", payload
 
 
@@ -129,7 +130,27 @@ def test_measure_sh_runs_each_protocol(measure_env, protocol, options):
     assert calls.read_text() == (
         f"--standalone --nproc_per_node=1 train_gpt.py --train_files={shards}/corpus_train_*.bin "
         f"--val_files={shards}/corpus_val_*.bin --val_tokens=2097152 --log_dir=/tmp/out {options} "
-        f"--seed=3 | 0 1\n")
+        f"--seed=3 | 0 1 | \n")
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
+def test_measure_sh_startup_protocol_runs_cold_warm_and_shipped(measure_env, tmp_path):
+    env, shards, calls, _ = measure_env
+    out = tmp_path / "out"
+    (out / "caches" / "local").mkdir(parents=True)      # left by an earlier run: cold removes it
+    (out / "caches" / "local" / "stale").write_text("x")
+    result = subprocess.run([os.path.join(ROOT, "records", "measure.sh"), "S", str(out)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "caches" / "local" / "stale").exists()
+    T = "--num_scheduled_iterations=150 --num_extension_iterations=10 --val_every=0 --cycle_train_data=true"
+    common = (f"--standalone --nproc_per_node=1 train_gpt.py --train_files={shards}/corpus_train_*.bin "
+              f"--val_files={shards}/corpus_val_*.bin --val_tokens=2097152 --log_dir={out} {T}")
+    cache = f"--compile_cache={out}/compile_cache.bin"
+    assert calls.read_text().splitlines() == [
+        f"{common} --log_dir={out}/cold {cache} | 0 1 | {out}/caches/local/inductor",
+        f"{common} --log_dir={out}/warm | 0 1 | {out}/caches/local/inductor",
+        f"{common} --log_dir={out}/shipped {cache} | 0 1 | {out}/caches/fresh/inductor"]
 
 
 def test_measure_sh_rejects_an_unknown_protocol(measure_env):
@@ -137,7 +158,7 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
     result = subprocess.run([os.path.join(ROOT, "records", "measure.sh"), "X", "/tmp/out"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "unknown protocol 'X' (expected T, L, C or smoke)" in result.stderr
+    assert "unknown protocol 'X' (expected T, L, C, S or smoke)" in result.stderr
     assert not calls.exists()
 
 

@@ -1,0 +1,152 @@
+"""Start-up: the report of where the time goes, and the compile cache carried between machines."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import CORPUS, ROOT, needs_corpus, needs_tokenizer
+from test_main import TINY
+
+
+def test_process_age_counts_from_the_process_start():
+    code = "import time; time.sleep(0.6); import train_gpt; print(train_gpt.process_age_s())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert 0.6 <= float(out) < 60
+
+
+def test_startup_clock_adds_up_its_phases():
+    clock = tg.StartupClock()
+    clock.phases.clear()            # this test process is old: count from now
+    clock.start = time.perf_counter()
+    with clock.phase("a"):
+        time.sleep(0.2)
+    clock.record("b", 0.5)
+    with clock.phase("a"):
+        time.sleep(0.1)
+    lines = clock.report(total_s=1.0)
+    assert lines[0] == "startup: 1.0s from launch to the first timed step"
+    seconds = dict(re.fullmatch(r"startup phase (.+): (-?[\d.]+)s", line).groups()
+                   for line in lines[1:])
+    assert list(seconds) == ["a", "b", "other"]
+    assert float(seconds["a"]) == pytest.approx(0.3, abs=0.05)
+    assert float(seconds["b"]) == 0.5
+    assert float(seconds["other"]) == pytest.approx(0.2, abs=0.05)
+
+
+@needs_corpus
+@needs_tokenizer
+def test_startup_phases_cover_the_time_to_the_first_step(tmp_path):
+    """A real run in a fresh process: the named phases account for the start-up within a second,
+    and the start-up fits inside the process's wall time."""
+    begin = time.perf_counter()
+    subprocess.run([sys.executable, "train_gpt.py", *TINY, "--stop_after_steps=2",
+                    f"--log_dir={tmp_path}"], cwd=ROOT, capture_output=True, check=True)
+    wall_s = time.perf_counter() - begin
+    (log,) = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.endswith(".txt")]
+    text = open(log).read()
+    total = float(re.search(r"^startup: ([\d.]+)s from launch", text, re.M).group(1))
+    phases = dict(re.findall(r"^startup phase (.+): (-?[\d.]+)s$", text, re.M))
+    for name in ("interpreter start and imports", "distributed set-up", "preflight",
+                 "log header", "data open", "model build", "optimizer build"):
+        assert name in phases
+    named = sum(float(s) for name, s in phases.items() if name != "other")
+    assert abs(total - named) < 1.0
+    assert float(phases["interpreter start and imports"]) > 0
+    assert total < wall_s
+
+
+# -------------------------------------------------------------------------------------------------
+# Compile cache. Each process gets its own empty inductor cache directory, as a fresh machine has.
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    import train_gpt as tg
+    mode, path, key = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if mode == "load":
+        print("loaded:", tg.load_compile_cache(path, key, print))
+    layer = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(32.0).view(4, 8) / 32)
+        layer.bias.zero_()
+    f = torch.compile(lambda x: torch.relu(layer(x)).square(), fullgraph=True, dynamic=False)
+    print("output:", f(torch.ones(2, 8)).sum().item())
+    if mode == "save":
+        tg.save_compile_cache(path, key, print)
+    print("misses:", tg.compile_cache_misses())
+""")
+KEY = {"code": "abc", "torch": torch.__version__, "model_dim": "768"}
+
+
+def compile_in_fresh_process(tmp_path, mode: str, path: str, key: dict, name: str) -> str:
+    import json
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor_{name}"),
+               TRITON_CACHE_DIR=str(tmp_path / f"triton_{name}"))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, mode, path, json.dumps(key)],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def saved_cache(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("compile_cache")
+    path = str(tmp_path / "graphs.bin")
+    out = compile_in_fresh_process(tmp_path, "save", path, KEY, "first")
+    return tmp_path, path, out
+
+
+def test_compile_cache_is_written_by_the_first_run(saved_cache):
+    _, path, out = saved_cache
+    assert re.search(r"misses: [1-9]", out)                  # it compiled
+    assert f"compile cache {path}: written" in out
+    with open(path, "rb") as f:
+        assert f.readline() == tg.COMPILE_CACHE_MAGIC
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_compile_cache_spares_a_fresh_machine_the_compilation(saved_cache):
+    tmp_path, path, first = saved_cache
+    out = compile_in_fresh_process(tmp_path, "load", path, KEY, "second")
+    assert "loaded: True" in out and "misses: 0" in out
+    weights = torch.arange(32.0).view(4, 8) / 32
+    expected = 2 * float(weights.sum(1).square().sum())     # two rows of ones, positive weights
+    assert float(re.search(r"output: ([\d.]+)", out).group(1)) == pytest.approx(expected)
+
+
+def test_compile_cache_built_for_another_run_is_rejected_in_one_line(saved_cache):
+    _, path, _ = saved_cache
+    lines = []
+    assert not tg.load_compile_cache(path, {**KEY, "model_dim": "1024"}, lines.append)
+    assert lines == [f"compile cache {path}: built for another run (model_dim 768 -> 1024); "
+                     f"compiling afresh and replacing it"]
+
+
+def test_missing_or_foreign_compile_cache_is_reported(tmp_path):
+    lines = []
+    missing = str(tmp_path / "none.bin")
+    assert not tg.load_compile_cache(missing, KEY, lines.append)
+    foreign = tmp_path / "foreign.bin"
+    foreign.write_bytes(b"PK\x03\x04 something else\n")
+    assert not tg.load_compile_cache(str(foreign), KEY, lines.append)
+    assert lines == [f"compile cache {missing}: not there yet; compiling, then writing it",
+                     f"compile cache {foreign}: unreadable (not a compile cache of train_gpt.py); "
+                     f"compiling afresh and replacing it"]
+
+
+def test_compile_cache_key_changes_with_graph_fields_only():
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=8)
+    base = tg.compile_cache_key(tg.Hyperparameters(), run)
+    assert tg.compile_cache_key(tg.Hyperparameters(seed=7, log_dir="x"), run) == base
+    changed = tg.compile_cache_key(tg.Hyperparameters(model_dim=512), run)
+    assert {k for k in base if base[k] != changed[k]} == {"model_dim"}
+    run2 = tg.Run(rank=0, world_size=2, device=torch.device("cpu"), grad_accum_steps=4)
+    assert tg.compile_cache_key(tg.Hyperparameters(), run2)["world_size"] == "2"
