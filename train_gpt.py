@@ -38,6 +38,11 @@ import triton_kernels
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
+
+def repo_path(path: str) -> str:
+    """A relative path that does not exist from here, taken from the repository's root."""
+    return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO_ROOT, path)
+
 # =================================================================================================
 # Configuration
 # =================================================================================================
@@ -111,6 +116,8 @@ class Hyperparameters:
     resume: str = ""                        # a checkpoint to continue, or "latest" in checkpoint_dir
     compile_cache: str = ""                 # a file of compiled graphs: loaded if it fits, else
                                             # written after the warm-up
+    eval: str = ""                          # "hellaswag": score the final model, after the clock
+    hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"   # from data/hellaswag.py
     log_dir: str = "logs"
     # The changes of the public records after #74. The defaults above and here are record #74;
     # the speedrun preset turns these on, and RECORD_CHANGES says how to turn each off again.
@@ -304,6 +311,8 @@ def check_config(cfg: Hyperparameters, world_size: int) -> int:
             raise ValueError(f"{name}={getattr(cfg, name)}: expected 0 or more")
     for k, stage in enumerate(cfg.stages, start=1):
         check_stage(k, stage, micro)
+    if cfg.eval not in ("", "hellaswag"):
+        raise ValueError(f"eval={cfg.eval}: expected hellaswag (or nothing)")
     if cfg.save_every < 0 or cfg.save_every % 2:
         raise ValueError(f"save_every={cfg.save_every}: expected 0 or an even number of steps (a "
                          f"checkpoint falls after an Adam step, when no gradient is pending)")
@@ -2740,7 +2749,7 @@ RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
     "compile", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
     "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops",
-    "compile_cache"})
+    "compile_cache", "eval", "hellaswag_file"})
 
 
 class CheckpointError(ValueError):
@@ -2887,7 +2896,7 @@ COMPILE_CACHE_MAGIC = b"train_gpt.py compile cache 1\n"
 NOT_GRAPH_FIELDS = frozenset({
     "train_files", "val_files", "val_tokens", "cycle_train_data", "stop_after_steps", "val_every",
     "seed", "peak_tflops", "save_every", "save_checkpoint", "checkpoint_dir", "resume", "log_dir",
-    "val_mask_cache", "compile_cache"})
+    "val_mask_cache", "compile_cache", "eval", "hellaswag_file"})
 
 
 def compiled_graphs() -> int:
@@ -3087,6 +3096,7 @@ class TrainingRun:
         self.flops: dict[tuple, float] = {}          # FLOPs per token by stage shape
         self.tokens = 0
         self.val_text = "none"
+        self.hellaswag_text = "not run (--eval=hellaswag runs it)"
         self.t0 = 0.0
 
     def compile_and_warm_up(self) -> None:
@@ -3136,7 +3146,24 @@ class TrainingRun:
             self.report_step(self.pending)
         if cfg.save_checkpoint:
             self.checkpoint(self.last_step)
+        if cfg.eval == "hellaswag":
+            self.evaluate_hellaswag(settings)
         self.finish()
+
+    def evaluate_hellaswag(self, settings: StepSettings) -> None:
+        """HellaSwag on the trained model, after the clock, each rank a share of the examples."""
+        start, run, trainer = time.perf_counter(), self.run, self.trainer
+        examples = read_hellaswag(repo_path(self.cfg.hellaswag_file), gpt2_encode())
+        final = self.last_step == self.total_steps
+        windows = trainer.schedule.final_val_windows() if final else settings.windows
+        counts = hellaswag_counts(trainer.model, self.cfg, windows, examples, run.rank,
+                                  run.world_size)
+        if run.world_size > 1:
+            dist.all_reduce(counts)
+        acc, acc_norm = (counts / len(examples)).tolist()
+        self.hellaswag_text = f"acc {acc:.4f}, acc_norm {acc_norm:.4f} ({len(examples)} examples)"
+        self.log(f"hellaswag acc:{acc:.4f} acc_norm:{acc_norm:.4f} examples:{len(examples)} "
+                 f"({time.perf_counter() - start:.1f}s, after the clock)")
 
     def validate(self, step: int, settings: StepSettings) -> None:
         final = step == self.total_steps
@@ -3203,6 +3230,7 @@ class TrainingRun:
         import triton
         lines = {
             "final val loss": self.val_text,
+            "HellaSwag": self.hellaswag_text,
             "steps": f"{self.last_step} of {self.total_steps}",
             "training time": f"{self.training_ms / 1000:.2f} s (validation and checkpoints excluded)",
             "median step time (ms)": stage_times or "no steps",
@@ -3300,6 +3328,11 @@ def preflight(cfg: Hyperparameters, run: Run, paths: Paths) -> list[Check]:
         dist.all_reduce(total)
         checks.append(Check("all-reduce", int(total.item()) == run.world_size,
                             f"{int(total.item())} of {run.world_size} ranks answered"))
+    if cfg.eval == "hellaswag":
+        path = repo_path(cfg.hellaswag_file)
+        checks.append(Check("HellaSwag file", os.path.isfile(path),
+                            path if os.path.isfile(path) else
+                            f"{path}: missing (`python data/hellaswag.py` downloads it)"))
     if cfg.save_every or cfg.save_checkpoint:
         try:
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
@@ -3412,6 +3445,155 @@ def sample(argv: list[str]) -> None:
           f"recomputed for every token)", file=sys.stderr)
 
 
+# =================================================================================================
+# HellaSwag
+# =================================================================================================
+# Each example is a context and four endings, one of them right. Every ending is scored by the
+# log-likelihood the model gives its tokens after the context: acc counts the examples whose right
+# ending scores highest, acc_norm the same with each score divided by the ending's length in
+# characters (lm-evaluation-harness's normalisation). A candidate is the document [BOS, context,
+# ending] after two documents of one BOS each. Its first token then sees a BOS before it (smear,
+# bigram, key offset), as a training document's first token sees the previous document's last one;
+# and that BOS depends on nothing else (a one-token document attends only to itself, and its own
+# predecessor is the other BOS), so no neighbour in a packed batch can change a candidate's score.
+
+HELLASWAG_PACK_TOKENS = 4096     # tokens per forward pass
+SEPARATOR_DOCUMENTS = 2
+
+
+class HellaSwagExample(NamedTuple):
+    context: list[int]
+    endings: list[list[int]]     # four, each tokenised with its leading space
+    ending_chars: list[int]
+    label: int
+
+
+def read_hellaswag(path: str, encode: Callable[[str], list[int]]) -> list[HellaSwagExample]:
+    """The examples of a HellaSwag .jsonl file (one JSON object per line with ctx, endings, label)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no HellaSwag file (`python data/hellaswag.py` downloads it)")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                item = json.loads(line)
+                ctx, endings, label = item["ctx"], item["endings"], int(item["label"])
+                if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
+                        and all(isinstance(e, str) for e in endings) and 0 <= label < 4):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path} line {number}: expected a JSON object with ctx (a text), "
+                                f"endings (4 texts) and label (0-3)") from None
+            examples.append(HellaSwagExample(encode(ctx), [encode(" " + e) for e in endings],
+                                             [len(e) for e in endings], label))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def candidate_tokens(example: HellaSwagExample) -> int:
+    return sum(SEPARATOR_DOCUMENTS + 1 + len(example.context) + len(ending)
+               for ending in example.endings)
+
+
+def hellaswag_packs(examples: list[HellaSwagExample], max_tokens: int
+                    ) -> Iterator[list[HellaSwagExample]]:
+    """Consecutive examples in groups of at most max_tokens candidate tokens."""
+    pack, tokens = [], 0
+    for example in examples:
+        size = candidate_tokens(example)
+        if size > max_tokens:
+            raise DataError(f"a HellaSwag example of {size} tokens (context "
+                            f"{len(example.context)}) exceeds the {max_tokens} of one forward pass")
+        if tokens + size > max_tokens:
+            yield pack
+            pack, tokens = [], 0
+        pack.append(example)
+        tokens += size
+    if pack:
+        yield pack
+
+
+@torch.no_grad()
+def ending_log_likelihoods(model: GPT, cfg: Hyperparameters, windows: tuple[int, int],
+                           examples: list[HellaSwagExample]) -> torch.Tensor:
+    """(examples, 4): the summed log-probability of each ending's tokens after its context."""
+    tokens, doc_lengths, spans = [], [], []
+    for example in examples:
+        for ending in example.endings:
+            document = [BOS_ID, *example.context, *ending]
+            tokens += [BOS_ID] * SEPARATOR_DOCUMENTS
+            doc_lengths += [1] * SEPARATOR_DOCUMENTS
+            start = len(tokens)
+            # position p predicts token p + 1: the ending's predictors end one before the document
+            spans.append((start + len(example.context), start + len(document) - 1))
+            tokens += document
+            doc_lengths.append(len(document))
+    device = model.embed.device
+    ids = np.array(tokens, dtype=np.int32)
+    inputs = torch.from_numpy(ids).to(device)
+    targets = torch.roll(inputs, -1).long()
+    bigram_ids = torch.from_numpy(bigram_hash(ids, cfg.bigram_vocab_size)).to(device)
+    cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(doc_lengths)]), dtype=torch.int32,
+                              device=device)
+    h = model.hidden_states(inputs, bigram_ids, cu_seqlens, windows, max(doc_lengths))
+    logits = triton_kernels.softcap(h @ model.lm_head).float()
+    log_probs = -F.cross_entropy(logits, targets, reduction="none").double()
+    totals = torch.cat([log_probs.new_zeros(1), log_probs.cumsum(0)])
+    starts, ends = (torch.tensor(column, device=device) for column in zip(*spans))
+    return (totals[ends] - totals[starts]).view(len(examples), 4)
+
+
+def hellaswag_counts(model: GPT, cfg: Hyperparameters, windows: tuple[int, int],
+                     examples: list[HellaSwagExample], rank: int = 0, world_size: int = 1
+                     ) -> torch.Tensor:
+    """This rank's share (every world_size-th example from `rank`): a float64 tensor of (right by
+    acc, right by acc_norm); summed over the ranks and divided by len(examples), the accuracies."""
+    device = model.embed.device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    max_tokens = min(HELLASWAG_PACK_TOKENS, model.rotary.cos.size(0) // 2)  # paired heads: 2T
+    was_training = model.training
+    model.eval()
+    for pack in hellaswag_packs(examples[rank::world_size], max_tokens):
+        scores = ending_log_likelihoods(model, cfg, windows, pack)
+        labels = torch.tensor([example.label for example in pack], device=device)
+        chars = torch.tensor([example.ending_chars for example in pack], device=device)
+        counts[0] += (scores.argmax(1) == labels).sum()
+        counts[1] += ((scores / chars).argmax(1) == labels).sum()
+    model.train(was_training)
+    return counts
+
+
+def gpt2_encode() -> Callable[[str], list[int]]:
+    import tiktoken
+    return tiktoken.get_encoding("gpt2").encode_ordinary
+
+
+def evaluate_checkpoint(argv: list[str]) -> None:
+    """train_gpt.py --eval=hellaswag --checkpoint=PATH [--hellaswag_file=F]: print the accuracies
+    of a checkpoint's model."""
+    options = dict(eval="", checkpoint="", hellaswag_file=Hyperparameters.hellaswag_file)
+    for arg in argv:
+        key, _, value = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in options or not _:
+            raise SystemExit(f"argument {arg!r}: evaluating a checkpoint takes "
+                             f"{', '.join('--' + k + '=...' for k in options)}")
+        options[key] = value
+    if options["eval"] != "hellaswag":
+        raise SystemExit(f"--eval={options['eval']}: expected hellaswag")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        examples = read_hellaswag(repo_path(options["hellaswag_file"]), gpt2_encode())
+        model, cfg, windows = model_from_checkpoint(options["checkpoint"], device,
+                                                    lambda line: print(line, file=sys.stderr))
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    start = time.perf_counter()
+    acc, acc_norm = (hellaswag_counts(model, cfg, windows, examples) / len(examples)).tolist()
+    print(f"hellaswag acc:{acc:.4f} acc_norm:{acc_norm:.4f} examples:{len(examples)} "
+          f"({time.perf_counter() - start:.1f}s, {device.type})")
+
+
 def print_summary(cfg: Hyperparameters, world_size: int) -> None:
     """Every parameter with its optimizer settings, built on the meta device (no memory)."""
     if world_size < 1 or cfg.micro_batches_per_step % world_size:
@@ -3439,6 +3621,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--sample" in argv:
         sample([arg for arg in argv if arg != "--sample"])
+        return
+    if any(arg.startswith("--checkpoint=") for arg in argv):
+        evaluate_checkpoint(argv)
         return
     only_preflight = "--preflight" in argv
     argv = [arg for arg in argv if arg != "--preflight"]
