@@ -504,3 +504,41 @@ RECORD74_PINNED_LOSSES = [10.7988, 10.8001, 10.4888]
 def test_record74_trains_as_before_the_later_records():
     losses, _ = train_steps(tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES}))
     assert [round(loss, 4) for loss in losses] == pytest.approx(RECORD74_PINNED_LOSSES, abs=2e-4)
+
+
+# =================================================================================================
+# The speedrun step under torch.compile
+# =================================================================================================
+
+def maskable_attention(q, k, v, cu_seqlens, window, scale):
+    """Windowed causal attention within documents as one masked softmax over all rows: no
+    per-document loop, so dynamo can trace it as flash attention is traced on a GPU."""
+    positions = torch.arange(q.shape[0])
+    document = torch.searchsorted(cu_seqlens, positions, right=True)
+    delta = positions[:, None] - positions[None, :]
+    mask = (delta >= 0) & (delta <= window) & (document[:, None] == document[None, :])
+    q, k, v = (t.transpose(0, 1).float() for t in (q, k, v))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return y.transpose(0, 1).to(torch.bfloat16)
+
+
+@needs_corpus
+@needs_tokenizer
+def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch):
+    """The model's forward and backward, its evaluation and the optimizer's update functions
+    trace with fullgraph=True (a graph break would raise), and the compiled steps train like
+    the eager ones. Dynamo runs on a CPU here with the aot_eager backend (no code generation)."""
+    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES})
+    monkeypatch.setattr(tg, "attention_reference", maskable_attention)
+    eager_losses, _ = train_steps(cfg, steps=4)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **options: compile_(fn, **{**options, "backend": "aot_eager"}))
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
+    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None, paths=tg.Paths(compile=True))
+    losses = [trainer.train_step(step, trainer.advance(step)).item() for step in range(4)]
+    assert losses == pytest.approx(eager_losses, abs=1e-3)
+    batch = next(iter(tg.val_batches(trainer.val_files, 1024, 1024, 0, 1, 4, run.device,
+                                     cfg.bigram_vocab_size)))
+    plain, masked = trainer.eval_forward(batch, (128, 384)).tolist()
+    assert math.isfinite(plain) and math.isfinite(masked)
