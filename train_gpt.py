@@ -358,6 +358,7 @@ class Paths:
     lm_head: str = "bf16"         # "fp8": e4m3 head GEMM, e5m2 logits gradient (training only)
     loss: str = "torch"           # "triton": loss and logits gradient in one kernel (FP8 head only)
     attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "dense"
+    dc_attention: str = "torch"   # "triton": the composed attention (#85) in one kernel per pass
     optimizer: str = "torch"      # "triton": Gram kernels, fused Polar Express update, transposes
     table_grads: str = "torch"    # "triton": lookup-table gradients by sorted runs of equal ids
     compile: bool = False         # torch.compile the model and the optimizer's update math
@@ -366,7 +367,8 @@ class Paths:
 
     def __post_init__(self):
         choices = dict(mlp=("torch", "triton"), lm_head=("bf16", "fp8"), loss=("torch", "triton"),
-                       attention=("dense", "varlen", "flash_attn3"), optimizer=("torch", "triton"),
+                       attention=("dense", "varlen", "flash_attn3"),
+                       dc_attention=("torch", "triton"), optimizer=("torch", "triton"),
                        table_grads=("torch", "triton"))
         for op, allowed in choices.items():
             if getattr(self, op) not in allowed:
@@ -424,10 +426,12 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     loss, loss_why = "torch", "the bf16 head's loss is plain PyTorch"
     if head == "fp8":
         loss, loss_why = kernels, kernels_why
-    return Paths(mlp=kernels, lm_head=head, loss=loss, attention=attention, optimizer=kernels,
-                 table_grads=kernels, compile=cfg.compile and cuda, flash_attn3=flash_attn3,
+    return Paths(mlp=kernels, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
+                 optimizer=kernels, table_grads=kernels, compile=cfg.compile and cuda,
+                 flash_attn3=flash_attn3,
                  why=dict(mlp=kernels_why, lm_head=head_why, loss=loss_why, attention=attention_why,
-                          optimizer=kernels_why, table_grads=kernels_why, compile=compile_why))
+                          dc_attention=kernels_why, optimizer=kernels_why, table_grads=kernels_why,
+                          compile=compile_why))
 
 
 # =================================================================================================
@@ -1329,41 +1333,6 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
     return attention_reference(q, k, v, cu_seqlens, window, scale)
 
 
-def dc_attention_reference(q, k, v, cu_seqlens, scale: float, w1: torch.Tensor,
-                           w2: torch.Tensor, window: int = DC_WINDOW,
-                           chunk: int = 128) -> torch.Tensor:
-    """The dynamically composed attention term (T, H, hd) that layer 10 adds to its heads' output:
-    y_h(t) += w2_h(t) sum_s a(t, s) v_h(s), a(t, s) = sum_g w1n_g(t) P_g(t, s), where P_g is head
-    g's softmax over the keys s of t's document with t - window < s <= t, and w1n is w1 divided by
-    its RMS over the heads. q, k, v: (T, H, hd); w1, w2: (T, H).
-
-    Banded: the queries go in chunks of `chunk` rows, each against the chunk + window - 1 keys that
-    can reach it, so memory grows with T x (chunk + window), not T^2."""
-    T, H, hd = q.shape
-    n = -(-T // chunk)
-    rows = n * chunk
-    positions = torch.arange(rows, device=q.device)
-    document = torch.searchsorted(cu_seqlens, positions.clamp_max(T - 1), right=True)
-    keys = (positions[::chunk, None] - (window - 1)
-            + torch.arange(chunk + window - 1, device=q.device))           # (n, L)
-    key_index = keys.clamp(0, T - 1)
-    query = positions.view(n, chunk, 1)
-    key = keys[:, None, :]
-    visible = ((key >= 0) & (key <= query) & (key > query - window)
-               & (document[key_index][:, None, :] == document.view(n, chunk, 1)))  # (n, C, L)
-    pad = (0, 0, 0, 0, 0, rows - T)
-    Q = F.pad(q.float(), pad).view(n, chunk, H, hd)
-    K, V = k.float()[key_index], v.float()[key_index]                        # (n, L, H, hd)
-    scores = torch.einsum("nchd,nlhd->nhcl", Q, K) * scale
-    # a large finite fill: rows past T (padding) see no key, and must not produce NaN
-    probs = torch.softmax(scores.masked_fill(~visible[:, None], -1e30), dim=-1)
-    w1f = F.pad(w1.float(), (0, 0, 0, rows - T)).view(n, chunk, H)
-    w1n = w1f * torch.rsqrt(w1f.square().mean(-1, keepdim=True) + 1e-6)
-    mixed = torch.einsum("nch,nhcl->ncl", w1n, probs)
-    out = torch.einsum("ncl,nlhd->nchd", mixed, V).reshape(rows, H, hd)[:T]
-    return (w2.float()[:, :, None] * out).to(v.dtype)
-
-
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
     """y_h minus share_h times its component along the head's own value v_h: y - s (y.v / v.v) v,
     with v.v at least 1e-8. y, v: (T, H, hd); share: (H,) or (T, H)."""
@@ -1544,7 +1513,9 @@ class GPT(nn.Module):
         if xsa_share is not None:
             y = exclusive_self_attention(y, v, xsa_share)
         if dc_weights is not None:
-            y = y + dc_attention_reference(q, k, v, cu_seqlens, scale, *dc_weights)
+            dc_attention = (triton_kernels.dc_attention if self.paths.dc_attention == "triton"
+                            else triton_kernels.dc_attention_reference)
+            y = y + dc_attention(q, k, v, cu_seqlens, scale, *dc_weights, window=DC_WINDOW)
         if out_gate is not None:
             y = y * out_gate[..., None]
         return F.linear(y.reshape(T, d), out_lambda * W_out)

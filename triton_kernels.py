@@ -13,10 +13,13 @@
   6. transpose_copy  dst = src^T        (tied embedding <- lm_head^T)
   7. transpose_add   dst += src^T       (lm_head grad += embedding grad^T)
   8. index_add_rows  out[l, index[t]] += src[l, t]   (lookup-table gradients, row by row)
+  9. dc_attention    the dynamically composed attention of record #85: the heads' softmax maps
+                     over a short window mixed per token, applied to every head's values;
+                     autograd function
 
 Each kernel `name` has a `name_reference` with the same contract in plain PyTorch: the CPU
 training path runs the references, and the tests compare every kernel with its reference.
-Kernels 1-7 are torch.library custom ops with a fake (meta) implementation, so that
+Kernels 1-7 and 9 are torch.library custom ops with a fake (meta) implementation, so that
 torch.compile(fullgraph=True) traces through them without a graph break. The soft cap of the LM
 head, `softcap`, and its constants are defined here once; train_gpt.py imports them.
 
@@ -50,7 +53,7 @@ __all__ = [
     "softcapped_mtp_losses_reference",
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
-    "index_add_rows", "index_add_rows_reference",
+    "index_add_rows", "index_add_rows_reference", "dc_attention", "dc_attention_reference",
 ]
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted; the host code
@@ -1272,3 +1275,301 @@ def index_add_rows_reference(out: torch.Tensor, index: torch.Tensor, src: torch.
                              index_sorted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """index_add_ along dim -2 (it needs no sorted index)."""
     return out.index_add_(-2, index, src)
+
+
+# =================================================================================================
+# 9. Dynamically composed attention (record #85): y_h(t) = w2_h(t) sum_s a(t, s) v_h(s)
+# =================================================================================================
+# a(t, s) = sum_g w1n_g(t) P_g(t, s) mixes the heads' softmax maps: P_g(t, .) is head g's softmax
+# of scale q_g(t).k_g(s) over the keys s of t's document with t - window < s <= t, and w1n is w1
+# divided by its RMS over the heads. Because a mixes all heads before it meets the values, the
+# maps cannot stay inside a flash-attention kernel; but the window is short (112 tokens), so a
+# block of BLOCK queries needs only the KEYS = next power of two >= BLOCK + window - 1 keys before
+# it, and every map of the block fits on chip. The forward stores each head's log-sum-exp, so the
+# backward recomputes the maps in two passes: by query blocks (dq, dw1n, dw2 and each head's
+# delta = sum_s P dP), then by key blocks, over the queries that can see them (dk, dv), with no
+# atomics. The maps are multiplied with the values in bf16 (as flash attention does); every sum
+# is fp32.
+
+@triton.jit
+def _dc_tile(doc_ptr, T, row0, key0, ROWS: tl.constexpr, COLS: tl.constexpr, WINDOW: tl.constexpr):
+    """Rows (queries) row0 + [0, ROWS), keys key0 + [0, COLS), which of them exist, and which
+    query sees which key."""
+    rows = row0 + tl.arange(0, ROWS)
+    keys = key0 + tl.arange(0, COLS)
+    row_ok = rows < T
+    key_ok = (keys >= 0) & (keys < T)
+    row_doc = tl.load(doc_ptr + rows, mask=row_ok, other=-1)
+    key_doc = tl.load(doc_ptr + keys, mask=key_ok, other=-2)
+    distance = rows[:, None] - keys[None, :]
+    visible = ((distance >= 0) & (distance < WINDOW) & (row_doc[:, None] == key_doc[None, :])
+               & row_ok[:, None] & key_ok[None, :])
+    return rows.to(tl.int64), keys.to(tl.int64), row_ok, key_ok, visible
+
+
+@triton.jit
+def _dc_head(ptr, index, ok, head, H: tl.constexpr, HD: tl.constexpr):
+    """The head's (len(index), HD) slice of a (T, H, HD) tensor; zeros where not ok."""
+    dims = tl.arange(0, HD)
+    return tl.load(ptr + index[:, None] * (H * HD) + head * HD + dims[None, :], mask=ok[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, head, scale,
+                      H: tl.constexpr, HD: tl.constexpr):
+    """P_head(rows, keys) from the stored log-sum-exp of each row."""
+    q = _dc_head(q_ptr, rows, row_ok, head, H, HD)
+    k = _dc_head(k_ptr, keys, key_ok, head, H, HD)
+    scores = _mma(tl.zeros((q.shape[0], k.shape[0]), tl.float32), q, k.T) * scale
+    lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
+    return tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok, visible, scale,
+              H: tl.constexpr, HD: tl.constexpr):
+    """a(rows, keys) = sum_g w1n_g(row) P_g(rows, keys)."""
+    mixed = tl.zeros((rows.shape[0], keys.shape[0]), tl.float32)
+    for g in tl.static_range(H):
+        p = _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, g,
+                              scale, H, HD)
+        mixed += p * tl.load(w1n_ptr + rows * H + g, mask=row_ok, other=0.0)[:, None]
+    return mixed
+
+
+@triton.jit
+def _dc_attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_ptr, w1n_ptr, w2_ptr, out_ptr, lse_ptr,
+                                 T, scale, H: tl.constexpr, HD: tl.constexpr,
+                                 WINDOW: tl.constexpr, BLOCK: tl.constexpr, KEYS: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)      # Python floats may arrive as fp64 under torch.compile
+    row0 = tl.program_id(0) * BLOCK
+    rows, keys, row_ok, key_ok, visible = _dc_tile(doc_ptr, T, row0, row0 + BLOCK - KEYS,
+                                                   BLOCK, KEYS, WINDOW)
+    for g in tl.static_range(H):            # the log-sum-exp of every head's row
+        q = _dc_head(q_ptr, rows, row_ok, g, H, HD)
+        k = _dc_head(k_ptr, keys, key_ok, g, H, HD)
+        scores = tl.where(visible, _mma(tl.zeros((BLOCK, KEYS), tl.float32), q, k.T) * scale,
+                          float("-inf"))
+        top = tl.max(scores, 1)
+        top = tl.where(top == float("-inf"), 0.0, top)      # rows past T see no key
+        total = tl.sum(tl.where(visible, tl.exp(scores - top[:, None]), 0.0), 1)
+        lse = top + tl.log(tl.where(total > 0, total, 1.0))
+        tl.store(lse_ptr + rows * H + g, lse, mask=row_ok)
+    mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
+                               visible, scale, H, HD))
+    for h in tl.static_range(H):
+        v = _dc_head(v_ptr, keys, key_ok, h, H, HD)
+        out = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed, v)
+        w2 = tl.load(w2_ptr + rows * H + h, mask=row_ok, other=0.0)
+        dims = tl.arange(0, HD)
+        tl.store(out_ptr + rows[:, None] * (H * HD) + h * HD + dims[None, :],
+                 _to_bf16(out * w2[:, None]), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dc_d_mixed(v_ptr, dy_ptr, w2_ptr, rows, keys, row_ok, key_ok, H: tl.constexpr,
+                HD: tl.constexpr):
+    """dL/da(rows, keys) = sum_h w2_h(row) dy_h(row) . v_h(key)."""
+    d_mixed = tl.zeros((rows.shape[0], keys.shape[0]), tl.float32)
+    for h in tl.static_range(H):
+        d_out = _dc_d_out(dy_ptr, w2_ptr, rows, row_ok, h, H, HD)
+        d_mixed = _mma(d_mixed, d_out, _dc_head(v_ptr, keys, key_ok, h, H, HD).T)
+    return d_mixed
+
+
+@triton.jit
+def _dc_d_out(dy_ptr, w2_ptr, rows, row_ok, head, H: tl.constexpr, HD: tl.constexpr):
+    """dL/d(sum_s a v_h) = w2_h dy_h, rounded to bf16 for the tensor cores."""
+    w2 = tl.load(w2_ptr + rows * H + head, mask=row_ok, other=0.0)
+    return _to_bf16(_dc_head(dy_ptr, rows, row_ok, head, H, HD).to(tl.float32) * w2[:, None])
+
+
+@triton.jit
+def _dc_attention_backward_queries_kernel(
+        q_ptr, k_ptr, v_ptr, doc_ptr, w1n_ptr, w2_ptr, lse_ptr, dy_ptr,
+        dq_ptr, dw1n_ptr, dw2_ptr, delta_ptr, T, scale,
+        H: tl.constexpr, HD: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+        KEYS: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)
+    row0 = tl.program_id(0) * BLOCK
+    rows, keys, row_ok, key_ok, visible = _dc_tile(doc_ptr, T, row0, row0 + BLOCK - KEYS,
+                                                   BLOCK, KEYS, WINDOW)
+    mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
+                               visible, scale, H, HD))
+    for h in tl.static_range(H):            # dw2_h = dy_h . (sum_s a v_h), as the forward made it
+        out = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed, _dc_head(v_ptr, keys, key_ok, h, H, HD))
+        dy = _dc_head(dy_ptr, rows, row_ok, h, H, HD).to(tl.float32)
+        tl.store(dw2_ptr + rows * H + h, tl.sum(dy * out, 1), mask=row_ok)
+    d_mixed = _dc_d_mixed(v_ptr, dy_ptr, w2_ptr, rows, keys, row_ok, key_ok, H, HD)
+    dims = tl.arange(0, HD)
+    for g in tl.static_range(H):
+        p = _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, g,
+                              scale, H, HD)
+        w1n = tl.load(w1n_ptr + rows * H + g, mask=row_ok, other=0.0)
+        dw1n = tl.sum(p * d_mixed, 1)
+        delta = w1n * dw1n                  # sum_s P dP, with dP = w1n d_mixed
+        tl.store(dw1n_ptr + rows * H + g, dw1n, mask=row_ok)
+        tl.store(delta_ptr + rows * H + g, delta, mask=row_ok)
+        d_scores = _to_bf16(p * (w1n[:, None] * d_mixed - delta[:, None]))
+        dq = _mma(tl.zeros((BLOCK, HD), tl.float32), d_scores, _dc_head(k_ptr, keys, key_ok, g, H, HD))
+        tl.store(dq_ptr + rows[:, None] * (H * HD) + g * HD + dims[None, :], _to_bf16(dq * scale),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _dc_attention_backward_keys_kernel(
+        q_ptr, k_ptr, v_ptr, doc_ptr, w1n_ptr, w2_ptr, lse_ptr, dy_ptr, delta_ptr,
+        dk_ptr, dv_ptr, T, scale,
+        H: tl.constexpr, HD: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+        QUERIES: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)
+    key0 = tl.program_id(0) * BLOCK         # these keys, and the QUERIES queries from key0 on
+    rows, keys, row_ok, key_ok, visible = _dc_tile(doc_ptr, T, key0, key0, QUERIES, BLOCK, WINDOW)
+    mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
+                               visible, scale, H, HD))
+    dims = tl.arange(0, HD)
+    for h in tl.static_range(H):            # dv_h(s) = sum_t a(t, s) w2_h(t) dy_h(t)
+        d_out = _dc_d_out(dy_ptr, w2_ptr, rows, row_ok, h, H, HD)
+        dv = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed.T, d_out)
+        tl.store(dv_ptr + keys[:, None] * (H * HD) + h * HD + dims[None, :], _to_bf16(dv),
+                 mask=key_ok[:, None])
+    d_mixed = _dc_d_mixed(v_ptr, dy_ptr, w2_ptr, rows, keys, row_ok, key_ok, H, HD)
+    for g in tl.static_range(H):
+        p = _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, g,
+                              scale, H, HD)
+        w1n = tl.load(w1n_ptr + rows * H + g, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows * H + g, mask=row_ok, other=0.0)
+        d_scores = _to_bf16(p * (w1n[:, None] * d_mixed - delta[:, None]))
+        dk = _mma(tl.zeros((BLOCK, HD), tl.float32), d_scores.T, _dc_head(q_ptr, rows, row_ok, g, H, HD))
+        tl.store(dk_ptr + keys[:, None] * (H * HD) + g * HD + dims[None, :], _to_bf16(dk * scale),
+                 mask=key_ok[:, None])
+
+
+def _dc_tiling(window: int) -> tuple[int, int]:
+    """(BLOCK, KEYS): queries (or keys) per program, and the power-of-two span that covers them
+    and their window."""
+    block = 16 if INTERPRET else 64
+    return block, triton.next_power_of_2(block + window - 1)
+
+
+@torch.library.custom_op("nanogpt_triton::dc_attention_forward", mutates_args=())
+def _dc_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor,
+                             w1n: torch.Tensor, w2: torch.Tensor, scale: float,
+                             window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T, H, HD = q.shape
+    out = torch.empty_like(v)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    block, keys = _dc_tiling(window)
+    _dc_attention_forward_kernel[(triton.cdiv(T, block),)](
+        q, k, v, doc, w1n, w2, out, lse, T, scale, H=H, HD=HD, WINDOW=window, BLOCK=block,
+        KEYS=keys, num_warps=8)
+    return out, lse
+
+
+@_dc_attention_forward_op.register_fake
+def _(q, k, v, doc, w1n, w2, scale, window):
+    return torch.empty_like(v), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("nanogpt_triton::dc_attention_backward", mutates_args=())
+def _dc_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor,
+                              w1n: torch.Tensor, w2: torch.Tensor, lse: torch.Tensor,
+                              dy: torch.Tensor, scale: float, window: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    T, H, HD = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dw1n, dw2, delta = (torch.empty(T, H, dtype=torch.float32, device=q.device) for _ in range(3))
+    block, span = _dc_tiling(window)
+    grid = (triton.cdiv(T, block),)
+    _dc_attention_backward_queries_kernel[grid](
+        q, k, v, doc, w1n, w2, lse, dy, dq, dw1n, dw2, delta, T, scale, H=H, HD=HD,
+        WINDOW=window, BLOCK=block, KEYS=span, num_warps=8)
+    _dc_attention_backward_keys_kernel[grid](
+        q, k, v, doc, w1n, w2, lse, dy, delta, dk, dv, T, scale, H=H, HD=HD, WINDOW=window,
+        BLOCK=block, QUERIES=span, num_warps=8)
+    return dq, dk, dv, dw1n, dw2
+
+
+@_dc_attention_backward_op.register_fake
+def _(q, k, v, doc, w1n, w2, lse, dy, scale, window):
+    rows = q.new_empty(q.shape[:2], dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), rows,
+            torch.empty_like(rows))
+
+
+class _DCAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc, w1n, w2, scale, window):
+        out, lse = _dc_attention_forward_op(q, k, v, doc, w1n, w2, scale, window)
+        ctx.save_for_backward(q, k, v, doc, w1n, w2, lse)
+        ctx.scale, ctx.window = scale, window
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, doc, w1n, w2, lse = ctx.saved_tensors
+        dq, dk, dv, dw1n, dw2 = _dc_attention_backward_op(q, k, v, doc, w1n, w2, lse,
+                                                          dy.contiguous(), ctx.scale, ctx.window)
+        return dq, dk, dv, None, dw1n, dw2, None, None
+
+
+def _dc_mixing_weights(w1: torch.Tensor) -> torch.Tensor:
+    """w1 divided by its RMS over the heads (eps 1e-6), fp32."""
+    w1 = w1.float()
+    return w1 * torch.rsqrt(w1.square().mean(-1, keepdim=True) + 1e-6)
+
+
+def dc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 scale: float, w1: torch.Tensor, w2: torch.Tensor, window: int) -> torch.Tensor:
+    """The composed attention term (T, H, hd) in v's dtype: y_h(t) = w2_h(t) sum_s a(t, s) v_h(s)
+    (see the section's notes). q, k, v: (T, H, hd) bf16, hd a power of two; cu_seqlens: the
+    document starts (int32, last entry T, may repeat); w1, w2: (T, H). Differentiable in q, k, v,
+    w1 and w2."""
+    name = "dc_attention"
+    _check_runnable(name, q, k, v, cu_seqlens, w1, w2)
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+    T, H, HD = q.shape
+    _check_shape(name, "k", k, q.shape)
+    _check_shape(name, "v", v, q.shape)
+    _check_shape(name, "w1", w1, (T, H))
+    _check_shape(name, "w2", w2, (T, H))
+    if HD & (HD - 1) or window < 1:
+        raise ValueError(f"{name}: head_dim must be a power of two and window positive, got "
+                         f"{HD} and {window}")
+    positions = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
+    doc = torch.searchsorted(cu_seqlens, positions, right=True).to(torch.int32)
+    return _DCAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), doc,
+                              _dc_mixing_weights(w1), w2.float().contiguous(), scale, window)
+
+
+def dc_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens: torch.Tensor, scale: float, w1: torch.Tensor,
+                           w2: torch.Tensor, window: int, chunk: int = 128) -> torch.Tensor:
+    """dc_attention in PyTorch, banded: the queries go in chunks of `chunk` rows, each against
+    the chunk + window - 1 keys that can reach it, so memory grows with T x (chunk + window),
+    not T^2; fp32 throughout."""
+    T, H, hd = q.shape
+    n = -(-T // chunk)
+    rows = n * chunk
+    positions = torch.arange(rows, device=q.device)
+    document = torch.searchsorted(cu_seqlens, positions.clamp_max(T - 1), right=True)
+    keys = (positions[::chunk, None] - (window - 1)
+            + torch.arange(chunk + window - 1, device=q.device))           # (n, L)
+    key_index = keys.clamp(0, T - 1)
+    query = positions.view(n, chunk, 1)
+    key = keys[:, None, :]
+    visible = ((key >= 0) & (key <= query) & (key > query - window)
+               & (document[key_index][:, None, :] == document.view(n, chunk, 1)))  # (n, C, L)
+    pad = (0, 0, 0, 0, 0, rows - T)
+    Q = F.pad(q.float(), pad).view(n, chunk, H, hd)
+    K, V = k.float()[key_index], v.float()[key_index]                        # (n, L, H, hd)
+    scores = torch.einsum("nchd,nlhd->nhcl", Q, K) * scale
+    # a large finite fill: rows past T (padding) see no key, and must not produce NaN
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], -1e30), dim=-1)
+    w1n = F.pad(_dc_mixing_weights(w1), (0, 0, 0, rows - T)).view(n, chunk, H)
+    mixed = torch.einsum("nch,nhcl->ncl", w1n, probs)
+    out = torch.einsum("ncl,nlhd->nchd", mixed, V).reshape(rows, H, hd)[:T]
+    return (w2.float()[:, :, None] * out).to(v.dtype)

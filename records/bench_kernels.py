@@ -204,6 +204,31 @@ def case_mlp(tk, T, d, hidden):
     return results
 
 
+def case_dc_attention(tk, T, H, hd, window):
+    """Layer 10's composed attention, forward and backward, documents of about 400 tokens."""
+    q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
+    w1, w2 = (randn_bf16(T, H).requires_grad_() for _ in range(2))
+    cu = torch.arange(0, T + 1, 400, device=DEVICE, dtype=torch.int32)
+    cu = torch.cat([cu, cu.new_tensor([T])]) if cu[-1] != T else cu
+    scale = 0.12
+    dY = randn_bf16(T, H, hd)
+    leaves = (q, k, v, w1, w2)
+    shape = f"T={T}, H={H}, hd={hd}, window={window}"
+
+    def with_args(fn):
+        return lambda q, k, v, w1, w2: fn(q, k, v, cu, scale, w1, w2, window=window)
+
+    # the work a window-bound kernel cannot avoid: per query, window keys x (scores of H heads
+    # + H value sums) forward, twice that backward
+    work = 3 * 2 * 2 * T * window * H * hd
+    compiled_ref = torch.compile(with_args(tk.dc_attention_reference))
+    return [measure("dc_attention fwd+bwd (autograd)", shape,
+                    fwd_bwd(with_args(tk.dc_attention), leaves, leaves, dY),
+                    fwd_bwd(with_args(tk.dc_attention_reference), leaves, leaves, dY),
+                    fwd_bwd(compiled_ref, leaves, leaves, dY),
+                    work, "TFLOP/s", "bf16", "banded PyTorch reference")]
+
+
 def case_cross_entropy(tk, T, d, V):
     shape = f"T={T}, V={V}, K=3"
     logits = randn_bf16(T, V, scale=3.0)
@@ -426,6 +451,7 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "cross_entropy": lambda tk: case_cross_entropy(tk, 16384, 768, 50304),
     "transposes": lambda tk: case_transposes(tk, 768, 50304),
     "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
+    "dc_attention": lambda tk: case_dc_attention(tk, 49152, 6, 128, 112),
 }
 SWEEPS = {
     "Gram kernel tilings": gram_config_sweep,

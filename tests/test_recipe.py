@@ -4,6 +4,7 @@ loop-by-loop forward of the whole speedrun model), the prefix-token table, the v
 the bigram signs, the schedule, and the switches themselves (each can be turned off, all off is
 record #74, contradictions fail).
 """
+import dataclasses
 import math
 import os
 
@@ -55,7 +56,7 @@ def test_dc_attention_reference_matches_loops():
     for window in (1, 4, 112):
         want = ref_dc_attention(q, k, v, doc, 0.3, w1, w2, window)
         for chunk in (4, 7, 128):   # several query chunks, a ragged last one, a single one
-            got = tg.dc_attention_reference(q, k, v, cu, 0.3, w1, w2, window=window, chunk=chunk)
+            got = tg.triton_kernels.dc_attention_reference(q, k, v, cu, 0.3, w1, w2, window=window, chunk=chunk)
             assert torch.allclose(got.double(), want, atol=1e-5), (window, chunk)
 
 
@@ -251,6 +252,33 @@ def test_speedrun_forward_matches_direct_restatement():
     h_ref = ref_speedrun_hidden(m, ids, cu, bg, (5, 13))
     err = (h - h_ref).norm() / h_ref.norm()
     assert err < 1e-4, err
+
+
+@pytest.mark.skipif(not (tg.triton_kernels.INTERPRET or torch.cuda.is_available()),
+                    reason="the kernel needs CUDA or TRITON_INTERPRET=1")
+def test_speedrun_forward_with_the_dc_attention_kernel():
+    torch.manual_seed(5)
+    T = 40
+    m = tg.GPT(SPEEDRUN_TINY, 1, max_positions=4 * T)      # the training dtypes: bf16 activations
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
+        m.gate_b2.normal_(0, 2)
+        pre, post = m.gate_layouts
+        names = post.names
+        start = pre.size + sum(post.widths[:names.index("dc_w2")])
+        m.gate_b2[start:start + post.widths[names.index("dc_w2")]] = 200.0   # w2 = 20: the term outweighs bf16 noise
+    m.rotary.reset()
+    ids, cu = random_tokens(T, n_docs=3)
+    rows = m.lookup(ids, ref_bigram(ids, SPEEDRUN_TINY.bigram_vocab_size))
+    h_torch = m.final_hidden(rows, cu, (5, 13), max_seqlen=T)
+    m.paths = tg.Paths(dc_attention="triton")
+    h_kernel = m.final_hidden(rows, cu, (5, 13), max_seqlen=T)
+    m.cfg = dataclasses.replace(m.cfg, dc_attention=False)
+    h_without = m.final_hidden(rows, cu, (5, 13), max_seqlen=T)
+    effect = (h_torch.double() - h_without.double()).norm()
+    err = (h_kernel.double() - h_torch.double()).norm()
+    assert 0 < err < 0.05 * effect, (err, effect)    # not the same code, the same math
 
 
 def test_speedrun_model_parameters_start_as_the_records_state():
