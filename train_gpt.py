@@ -129,6 +129,7 @@ class Hyperparameters:
     dc_attention: bool = False              # #85: dynamically composed attention on layer 10
     xsa: bool = False                       # #82/#86: learnable exclusive self-attention
     bigram_sign_trick: bool = False         # #83: a fixed random sign per bigram slot
+    fp8_mlp_up: bool = False                # #84: the MLP up-projection in e4m3 (forward only)
     prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight (stage 1; to 0 in 2)
     val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
     val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
@@ -187,6 +188,9 @@ RECORD_CHANGES: list[RecordChange] = [
                  "share of its output along its own value.", dict(xsa=True)),
     RecordChange("#83", "Bigram embedding rows multiplied by a fixed random sign pattern, so "
                  "colliding bigrams interfere less.", dict(bigram_sign_trick=True)),
+    RecordChange("#84", "The MLP up-projection in FP8 in the forward pass: input and weights in "
+                 "e4m3 with one scale each (max / 448); the backward stays bf16.",
+                 dict(fp8_mlp_up=True)),
     RecordChange("#85", "Per-token gates from two small MLPs replace the static XSA, output-gate, "
                  "injection and skip parameters; the bigram table grows to 7.5x the vocabulary.",
                  dict(mudd_gates=True, bigram_vocab_mult=7.5)),
@@ -406,10 +410,13 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
         kernels, kernels_why = (("triton", "Triton kernels on CUDA") if cfg.use_triton_kernels
                                 else ("torch", "--use_triton_kernels=false"))
     head, head_why = "bf16", "CPU: no FP8"
+    mlp, mlp_why = kernels, kernels_why
     if cuda:
         major, minor = torch.cuda.get_device_capability(device)
         head = "fp8" if (major, minor) >= (8, 9) else "bf16"
         head_why = f"compute capability {major}.{minor}" + ("" if head == "fp8" else ": no FP8")
+        if cfg.fp8_mlp_up and head != "fp8":
+            mlp, mlp_why = "torch", f"{head_why}: the FP8 MLP's math emulated in PyTorch"
     flash_attn3 = load_flash_attn3(log) if cfg.flash_attn3 and cuda else None
     if flash_attn3 is not None:
         attention, attention_why = "flash_attn3", "--flash_attn3=true, loaded from the kernels hub"
@@ -426,10 +433,10 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     loss, loss_why = "torch", "the bf16 head's loss is plain PyTorch"
     if head == "fp8":
         loss, loss_why = kernels, kernels_why
-    return Paths(mlp=kernels, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
+    return Paths(mlp=mlp, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
                  optimizer=kernels, table_grads=kernels, compile=cfg.compile and cuda,
                  flash_attn3=flash_attn3,
-                 why=dict(mlp=kernels_why, lm_head=head_why, loss=loss_why, attention=attention_why,
+                 why=dict(mlp=mlp_why, lm_head=head_why, loss=loss_why, attention=attention_why,
                           dc_attention=kernels_why, optimizer=kernels_why, table_grads=kernels_why,
                           compile=compile_why))
 
@@ -1443,6 +1450,10 @@ class GPT(nn.Module):
     def mlp(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """weights: this layer's (2, hidden, d) slice of mlp_bank (c_fc, c_proj)."""
         c_fc, c_proj = weights.unbind(0)
+        if self.cfg.fp8_mlp_up:
+            if self.paths.mlp == "triton":
+                return triton_kernels.linear_relu_square_fp8_up(x, c_fc, c_proj)
+            return triton_kernels.linear_relu_square_fp8_up_reference(x, c_fc, c_proj)
         if self.paths.mlp == "triton":
             return triton_kernels.linear_relu_square(x, c_fc, c_proj)
         return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)

@@ -4,7 +4,8 @@
   2. XTX            C = A^T A           symmetric Gram matrix (Polar Express, tall matrices)
   3. ba_plus_cAA    C = alpha A A^T + beta A, A symmetric (Polar Express: B = b A + c A A)
   4. linear_relu_square   relu(x W1^T)^2 W2 with the activation and its derivative fused into
-                          the GEMM epilogues (every MLP), autograd function
+                          the GEMM epilogues (every MLP), autograd function; and
+     linear_relu_square_fp8_up   the same with its up-projection in e4m3 in the forward (#84)
      polar_update_tall    a X + X B for tall X, symmetric B (Polar Express step), the same GEMM
                           with an a X epilogue
   5. softcapped_mtp_cross_entropy   soft-capped multi-token cross entropy over an FP8 LM head,
@@ -47,7 +48,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 __all__ = [
     "INTERPRET", "SOFTCAP_A", "SOFTCAP_B", "SOFTCAP_C", "softcap",
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
-    "linear_relu_square", "linear_relu_square_reference",
+    "linear_relu_square", "linear_relu_square_reference", "E4M3_MAX", "quantize_e4m3",
+    "linear_relu_square_fp8_up", "linear_relu_square_fp8_up_reference",
     "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
     "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_and_grad_reference",
     "softcapped_mtp_losses_reference",
@@ -382,7 +384,9 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 # =================================================================================================
 # One GEMM acc = a @ b^T with a (m, k), b (n, k), both read along k, and an epilogue chosen by
 # the constexpr EPILOGUE:
-#   RELU2_FORWARD:  a = x, b = W1 (= c_fc):   post = bf16(relu(bf16(acc))^2)
+#   RELU2_FORWARD:  a = x, b = W1 (= c_fc):   post = bf16(relu(bf16(acc))^2); with FP8 operands
+#                   (#84: x and W1 in e4m3) acc is first multiplied by their scales' product,
+#                   read from memory (it is computed on the device each step)
 #   RELU2_BACKWARD: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * sqrt(post)), acc = d_post
 #   AXPY:           a = X, b = B (symmetric, so X B^T = X B): out = bf16(acc + alpha * X)
 # The forward stores only post, not pre as well: the forward is bound by its stores, and
@@ -422,11 +426,14 @@ def _gemm_epilogue(acc, out_desc, aux_desc, alpha, row0, col0,
 def _gemm_epilogue_kernel(
     a_desc, b_desc, out_desc, aux_desc,     # aux: see RELU2_FORWARD, RELU2_BACKWARD, AXPY
     m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
-    EPILOGUE: tl.constexpr,
+    scale_ptr,                              # SCALED: acc is multiplied by this fp32 value
+    EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
+    if SCALED:
+        scale = tl.load(scale_ptr)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
@@ -445,6 +452,8 @@ def _gemm_epilogue_kernel(
             a = a_desc.load([row0, k0])
             b = b_desc.load([b_row0, k0])
             acc = _mma(acc, a, b.T)
+        if SCALED:
+            acc = acc * scale
 
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
@@ -472,10 +481,10 @@ def _num_sms(device: torch.device) -> int:
 
 def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
                           epilogue: tl.constexpr, alpha: float = 1.0, rows_per_batch: int | None = None,
-                          tiles: dict | None = None) -> None:
-    """acc = a @ b^T through the epilogue `epilogue`, all matrices 2-D and contiguous. With
-    rows_per_batch < m, row block i of a pairs with row block i of b (see the section's notes).
-    `tiles` overrides the tiling (benchmarks)."""
+                          tiles: dict | None = None, scale: torch.Tensor | None = None) -> None:
+    """acc = a @ b^T through the epilogue `epilogue`, all matrices 2-D and contiguous; times the
+    one-element fp32 `scale` first if given. With rows_per_batch < m, row block i of a pairs with
+    row block i of b (see the section's notes). `tiles` overrides the tiling (benchmarks)."""
     if a.is_cuda and not torch.cuda.is_current_stream_capturing():
         # The backward may run on autograd's device thread before any CUDA call there made the
         # context current; the descriptors are encoded through the driver API, which needs it.
@@ -496,8 +505,9 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
                    out_desc, aux_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(num_tiles, 4 if INTERPRET else _num_sms(a.device))
-    _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha, EPILOGUE=epilogue.value,
-                                       NUM_PROGRAMS=programs, **tiles)
+    _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha,
+                                       out if scale is None else scale, EPILOGUE=epilogue.value,
+                                       SCALED=scale is not None, NUM_PROGRAMS=programs, **tiles)
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
@@ -543,24 +553,101 @@ class _LinearReluSquare(torch.autograd.Function):
         return dx, dW1, dW2
 
 
-def linear_relu_square(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
-    """relu(x @ W1^T)^2 @ W2 for x (..., d), W1 = c_fc (hidden, d), W2 = c_proj (hidden, d) used
-    without transpose; all bf16. Differentiable in x, W1 and W2."""
-    name = "linear_relu_square"
+def _check_mlp_args(name: str, x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                    multiple: int) -> None:
+    """bf16 x (..., d), W1 and W2 (hidden, d); hidden and d multiples of `multiple` (TMA needs
+    16-byte aligned rows: 8 bf16 or 16 e4m3 values)."""
     _check_runnable(name, x, W1, W2)
     for arg, t in (("x", x), ("W1", W1), ("W2", W2)):
         _check_dtype(name, arg, t, (torch.bfloat16,))
     if W1.dim() != 2 or W2.shape != W1.shape or x.shape[-1] != W1.shape[1]:
         raise ValueError(f"{name}: expected x (..., d) with W1 and W2 both (hidden, d), got x "
                          f"{tuple(x.shape)}, W1 {tuple(W1.shape)}, W2 {tuple(W2.shape)}")
-    if W1.shape[0] % 8 or W1.shape[1] % 8:   # TMA needs 16-byte aligned rows
-        raise ValueError(f"{name}: hidden and d must be multiples of 8, got W1 {tuple(W1.shape)}")
+    if W1.shape[0] % multiple or W1.shape[1] % multiple:
+        raise ValueError(f"{name}: hidden and d must be multiples of {multiple}, got W1 "
+                         f"{tuple(W1.shape)}")
+
+
+def linear_relu_square(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """relu(x @ W1^T)^2 @ W2 for x (..., d), W1 = c_fc (hidden, d), W2 = c_proj (hidden, d) used
+    without transpose; all bf16. Differentiable in x, W1 and W2."""
+    _check_mlp_args("linear_relu_square", x, W1, W2, multiple=8)
     out = _LinearReluSquare.apply(x.reshape(-1, x.shape[-1]), W1, W2)
     return out.view(*x.shape[:-1], W2.shape[1])
 
 
 def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
     return torch.relu(x @ W1.t()).square() @ W2
+
+
+# -------------------------------------------------------------------------------------------------
+# The same MLP with its up-projection in FP8 in the forward pass (record #84): x and W1 are
+# each quantised to e4m3 with one scale, max|t| / 448, so that the largest magnitude maps to the
+# format's largest value; the GEMM accumulates in fp32 and multiplies by both scales before the
+# ReLU^2. The backward is the bf16 one, from the bf16 x and W1.
+
+E4M3_MAX = 448.0
+
+
+def quantize_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale in e4m3, scale) with scale = max|t| / 448 as a one-element fp32 tensor (a tiny
+    floor keeps an all-zero t finite)."""
+    scale = (t.detach().abs().amax().float() / E4M3_MAX).clamp_min(1e-30).reshape(1)
+    return (t.detach().float() / scale).to(torch.float8_e4m3fn), scale
+
+
+@torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_forward", mutates_args=())
+def _linear_relu_square_fp8_forward_op(x8: torch.Tensor, W1_8: torch.Tensor,
+                                       scale: torch.Tensor) -> torch.Tensor:
+    post = torch.empty(x8.shape[0], W1_8.shape[0], dtype=torch.bfloat16, device=x8.device)
+    _launch_gemm_epilogue(x8.contiguous(), W1_8.contiguous(), post, post, RELU2_FORWARD,
+                          scale=scale)
+    return post
+
+
+@_linear_relu_square_fp8_forward_op.register_fake
+def _(x8, W1_8, scale):
+    return torch.empty(x8.shape[0], W1_8.shape[0], dtype=torch.bfloat16, device=x8.device)
+
+
+class _LinearReluSquareFP8Up(_LinearReluSquare):
+    @staticmethod
+    def forward(ctx, x, W1, W2):
+        x8, x_scale = quantize_e4m3(x)
+        W1_8, w_scale = quantize_e4m3(W1)
+        post = _linear_relu_square_fp8_forward_op(x8, W1_8, x_scale * w_scale)
+        ctx.save_for_backward(x, W1, W2, post)
+        return post @ W2
+
+
+def linear_relu_square_fp8_up(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """linear_relu_square with the up-projection x @ W1^T in e4m3 in the forward pass (see the
+    notes above); same arguments, differentiable in x, W1 and W2."""
+    _check_mlp_args("linear_relu_square_fp8_up", x, W1, W2, multiple=16)
+    out = _LinearReluSquareFP8Up.apply(x.reshape(-1, x.shape[-1]), W1, W2)
+    return out.view(*x.shape[:-1], W2.shape[1])
+
+
+class _FP8UpProjectionReference(torch.autograd.Function):
+    """pre = bf16(x8 W1_8^T x scales) forward; the bf16 x @ W1^T's gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x, W1):
+        x8, x_scale = quantize_e4m3(x)
+        W1_8, w_scale = quantize_e4m3(W1)
+        ctx.save_for_backward(x, W1)
+        return ((x8.float() @ W1_8.float().t()) * (x_scale * w_scale)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_pre):
+        x, W1 = ctx.saved_tensors
+        return d_pre @ W1, d_pre.t() @ x
+
+
+def linear_relu_square_fp8_up_reference(x: torch.Tensor, W1: torch.Tensor,
+                                        W2: torch.Tensor) -> torch.Tensor:
+    pre = _FP8UpProjectionReference.apply(x.reshape(-1, x.shape[-1]), W1)
+    return (torch.relu(pre).square() @ W2).view(*x.shape[:-1], W2.shape[1])
 
 
 def _polar_update_tall(X: torch.Tensor, B: torch.Tensor, alpha: float, out: torch.Tensor,

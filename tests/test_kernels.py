@@ -214,6 +214,73 @@ def test_linear_relu_square_speedrun_shape():
     check_linear_relu_square(16384, d=768, hidden=3072, device="cuda")
 
 
+# -------------------------------------------------------------------------------------------------
+# The MLP with its up-projection in FP8 (#84)
+
+def test_quantize_e4m3_is_the_records_scaling():
+    t = torch.randn(50, 30, device=DEV).bfloat16() * 3
+    t8, scale = tk.quantize_e4m3(t)
+    assert t8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(t.float().abs().max().item() / 448, rel=1e-6)
+    assert t8.float().abs().max().item() == 448             # the largest magnitude maps to 448
+    # every value is t / scale rounded to the e4m3 grid: within half a step (3 mantissa bits)
+    exact = t.double() / scale.double()
+    step = torch.ldexp(torch.ones_like(exact), torch.frexp(exact.abs())[1] - 4).clamp_min(2.0 ** -9)
+    assert ((t8.double() - exact).abs() <= step / 2).all()
+
+
+def check_linear_relu_square_fp8_up(T, d, hidden, device, use_kernel=True):
+    x = torch.randn(T, d, device=device).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d, device=device).bfloat16()
+    (x8, x_scale), (W8, w_scale) = tk.quantize_e4m3(x), tk.quantize_e4m3(W1)
+    scale = (x_scale * w_scale).double()
+    # the FP8 product is exact in fp64; fp32 accumulation errs by at most d 2^-23 sum|a b|, and
+    # pre is then rounded to bf16
+    pre = (x8.double() @ W8.double().t()) * scale
+    pre_err = d * GRAM_ACC_U * (x8.double().abs() @ W8.double().abs().t()) * scale + 2.0 ** -8 * pre.abs()
+    relu = torch.relu(pre)
+    if use_kernel:   # post itself, as the kernel writes it
+        post = torch.ops.nanogpt_triton.linear_relu_square_fp8_forward(x8, W8, x_scale * w_scale)
+        err = (post.double() - relu.square()).abs()
+        tol = pre_err * (2 * relu + pre_err) + 2.0 ** -8 * (relu + pre_err).square()
+        assert (err <= tol).all(), f"post: error reaches {(err / tol).max().item():.3f} x the bound"
+    fn = tk.linear_relu_square_fp8_up if use_kernel else tk.linear_relu_square_fp8_up_reference
+    out = fn(x, W1, W2)
+    out.backward(dY)
+    # the output from the FP8 pre; the gradients of the bf16 MLP evaluated at that pre
+    W2_64, dY64 = W2.detach().double(), dY.double()
+    assert rel_norm_error(out, relu.square() @ W2_64) < 1e-2
+    d_pre = 2 * (dY64 @ W2_64.t()) * relu
+    assert rel_norm_error(x.grad, d_pre @ W1.detach().double()) < 1e-2
+    assert rel_norm_error(W1.grad, d_pre.t() @ x.detach().double()) < 1e-2
+    assert rel_norm_error(W2.grad, relu.square().t() @ dY64) < 1e-2
+    # and the forward really is FP8: its pre differs from the bf16 product by far more than bf16
+    # rounding would
+    assert rel_norm_error(pre, x.detach().double() @ W1.detach().double().t()) > 1e-2
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "reference"])
+def test_linear_relu_square_fp8_up(use_kernel):
+    if DEV == "cpu":
+        check_linear_relu_square_fp8_up(100, d=48, hidden=80, device=DEV, use_kernel=use_kernel)
+    else:
+        check_linear_relu_square_fp8_up(300, d=128, hidden=512, device=DEV, use_kernel=use_kernel)
+
+
+def test_linear_relu_square_fp8_up_rejects_unaligned_sizes():
+    x = torch.randn(4, 40, device=DEV).bfloat16()
+    W = torch.randn(48, 40, device=DEV).bfloat16()
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tk.linear_relu_square_fp8_up(x, W, W)
+
+
+@pytest.mark.gpu
+def test_linear_relu_square_fp8_up_speedrun_shape():
+    check_linear_relu_square_fp8_up(16384, d=768, hidden=3072, device="cuda")
+
+
 # =================================================================================================
 # 4b. Polar Express update: a X + X B (the same GEMM, AXPY epilogue)
 # =================================================================================================
