@@ -43,6 +43,7 @@ def repo_path(path: str) -> str:
     """A relative path that does not exist from here, taken from the repository's root."""
     return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO_ROOT, path)
 
+
 # =================================================================================================
 # Configuration
 # =================================================================================================

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CORPUS, ROOT, needs_corpus, needs_tokenizer
+from conftest import ROOT, needs_corpus, needs_tokenizer
 from test_main import TINY
 
 
