@@ -1,23 +1,89 @@
 """Profile a few training steps on one GPU (or the CPU) and print where the time goes.
 
-    python records/profile_steps.py [--stages 1 3] [--steps 4] [train_gpt.py options ...]
+    python records/profile_steps.py [--stages 1 3] [--steps 4] [--trace DIR] [train_gpt.py options ...]
 
 For each chosen stage it compiles that stage's shapes (two untimed steps), times `--steps` steps
-(even and odd, so Adam steps are included), runs them again under the profiler and prints both
-step times and the kernels (on the CPU: the operators) with the most time. Meant for finding what
-to speed up; the numbers are not a timing protocol.
+(even and odd, so Adam steps are included; on a GPU each step's time is read from events
+recorded between the steps, so the queue is never drained), runs them again under the profiler
+and prints the kernels (on the CPU: the operators) with the most time. On a GPU it also lists
+where the GPU sat idle between kernels and what the host was running meanwhile: the host stalls
+that make short steps slow and scattered. `--trace DIR` writes each stage's Chrome trace there.
+Meant for finding what to speed up; the numbers are not a timing protocol.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
+
+
+def idle_gaps(busy: list[tuple[float, float]], min_gap: float) -> list[tuple[float, float]]:
+    """(start, length) of every stretch of at least min_gap that no (start, end) interval in
+    `busy` covers, between the first start and the last end; longest first."""
+    gaps = []
+    covered_until = None
+    for start, end in sorted(busy):
+        if covered_until is not None and start - covered_until >= min_gap:
+            gaps.append((covered_until, start - covered_until))
+        covered_until = end if covered_until is None else max(covered_until, end)
+    return sorted(gaps, key=lambda gap: -gap[1])
+
+
+def host_ops_during(events, start: float, end: float, top: int = 3) -> str:
+    """The outermost host operators that ran during [start, end], by time spent inside it."""
+    overlap: dict[str, float] = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.cpu_parent is not None:
+            continue
+        inside = min(end, e.time_range.end) - max(start, e.time_range.start)
+        if inside > 0:
+            overlap[e.name] = overlap.get(e.name, 0.0) + inside
+    names = sorted(overlap, key=lambda n: -overlap[n])[:top]
+    return ", ".join(f"{n} ({overlap[n] / 1000:.2f} ms)" for n in names) or "nothing profiled"
+
+
+def print_idle_gaps(prof, steps: int, top: int) -> None:
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        return
+    gaps = idle_gaps(kernels, min_gap=20.0)          # microseconds
+    span = max(end for _, end in kernels) - min(start for start, _ in kernels)
+    idle = sum(length for _, length in gaps)
+    print(f"GPU idle between kernels (gaps of 20 us or more): {idle / 1000 / steps:.2f} ms per "
+          f"step of {span / 1000 / steps:.2f} ms; the longest, with what the host ran meanwhile:")
+    for start, length in gaps[:top]:
+        print(f"  {length / 1000:8.2f} ms  {host_ops_during(events, start, start + length)}")
+
+
+def step_times_ms(trainer, steps, cuda: bool) -> list[float]:
+    """Each step's time: on a GPU between events recorded after each step (no draining)."""
+    tg.synchronize(trainer.run.device)
+    if not cuda:
+        times = []
+        for step in steps:
+            t0 = time.perf_counter()
+            trainer.train_step(step, trainer.advance(step))
+            times.append(1000 * (time.perf_counter() - t0))
+        return times
+    marks = [torch.cuda.Event(enable_timing=True)]
+    marks[0].record()
+    for step in steps:
+        trainer.train_step(step, trainer.advance(step))
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
 
 
 def main() -> None:
@@ -25,6 +91,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace", default="", help="folder for the Chrome traces")
     args, options = parser.parse_known_args()
     cfg = tg.parse_config(options)
     run = tg.setup_distributed()
@@ -40,22 +107,23 @@ def main() -> None:
         for step in range(start, start + 2):   # compile this stage's graphs (even and odd)
             trainer.train_step(step, trainer.advance(step))
         steps = range(start + 2, start + 2 + args.steps)
-        tg.synchronize(run.device)
-        t0 = time.perf_counter()
-        for step in steps:
-            trainer.train_step(step, trainer.advance(step))
-        tg.synchronize(run.device)
-        plain_ms = 1000 * (time.perf_counter() - t0) / args.steps
+        times = step_times_ms(trainer, steps, cuda)
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for step in steps:
                 trainer.train_step(step, trainer.advance(step))
             tg.synchronize(run.device)
             profiled_ms = 1000 * (time.perf_counter() - t0) / args.steps
-        print(f"\n=== stage {stage}: {plain_ms:.1f} ms/step without the profiler, "
-              f"{profiled_ms:.1f} with it ({args.steps} steps each)")
+        print(f"\n=== stage {stage}: {statistics.median(times):.1f} ms/step median without the "
+              f"profiler (min {min(times):.1f}, max {max(times):.1f}; {args.steps} steps), "
+              f"{profiled_ms:.1f} with it")
+        print("step times (ms): " + " ".join(f"{t:.1f}" for t in times))
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
+        print_idle_gaps(prof, args.steps, top=10)
+        if args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(args.trace, f"stage{stage}.json"))
 
 
 if __name__ == "__main__":

@@ -175,8 +175,17 @@ def test_profile_steps_on_the_cpu(tmp_path):
                       f"--train_files={corpus}/corpus_train_*.bin",
                       f"--val_files={corpus}/corpus_val_*.bin", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "=== stage 2:" in result.stdout and "ms/step without the profiler" in result.stdout
+    assert "=== stage 2:" in result.stdout and "ms/step median without the profiler" in result.stdout
     assert "Self CPU" in result.stdout   # the profiler's table
+
+
+def test_idle_gaps_between_busy_intervals():
+    profile_steps = load_tool("profile_steps")
+    busy = [(30, 40), (0, 10), (12, 20), (15, 25), (60, 61), (41, 50)]
+    # uncovered: 10-12 (2), 25-30 (5), 40-41 (1), 50-60 (10); nested and overlapping merged
+    assert profile_steps.idle_gaps(busy, min_gap=2) == [(50, 10), (25, 5), (10, 2)]
+    assert profile_steps.idle_gaps(busy, min_gap=6) == [(50, 10)]
+    assert profile_steps.idle_gaps([], min_gap=1) == []
 
 
 def test_bench_row_gives_throughput_against_the_measured_ceiling():
