@@ -561,9 +561,11 @@ def maskable_attention(q, k, v, cu_seqlens, window, scale):
 @needs_tokenizer
 def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch):
     """The model's forward and backward, its evaluation and the optimizer's update functions
-    trace with fullgraph=True (a graph break would raise), and the compiled steps train like
-    the eager ones. Dynamo runs on a CPU here with the aot_eager backend (no code generation)."""
-    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES})
+    trace with fullgraph=True (a graph break would raise); every warm-up step compiles something
+    new and, after the warm-up, a whole run compiles nothing; the compiled steps train like the
+    eager ones. Dynamo runs on a CPU here with the aot_eager backend (no code generation)."""
+    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES,
+                                "num_scheduled_iterations": 6, "num_extension_iterations": 2})
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
     eager_losses, _ = train_steps(cfg, steps=4)
     compile_ = torch.compile
@@ -571,9 +573,16 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch):
                         lambda fn, **options: compile_(fn, **{**options, "backend": "aot_eager"}))
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None, paths=tg.Paths(compile=True))
-    losses = [trainer.train_step(step, trainer.advance(step)).item() for step in range(4)]
-    assert losses == pytest.approx(eager_losses, abs=1e-3)
+    trainer.warmup(cfg.num_train_steps)
+    warm_ups = [name for name in run.startup.phases if name.startswith("warm-up step")]
+    assert [int(name.split()[2]) for name in warm_ups] == [0, 1, 2, 4, 6]  # stages start at 2, 4, 6
+    assert all(" 0 graphs" not in name for name in warm_ups), warm_ups
+    graphs = tg.compiled_graphs()
+    losses = [trainer.train_step(step, trainer.advance(step)).item()
+              for step in range(cfg.num_train_steps)]
+    assert tg.compiled_graphs() == graphs          # the warm-up compiled everything
+    assert losses[:4] == pytest.approx(eager_losses, abs=1e-3)
     batch = next(iter(tg.val_batches(trainer.val_files, 1024, 1024, 0, 1, 4, run.device,
                                      cfg.bigram_vocab_size)))
-    plain, masked = trainer.eval_forward(batch, (128, 384)).tolist()
+    plain, masked = trainer.eval_forward(batch, trainer.schedule.windows(0)).tolist()
     assert math.isfinite(plain) and math.isfinite(masked)
