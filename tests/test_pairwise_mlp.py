@@ -5,6 +5,7 @@ The math is restated here with explicit loops over the pairs (fp64), and once mo
 quadratic-form reading y_k = h^T S_k h. The kernels run under Triton's interpreter on small
 shapes that are no multiples of the tiles (r = 5, 7, 11 against pair blocks of 4).
 """
+import math
 import os
 
 import pytest
@@ -201,3 +202,120 @@ def test_kernel_speedrun_shape(r):
     assert rel_error(y, y_ref) < 1e-2
     for got, want in zip(grads, grads_ref):
         assert rel_error(got, want) < 2e-2
+
+
+# =================================================================================================
+# The variant in the trainer: configuration, parameters, training
+# =================================================================================================
+
+import train_gpt as tg  # noqa: E402
+from conftest import needs_corpus, needs_tokenizer  # noqa: E402
+from test_model import TINY, random_tokens, ref_bigram  # noqa: E402
+
+PAIRWISE_TINY = tg.Hyperparameters(**{**{f: getattr(TINY, f) for f in ("vocab_size", "num_heads",
+                                      "head_dim", "model_dim", "mlp_hidden", "bigram_vocab_mult")},
+                                      "mlp": "pairwise", "pairwise_rank": 6})
+
+
+def test_options_parse_and_bad_values_fail_clearly():
+    cfg = tg.parse_config(["--preset=speedrun", "--mlp=pairwise", "--pairwise_rank=110"])
+    assert (cfg.mlp, cfg.pairwise_rank) == ("pairwise", 110)
+    assert (tg.Hyperparameters().mlp, tg.Hyperparameters().pairwise_rank) == ("relu2", 79)
+    assert all(values.get("mlp", "relu2") == "relu2" for values in tg.PRESETS.values())
+    with pytest.raises(SystemExit, match="--mlp='gelu': expected one of relu2, pairwise"):
+        tg.parse_config(["--mlp=gelu"])
+    with pytest.raises(SystemExit, match="--pairwise_rank=0: expected a positive integer"):
+        tg.parse_config(["--mlp=pairwise", "--pairwise_rank=0"])
+    with pytest.raises(SystemExit, match="--pairwise_rank=7.5: expected an integer"):
+        tg.parse_config(["--pairwise_rank=7.5"])
+
+
+def test_own_banks_replace_the_mlp_bank():
+    labels = tg.param_labels(tg.Hyperparameters(mlp="pairwise"))
+    assert "mlp_bank" not in labels and {"pairwise_u_bank", "pairwise_w_bank"} <= set(labels)
+    default = tg.param_labels(tg.Hyperparameters())
+    assert "mlp_bank" in default and not {"pairwise_u_bank", "pairwise_w_bank"} & set(default)
+
+
+def parameter_count(cfg, world_size):
+    with torch.device("meta"):
+        model = tg.GPT(cfg, world_size, max_positions=2)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("world_size,relu2_slots,pairwise_slots", [(1, 11, 11), (8, 12, 16)])
+def test_parameter_count(world_size, relu2_slots, pairwise_slots):
+    """Per layer r d + d P (U and W) instead of 2 x hidden x d; the banks padded to a multiple of
+    the world size (the MLP bank counts c_fc and c_proj, 2 matrices per slot)."""
+    d, hidden, r = 768, 3072, 79
+    P = 79 * 80 // 2
+    relu2 = parameter_count(tg.Hyperparameters(), world_size)
+    pairwise = parameter_count(tg.Hyperparameters(mlp="pairwise"), world_size)
+    assert pairwise == relu2 - relu2_slots * 2 * hidden * d + pairwise_slots * (r * d + d * P)
+    if world_size == 8:
+        assert relu2 == 543_818_952   # record #74's count (test_model)
+
+
+def test_initial_weights():
+    torch.manual_seed(0)
+    m = tg.GPT(PAIRWISE_TINY, world_size=4, max_positions=8)
+    d, r = PAIRWISE_TINY.model_dim, 6
+    assert m.pairwise_u_bank.shape == (12, r, d) and m.pairwise_w_bank.shape == (12, 21, d)
+    assert m.pairwise_u_bank.dtype == m.pairwise_w_bank.dtype == torch.bfloat16
+    bound = 3 ** 0.5 * 0.5 / d ** 0.5          # c_fc's uniform bound
+    U = m.pairwise_u_bank.float()
+    assert U.abs().max() <= bound * (1 + 2 ** -8) and U[:11].abs().min() > 0
+    assert U[:11].std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    assert U[11:].eq(0).all() and m.pairwise_w_bank.eq(0).all()
+    assert not hasattr(m, "mlp_bank")
+
+
+def test_flop_count_counts_the_pairwise_weights():
+    settings = tg.Schedule(tg.Hyperparameters()).at(0)
+    relu2 = tg.flops_per_token(tg.Hyperparameters(), settings)
+    pairwise = tg.flops_per_token(tg.Hyperparameters(mlp="pairwise", pairwise_rank=110), settings)
+    # 3 x 2 FLOPs per weight, 11 layers: (110 + 6105) x 768 weights instead of 2 x 3072 x 768
+    assert relu2 - pairwise == 3 * 2 * 11 * (2 * 3072 * 768 - (110 + 6105) * 768)
+
+
+@pytest.mark.skipif(not tk.INTERPRET and DEV == "cpu",
+                    reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
+def test_kernel_path_trains_like_the_reference_path():
+    """One training forward and backward of the model through the pairwise kernels against the
+    same model through the reference: the same loss, gradients equal up to bf16 roundings."""
+    torch.manual_seed(3)
+    T = 32
+    model = tg.GPT(PAIRWISE_TINY, world_size=1, max_positions=4 * T)
+    with torch.no_grad():   # every parameter nonzero, W included
+        for p in model.parameters():
+            p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
+    model.rotary.reset()
+    ids, cu = random_tokens(T)
+    targets = torch.randint(0, 200, (T,))
+    bigram_ids = ref_bigram(ids, PAIRWISE_TINY.bigram_vocab_size)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    results = []
+    for paths in (tg.Paths(mlp="triton"), tg.Paths()):
+        model.paths = paths
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets, cu, bigram_ids, w, (8, 16), T, 0.5)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}))
+    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = results
+    assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
+    for name in ("pairwise_u_bank", "pairwise_w_bank", "attn_bank", "embed"):
+        want, got = reference_grads[name], kernel_grads[name]
+        assert want.norm() > 0, name
+        assert (got - want).norm() < 0.05 * want.norm(), name
+
+
+@needs_corpus
+@needs_tokenizer
+def test_trains_on_the_smoke_preset():
+    from test_recipe import TINY_FILES, train_steps
+    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, "mlp": "pairwise",
+                                "pairwise_rank": 7})
+    losses, params = train_steps(cfg, steps=6)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert params["pairwise_w_bank"].abs().sum() > 0   # W leaves zero
