@@ -89,6 +89,8 @@ class Hyperparameters:
     head_dim: int = 128
     model_dim: int = 768
     mlp_hidden: int = 3072
+    mlp: str = "relu2"                      # experiment, in no preset: "pairwise" MLP (see MLP_KINDS)
+    pairwise_rank: int = 79                 # --mlp=pairwise: r features, r (r + 1) / 2 products
     bigram_vocab_mult: float = 5.0          # bigram hash table rows = padded vocab x this
     # optimizer
     adam_lr: float = 0.008
@@ -148,6 +150,14 @@ class Hyperparameters:
                 if getattr(self, switch) and not getattr(self, other):
                     raise ValueError(f"{switch}=true needs --{other}=true (the record that added "
                                      f"{switch} built it on {other})")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp={self.mlp!r}: expected one of {', '.join(MLP_KINDS)}")
+        if self.mlp == "pairwise" and self.fp8_mlp_up:
+            raise ValueError("mlp=pairwise has no FP8 form of its up-projection: pass "
+                             "--fp8_mlp_up=false with it")
+        if not isinstance(self.pairwise_rank, int) or self.pairwise_rank < 1:
+            raise ValueError(f"pairwise_rank={self.pairwise_rank!r}: expected a positive integer, "
+                             f"the number r of ReLU features whose pairwise products the MLP uses")
         rows = self.padded_vocab_size * self.bigram_vocab_mult
         if rows != round(rows) or rows < 2:
             raise ValueError(f"bigram_vocab_mult={self.bigram_vocab_mult}: the bigram table needs "
@@ -165,6 +175,12 @@ class Hyperparameters:
     @property
     def num_train_steps(self) -> int:
         return self.num_scheduled_iterations + self.num_extension_iterations
+
+
+# The MLP of every layer: "relu2" is relu(x W1^T)^2 W2 (every record); "pairwise" is an
+# experiment, q(h) W over all products q = (h_i h_j, i <= j) of r = pairwise_rank ReLU features
+# h = relu(x U^T) (../shared/spec/seeds.md A).
+MLP_KINDS = ("relu2", "pairwise")
 
 
 class RecordChange(NamedTuple):
@@ -359,7 +375,8 @@ def check_stage(k: int, stage: Stage, micro: int) -> None:
 
 @dataclass(frozen=True)
 class Paths:
-    mlp: str = "torch"            # "triton": linear + ReLU^2 with the activation in the GEMM epilogues
+    mlp: str = "torch"            # "triton": linear + ReLU^2 with the activation in the GEMM epilogues,
+                                  # or the pairwise MLP's kernels (--mlp=pairwise)
     lm_head: str = "bf16"         # "fp8": e4m3 head GEMM, e5m2 logits gradient (training only)
     loss: str = "torch"           # "triton": loss and logits gradient in one kernel (FP8 head only)
     attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "dense"
@@ -470,6 +487,9 @@ PARAM_TABLE: list[ParamSpec] = [
     ParamSpec("qk_bank", "normuon", "sharded"),     # #80: Q and K head-pair blocks
     ParamSpec("vo_bank", "normuon", "sharded"),     # #80: V and O
     ParamSpec("mlp_bank", "normuon", "sharded", odd_matrix_lr_mul=2.0),  # odd index = c_proj
+    # --mlp=pairwise: U (r, d) and W stored transposed (P, d) like c_proj, with c_proj's extra 2x
+    ParamSpec("pairwise_u_bank", "normuon", "sharded"),
+    ParamSpec("pairwise_w_bank", "normuon", "sharded", lr_mul=2.0),
     ParamSpec("scalars", "adam", "replicated", (0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
     ParamSpec("smear_gate", "adam", "replicated", (0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
     ParamSpec("skip_gate", "adam", "replicated", (0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
@@ -499,7 +519,8 @@ WORK_ORDER: list[str] = [
     "scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
     "x0_lambdas", "bigram_lambdas", "resid_lambdas", "xsa_alphas", "mudd_w1", "mudd_w2",
     "mudd_b2", "gate_w1", "gate_w2", "gate_b2", "gate_scales", "value_embeds", "bigram_embed",
-    "lm_head", "embed", "attn_bank", "qk_bank", "vo_bank", "mlp_bank",
+    "lm_head", "embed", "attn_bank", "qk_bank", "vo_bank", "mlp_bank", "pairwise_u_bank",
+    "pairwise_w_bank",
 ]
 
 
@@ -514,6 +535,10 @@ def param_labels(cfg: Hyperparameters) -> list[str]:
         absent.add("xsa_alphas")
     if not cfg.mudd:
         absent |= {"mudd_w1", "mudd_w2", "mudd_b2"}
+    if cfg.mlp == "pairwise":
+        absent.add("mlp_bank")
+    else:
+        absent |= {"pairwise_u_bank", "pairwise_w_bank"}
     return [spec.label for spec in PARAM_TABLE if spec.label not in absent]
 
 
@@ -530,7 +555,7 @@ def comms_mode(spec: ParamSpec, world_size: int, grad_accum_steps: int) -> str:
 def matrix_view(label: str, bank: torch.Tensor) -> torch.Tensor:
     """A NorMuon bank (or its gradient) as the stack of 2-D matrices that get orthogonalised:
     attn_bank (A, 4d, d) -> (4A, d, d) (Q, K, V, O separately), mlp_bank (S, 2, hidden, d) ->
-    (2S, hidden, d). A view, never a copy."""
+    (2S, hidden, d), the pairwise banks (S, r or P, d) as they are. A view, never a copy."""
     if label == "attn_bank":
         return bank.view(bank.shape[0] * 4, bank.shape[1] // 4, bank.shape[2])
     return bank.view(-1, bank.shape[-2], bank.shape[-1])
@@ -914,7 +939,7 @@ class NorMuonAndAdam:
         if "attn_bank" in p and (p["attn_bank"].ndim != 3 or p["attn_bank"].shape[1] % 4):
             raise ValueError(f"attn_bank: shape {tuple(p['attn_bank'].shape)}, expected "
                              f"(layers, 4 * d, d)")
-        if p["mlp_bank"].ndim != 4 or p["mlp_bank"].shape[1] != 2:
+        if "mlp_bank" in p and (p["mlp_bank"].ndim != 4 or p["mlp_bank"].shape[1] != 2):
             raise ValueError(f"mlp_bank: shape {tuple(p['mlp_bank'].shape)}, expected "
                              f"(layers, 2, hidden, d)")
         if tuple(p["embed"].shape) != tuple(p["lm_head"].shape[::-1]):
@@ -1385,9 +1410,19 @@ class GPT(nn.Module):
                                           .bfloat16())
         # c_fc random, c_proj zero. Padding slots (so the matrices split evenly over the ranks)
         # stay zero and never get a gradient: the initial weights do not depend on the world size.
-        mlp_bank = torch.zeros(num_mlp_slots(world_size), 2, cfg.mlp_hidden, d)
-        mlp_bank[:NUM_LAYERS, 0].uniform_(-bound, bound)
-        self.mlp_bank = nn.Parameter(mlp_bank.bfloat16())
+        if cfg.mlp == "pairwise":
+            # U like c_fc, so each feature's pre-activation starts at a ReLU^2 hidden unit's
+            # scale; W zero like c_proj, so every MLP starts silent. Padding layers as above.
+            slots, r = padded_count(NUM_LAYERS, world_size), cfg.pairwise_rank
+            u_bank = torch.zeros(slots, r, d)
+            u_bank[:NUM_LAYERS].uniform_(-bound, bound)
+            self.pairwise_u_bank = nn.Parameter(u_bank.bfloat16())
+            self.pairwise_w_bank = nn.Parameter(
+                torch.zeros(slots, triton_kernels.pair_count(r), d, dtype=torch.bfloat16))
+        else:
+            mlp_bank = torch.zeros(num_mlp_slots(world_size), 2, cfg.mlp_hidden, d)
+            mlp_bank[:NUM_LAYERS, 0].uniform_(-bound, bound)
+            self.mlp_bank = nn.Parameter(mlp_bank.bfloat16())
         # Output head stored transposed (d, V); the input embedding starts as its exact transpose.
         self.lm_head = nn.Parameter(torch.empty(d, V, dtype=torch.bfloat16).normal_(0, 0.005))
         self.embed = nn.Parameter(self.lm_head.detach().T.contiguous())
@@ -1448,8 +1483,19 @@ class GPT(nn.Module):
 
     # --- sublayers ---------------------------------------------------------------------------
 
-    def mlp(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """weights: this layer's (2, hidden, d) slice of mlp_bank (c_fc, c_proj)."""
+    def mlp_layer_weights(self) -> list:
+        """The MLP weights of every layer: its (2, hidden, d) slice of mlp_bank (c_fc, c_proj), or
+        with --mlp=pairwise its (U (r, d), W (P, d)) slices of the pairwise banks."""
+        if self.cfg.mlp == "pairwise":
+            return list(zip(self.pairwise_u_bank.unbind(0), self.pairwise_w_bank.unbind(0)))
+        return self.mlp_bank.unbind(0)
+
+    def mlp(self, weights, x: torch.Tensor) -> torch.Tensor:
+        """weights: this layer's entry of mlp_layer_weights()."""
+        if self.cfg.mlp == "pairwise":
+            if self.paths.mlp == "triton":
+                return triton_kernels.pairwise_mlp(x, *weights)
+            return triton_kernels.pairwise_mlp_reference(x, *weights)
         c_fc, c_proj = weights.unbind(0)
         if self.cfg.fp8_mlp_up:
             if self.paths.mlp == "triton":
@@ -1627,7 +1673,7 @@ class GPT(nn.Module):
                 F.linear(x0[:, :GATE_WIDTH], self.skip_gate))
 
         attn_weights = self.attention_weights()
-        mlp_weights = self.mlp_bank.unbind(0)
+        mlp_weights = self.mlp_layer_weights()
         x = x0 + bigram_w[0] * bigram       # the stream entering layer 0 (lane 0 of record #74)
         h0, lane1, skip, h7, h7_normed, h9, block0 = x, None, None, None, None, None, None
         for i in range(NUM_LAYERS):
@@ -2752,7 +2798,8 @@ def unpadded_rows(label: str, cfg: Hyperparameters, matrices: bool = False) -> i
     world size; None where nothing is padding."""
     num_attn = len(ATTN_LAYERS)
     rows = {"scalars": 2 * NUM_LAYERS + 3, "mlp_bank": NUM_LAYERS,
-            "qk_bank": cfg.num_heads * num_attn, "vo_bank": 2 * num_attn}.get(label)
+            "qk_bank": cfg.num_heads * num_attn, "vo_bank": 2 * num_attn,
+            "pairwise_u_bank": NUM_LAYERS, "pairwise_w_bank": NUM_LAYERS}.get(label)
     if rows is not None and matrices and label == "mlp_bank":
         rows *= 2
     return rows
@@ -2992,12 +3039,22 @@ def peak_tflops(cfg: Hyperparameters, device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def mlp_weights_per_layer(cfg: Hyperparameters) -> int:
+    """The matrix weights of one MLP: c_fc and c_proj, or U (r x d) and W (d x P). The pairwise
+    MLP's P products per token (one multiply each, ~0.1% of its GEMMs) are not counted, as
+    neither is the ReLU^2."""
+    d = cfg.model_dim
+    if cfg.mlp == "pairwise":
+        return (cfg.pairwise_rank + triton_kernels.pair_count(cfg.pairwise_rank)) * d
+    return 2 * d * cfg.mlp_hidden
+
+
 def flops_per_token(cfg: Hyperparameters, settings: StepSettings) -> float:
     """Training FLOPs per token (forward and backward, 3 x the forward): 2 per weight of every
     matrix a token passes through, and attention's QK^T and PV over half of each layer's window
     (the mean context of a causal window), the window capped by the stage's longest document."""
     d = cfg.model_dim
-    weights = len(ATTN_LAYERS) * 4 * d * d + NUM_LAYERS * 2 * d * cfg.mlp_hidden
+    weights = len(ATTN_LAYERS) * 4 * d * d + NUM_LAYERS * mlp_weights_per_layer(cfg)
     weights += d * cfg.padded_vocab_size
     for on, layouts in ((cfg.mudd, mudd_layouts()), (cfg.mudd_gates, gate_layouts(cfg.num_heads))):
         if on:

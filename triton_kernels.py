@@ -17,10 +17,12 @@
   9. dc_attention    the dynamically composed attention of record #85: the heads' softmax maps
                      over a short window mixed per token, applied to every head's values;
                      autograd function
+ 10. pairwise_mlp    q(relu(x U^T)) W with q(h) = (h_i h_j, i <= j): the pair products built
+                     tile by tile inside the GEMMs, never stored (an experiment), autograd function
 
 Each kernel `name` has a `name_reference` with the same contract in plain PyTorch: the CPU
 training path runs the references, and the tests compare every kernel with its reference.
-Kernels 1-7 and 9 are torch.library custom ops with a fake (meta) implementation, so that
+Kernels 1-7, 9 and 10 are torch.library custom ops with a fake (meta) implementation, so that
 torch.compile(fullgraph=True) traces through them without a graph break. The soft cap of the LM
 head, `softcap`, and its constants are defined here once; train_gpt.py imports them.
 
@@ -56,6 +58,7 @@ __all__ = [
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
     "index_add_rows", "index_add_rows_reference", "dc_attention", "dc_attention_reference",
+    "pair_count", "pairwise_mlp", "pairwise_mlp_reference",
 ]
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted; the host code
@@ -1660,3 +1663,258 @@ def dc_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mixed = torch.einsum("nch,nhcl->ncl", w1n, probs)
     out = torch.einsum("ncl,nlhd->nchd", mixed, V).reshape(rows, H, hd)[:T]
     return (w2.float()[:, :, None] * out).to(v.dtype)
+
+
+# =================================================================================================
+# 10. Pairwise quadratic MLP: y = q(h) W, h = relu(x U^T), q(h) = (h_i h_j for i <= j)
+# =================================================================================================
+# r features per token give P = r (r + 1) / 2 products, numbered row-major by i: pair (i, j) is
+# row i r - i (i - 1) / 2 + (j - i) of W (P, d). Equivalently y_k = h^T S_k h with S_k symmetric.
+#
+# The kernels never store q. h (T, padded r) is cut into blocks of PAIR_BLOCK features, and the
+# pair matrix into the square tiles (a, c), a <= c, of blocks, numbered row by row of the lower
+# triangle of (c, a). A tile's PAIR_BLOCK^2 products are the outer product of two contiguous
+# slices of h, built in registers as one K-block of a GEMM, and its rows of W are gathered by the
+# pair-number formula. Products that are no pair (i > j in a diagonal tile, j >= r) meet W rows
+# loaded as zero. The tiles cover the triangle with little waste: 3,520 products computed for the
+# 3,160 pairs of r = 79 at PAIR_BLOCK 8.
+#   forward: program (token tile, column tile) accumulates y over all pair tiles.
+#   dW:      program (pair tile, column tile) accumulates Q^T dY over all token tiles and writes
+#            the rows of its pairs; every pair lies in one tile, so no atomics.
+#   dh:      program (token tile) computes G = dY W^T one pair tile at a time and contracts it at
+#            once, dh_i += G_ij h_j and dh_j += G_ij h_i, into dh rows kept in registers (a
+#            diagonal pair takes both terms: d(h_i^2)/dh_i = 2 h_i).
+# h, the only activation kept for the backward, is relu(x U^T) from a small torch GEMM, padded
+# with zero columns to whole blocks; d_pre, dU and dx are small torch GEMMs too.
+
+@triton.jit
+def _pair_tile_rows(a, c, r, BLOCK: tl.constexpr):
+    """The W rows of tile (a, c)'s products in its (i, j) row-major order, (BLOCK^2,), and which
+    of them are pairs (i <= j < r)."""
+    k = tl.arange(0, BLOCK * BLOCK)
+    i = a * BLOCK + k // BLOCK
+    j = c * BLOCK + k % BLOCK
+    return i * r - i * (i - 1) // 2 + (j - i), (i <= j) & (j < r)
+
+
+@triton.jit
+def _feature_block(h_ptr, rows, row_ok, block, h_stride, BLOCK: tl.constexpr):
+    """Features block * BLOCK ... + BLOCK of the given tokens, (tokens, BLOCK) fp32 (0 past T)."""
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    return tl.load(h_ptr + rows[:, None] * h_stride + cols[None, :], mask=row_ok[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pair_products(h_a, h_c, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
+    """(BLOCK_T, BLOCK^2) bf16: column ii BLOCK + jj holds h_a[:, ii] h_c[:, jj] (exact in fp32,
+    then rounded once, as a bf16 multiplication rounds)."""
+    products = h_a[:, :, None] * h_c[:, None, :]
+    return _to_bf16(tl.reshape(products, (BLOCK_T, BLOCK * BLOCK)))
+
+
+@triton.jit
+def _pairwise_forward_kernel(
+    h_ptr, w_ptr, y_ptr, T, r, d, h_stride, num_blocks,
+    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < T, cols < d
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for c in range(num_blocks):
+        h_c = _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK)
+        for a in range(c + 1):
+            q = _pair_products(_feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK), h_c,
+                               BLOCK_T, BLOCK)
+            w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+            w = tl.load(w_ptr + w_rows[:, None] * d + cols[None, :],
+                        mask=is_pair[:, None] & col_ok[None, :], other=0.0)
+            acc = _mma(acc, q, w)
+    tl.store(y_ptr + rows[:, None] * d + cols[None, :], _to_bf16(acc),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _pairwise_dw_kernel(
+    dy_ptr, h_ptr, dw_ptr, T, r, d, h_stride,
+    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    c, a = _lower_triangle_tile(tl.program_id(0), 1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d
+    acc = tl.zeros((BLOCK * BLOCK, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        q = _pair_products(_feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK),
+                           _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK), BLOCK_T, BLOCK)
+        dy = tl.load(dy_ptr + rows[:, None] * d + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(acc, tl.trans(q), dy)
+    w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+    tl.store(dw_ptr + w_rows[:, None] * d + cols[None, :], _to_bf16(acc),
+             mask=is_pair[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _pairwise_dh_kernel(
+    dy_ptr, h_ptr, w_ptr, dh_ptr, T, r, d, h_stride, num_blocks,
+    BLOCK: tl.constexpr, BLOCKS_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    # dh of the tile's tokens as (token, block, feature in block): a block's update is a select
+    dh = tl.zeros((BLOCK_T, BLOCKS_POW2, BLOCK), dtype=tl.float32)
+    block_ids = tl.arange(0, BLOCKS_POW2)[None, :, None]
+    for c in range(num_blocks):
+        h_c = _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK)
+        for a in range(c + 1):
+            w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+            g = tl.zeros((BLOCK_T, BLOCK * BLOCK), dtype=tl.float32)
+            for k0 in range(0, d, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                dy = tl.load(dy_ptr + rows[:, None] * d + ks[None, :],
+                             mask=row_ok[:, None] & (ks < d)[None, :], other=0.0)
+                w_t = tl.load(w_ptr + w_rows[None, :] * d + ks[:, None],
+                              mask=is_pair[None, :] & (ks < d)[:, None], other=0.0)
+                g = _mma(g, dy, w_t)
+            g = tl.reshape(g, (BLOCK_T, BLOCK, BLOCK))     # G_ij, i in block a, j in block c
+            h_a = _feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK)
+            to_a = tl.sum(g * h_c[:, None, :], axis=2)     # dh_i += sum_j G_ij h_j
+            to_c = tl.sum(g * h_a[:, :, None], axis=1)     # dh_j += sum_i G_ij h_i
+            dh += tl.where(block_ids == a, to_a[:, None, :], 0.0)
+            dh += tl.where(block_ids == c, to_c[:, None, :], 0.0)
+    cols = tl.arange(0, BLOCKS_POW2 * BLOCK)
+    tl.store(dh_ptr + rows[:, None] * h_stride + cols[None, :],
+             tl.reshape(dh, (BLOCK_T, BLOCKS_POW2 * BLOCK)),
+             mask=row_ok[:, None] & (cols < h_stride)[None, :])
+
+
+# Tilings: not yet timed on a GPU (records/bench_kernels.py --cases pairwise does that). PAIR_BLOCK
+# 8 makes each pair tile a K-block of 64 products; the interpreter takes 4 (K = 16, the smallest
+# tl.dot), so that the small test shapes span several blocks.
+_PAIRWISE_TILES = dict(
+    PAIR_BLOCK=8,
+    forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    dh=dict(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=3),
+)
+_PAIRWISE_INTERPRETED_TILES = dict(
+    PAIR_BLOCK=4, forward=dict(BLOCK_T=16, BLOCK_N=16), dw=dict(BLOCK_T=16, BLOCK_N=16),
+    dh=dict(BLOCK_T=16, BLOCK_D=16),
+)
+PAIRWISE_MAX_RANK = 256   # the dh kernel keeps a row of dh per token in registers
+
+
+def pair_count(r: int) -> int:
+    """P, the number of pairs i <= j of r features."""
+    return r * (r + 1) // 2
+
+
+def _pairwise_tiles() -> dict:
+    return _PAIRWISE_INTERPRETED_TILES if INTERPRET else _PAIRWISE_TILES
+
+
+def _pairwise_features(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """h = relu(x U^T) (T, r padded to whole pair blocks), the padding columns zero."""
+    block = _pairwise_tiles()["PAIR_BLOCK"]
+    padding = -U.shape[0] % block
+    return torch.relu(x @ F.pad(U, (0, 0, 0, padding)).t())
+
+
+@torch.library.custom_op("nanogpt_triton::pairwise_forward", mutates_args=())
+def _pairwise_forward_op(h: torch.Tensor, W: torch.Tensor, r: int) -> torch.Tensor:
+    tiles = _pairwise_tiles()
+    block, launch = tiles["PAIR_BLOCK"], tiles["forward"]
+    T, d = h.shape[0], W.shape[1]
+    y = h.new_empty(T, d)
+    grid = (triton.cdiv(T, launch["BLOCK_T"]), triton.cdiv(d, launch["BLOCK_N"]))
+    _pairwise_forward_kernel[grid](h, W, y, T, r, d, h.shape[1], h.shape[1] // block,
+                                   BLOCK=block, **launch)
+    return y
+
+
+@_pairwise_forward_op.register_fake
+def _(h, W, r):
+    return h.new_empty(h.shape[0], W.shape[1])
+
+
+@torch.library.custom_op("nanogpt_triton::pairwise_backward", mutates_args=())
+def _pairwise_backward_op(d_out: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
+                          r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tiles = _pairwise_tiles()
+    block = tiles["PAIR_BLOCK"]
+    T, d = h.shape[0], W.shape[1]
+    num_blocks = h.shape[1] // block
+    dh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    dW = torch.empty_like(W)
+    launch = tiles["dh"]
+    _pairwise_dh_kernel[(triton.cdiv(T, launch["BLOCK_T"]),)](
+        d_out, h, W, dh, T, r, d, h.shape[1], num_blocks, BLOCK=block,
+        BLOCKS_POW2=triton.next_power_of_2(num_blocks), **launch)
+    launch = tiles["dw"]
+    _pairwise_dw_kernel[(pair_count(num_blocks), triton.cdiv(d, launch["BLOCK_N"]))](
+        d_out, h, dW, T, r, d, h.shape[1], BLOCK=block, **launch)
+    return dh, dW
+
+
+@_pairwise_backward_op.register_fake
+def _(d_out, h, W, r):
+    return h.new_empty(h.shape, dtype=torch.float32), torch.empty_like(W)
+
+
+class _PairwiseMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, U, W):
+        h = _pairwise_features(x, U)
+        ctx.save_for_backward(x, U, W, h)
+        return _pairwise_forward_op(h, W, U.shape[0])
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, U, W, h = ctx.saved_tensors
+        r = U.shape[0]
+        dh, dW = _pairwise_backward_op(d_out.contiguous(), h, W, r)
+        # relu' from h: h > 0 exactly where the (bf16) pre-activation is
+        d_pre = torch.where(h[:, :r] > 0, dh[:, :r], 0.0).to(x.dtype)
+        dx = d_pre @ U if ctx.needs_input_grad[0] else None
+        dU = d_pre.t() @ x if ctx.needs_input_grad[1] else None
+        return dx, dU, dW if ctx.needs_input_grad[2] else None
+
+
+def _check_pairwise_args(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> None:
+    if U.dim() != 2 or W.dim() != 2 or x.shape[-1] != U.shape[1] or W.shape[1] != U.shape[1]:
+        raise ValueError(f"{name}: expected x (..., d), U (r, d) and W (r (r + 1) / 2, d), got x "
+                         f"{tuple(x.shape)}, U {tuple(U.shape)}, W {tuple(W.shape)}")
+    r = U.shape[0]
+    if W.shape[0] != pair_count(r):
+        raise ValueError(f"{name}: W must have r (r + 1) / 2 = {pair_count(r)} rows for U's r = {r} "
+                         f"features, got W {tuple(W.shape)}")
+
+
+def pairwise_mlp(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """q(relu(x U^T)) W for x (..., d), U (r, d) and W (P, d), P = r (r + 1) / 2, all bf16: W is
+    the transpose of the layer's (d, P) output matrix, stored like c_proj. q never exists in
+    memory. Differentiable in x, U and W."""
+    name = "pairwise_mlp"
+    _check_runnable(name, x, U, W)
+    for arg, t in (("x", x), ("U", U), ("W", W)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+    _check_pairwise_args(name, x, U, W)
+    if not 1 <= U.shape[0] <= PAIRWISE_MAX_RANK:
+        raise ValueError(f"{name}: r = {U.shape[0]} features, expected 1 to {PAIRWISE_MAX_RANK} "
+                         f"(the dh kernel keeps a row of dh per token in registers)")
+    out = _PairwiseMLP.apply(x.reshape(-1, x.shape[-1]).contiguous(), U.contiguous(), W.contiguous())
+    return out.view(*x.shape[:-1], W.shape[1])
+
+
+def pairwise_mlp_reference(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The same math in plain PyTorch: the outer product h h^T, its upper triangle (i <= j, row by
+    row) picked by a fixed index, and one GEMM."""
+    _check_pairwise_args("pairwise_mlp_reference", x, U, W)
+    r = U.shape[0]
+    h = torch.relu(x @ U.t())
+    i, j = torch.triu_indices(r, r, device=x.device)
+    q = (h[..., :, None] * h[..., None, :]).flatten(-2).index_select(-1, i * r + j)
+    return q @ W

@@ -229,6 +229,58 @@ def case_dc_attention(tk, T, H, hd, window):
                     work, "TFLOP/s", "bf16", "banded PyTorch reference")]
 
 
+def relu2_mlp_flops(T, d, hidden):
+    """Forward + backward of the ReLU^2 MLP: 6 GEMMs of 2 T d hidden FLOPs (x W1^T and its two
+    gradients, post W2 and its two); the elementwise activation is not counted."""
+    return 6 * 2 * T * d * hidden
+
+
+def pairwise_mlp_flops(T, d, r):
+    """Forward + backward of the pairwise MLP, useful work only: per token the GEMMs h = x U^T
+    (2 r d) and y = q W (2 P d), each again twice in the backward (dU, dx; dW, G = dY W^T), the P
+    products in the forward, again for dW, and 2 FMAs per pair contracting G into dh (4 P). Not
+    counted: the products of the tiles' padding (~10-20% more at PAIR_BLOCK 8)."""
+    P = r * (r + 1) // 2
+    return T * (3 * 2 * (r + P) * d + 6 * P)
+
+
+def case_pairwise(tk, T, d, ranks, hidden):
+    """The pairwise MLP (kernel, and its reference eager and compiled) against the ReLU^2 MLP at
+    the same tokens: forward + backward through autograd, as in training."""
+    dY = randn_bf16(T, d)
+    x = randn_bf16(T, d).requires_grad_()
+    W1 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+    W2 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+    leaves = (x, W1, W2)
+    relu2 = measure(
+        "ReLU^2 MLP fwd+bwd (autograd)", f"T={T}, d={d}, hidden={hidden}",
+        fwd_bwd(tk.linear_relu_square, leaves, leaves, dY),
+        fwd_bwd(tk.linear_relu_square_reference, leaves, leaves, dY),
+        fwd_bwd(torch.compile(tk.linear_relu_square_reference), leaves, leaves, dY),
+        relu2_mlp_flops(T, d, hidden), "TFLOP/s", "bf16", "the baseline of the pairwise rows")
+    results = [relu2]
+    for r in ranks:
+        U = ((torch.rand(r, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+        W = ((torch.rand(tk.pair_count(r), d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+        leaves = (x, U, W)
+        result = measure(
+            "pairwise MLP fwd+bwd (autograd)", f"T={T}, d={d}, r={r}, P={tk.pair_count(r)}",
+            fwd_bwd(tk.pairwise_mlp, leaves, leaves, dY),
+            fwd_bwd(tk.pairwise_mlp_reference, leaves, leaves, dY),
+            fwd_bwd(torch.compile(tk.pairwise_mlp_reference), leaves, leaves, dY),
+            pairwise_mlp_flops(T, d, r), "TFLOP/s", "bf16")
+        result.note = f"{time_ratio(result, relu2)} the ReLU^2 MLP's time (kernels, GPU-only)"
+        results.append(result)
+    return results
+
+
+def time_ratio(result: Result, baseline: Result) -> str:
+    """Our time over the baseline's, GPU-only where both have it."""
+    if result.ours_gpu_ms and baseline.ours_gpu_ms:
+        return f"{result.ours_gpu_ms / baseline.ours_gpu_ms:.2f}x"
+    return f"{result.ours_ms / baseline.ours_ms:.2f}x (with launch)"
+
+
 def case_cross_entropy(tk, T, d, V):
     shape = f"T={T}, V={V}, K=3"
     logits = randn_bf16(T, V, scale=3.0)
@@ -428,6 +480,43 @@ def mlp_tiling_sweep(tk) -> list[str]:
     return lines
 
 
+PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
+    dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
+         dh=dict(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=3)),
+    dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=256, num_warps=8, num_stages=3),
+         dw=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dh=dict(BLOCK_T=128, BLOCK_D=64, num_warps=8, num_stages=3)),
+    dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dw=dict(BLOCK_T=64, BLOCK_N=64, num_warps=8, num_stages=3),
+         dh=dict(BLOCK_T=64, BLOCK_D=32, num_warps=8, num_stages=2)),
+]
+
+
+def pairwise_tiling_sweep(tk) -> list[str]:
+    """GPU-only microseconds of the pairwise MLP's forward + backward for each candidate tiling,
+    at r = 79 and 110 and the stage-3 micro-batch."""
+    T, d = 49152, 768
+    x, dY = randn_bf16(T, d).requires_grad_(), randn_bf16(T, d)
+    ranks = (79, 110)
+    lines = ["| tiling | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
+    used = tk._PAIRWISE_TILES
+    try:
+        for tiles in PAIRWISE_TILINGS:
+            tk._PAIRWISE_TILES = tiles
+            cells = []
+            for r in ranks:
+                U = randn_bf16(r, d, scale=1 / 32).requires_grad_()
+                W = randn_bf16(tk.pair_count(r), d, scale=1 / 32).requires_grad_()
+                ms = bench_gpu(fwd_bwd(tk.pairwise_mlp, (x, U, W), (x, U, W), dY))
+                cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
+            label = ", ".join(f"{k} {v}" for k, v in tiles.items()) + (" (used)" if tiles == used else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    finally:
+        tk._PAIRWISE_TILES = used
+    return lines
+
+
 # =================================================================================================
 # Main
 # =================================================================================================
@@ -452,11 +541,13 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "transposes": lambda tk: case_transposes(tk, 768, 50304),
     "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
     "dc_attention": lambda tk: case_dc_attention(tk, 49152, 6, 128, 112),
+    "pairwise": lambda tk: case_pairwise(tk, 49152, 768, (79, 110), 3072),   # an experiment
 }
 SWEEPS = {
     "Gram kernel tilings": gram_config_sweep,
     "Polar Express update (polar_update_tall) tilings": polar_update_tiling_sweep,
     "MLP GEMM (linear_relu_square) tilings": mlp_tiling_sweep,
+    "Pairwise MLP (pairwise_mlp) tilings, forward + backward": pairwise_tiling_sweep,
 }
 
 

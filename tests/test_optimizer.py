@@ -43,6 +43,11 @@ LATER_SPEC_TABLE = {
     "gate_b2": ("adam", (0.9, 0.99), 0.1, 0.0),
     "gate_scales": ("adam", (0.9, 0.99), 0.1, 0.0),
 }
+# The experiment --mlp=pairwise: U like c_fc; W (stored like c_proj) with c_proj's extra 2x
+EXPERIMENT_SPEC_TABLE = {
+    "pairwise_u_bank": ("normuon", None, 1.0, 1.0),
+    "pairwise_w_bank": ("normuon", None, 2.0, 1.0),
+}
 ADAM_LR, ADAM_WD, ADAM_EPS = 0.008, 0.005, 1e-10
 MUON_LR, MUON_WD, MUON_BETA2 = 0.023, 1.2, 0.95
 CFG = tg.Hyperparameters()
@@ -109,13 +114,15 @@ def truncate_to_bf16(x32: np.ndarray) -> torch.Tensor:
 def test_table_matches_spec_and_work_order_is_a_permutation():
     assert tg.param_labels(CFG) == list(SPEC_TABLE)  # record #74: scatter order = spec order
     specs = {s.label: s for s in tg.PARAM_TABLE}
-    for label, (optimizer, betas, lr_mul, wd_mul) in {**SPEC_TABLE, **LATER_SPEC_TABLE}.items():
+    every_spec = {**SPEC_TABLE, **LATER_SPEC_TABLE, **EXPERIMENT_SPEC_TABLE}
+    for label, (optimizer, betas, lr_mul, wd_mul) in every_spec.items():
         s = specs[label]
         assert (s.optimizer, s.betas, s.lr_mul, s.wd_mul) == (optimizer, betas, lr_mul, wd_mul)
-    assert sorted(specs) == sorted({**SPEC_TABLE, **LATER_SPEC_TABLE})
+    assert sorted(specs) == sorted(every_spec)
     assert sorted(tg.WORK_ORDER) == sorted(specs)
     assert tg.WORK_ORDER.index("lm_head") < tg.WORK_ORDER.index("embed")
-    assert tg.WORK_ORDER[-4:] == ["attn_bank", "qk_bank", "vo_bank", "mlp_bank"]
+    assert tg.WORK_ORDER[-6:] == ["attn_bank", "qk_bank", "vo_bank", "mlp_bank", "pairwise_u_bank",
+                                  "pairwise_w_bank"]
 
 
 def test_comms_mode():

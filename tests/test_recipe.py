@@ -177,6 +177,11 @@ def ref_speedrun_hidden(m, ids, cu_seqlens, bg, windows):
         return (t / scale).to(torch.float8_e4m3fn).float() * scale
 
     def mlp(i, x):
+        if cfg.mlp == "pairwise":   # every product h_a h_b, a <= b, of the r ReLU features
+            h = torch.relu(x @ m.pairwise_u_bank.detach()[i].T)
+            r = h.shape[1]
+            q = torch.stack([h[:, a] * h[:, b] for a in range(r) for b in range(a, r)], 1)
+            return q @ m.pairwise_w_bank.detach()[i]
         W1, W2 = m.mlp_bank.detach()[i]
         if cfg.fp8_mlp_up:
             x, W1 = e4m3(x), e4m3(W1)
@@ -241,10 +246,13 @@ def ref_speedrun_hidden(m, ids, cu_seqlens, bg, windows):
     return ref_rmsnorm(x)
 
 
-def test_speedrun_forward_matches_direct_restatement():
+@pytest.mark.parametrize("mlp", ["relu2", "pairwise"])
+def test_speedrun_forward_matches_direct_restatement(mlp):
     torch.manual_seed(4)
     T = 20
-    m = random_model(T=T, cfg=SPEEDRUN_TINY)
+    m = random_model(T=T, cfg=tg.Hyperparameters(**{**tg.SPEEDRUN, **SPEEDRUN_TINY_SIZES, "mlp": mlp,
+                                                    "pairwise_rank": 6,
+                                                    "fp8_mlp_up": mlp == "relu2"}))
     with torch.no_grad():   # coefficients of order one, so that every term they weigh shows
         for p in (m.mudd_b2, m.gate_b2):
             p.normal_(0, 5)

@@ -201,6 +201,17 @@ def test_bench_row_gives_throughput_against_the_measured_ceiling():
     assert cells[9] == "2000 GB/s" and cells[10] == "50%"
 
 
+def test_bench_flop_counts_of_the_mlps():
+    bench = load_tool("bench_kernels")
+    T, d = 3, 768
+    assert bench.relu2_mlp_flops(T, d, 3072) == T * 6 * (2 * d * 3072)   # 6 GEMMs
+    P = 3160   # r = 79
+    forward = 2 * d * 79 + P + 2 * P * d            # h, the products, y (seeds.md A.1: 4.98 M)
+    backward = 2 * (2 * d * 79) + P + 2 * (2 * P * d) + 4 * P   # dU, dx; products again; dW, G; dh
+    assert forward == 4_978_264
+    assert bench.pairwise_mlp_flops(T, d, 79) == T * (forward + backward)
+
+
 @pytest.mark.gpu
 def test_bench_kernels_writes_its_table(tmp_path):
     result = run_tool("records/bench_kernels.py", "--cases", "transposes", "--no-sweeps",

@@ -28,10 +28,11 @@ PROGRESS = re.compile(r"^progress step (\d+)/\d+ train_loss:([0-9.]+)")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:([0-9.]+)")
 
 
-def run_torchrun(nproc: int, log_dir: str, preset: str) -> tuple[dict[int, float], float]:
+def run_torchrun(nproc: int, log_dir: str, preset: str,
+                 options: tuple[str, ...] = ()) -> tuple[dict[int, float], float]:
     data = os.path.join(SHARED, "data", "corpus")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"), f"--preset={preset}", *TINY_RUN,
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"), f"--preset={preset}", *TINY_RUN, *options,
            f"--train_files={data}/corpus_train_*.bin", f"--val_files={data}/corpus_val_*.bin",
            f"--log_dir={log_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,9 +51,12 @@ def run_torchrun(nproc: int, log_dir: str, preset: str) -> tuple[dict[int, float
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
                     reason="needs ../shared/data/corpus")
-@pytest.mark.parametrize("preset", ["smoke", "smoke_record74"])   # the current recipe and #74's
-def test_losses_agree_across_world_sizes(tmp_path, preset):
-    results = {k: run_torchrun(k, str(tmp_path / f"k{k}"), preset) for k in (1, 2, 4)}
+@pytest.mark.parametrize("preset,options", [
+    ("smoke", ()), ("smoke_record74", ()),            # the current recipe and #74's
+    ("smoke", ("--mlp=pairwise", "--pairwise_rank=7", "--fp8_mlp_up=false")),   # its own banks
+], ids=["smoke", "smoke_record74", "smoke-pairwise"])
+def test_losses_agree_across_world_sizes(tmp_path, preset, options):
+    results = {k: run_torchrun(k, str(tmp_path / f"k{k}"), preset, options) for k in (1, 2, 4)}
     base_losses, base_val = results[1]
     assert sorted(base_losses) == list(range(1, 21))
     assert base_losses[20] < base_losses[1] - 0.5          # it trains

@@ -1,0 +1,324 @@
+"""The pairwise quadratic MLP (--mlp=pairwise), an experiment: y = q(h) W with h = relu(x U^T) and
+q(h) = (h_i h_j for i <= j), pairs numbered row by row.
+
+The math is restated here with explicit loops over the pairs (fp64), and once more in its
+quadratic-form reading y_k = h^T S_k h. The kernels run under Triton's interpreter on small
+shapes that are no multiples of the tiles (r = 5, 7, 11 against pair blocks of 4).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():   # kernels on CPU tensors need the interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton_kernels as tk  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_U = 2.0 ** -23
+RAGGED = [(5, 37, 24), (7, 20, 40), (11, 33, 24), (1, 5, 16)]   # (r, T, d)
+
+
+def pairs(r: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(r) for j in range(i, r)]
+
+
+def pair_products(h: torch.Tensor) -> torch.Tensor:
+    """q (T, P): column p holds h_i h_j for the p-th pair (i, j), row-major by i."""
+    return torch.stack([h[:, i] * h[:, j] for i, j in pairs(h.shape[1])], dim=1)
+
+
+def pairwise_restated(x, U, W):
+    return pair_products(torch.relu(x @ U.t())) @ W
+
+
+def dh_restated(G: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dh_m = sum over pairs containing m of G_p times the other factor (twice for (m, m))."""
+    dh = torch.zeros_like(h)
+    for p, (i, j) in enumerate(pairs(h.shape[1])):
+        dh[:, i] += G[:, p] * h[:, j]
+        dh[:, j] += G[:, p] * h[:, i]
+    return dh
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    _, exponent = torch.frexp(x.abs().double())
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 8).clamp_min(2.0 ** -133)
+
+
+def assert_bf16_rounding_of(out, exact, fp32_error, what):
+    """out is a bf16 rounding (to nearest) of a fp32 value within fp32_error of exact."""
+    err = (out.double() - exact).abs()
+    tol = 0.5 * bf16_ulp(exact.abs() + fp32_error) + fp32_error
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"{what}: error reaches {worst:.3f} x the bound"
+
+
+def rel_error(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def layer_inputs(r, T, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g).bfloat16().to(DEV)
+    U = (torch.randn(r, d, generator=g) / d ** 0.5).bfloat16().to(DEV)
+    W = torch.randn(tk.pair_count(r), d, generator=g).bfloat16().to(DEV)
+    dY = torch.randn(T, d, generator=g).bfloat16().to(DEV)
+    return x, U, W, dY
+
+
+def padded_features(r, T, seed=0):
+    """h as the kernels take it: bf16, nonnegative with some exact zeros, zero padding columns."""
+    block = tk._pairwise_tiles()["PAIR_BLOCK"]
+    h = torch.zeros(T, r + (-r % block))
+    h[:, :r] = torch.relu(torch.randn(T, r, generator=torch.Generator().manual_seed(seed)))
+    return h.bfloat16().to(DEV)
+
+
+# -------------------------------------------------------------------------------------------------
+# The kernels against the exact math, one op at a time
+
+@pytest.mark.parametrize("r,T,d", RAGGED)
+def test_forward_kernel_is_a_rounding_of_the_exact_product(r, T, d):
+    _, _, W, _ = layer_inputs(r, T, d)
+    h = padded_features(r, T)
+    y = torch.ops.nanogpt_triton.pairwise_forward(h, W, r)
+    # the kernel rounds each product to bf16 (as a bf16 multiplication does), sums in fp32
+    q = pair_products(h[:, :r].double()).bfloat16().double()
+    exact = q @ W.double()
+    bound = q.shape[1] * FP32_U * (q.abs() @ W.double().abs())
+    assert_bf16_rounding_of(y, exact, bound, f"pairwise forward r={r}")
+
+
+@pytest.mark.parametrize("r,T,d", RAGGED)
+def test_backward_kernels_against_the_exact_gradients(r, T, d):
+    _, _, W, dY = layer_inputs(r, T, d)
+    h = padded_features(r, T)
+    dh, dW = torch.ops.nanogpt_triton.pairwise_backward(dY, h, W, r)
+    h64, W64, dY64 = h[:, :r].double(), W.double(), dY.double()
+    q = pair_products(h64).bfloat16().double()
+    assert_bf16_rounding_of(dW, q.t() @ dY64, T * FP32_U * (q.abs().t() @ dY64.abs()),
+                            f"pairwise dW r={r}")
+    # dh in fp32: G = dY W^T summed over d, then contracted with h over the pairs
+    exact = dh_restated(dY64 @ W64.t(), h64)
+    scale = dh_restated(dY64.abs() @ W64.abs().t(), h64)
+    assert ((dh[:, :r].double() - exact).abs() <= (d + 2 * r) * FP32_U * scale).all()
+    assert dh[:, r:].eq(0).all()   # padding features take no gradient
+
+
+# -------------------------------------------------------------------------------------------------
+# The layer end to end: kernel, reference and the restatement
+
+@pytest.mark.parametrize("r,T,d", RAGGED)
+def test_kernel_and_reference_match_the_restated_layer(r, T, d):
+    x, U, W, dY = layer_inputs(r, T, d)
+    leaves64 = [t.double().requires_grad_() for t in (x, U, W)]
+    exact = pairwise_restated(*leaves64)
+    exact_grads = torch.autograd.grad(exact, leaves64, dY.double())
+    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, U, W)]
+        y = layer(*leaves)
+        grads = torch.autograd.grad(y, leaves, dY)
+        # bf16 roundings of h, of each product and of the outputs: a few bf16 ulps in norm
+        assert y.dtype == torch.bfloat16 and rel_error(y, exact) < 1e-2, layer.__name__
+        for name, got, want in zip("xUW", grads, exact_grads):
+            assert rel_error(got, want) < 2e-2, (layer.__name__, name)
+
+
+def test_keeps_leading_dims_and_rejects_bad_arguments():
+    x, U, W, _ = layer_inputs(5, 12, 16)
+    out = tk.pairwise_mlp(x.view(3, 4, 16), U, W)
+    assert out.shape == (3, 4, 16) and torch.equal(out.view(12, 16), tk.pairwise_mlp(x, U, W))
+    with pytest.raises(ValueError, match=r"W must have r \(r \+ 1\) / 2 = 15 rows for U's r = 5"):
+        tk.pairwise_mlp(x, U, W[:14])
+    with pytest.raises(ValueError, match=r"expected x \(..., d\), U \(r, d\)"):
+        tk.pairwise_mlp_reference(x[:, :8], U, W)
+    with pytest.raises(ValueError, match="W must have dtype"):
+        tk.pairwise_mlp(x, U, W.float())
+
+
+# -------------------------------------------------------------------------------------------------
+# The math, independently: a quadratic form per output
+
+def test_layer_is_a_quadratic_form_per_output():
+    """y_k = h^T S_k h for symmetric S_k, when W holds S_k's upper triangle with the off-diagonal
+    entries doubled (S_ij h_i h_j + S_ji h_j h_i = 2 S_ij h_i h_j) and the diagonal as it is."""
+    r, T, d = 7, 9, 6
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(d, r, r, generator=g, dtype=torch.float64)
+    S = (A + A.mT) / 2
+    W = torch.empty(tk.pair_count(r), d, dtype=torch.float64)
+    for p, (i, j) in enumerate(pairs(r)):
+        W[p] = S[:, i, j] if i == j else 2 * S[:, i, j]
+    x = torch.randn(T, d, generator=g, dtype=torch.float64)
+    U = torch.randn(r, d, generator=g, dtype=torch.float64)
+    h = torch.relu(x @ U.t())
+    direct = torch.einsum("ti,kij,tj->tk", h, S, h)
+    assert torch.allclose(tk.pairwise_mlp_reference(x, U, W), direct, rtol=1e-12, atol=1e-12)
+    y = tk.pairwise_mlp(x.bfloat16().to(DEV), U.bfloat16().to(DEV), W.bfloat16().to(DEV))
+    assert rel_error(y.cpu(), direct) < 3e-2   # every input rounded to bf16
+
+
+def test_reference_gradients_pass_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    U = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(tk.pair_count(4), 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tk.pairwise_mlp_reference, (x, U, W))
+
+
+# -------------------------------------------------------------------------------------------------
+# torch.compile traces both forms without graph breaks
+
+@pytest.mark.parametrize("layer", [tk.pairwise_mlp, tk.pairwise_mlp_reference])
+def test_compiles_fullgraph(layer):
+    x, U, W, dY = layer_inputs(7, 20, 24)
+    leaves = [t.requires_grad_() for t in (x, U, W)]
+    torch._dynamo.reset()
+    # on CPU aot_eager runs dynamo (fullgraph), fake tensors and AOT autograd without a C++ build
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if DEV == "cuda" else "aot_eager")
+    y = compiled(*leaves)
+    grads = torch.autograd.grad(y, leaves, dY)
+    eager = layer(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves, dY)
+    assert rel_error(y, eager) < 1e-2
+    for got, want in zip(grads, eager_grads):
+        assert rel_error(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [79, 110])
+def test_kernel_speedrun_shape(r):
+    x, U, W, dY = layer_inputs(r, 16384, 768)
+    W = W / 32   # products of O(1) features times weights at the trained model's scale
+    results = []
+    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, U, W)]
+        y = layer(*leaves)
+        results.append((y, torch.autograd.grad(y, leaves, dY)))
+    (y, grads), (y_ref, grads_ref) = results
+    assert rel_error(y, y_ref) < 1e-2
+    for got, want in zip(grads, grads_ref):
+        assert rel_error(got, want) < 2e-2
+
+
+# =================================================================================================
+# The variant in the trainer: configuration, parameters, training
+# =================================================================================================
+
+import train_gpt as tg  # noqa: E402
+from conftest import needs_corpus, needs_tokenizer  # noqa: E402
+from test_model import TINY, random_tokens, ref_bigram  # noqa: E402
+
+PAIRWISE_TINY = tg.Hyperparameters(**{**{f: getattr(TINY, f) for f in ("vocab_size", "num_heads",
+                                      "head_dim", "model_dim", "mlp_hidden", "bigram_vocab_mult")},
+                                      "mlp": "pairwise", "pairwise_rank": 6})
+
+
+def test_options_parse_and_bad_values_fail_clearly():
+    cfg = tg.parse_config(["--preset=speedrun", "--mlp=pairwise", "--pairwise_rank=110",
+                           "--fp8_mlp_up=false"])
+    assert (cfg.mlp, cfg.pairwise_rank) == ("pairwise", 110)
+    assert (tg.Hyperparameters().mlp, tg.Hyperparameters().pairwise_rank) == ("relu2", 79)
+    assert all(values.get("mlp", "relu2") == "relu2" for values in tg.PRESETS.values())
+    with pytest.raises(SystemExit, match="--mlp='gelu': expected one of relu2, pairwise"):
+        tg.parse_config(["--mlp=gelu"])
+    with pytest.raises(SystemExit, match="--pairwise_rank=0: expected a positive integer"):
+        tg.parse_config(["--mlp=pairwise", "--pairwise_rank=0", "--fp8_mlp_up=false"])
+    with pytest.raises(SystemExit, match="--pairwise_rank=7.5: expected an integer"):
+        tg.parse_config(["--pairwise_rank=7.5"])
+    with pytest.raises(SystemExit, match="mlp=pairwise has no FP8 form .* --fp8_mlp_up=false"):
+        tg.parse_config(["--mlp=pairwise"])            # the speedrun preset has the FP8 MLP
+
+
+def test_own_banks_replace_the_mlp_bank():
+    labels = tg.param_labels(tg.Hyperparameters(mlp="pairwise"))
+    assert "mlp_bank" not in labels and {"pairwise_u_bank", "pairwise_w_bank"} <= set(labels)
+    default = tg.param_labels(tg.Hyperparameters())
+    assert "mlp_bank" in default and not {"pairwise_u_bank", "pairwise_w_bank"} & set(default)
+
+
+def parameter_count(cfg, world_size):
+    with torch.device("meta"):
+        model = tg.GPT(cfg, world_size, max_positions=2)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("world_size,relu2_slots,pairwise_slots", [(1, 11, 11), (8, 12, 16)])
+def test_parameter_count(world_size, relu2_slots, pairwise_slots):
+    """Per layer r d + d P (U and W) instead of 2 x hidden x d; the banks padded to a multiple of
+    the world size (the MLP bank counts c_fc and c_proj, 2 matrices per slot)."""
+    d, hidden, r = 768, 3072, 79
+    P = 79 * 80 // 2
+    relu2 = parameter_count(tg.Hyperparameters(), world_size)
+    pairwise = parameter_count(tg.Hyperparameters(mlp="pairwise"), world_size)
+    assert pairwise == relu2 - relu2_slots * 2 * hidden * d + pairwise_slots * (r * d + d * P)
+    if world_size == 8:
+        assert relu2 == 543_818_952   # record #74's count (test_model)
+
+
+def test_initial_weights():
+    torch.manual_seed(0)
+    m = tg.GPT(PAIRWISE_TINY, world_size=4, max_positions=8)
+    d, r = PAIRWISE_TINY.model_dim, 6
+    assert m.pairwise_u_bank.shape == (12, r, d) and m.pairwise_w_bank.shape == (12, 21, d)
+    assert m.pairwise_u_bank.dtype == m.pairwise_w_bank.dtype == torch.bfloat16
+    bound = 3 ** 0.5 * 0.5 / d ** 0.5          # c_fc's uniform bound
+    U = m.pairwise_u_bank.float()
+    assert U.abs().max() <= bound * (1 + 2 ** -8) and U[:11].abs().min() > 0
+    assert U[:11].std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    assert U[11:].eq(0).all() and m.pairwise_w_bank.eq(0).all()
+    assert not hasattr(m, "mlp_bank")
+
+
+def test_flop_count_counts_the_pairwise_weights():
+    settings = tg.Schedule(tg.Hyperparameters()).at(0)
+    relu2 = tg.flops_per_token(tg.Hyperparameters(), settings)
+    pairwise = tg.flops_per_token(tg.Hyperparameters(mlp="pairwise", pairwise_rank=110), settings)
+    # 3 x 2 FLOPs per weight, 11 layers: (110 + 6105) x 768 weights instead of 2 x 3072 x 768
+    assert relu2 - pairwise == 3 * 2 * 11 * (2 * 3072 * 768 - (110 + 6105) * 768)
+
+
+@pytest.mark.skipif(not tk.INTERPRET and DEV == "cpu",
+                    reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
+def test_kernel_path_trains_like_the_reference_path():
+    """One training forward and backward of the model through the pairwise kernels against the
+    same model through the reference: the same loss, gradients equal up to bf16 roundings."""
+    torch.manual_seed(3)
+    T = 32
+    model = tg.GPT(PAIRWISE_TINY, world_size=1, max_positions=4 * T)
+    with torch.no_grad():   # every parameter nonzero, W included
+        for p in model.parameters():
+            p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
+    model.rotary.reset()
+    ids, cu = random_tokens(T)
+    targets = torch.randint(0, 200, (T,))
+    bigram_ids = ref_bigram(ids, PAIRWISE_TINY.bigram_vocab_size)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    results = []
+    for paths in (tg.Paths(mlp="triton"), tg.Paths()):
+        model.paths = paths
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets, cu, bigram_ids, w, (8, 16), T, 0.5)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}))
+    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = results
+    assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
+    for name in ("pairwise_u_bank", "pairwise_w_bank", "attn_bank", "embed"):
+        want, got = reference_grads[name], kernel_grads[name]
+        assert want.norm() > 0, name
+        assert (got - want).norm() < 0.05 * want.norm(), name
+
+
+@needs_corpus
+@needs_tokenizer
+def test_trains_on_the_smoke_preset():
+    from test_recipe import TINY_FILES, train_steps
+    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, "mlp": "pairwise",
+                                "pairwise_rank": 7, "fp8_mlp_up": False})
+    losses, params = train_steps(cfg, steps=6)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert params["pairwise_w_bank"].abs().sum() > 0   # W leaves zero
