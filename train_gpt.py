@@ -1739,11 +1739,11 @@ class GPT(nn.Module):
                           v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
                           scale, self.paths).reshape(T, H, hd)
         elif noise is not None:
-            slot = VARIANT_ATTN_LAYERS.index(layer)
-            lam = differential_lambdas(self.noise_lambdas[slot], lambda_init(layer))
+            init = lambda_init(layer)
+            lam = differential_lambdas(self.noise_lambdas[VARIANT_ATTN_LAYERS.index(layer)], init)
             q_noise, k_noise, noise_scale = self.noise_heads(layer, noise)
             y = differential_attention(q, k, q_noise, k_noise, v, cu_seqlens, max_seqlen, window,
-                                       scale, noise_scale, lam, lambda_init(layer), self.paths)
+                                       scale, noise_scale, lam, init, self.paths)
         else:
             y = attention(q, k, v, cu_seqlens, max_seqlen, window, scale, self.paths)
         if xsa_share is not None:
