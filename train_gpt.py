@@ -136,6 +136,11 @@ class Hyperparameters:
     prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight (stage 1; to 0 in 2)
     val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
     val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
+    # Experiments (issue 22), in no preset: the attention of the non-paired layers
+    attn: str = "standard"                  # "diff", "cmd", "mla", "cmd_mla" (see ATTN_VARIANTS)
+    mla_q_rank: int = 384                   # mla, cmd_mla: width of the query latent
+    mla_kv_rank: int = 256                  # mla, cmd_mla: width of the key/value latent
+    cmd_noise_dim: int = 128                # cmd, cmd_mla: width of the shared noise query and key
 
     def __post_init__(self):
         # rows given as plain tuples (command line, a log's config block) become Stage records
@@ -158,11 +163,34 @@ class Hyperparameters:
         if not isinstance(self.pairwise_rank, int) or self.pairwise_rank < 1:
             raise ValueError(f"pairwise_rank={self.pairwise_rank!r}: expected a positive integer, "
                              f"the number r of ReLU features whose pairwise products the MLP uses")
+        self._check_attention_variant()
         rows = self.padded_vocab_size * self.bigram_vocab_mult
         if rows != round(rows) or rows < 2:
             raise ValueError(f"bigram_vocab_mult={self.bigram_vocab_mult}: the bigram table needs "
                              f"a whole number of rows (padded vocabulary "
                              f"{self.padded_vocab_size} x this)")
+
+    def _check_attention_variant(self) -> None:
+        if self.attn not in ATTN_VARIANTS:
+            raise ValueError(f"attn={self.attn!r}: expected one of {', '.join(ATTN_VARIANTS)}")
+        for name in ("mla_q_rank", "mla_kv_rank", "cmd_noise_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive width")
+        for name in ("mla_q_rank", "mla_kv_rank"):
+            if self.latent_attention and getattr(self, name) > self.model_dim:
+                raise ValueError(f"{name}={getattr(self, name)}: expected at most model_dim="
+                                 f"{self.model_dim} (a latent wider than the stream compresses "
+                                 f"nothing)")
+
+    @property
+    def noise_attention(self) -> bool:
+        """attn subtracts a second ("noise") attention from the first (diff, cmd, cmd_mla)."""
+        return self.attn in ("diff", "cmd", "cmd_mla")
+
+    @property
+    def latent_attention(self) -> bool:
+        """attn computes Q, K and V from low-rank latents (mla, cmd_mla)."""
+        return self.attn in ("mla", "cmd_mla")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -220,6 +248,13 @@ RECORD_CHANGES: list[RecordChange] = [
     RecordChange("#89", "The schedule of record #89: 1270 scheduled + 15 extension steps.",
                  dict(num_scheduled_iterations=1270, num_extension_iterations=15)),
 ]
+# The attention variants of the `attn` field (issue 22): each replaces the attention of the
+# non-paired layers only (VARIANT_ATTN_LAYERS); the paired-head layers keep the standard one.
+#   diff:    differential attention: a noise query and key per head, output A v - lambda B v
+#   cmd:     common mode: one noise query and key of width cmd_noise_dim shared by all heads
+#   mla:     Q, K, V from low-rank latents, the rotating half of each head from its own projection
+#   cmd_mla: mla with cmd's noise query and key read from the latents
+ATTN_VARIANTS = ("standard", "diff", "cmd", "mla", "cmd_mla")
 # A switch that builds on another (the record's code never ran it alone) needs that one on.
 SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
                    "dc_attention": ("mudd_gates",)}
@@ -486,6 +521,12 @@ PARAM_TABLE: list[ParamSpec] = [
     ParamSpec("attn_bank", "normuon", "sharded"),
     ParamSpec("qk_bank", "normuon", "sharded"),     # #80: Q and K head-pair blocks
     ParamSpec("vo_bank", "normuon", "sharded"),     # #80: V and O
+    ParamSpec("noise_qk_bank", "normuon", "sharded"),   # attn=diff/cmd: noise Q and K
+    ParamSpec("mla_dq_bank", "normuon", "sharded"),     # attn=mla/cmd_mla: the latent factors
+    ParamSpec("mla_uq_bank", "normuon", "sharded"),
+    ParamSpec("mla_dkv_bank", "normuon", "sharded"),
+    ParamSpec("mla_ukv_bank", "normuon", "sharded"),
+    ParamSpec("mla_o_bank", "normuon", "sharded"),
     ParamSpec("mlp_bank", "normuon", "sharded", odd_matrix_lr_mul=2.0),  # odd index = c_proj
     # --mlp=pairwise: U (r, d) and W stored transposed (P, d) like c_proj, with c_proj's extra 2x
     ParamSpec("pairwise_u_bank", "normuon", "sharded"),
@@ -502,6 +543,7 @@ PARAM_TABLE: list[ParamSpec] = [
     ParamSpec("bigram_lambdas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),
     ParamSpec("resid_lambdas", "adam", "replicated", (0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
     ParamSpec("xsa_alphas", "adam", "replicated", (0.9, 0.95), wd_mul=0.0),           # #82
+    ParamSpec("noise_lambdas", "adam", "replicated", (0.9, 0.95), lr_mul=0.1, wd_mul=0.0),  # attn
     ParamSpec("mudd_w1", "adam", "replicated", (0.9, 0.99), lr_mul=0.25),             # #81
     ParamSpec("mudd_w2", "adam", "replicated", (0.9, 0.99), lr_mul=0.25),
     ParamSpec("mudd_b2", "adam", "replicated", (0.9, 0.99), lr_mul=0.25, wd_mul=0.0),
@@ -517,11 +559,13 @@ PARAM_TABLE: list[ParamSpec] = [
 # because the tied copy needs the gathered head; the Polar Express banks last.
 WORK_ORDER: list[str] = [
     "scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
-    "x0_lambdas", "bigram_lambdas", "resid_lambdas", "xsa_alphas", "mudd_w1", "mudd_w2",
-    "mudd_b2", "gate_w1", "gate_w2", "gate_b2", "gate_scales", "value_embeds", "bigram_embed",
-    "lm_head", "embed", "attn_bank", "qk_bank", "vo_bank", "mlp_bank", "pairwise_u_bank",
-    "pairwise_w_bank",
+    "x0_lambdas", "bigram_lambdas", "resid_lambdas", "xsa_alphas", "noise_lambdas", "mudd_w1",
+    "mudd_w2", "mudd_b2", "gate_w1", "gate_w2", "gate_b2", "gate_scales", "value_embeds",
+    "bigram_embed", "lm_head", "embed", "attn_bank", "qk_bank", "vo_bank", "noise_qk_bank",
+    "mla_dq_bank", "mla_uq_bank", "mla_dkv_bank", "mla_ukv_bank", "mla_o_bank", "mlp_bank",
+    "pairwise_u_bank", "pairwise_w_bank",
 ]
+LATENT_BANKS = ("mla_dq_bank", "mla_uq_bank", "mla_dkv_bank", "mla_ukv_bank", "mla_o_bank")
 
 
 def param_labels(cfg: Hyperparameters) -> list[str]:
@@ -539,6 +583,12 @@ def param_labels(cfg: Hyperparameters) -> list[str]:
         absent.add("mlp_bank")
     else:
         absent |= {"pairwise_u_bank", "pairwise_w_bank"}
+    if not cfg.noise_attention:
+        absent.add("noise_lambdas")
+    if cfg.attn not in ("diff", "cmd"):   # cmd_mla reads its noise query and key from the latents
+        absent.add("noise_qk_bank")
+    if not cfg.latent_attention:
+        absent |= set(LATENT_BANKS)
     return [spec.label for spec in PARAM_TABLE if spec.label not in absent]
 
 
@@ -1173,6 +1223,8 @@ VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)  # layer VALUE_EMBED_LAYERS[k] reads value
 ATTN_LAYERS = tuple(i for i in range(NUM_LAYERS) if i != NO_ATTN_LAYER)
 LATE_ATTN_LAYERS = (8, 9, 10)    # single stream: their attention reads the cached layer-7 stream
 XSA_LAYERS = tuple(i for i in ATTN_LAYERS if i not in PAIRED_HEAD_LAYERS)
+VARIANT_ATTN_LAYERS = XSA_LAYERS  # cfg.attn replaces their attention; paired layers keep theirs
+NOISE_LAMBDA_STD = 0.1            # initial spread of the lambda query vectors (the key ones are 0)
 GATED_XSA_LAYERS = (1, 3, 4, 7)  # with the MUDD gates, XSA runs here only
 GATED_OUT_LAYERS = (3, 10)       # with the MUDD gates, only these keep an attention output gate
 POST_GATE_LAYER = 4              # the post gate reads the stream entering this layer
@@ -1204,6 +1256,51 @@ def num_mlp_slots(world_size: int) -> int:
     while (2 * slots) % world_size:
         slots += 1
     return slots
+
+
+def standard_attn_layers(cfg: Hyperparameters) -> tuple[int, ...]:
+    """The attention layers whose Q, K, V and O live in attn_bank (or qk_bank and vo_bank): all,
+    except that latent attention keeps its layers' factors in the mla banks."""
+    if cfg.latent_attention:
+        return tuple(i for i in ATTN_LAYERS if i not in VARIANT_ATTN_LAYERS)
+    return ATTN_LAYERS
+
+
+def variant_bank_shapes(cfg: Hyperparameters) -> dict[str, tuple[int, int, int]]:
+    """(matrices, rows, cols) of each bank cfg.attn adds, before the padding to the world size.
+    diff: each layer's noise Q and K (d, d), or in head-pair blocks (2 hd, d) like qk_bank;
+    cmd: each layer's shared noise query and key (n, d). mla: per layer W_dq (q_rank, d), W_uq
+    (d [+ n], q_rank), W_dkv (kv_rank + hd/2, d), W_ukv (d/2 + d [+ n], kv_rank) and W_o (d, d);
+    cmd_mla appends the n noise rows to W_uq and W_ukv."""
+    d, hd, n = cfg.model_dim, cfg.head_dim, cfg.cmd_noise_dim
+    layers = len(VARIANT_ATTN_LAYERS)
+    if cfg.attn == "diff":
+        rows = 2 * hd if cfg.qk_head_pair_groups else d
+        return {"noise_qk_bank": (2 * layers * d // rows, rows, d)}
+    if cfg.attn == "cmd":
+        return {"noise_qk_bank": (2 * layers, n, d)}
+    if not cfg.latent_attention:
+        return {}
+    noise = n if cfg.attn == "cmd_mla" else 0
+    q_rank, kv_rank = cfg.mla_q_rank, cfg.mla_kv_rank
+    shapes = [(q_rank, d), (d + noise, q_rank), (kv_rank + hd // 2, d),
+              (d // 2 + d + noise, kv_rank), (d, d)]
+    return {label: (layers, *shape) for label, shape in zip(LATENT_BANKS, shapes)}
+
+
+def lambda_init(layer: int) -> float:
+    """The Differential Transformer's per-layer lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1)), l the
+    1-based layer index (Ye et al. 2024, arXiv:2410.05258, section 2.1); `layer` counts from 0."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer)
+
+
+def differential_lambdas(vectors: torch.Tensor, init: float) -> torch.Tensor:
+    """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init (arXiv:2410.05258, eq. 2), one per
+    group: vectors (4, G, hd) = (lq1, lk1, lq2, lk2), G = 1 (diff: per layer) or H (cmd: per
+    head). The key vectors start at zero, so lambda starts at exactly lambda_init, and the small
+    random query vectors give them a gradient (both zero would be a stationary point)."""
+    q1, k1, q2, k2 = vectors.float().unbind(0)
+    return torch.exp((q1 * k1).sum(-1)) - torch.exp((q2 * k2).sum(-1)) + init
 
 
 def unpack_mask_rows(bits: torch.Tensor) -> torch.Tensor:
@@ -1366,12 +1463,87 @@ def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
     return attention_reference(q, k, v, cu_seqlens, window, scale)
 
 
+def noise_attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
+                    paths: Paths) -> torch.Tensor:
+    """B v (T, H, hd): the values v (T, H, hd) weighted by the noise map of q, k (T, G, n), G = H
+    (diff) or 1 (cmd: one pair shared by every head, expanded, since a flash kernel ties each map
+    to one value head). Zero columns bring q, k and v to one width; they change no score."""
+    T, H, hd = v.shape
+    width = max(q.shape[-1], hd)
+    if q.shape[-1] < width:
+        q, k = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k))
+    if hd < width:
+        v = F.pad(v, (0, width - hd))
+    q, k = (t.expand(T, H, width).contiguous() for t in (q, k))
+    return attention(q, k, v, cu_seqlens, max_seqlen, window, scale, paths)[..., :hd]
+
+
+def differential_combine(signal: torch.Tensor, noise: torch.Tensor, lam: torch.Tensor,
+                         init: float) -> torch.Tensor:
+    """Head-wise RMSNorm of signal - lambda noise, times (1 - lambda_init) (arXiv:2410.05258,
+    eq. 3; weightless, like every norm of this model). signal, noise: (T, H, hd); lam: (1,) or
+    (H,)."""
+    y = signal.float() - lam[:, None] * noise.float()
+    return (rms_norm(y) * (1 - init)).to(signal.dtype)
+
+
+def differential_attention(q, k, q_noise, k_noise, v, cu_seqlens, max_seqlen: int, window: int,
+                           scale: float, noise_scale: float, lam: torch.Tensor, init: float,
+                           paths: Paths) -> torch.Tensor:
+    """(A - lambda B) v as A v - lambda (B v): two attention() calls, no map materialised, then
+    differential_combine. q, k, v: (T, H, hd); q_noise, k_noise: (T, G, n), G = H or 1; lam:
+    (1,) or (H,)."""
+    signal = attention(q, k, v, cu_seqlens, max_seqlen, window, scale, paths)
+    noise = noise_attention(q_noise, k_noise, v, cu_seqlens, max_seqlen, window, noise_scale, paths)
+    return differential_combine(signal, noise, lam, init)
+
+
+def _masked_softmax(q, k, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax maps (heads, L, L) of one document's q, k (L, heads, n), hidden keys masked."""
+    scores = torch.einsum("ign,jgn->gij", q.float(), k.float()) * scale
+    return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+
+
+def differential_attention_reference(q, k, q_noise, k_noise, v, cu_seqlens, window: int,
+                                     scale: float, noise_scale: float, lam: torch.Tensor,
+                                     init: float) -> torch.Tensor:
+    """differential_attention with both maps materialised per document (fp32): M = A - lambda B,
+    A the softmax of q k^T x scale and B of q_noise k_noise^T x noise_scale over the keys j of
+    row i's document with i - window <= j <= i; out = RMSNorm_head(M v) x (1 - lambda_init).
+    Shapes as differential_attention (a shared noise pair broadcasts over the heads)."""
+    T, H, hd = v.shape
+    out = torch.zeros(T, H, hd, device=v.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        pos = torch.arange(end - start, device=v.device)
+        delta = pos[:, None] - pos[None, :]
+        hidden = (delta < 0) | (delta > window)
+        doc = slice(start, end)
+        A = _masked_softmax(q[doc], k[doc], hidden, scale)
+        B = _masked_softmax(q_noise[doc], k_noise[doc], hidden, noise_scale)
+        maps = A - lam.float()[:, None, None] * B
+        out[doc] = torch.einsum("hij,jhd->ihd", maps, v[doc].float())
+    return rms_norm(out) * (1 - init)
+
+
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
     """y_h minus share_h times its component along the head's own value v_h: y - s (y.v / v.v) v,
     with v.v at least 1e-8. y, v: (T, H, hd); share: (H,) or (T, H)."""
     dot = (y.float() * v.float()).sum(-1)
     den = v.float().square().sum(-1).clamp_min(1e-8)
     return y - ((share * dot / den)[..., None] * v.float()).to(y.dtype)
+
+
+class AttnWeights(NamedTuple):
+    """One attention layer's matrices: standard qkv (3d, d) or, for mla and cmd_mla, the latent
+    factors (W_dq, W_uq, W_dkv, W_ukv) of variant_bank_shapes; out (d, d); for diff and cmd the
+    noise query and key rows noise_qk (2d or 2n, d)."""
+    qkv: torch.Tensor | None
+    out: torch.Tensor
+    noise_qk: torch.Tensor | None = None
+    latent: tuple[torch.Tensor, ...] | None = None
 
 
 class TableRows(NamedTuple):
@@ -1392,22 +1564,22 @@ class GPT(nn.Module):
                              f"and num_heads must be even")
         self.cfg = cfg
         self.paths = paths
-        num_attn = len(ATTN_LAYERS)
+        num_attn, num_standard = len(ATTN_LAYERS), len(standard_attn_layers(cfg))
         bound = math.sqrt(3) * 0.5 / math.sqrt(d)
         # Matrix banks: created in fp32, initialised, then stored in bf16.
         if cfg.qk_head_pair_groups:
             # Q and K as (2 hd, d) head-pair blocks, then V and O; zero padding matrices so that
             # every bank splits evenly over the ranks
             pairs = H // 2
-            qk_bank = torch.zeros(padded_count(2 * pairs * num_attn, world_size), 2 * hd, d)
-            qk_bank[:2 * pairs * num_attn].uniform_(-bound, bound)
-            vo_bank = torch.zeros(padded_count(2 * num_attn, world_size), d, d)
-            vo_bank[:2 * num_attn].uniform_(-bound, bound)
+            qk_bank = torch.zeros(padded_count(2 * pairs * num_standard, world_size), 2 * hd, d)
+            qk_bank[:2 * pairs * num_standard].uniform_(-bound, bound)
+            vo_bank = torch.zeros(padded_count(2 * num_standard, world_size), d, d)
+            vo_bank[:2 * num_standard].uniform_(-bound, bound)
             self.qk_bank = nn.Parameter(qk_bank.bfloat16())
             self.vo_bank = nn.Parameter(vo_bank.bfloat16())
         else:
-            self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, d).uniform_(-bound, bound)
-                                          .bfloat16())
+            self.attn_bank = nn.Parameter(torch.empty(num_standard, 4 * d, d)
+                                          .uniform_(-bound, bound).bfloat16())
         # c_fc random, c_proj zero. Padding slots (so the matrices split evenly over the ranks)
         # stay zero and never get a gradient: the initial weights do not depend on the world size.
         if cfg.mlp == "pairwise":
@@ -1468,8 +1640,26 @@ class GPT(nn.Module):
             # token -> its longest strict prefix token (-1: none); filled from the tokenizer
             self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64),
                                  persistent=False)
+        self._init_attention_variant(world_size)
         if not self.embed.is_meta:
             self.rotary.reset()
+
+    def _init_attention_variant(self, world_size: int) -> None:
+        """The banks and lambda vectors of cfg.attn, made after every other parameter so that
+        those start as in the standard model. Down projections start like the standard Q, K, V
+        (std 0.5/sqrt(d)), up projections with std 1/sqrt(rank), so the heads start at the standard
+        scale; padding matrices stay zero, as in qk_bank."""
+        cfg = self.cfg
+        for label, (count, rows, cols) in variant_bank_shapes(cfg).items():
+            std = (1.0 if label in ("mla_uq_bank", "mla_ukv_bank") else 0.5) / math.sqrt(cols)
+            bank = torch.zeros(padded_count(count, world_size), rows, cols)
+            bank[:count].uniform_(-math.sqrt(3) * std, math.sqrt(3) * std)
+            setattr(self, label, nn.Parameter(bank.bfloat16()))
+        if cfg.noise_attention:
+            groups = 1 if cfg.attn == "diff" else cfg.num_heads
+            vectors = torch.zeros(len(VARIANT_ATTN_LAYERS), 4, groups, cfg.head_dim)
+            vectors[:, 0::2].normal_(0, NOISE_LAMBDA_STD)     # lq1, lq2; lk1, lk2 stay zero
+            self.noise_lambdas = nn.Parameter(vectors)
 
     def _coefficient_mlp(self, layouts: list[CoefficientLayout]) -> tuple[nn.Parameter, ...]:
         """w1 (blocks, MUDD_HIDDEN, d), w2 (all outputs, MUDD_HIDDEN) zero and b2 (all outputs)
@@ -1505,16 +1695,36 @@ class GPT(nn.Module):
             return triton_kernels.linear_relu_square(x, c_fc, c_proj)
         return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)
 
-    def attention_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(W_qkv (3d, d), W_out (d, d)) of every attention layer. The banks are unbound rather
-        than indexed per layer: the backward then assembles each bank's gradient as one stack."""
+    def attention_weights(self) -> dict[int, AttnWeights]:
+        """The matrices of every attention layer. The banks are unbound rather than indexed per
+        layer: the backward then assembles each bank's gradient as one stack."""
         d = self.cfg.model_dim
+        layers = standard_attn_layers(self.cfg)
         if not self.cfg.qk_head_pair_groups:
-            return {i: w.split((3 * d, d)) for i, w in zip(ATTN_LAYERS, self.attn_bank.unbind(0))}
-        blocks = self.cfg.num_heads   # Q's head pairs, then K's, per layer
-        qk, vo = self.qk_bank.unbind(0), self.vo_bank.unbind(0)
-        return {i: (torch.cat([*qk[blocks * j:blocks * (j + 1)], vo[2 * j]]), vo[2 * j + 1])
-                for j, i in enumerate(ATTN_LAYERS)}
+            weights = {i: AttnWeights(*w.split((3 * d, d)))
+                       for i, w in zip(layers, self.attn_bank.unbind(0))}
+        else:
+            blocks = self.cfg.num_heads   # Q's head pairs, then K's, per layer
+            qk, vo = self.qk_bank.unbind(0), self.vo_bank.unbind(0)
+            weights = {i: AttnWeights(torch.cat([*qk[blocks * j:blocks * (j + 1)], vo[2 * j]]),
+                                      vo[2 * j + 1]) for j, i in enumerate(layers)}
+        return self.variant_attention_weights(weights)
+
+    def variant_attention_weights(self, weights: dict[int, AttnWeights]) -> dict[int, AttnWeights]:
+        """weights with cfg.attn's matrices added to (diff, cmd) or set for (mla, cmd_mla) the
+        layers of VARIANT_ATTN_LAYERS."""
+        shapes = variant_bank_shapes(self.cfg)
+        if "noise_qk_bank" in shapes:
+            per_layer = shapes["noise_qk_bank"][0] // len(VARIANT_ATTN_LAYERS)
+            noise = self.noise_qk_bank.unbind(0)
+            for j, i in enumerate(VARIANT_ATTN_LAYERS):
+                weights[i] = weights[i]._replace(
+                    noise_qk=torch.cat(noise[per_layer * j:per_layer * (j + 1)]))
+        if self.cfg.latent_attention:
+            *factors, out = (getattr(self, label).unbind(0) for label in LATENT_BANKS)
+            for j, i in enumerate(VARIANT_ATTN_LAYERS):
+                weights[i] = AttnWeights(None, out[j], latent=tuple(f[j] for f in factors))
+        return weights
 
     def static_ve_gate(self, layer: int, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
         """Record #74's value-embedding gate (T, H), in [0, 2]."""
@@ -1528,19 +1738,25 @@ class GPT(nn.Module):
         slot = ATTN_LAYERS.index(layer)
         return torch.sigmoid(F.linear(x[:, :GATE_WIDTH], self.attn_gate_bank[slot]))
 
-    def attn(self, layer: int, W_qkv: torch.Tensor, W_out: torch.Tensor, x: torch.Tensor,
+    def attn(self, layer: int, weights: AttnWeights, x: torch.Tensor,
              ve: torch.Tensor | None, ve_gate: torch.Tensor | None, cu_seqlens: torch.Tensor,
              max_seqlen: int, window: int, out_gate: torch.Tensor | None,
              xsa_share: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
              dc_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One attention sublayer on the normed stream x (T, d). ve (T, d) is added to the values
-        scaled per head by ve_gate (T, H), and v_extra (T, d) unscaled; xsa_share (H,) or (T, H)
-        applies exclusive self-attention; dc_weights (w1, w2) add the composed attention; the
-        heads' outputs are multiplied by out_gate (T, H) if given."""
+        scaled per head by ve_gate (T, H), and v_extra (T, d) unscaled; weights.noise_qk (or, for
+        cmd_mla, the latents) make it differential; xsa_share (H,) or (T, H) applies exclusive
+        self-attention; dc_weights (w1, w2) add the composed attention; the heads' outputs are
+        multiplied by out_gate (T, H) if given."""
         T, d = x.shape
         H, hd = self.cfg.num_heads, self.cfg.head_dim
         qkv_lambda, out_lambda = self.scalars[2 * layer], self.scalars[2 * layer + 1]
-        q, k, v = F.linear(x, qkv_lambda * W_qkv).view(T, 3 * H, hd).split(H, dim=1)
+        if weights.latent is not None:
+            q, k, v, noise = self.latent_heads(weights.latent, qkv_lambda, x)
+        else:
+            q, k, v = F.linear(x, qkv_lambda * weights.qkv).view(T, 3 * H, hd).split(H, dim=1)
+            # QK-norm makes the noise pair scale-free: no qkv_lambda needed
+            noise = None if weights.noise_qk is None else F.linear(x, weights.noise_qk)
         q, k = rms_norm(q), rms_norm(k)
         paired = layer in PAIRED_HEAD_LAYERS
         if paired:
@@ -1551,12 +1767,7 @@ class GPT(nn.Module):
             q = rotate(q.view(T, H // 2, 2, hd), cos, sin).view(T, H, hd)
             k = rotate(k.view(T, H // 2, 2, hd), cos, sin).view(T, H, hd)
         else:
-            cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            if layer in LONG_WINDOW_LAYERS:
-                # key offset: the non-rotating half of each key carries the previous token
-                half = hd // 2
-                k = torch.cat([k[:, :, :half], torch.cat([k[:1, :, half:], k[:-1, :, half:]])], -1)
+            q, k = self.position_heads(layer, q, k)
         if ve is not None:
             v = v + ve_gate[..., None] * ve.view(T, H, hd)
         if v_extra is not None:
@@ -1566,6 +1777,12 @@ class GPT(nn.Module):
             y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
                           v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
                           scale, self.paths).reshape(T, H, hd)
+        elif noise is not None:
+            init = lambda_init(layer)
+            lam = differential_lambdas(self.noise_lambdas[VARIANT_ATTN_LAYERS.index(layer)], init)
+            q_noise, k_noise, noise_scale = self.noise_heads(layer, noise)
+            y = differential_attention(q, k, q_noise, k_noise, v, cu_seqlens, max_seqlen, window,
+                                       scale, noise_scale, lam, init, self.paths)
         else:
             y = attention(q, k, v, cu_seqlens, max_seqlen, window, scale, self.paths)
         if xsa_share is not None:
@@ -1576,7 +1793,60 @@ class GPT(nn.Module):
             y = y + dc_attention(q, k, v, cu_seqlens, scale, *dc_weights, window=DC_WINDOW)
         if out_gate is not None:
             y = y * out_gate[..., None]
-        return F.linear(y.reshape(T, d), out_lambda * W_out)
+        return F.linear(y.reshape(T, d), out_lambda * weights.out)
+
+    def position_heads(self, layer: int, q: torch.Tensor, k: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (T, H, hd) of a non-paired layer rotated at their token positions; in the long
+        window layers the non-rotating half of each key then carries the previous token's (the
+        key offset)."""
+        T, hd = q.shape[0], q.shape[-1]
+        cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if layer in LONG_WINDOW_LAYERS:
+            half = hd // 2
+            k = torch.cat([k[:, :, :half], torch.cat([k[:1, :, half:], k[:-1, :, half:]])], -1)
+        return q, k
+
+    def noise_heads(self, layer: int, noise: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The normed noise query and key (T, G, n) from their rows noise (T, 2 G n), and their
+        softmax scale. diff: G = H heads of hd that rotate and take the key offset like the signal
+        heads. cmd, cmd_mla: one pair of width n for all heads, without position (the "common
+        mode" background), scaled so its logits span the signal heads' range."""
+        T, H, hd = noise.shape[0], self.cfg.num_heads, self.cfg.head_dim
+        if self.cfg.attn == "diff":
+            q, k = noise.view(T, 2 * H, hd).split(H, dim=1)
+            return *self.position_heads(layer, rms_norm(q), rms_norm(k)), self.rotary.attn_scale
+        n = self.cfg.cmd_noise_dim
+        q, k = noise.view(T, 2, 1, n).unbind(1)
+        return rms_norm(q), rms_norm(k), self.rotary.attn_scale * hd / n
+
+    def latent_heads(self, factors: tuple[torch.Tensor, ...], qkv_lambda: torch.Tensor,
+                     x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v (T, H, hd) from the latents c_q = x W_dq and c_kv = x W_dkv, and for cmd_mla
+        the noise rows (T, 2n) from the same latents (else None).
+
+        Decoupled RoPE: the half-truncated rotary rotates dims [0, hd/2) of every head and leaves
+        [hd/2, hd) alone, so the decoupled RoPE slice is exactly that rotating half: the query's
+        per head from c_q (rows of W_uq), the key's one vector shared by all heads from x (the
+        last hd/2 rows of W_dkv), rotated later with the same YaRN tables. The non-rotating half
+        is the content part from the latents (and takes the key offset in the long layers). The
+        head width stays hd, so the attention call is the standard one."""
+        W_dq, W_uq, W_dkv, W_ukv = factors
+        T, d = x.shape
+        H, hd, half = self.cfg.num_heads, self.cfg.head_dim, self.cfg.head_dim // 2
+        c_q = F.linear(x, qkv_lambda * W_dq)
+        c_kv, k_rope = F.linear(x, qkv_lambda * W_dkv).split((self.cfg.mla_kv_rank, half), dim=-1)
+        q_rows, kv_rows = F.linear(c_q, W_uq), F.linear(c_kv, W_ukv)
+        q = q_rows[:, :d].view(T, H, hd)
+        k_content = kv_rows[:, :d // 2].view(T, H, half)
+        k = torch.cat([k_rope[:, None].expand(T, H, half), k_content], dim=-1)
+        v = kv_rows[:, d // 2:d // 2 + d].view(T, H, hd)
+        noise = None
+        if self.cfg.attn == "cmd_mla":
+            noise = torch.cat([q_rows[:, d:], kv_rows[:, d // 2 + d:]], dim=-1)
+        return q, k, v, noise
 
     def coefficients(self, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                      layouts: list[CoefficientLayout], block: int, x: torch.Tensor,
@@ -1698,7 +1968,7 @@ class GPT(nn.Module):
             if i == CACHED_LAYER and not cfg.single_stream:
                 lane1 = x
             attn_in = h7_normed if cfg.single_stream and i in LATE_ATTN_LAYERS else rms_norm(x)
-            a = self.attn(i, *attn_weights[i], attn_in, **self.attn_extras(
+            a = self.attn(i, attn_weights[i], attn_in, **self.attn_extras(
                 i, attn_in, value_embeds, gates if cfg.mudd_gates else None, block0, h0, h7, h9),
                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                 window=long_window if i in LONG_WINDOW_LAYERS else short_window)
@@ -2796,10 +3066,11 @@ def code_digest() -> str:
 def unpadded_rows(label: str, cfg: Hyperparameters, matrices: bool = False) -> int | None:
     """The rows of a parameter along dim 0 (of its matrix view if `matrices`) that exist on every
     world size; None where nothing is padding."""
-    num_attn = len(ATTN_LAYERS)
+    num_standard = len(standard_attn_layers(cfg))
     rows = {"scalars": 2 * NUM_LAYERS + 3, "mlp_bank": NUM_LAYERS,
-            "qk_bank": cfg.num_heads * num_attn, "vo_bank": 2 * num_attn,
-            "pairwise_u_bank": NUM_LAYERS, "pairwise_w_bank": NUM_LAYERS}.get(label)
+            "qk_bank": cfg.num_heads * num_standard, "vo_bank": 2 * num_standard,
+            "pairwise_u_bank": NUM_LAYERS, "pairwise_w_bank": NUM_LAYERS,
+            **{bank: shape[0] for bank, shape in variant_bank_shapes(cfg).items()}}.get(label)
     if rows is not None and matrices and label == "mlp_bank":
         rows *= 2
     return rows
@@ -3054,7 +3325,8 @@ def flops_per_token(cfg: Hyperparameters, settings: StepSettings) -> float:
     matrix a token passes through, and attention's QK^T and PV over half of each layer's window
     (the mean context of a causal window), the window capped by the stage's longest document."""
     d = cfg.model_dim
-    weights = len(ATTN_LAYERS) * 4 * d * d + NUM_LAYERS * mlp_weights_per_layer(cfg)
+    weights = len(standard_attn_layers(cfg)) * 4 * d * d + NUM_LAYERS * mlp_weights_per_layer(cfg)
+    weights += sum(count * rows * cols for count, rows, cols in variant_bank_shapes(cfg).values())
     weights += d * cfg.padded_vocab_size
     for on, layouts in ((cfg.mudd, mudd_layouts()), (cfg.mudd_gates, gate_layouts(cfg.num_heads))):
         if on:
@@ -3064,7 +3336,12 @@ def flops_per_token(cfg: Hyperparameters, settings: StepSettings) -> float:
                for i in ATTN_LAYERS]
     if cfg.dc_attention:
         context.append(DC_WINDOW / 2)
-    return 3 * (2 * weights + sum(4 * d * c for c in context))
+    attention = sum(4 * d * c for c in context)
+    if cfg.noise_attention:   # the noise call, its heads as wide as noise_attention makes them
+        width = cfg.head_dim if cfg.attn == "diff" else max(cfg.cmd_noise_dim, cfg.head_dim)
+        attention += sum(4 * cfg.num_heads * width * c
+                         for i, c in zip(ATTN_LAYERS, context) if i in VARIANT_ATTN_LAYERS)
+    return 3 * (2 * weights + attention)
 
 
 class ProgressClock:
@@ -3494,7 +3771,9 @@ def sample(argv: list[str]) -> None:
 # ending] after two documents of one BOS each. Its first token then sees a BOS before it (smear,
 # bigram, key offset), as a training document's first token sees the previous document's last one;
 # and that BOS depends on nothing else (a one-token document attends only to itself, and its own
-# predecessor is the other BOS), so no neighbour in a packed batch can change a candidate's score.
+# predecessor is the other BOS), so no path through the model connects the candidates of a packed
+# batch. Only the FP8 MLP's (#84) one scale per forward pass still does, by a little: the packs are
+# consecutive examples in file order, so the result is the same on every run and world size.
 
 HELLASWAG_PACK_TOKENS = 4096     # tokens per forward pass
 SEPARATOR_DOCUMENTS = 2

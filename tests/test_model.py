@@ -445,7 +445,8 @@ def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
 # Execution paths: decided once, and every fast path computes what its reference does
 # -------------------------------------------------------------------------------------------------
 
-PATH_OPS = ["mlp", "lm_head", "loss", "attention", "optimizer", "table_grads", "compile"]
+PATH_OPS = ["mlp", "lm_head", "loss", "attention", "dc_attention", "optimizer", "table_grads",
+            "compile"]
 
 
 def test_cpu_paths_are_the_references():
@@ -456,7 +457,7 @@ def test_cpu_paths_are_the_references():
     assert [line.split(":")[0] for line in report] == [f"path {op}" for op in PATH_OPS]
     assert report[0] == "path mlp: torch (CPU: the PyTorch reference of every kernel)"
     assert report[3] == "path attention: dense (--flash_attn3=true needs CUDA; CPU reference)"
-    assert report[6] == ("path compile: off (CPU: the dense attention's loop over documents does "
+    assert report[7] == ("path compile: off (CPU: the dense attention's loop over documents does "
                          "not compile)")
     assert lines == []   # FlashAttention-3 is not even looked for on a CPU
 
@@ -466,7 +467,8 @@ def test_gpu_paths_take_every_kernel():
     device = torch.device("cuda")
     paths = tg.resolve_paths(tg.Hyperparameters(), device)
     assert paths == tg.Paths(mlp="triton", lm_head="fp8", loss="triton", attention="varlen",
-                             optimizer="triton", table_grads="triton", compile=True)
+                             dc_attention="triton", optimizer="triton", table_grads="triton",
+                             compile=True)
     plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
     assert plain == tg.Paths(lm_head="fp8", attention="varlen")
     assert plain.report()[0] == "path mlp: torch (--use_triton_kernels=false)"

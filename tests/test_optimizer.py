@@ -43,10 +43,16 @@ LATER_SPEC_TABLE = {
     "gate_b2": ("adam", (0.9, 0.99), 0.1, 0.0),
     "gate_scales": ("adam", (0.9, 0.99), 0.1, 0.0),
 }
-# The experiment --mlp=pairwise: U like c_fc; W (stored like c_proj) with c_proj's extra 2x
+# The experiments: --mlp=pairwise (U like c_fc; W, stored like c_proj, with c_proj's extra 2x)
+# and the attention variants of issue 22 (NorMuon for every new matrix, Adam with a small learning
+# rate and no weight decay for the lambda vectors)
 EXPERIMENT_SPEC_TABLE = {
     "pairwise_u_bank": ("normuon", None, 1.0, 1.0),
     "pairwise_w_bank": ("normuon", None, 2.0, 1.0),
+    "noise_qk_bank": ("normuon", None, 1.0, 1.0),
+    **{bank: ("normuon", None, 1.0, 1.0) for bank in ("mla_dq_bank", "mla_uq_bank", "mla_dkv_bank",
+                                                       "mla_ukv_bank", "mla_o_bank")},
+    "noise_lambdas": ("adam", (0.9, 0.95), 0.1, 0.0),
 }
 ADAM_LR, ADAM_WD, ADAM_EPS = 0.008, 0.005, 1e-10
 MUON_LR, MUON_WD, MUON_BETA2 = 0.023, 1.2, 0.95
@@ -114,15 +120,16 @@ def truncate_to_bf16(x32: np.ndarray) -> torch.Tensor:
 def test_table_matches_spec_and_work_order_is_a_permutation():
     assert tg.param_labels(CFG) == list(SPEC_TABLE)  # record #74: scatter order = spec order
     specs = {s.label: s for s in tg.PARAM_TABLE}
-    every_spec = {**SPEC_TABLE, **LATER_SPEC_TABLE, **EXPERIMENT_SPEC_TABLE}
-    for label, (optimizer, betas, lr_mul, wd_mul) in every_spec.items():
+    every = {**SPEC_TABLE, **LATER_SPEC_TABLE, **EXPERIMENT_SPEC_TABLE}
+    for label, (optimizer, betas, lr_mul, wd_mul) in every.items():
         s = specs[label]
         assert (s.optimizer, s.betas, s.lr_mul, s.wd_mul) == (optimizer, betas, lr_mul, wd_mul)
-    assert sorted(specs) == sorted(every_spec)
+    assert sorted(specs) == sorted(every)
     assert sorted(tg.WORK_ORDER) == sorted(specs)
     assert tg.WORK_ORDER.index("lm_head") < tg.WORK_ORDER.index("embed")
-    assert tg.WORK_ORDER[-6:] == ["attn_bank", "qk_bank", "vo_bank", "mlp_bank", "pairwise_u_bank",
-                                  "pairwise_w_bank"]
+    banks = [label for label in every if every[label][0] == "normuon"]
+    assert sorted(tg.WORK_ORDER[-len(banks):]) == sorted(banks)   # the Polar Express banks last
+    assert tg.WORK_ORDER[-3:] == ["mlp_bank", "pairwise_u_bank", "pairwise_w_bank"]
 
 
 def test_comms_mode():

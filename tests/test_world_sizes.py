@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED, stages_option
+from conftest import ROOT, SHARED, needs_corpus, stages_option
 
 TINY_RUN = [
     "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
@@ -29,10 +29,11 @@ VAL = re.compile(r"^step:(\d+)/\d+ val_loss:([0-9.]+)")
 
 
 def run_torchrun(nproc: int, log_dir: str, preset: str,
-                 options: tuple[str, ...] = ()) -> tuple[dict[int, float], float]:
+                 extra: tuple[str, ...] = ()) -> tuple[dict[int, float], float]:
     data = os.path.join(SHARED, "data", "corpus")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"), f"--preset={preset}", *TINY_RUN, *options,
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"), f"--preset={preset}",
+           *TINY_RUN, *extra,
            f"--train_files={data}/corpus_train_*.bin", f"--val_files={data}/corpus_val_*.bin",
            f"--log_dir={log_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -49,21 +50,33 @@ def run_torchrun(nproc: int, log_dir: str, preset: str,
     return losses, val
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
-                    reason="needs ../shared/data/corpus")
-@pytest.mark.parametrize("preset,options", [
-    ("smoke", ()), ("smoke_record74", ()),            # the current recipe and #74's
-    ("smoke", ("--mlp=pairwise", "--pairwise_rank=7", "--fp8_mlp_up=false")),   # its own banks
-], ids=["smoke", "smoke_record74", "smoke-pairwise"])
-def test_losses_agree_across_world_sizes(tmp_path, preset, options):
-    results = {k: run_torchrun(k, str(tmp_path / f"k{k}"), preset, options) for k in (1, 2, 4)}
+def assert_losses_agree(results: dict[int, tuple[dict[int, float], float]]) -> None:
     base_losses, base_val = results[1]
     assert sorted(base_losses) == list(range(1, 21))
     assert base_losses[20] < base_losses[1] - 0.5          # it trains
-    for k in (2, 4):
+    for k in sorted(results)[1:]:
         losses, val = results[k]
         assert sorted(losses) == sorted(base_losses)
         differences = sorted(abs(losses[s] - base_losses[s]) for s in losses)
         assert differences[len(differences) // 2] < 0.005, (k, differences)
         assert differences[-1] < 0.05, (k, differences)
         assert abs(val - base_val) < 0.03, (k, val, base_val)
+
+
+@needs_corpus
+@pytest.mark.parametrize("preset,options", [
+    ("smoke", ()), ("smoke_record74", ()),            # the current recipe and #74's
+    ("smoke", ("--mlp=pairwise", "--pairwise_rank=7", "--fp8_mlp_up=false")),   # its own banks
+], ids=["smoke", "smoke_record74", "smoke-pairwise"])
+def test_losses_agree_across_world_sizes(tmp_path, preset, options):
+    assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), preset, options)
+                         for k in (1, 2, 4)})
+
+
+@needs_corpus
+@pytest.mark.parametrize("attn", ["diff", "cmd_mla"])   # between them, every new bank and lambda
+def test_attention_variants_agree_across_world_sizes(tmp_path, attn):
+    """The variants' banks are padded and sharded over 2 ranks, their lambdas replicated."""
+    extra = (f"--attn={attn}", "--mla_q_rank=16", "--mla_kv_rank=16", "--cmd_noise_dim=16")
+    assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), "smoke", extra)
+                         for k in (1, 2)})
