@@ -481,14 +481,21 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
     device = torch.device("cuda")
     kernel_loss = "triton" if head == "fp8" else "torch"
     assert tg.resolve_paths(tg.Hyperparameters(), device) == tg.Paths(
-        mlp="triton", lm_head=head, loss=kernel_loss, attention="varlen", optimizer="triton",
-        table_grads="triton", compile=True)
+        mlp="triton", lm_head=head, loss=kernel_loss, attention="varlen", dc_attention="triton",
+        optimizer="triton", table_grads="triton", compile=True)
     plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
     assert plain == tg.Paths(lm_head=head, attention="varlen")
     lines = plain.report()
     assert lines[0] == "path mlp: torch (--use_triton_kernels=false)"
-    assert lines[1] == f"path lm_head: {head} (compute capability {capability[0]}.{capability[1]}" + (
+    capability_text = f"compute capability {capability[0]}.{capability[1]}"
+    assert lines[1] == f"path lm_head: {head} ({capability_text}" + (
         ")" if head == "fp8" else ": no FP8)")
+    # the FP8 MLP (#84) takes its kernel only where the GPU has FP8, else its PyTorch emulation
+    fp8_mlp = tg.resolve_paths(tg.Hyperparameters(fp8_mlp_up=True), device)
+    assert fp8_mlp.mlp == ("triton" if head == "fp8" else "torch")
+    if head == "bf16":
+        assert fp8_mlp.report()[0] == (f"path mlp: torch ({capability_text}: no FP8: the FP8 MLP's "
+                                       f"math emulated in PyTorch)")
 
 
 def test_paths_reject_unknown_and_contradictory_choices():
