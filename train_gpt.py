@@ -964,12 +964,13 @@ class NorMuonAndAdam:
             # one compiled variant per shard shape: more than dynamo's default limit of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
-        def compiled(fn):
-            return torch.compile(fn, fullgraph=True, dynamic=False) if paths.compile else fn
+        def compiled(fn, dynamic=False):
+            return torch.compile(fn, fullgraph=True, dynamic=dynamic) if paths.compile else fn
         self._nesterov_polar_express = compiled(nesterov_polar_express)
         self._normuon_normalise = compiled(normuon_normalise)
-        self._cautious_update = compiled(cautious_update_with_mantissa)
-        self._adam_update = compiled(adam_update)
+        # elementwise: one graph with symbolic sizes serves every parameter's shape
+        self._cautious_update = compiled(cautious_update_with_mantissa, dynamic=True)
+        self._adam_update = compiled(adam_update, dynamic=True)
         self.use_kernels = paths.optimizer == "triton"
         if self.use_kernels:
             self._transpose_add = triton_kernels.transpose_add
