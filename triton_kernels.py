@@ -1147,7 +1147,8 @@ class _SoftcappedMTPCrossEntropy(torch.autograd.Function):
                                   out_dtype=torch.bfloat16, use_fast_accum=False)
         if ctx.needs_input_grad[3]:   # dW = h^T G in the stored (d, V) layout, fp32
             G8_t = _transposed(G8, ctx.use_kernels)                      # G8 column-major = G8_t^T
-            dW_head = torch._scaled_mm(h8.t().contiguous(), G8_t.t(), scale_a=x_s, scale_b=g_s,
+            h8_t = _transposed(h8, ctx.use_kernels)                      # h^T row-major
+            dW_head = torch._scaled_mm(h8_t, G8_t.t(), scale_a=x_s, scale_b=g_s,
                                        out_dtype=torch.float32, use_fast_accum=False)
         return dh, None, None, dW_head, None, None, None, None, None, None
 
