@@ -3690,7 +3690,9 @@ def model_from_checkpoint(path: str, device: torch.device, log: Callable[[str], 
     cfg = Hyperparameters(**{**meta["config"], "compile": False})
     paths = resolve_paths(cfg, device, log)
     torch.manual_seed(0)
-    model = GPT(cfg, world_size=1, max_positions=2 * SAMPLE_CONTEXT, paths=paths)
+    # paired-head layers read rotary positions up to twice a forward pass's tokens
+    max_positions = 2 * max(SAMPLE_CONTEXT, HELLASWAG_PACK_TOKENS)
+    model = GPT(cfg, world_size=1, max_positions=max_positions, paths=paths)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p[:unpadded_rows(name, cfg)].copy_(data["model"][name])
@@ -3773,10 +3775,11 @@ def sample(argv: list[str]) -> None:
 # bigram, key offset), as a training document's first token sees the previous document's last one;
 # and that BOS depends on nothing else (a one-token document attends only to itself, and its own
 # predecessor is the other BOS), so no path through the model connects the candidates of a packed
-# batch. Only the FP8 MLP's (#84) one scale per forward pass still does, by a little: the packs are
-# consecutive examples in file order, so the result is the same on every run and world size.
+# batch. Only the FP8 MLP's (#84) one scale per forward pass still does, by a little: so the packs
+# are the same for every world size (consecutive examples in file order, dealt to the ranks in
+# turn), and the result is the same on every run and world size.
 
-HELLASWAG_PACK_TOKENS = 4096     # tokens per forward pass
+HELLASWAG_PACK_TOKENS = 2048     # tokens per forward pass; an example's four candidates must fit
 SEPARATOR_DOCUMENTS = 2
 
 
@@ -3866,14 +3869,14 @@ def ending_log_likelihoods(model: GPT, cfg: Hyperparameters, windows: tuple[int,
 def hellaswag_counts(model: GPT, cfg: Hyperparameters, windows: tuple[int, int],
                      examples: list[HellaSwagExample], rank: int = 0, world_size: int = 1
                      ) -> torch.Tensor:
-    """This rank's share (every world_size-th example from `rank`): a float64 tensor of (right by
+    """This rank's share (every world_size-th pack from `rank`): a float64 tensor of (right by
     acc, right by acc_norm); summed over the ranks and divided by len(examples), the accuracies."""
     device = model.embed.device
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     max_tokens = min(HELLASWAG_PACK_TOKENS, model.rotary.cos.size(0) // 2)  # paired heads: 2T
     was_training = model.training
     model.eval()
-    for pack in hellaswag_packs(examples[rank::world_size], max_tokens):
+    for pack in list(hellaswag_packs(examples, max_tokens))[rank::world_size]:
         scores = ending_log_likelihoods(model, cfg, windows, pack)
         labels = torch.tensor([example.label for example in pack], device=device)
         chars = torch.tensor([example.ending_chars for example in pack], device=device)
