@@ -1417,22 +1417,29 @@ def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return u * cos + swapped * sin
 
 
+def document_windows(cu_seqlens: torch.Tensor, window: int
+                     ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Each non-empty document's rows, and which keys its rows see (L, L) bool: row i sees rows j
+    of the document with i - window <= j <= i. A loop over documents, so the dense references
+    only: it reads cu_seqlens on the host."""
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            pos = torch.arange(end - start, device=cu_seqlens.device)
+            delta = pos[:, None] - pos[None, :]
+            yield slice(start, end), (delta >= 0) & (delta <= window)
+
+
 def attention_reference(q, k, v, cu_seqlens, window: int, scale: float) -> torch.Tensor:
     """Causal sliding-window attention within documents, one dense softmax per document (CPU path).
 
     q, k, v: (rows, heads, head_dim). Row i sees rows j of its own document with i - window <= j <= i.
     """
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end <= start:
-            continue
-        pos = torch.arange(end - start, device=q.device)
-        delta = pos[:, None] - pos[None, :]
-        mask = (delta >= 0) & (delta <= window)
-        q_doc, k_doc, v_doc = (t[start:end].transpose(0, 1).float() for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q_doc, k_doc, v_doc, attn_mask=mask, scale=scale)
-        out[start:end] = y.transpose(0, 1).to(q.dtype)
+    for doc, visible in document_windows(cu_seqlens, window):
+        q_doc, k_doc, v_doc = (t[doc].transpose(0, 1).float() for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q_doc, k_doc, v_doc, attn_mask=visible, scale=scale)
+        out[doc] = y.transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -1514,16 +1521,9 @@ def differential_attention_reference(q, k, q_noise, k_noise, v, cu_seqlens, wind
     Shapes as differential_attention (a shared noise pair broadcasts over the heads)."""
     T, H, hd = v.shape
     out = torch.zeros(T, H, hd, device=v.device)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end <= start:
-            continue
-        pos = torch.arange(end - start, device=v.device)
-        delta = pos[:, None] - pos[None, :]
-        hidden = (delta < 0) | (delta > window)
-        doc = slice(start, end)
-        A = _masked_softmax(q[doc], k[doc], hidden, scale)
-        B = _masked_softmax(q_noise[doc], k_noise[doc], hidden, noise_scale)
+    for doc, visible in document_windows(cu_seqlens, window):
+        A = _masked_softmax(q[doc], k[doc], ~visible, scale)
+        B = _masked_softmax(q_noise[doc], k_noise[doc], ~visible, noise_scale)
         maps = A - lam.float()[:, None, None] * B
         out[doc] = torch.einsum("hij,jhd->ihd", maps, v[doc].float())
     return rms_norm(out) * (1 - init)

@@ -143,6 +143,11 @@ def randn_bf16(*shape, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).bfloat16()
 
 
+def small_weight_bf16(rows, cols):
+    """A weight uniform in [-1/32, 1/32], as the kernels' tests draw them."""
+    return ((torch.rand(rows, cols, device=DEVICE) * 2 - 1) / 32).bfloat16()
+
+
 # =================================================================================================
 # Cases
 # =================================================================================================
@@ -171,8 +176,8 @@ def case_ba_plus_caa(tk, batch, m):
 
 def case_mlp(tk, T, d, hidden):
     x = randn_bf16(T, d).requires_grad_()
-    W1 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
-    W2 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+    W1 = small_weight_bf16(hidden, d).requires_grad_()
+    W2 = small_weight_bf16(hidden, d).requires_grad_()
     dY = randn_bf16(T, d)
     fwd_op = torch.ops.nanogpt_triton.linear_relu_square_forward
     bwd_op = torch.ops.nanogpt_triton.linear_relu_square_backward
@@ -249,8 +254,8 @@ def case_pairwise(tk, T, d, ranks, hidden):
     the same tokens: forward + backward through autograd, as in training."""
     dY = randn_bf16(T, d)
     x = randn_bf16(T, d).requires_grad_()
-    W1 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
-    W2 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+    W1 = small_weight_bf16(hidden, d).requires_grad_()
+    W2 = small_weight_bf16(hidden, d).requires_grad_()
     leaves = (x, W1, W2)
     relu2 = measure(
         "ReLU^2 MLP fwd+bwd (autograd)", f"T={T}, d={d}, hidden={hidden}",
@@ -260,8 +265,8 @@ def case_pairwise(tk, T, d, ranks, hidden):
         relu2_mlp_flops(T, d, hidden), "TFLOP/s", "bf16", "the baseline of the pairwise rows")
     results = [relu2]
     for r in ranks:
-        U = ((torch.rand(r, d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
-        W = ((torch.rand(tk.pair_count(r), d, device=DEVICE) * 2 - 1) / 32).bfloat16().requires_grad_()
+        U = small_weight_bf16(r, d).requires_grad_()
+        W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
         leaves = (x, U, W)
         result = measure(
             "pairwise MLP fwd+bwd (autograd)", f"T={T}, d={d}, r={r}, P={tk.pair_count(r)}",
@@ -455,8 +460,8 @@ def mlp_tiling_sweep(tk) -> list[str]:
     """GPU-only microseconds of every tiling of the MLP's fused GEMMs (forward: post; backward:
     d_pre) at the stage-1 and stage-3 micro-batches, and of cuBLAS's x @ W1^T alone (a floor)."""
     d, hidden = 768, 3072
-    W1 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16()
-    W2 = ((torch.rand(hidden, d, device=DEVICE) * 2 - 1) / 32).bfloat16()
+    W1 = small_weight_bf16(hidden, d)
+    W2 = small_weight_bf16(hidden, d)
     Ts = (16384, 49152)
     inputs = {T: (randn_bf16(T, d), randn_bf16(T, d), randn_bf16(T, hidden), randn_bf16(T, hidden))
               for T in Ts}

@@ -507,14 +507,31 @@ def test_paths_reject_unknown_and_contradictory_choices():
         tg.Paths(attention="flash_attn3")
 
 
-def bf16_model(T):
-    """The tiny model in its training dtypes (bf16 banks), every parameter randomised."""
-    m = tg.GPT(TINY, world_size=1, max_positions=4 * T)
+def bf16_model(T, cfg=TINY):
+    """A tiny model in its training dtypes (bf16 banks), every parameter randomised."""
+    m = tg.GPT(cfg, world_size=1, max_positions=4 * T)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
     m.rotary.reset()
     return m
+
+
+def step_by_paths(model, T: int, *paths: tg.Paths) -> list[tuple[float, dict]]:
+    """(loss, fp32 gradient of every parameter) of one training forward and backward on random
+    tokens, with the model taking each of `paths` in turn."""
+    ids, cu = random_tokens(T)
+    targets = torch.randint(0, 200, (T,))
+    bigram_ids = ref_bigram(ids, model.cfg.bigram_vocab_size)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    results = []
+    for p in paths:
+        model.paths = p
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets, cu, bigram_ids, w, (8, 16), T, 0.5)
+        loss.backward()
+        results.append((loss.item(), {name: q.grad.float() for name, q in model.named_parameters()}))
+    return results
 
 
 @pytest.mark.skipif(not tg.triton_kernels.INTERPRET,
@@ -526,18 +543,8 @@ def test_kernel_paths_train_like_the_reference_paths():
     torch.manual_seed(3)
     T = 32
     model = bf16_model(T)
-    ids, cu = random_tokens(T)
-    targets = torch.randint(0, 200, (T,))
-    bigram_ids = ref_bigram(ids, TINY.bigram_vocab_size)
-    w = torch.tensor([1.0, 0.5, 0.25])
-    results = []
-    for paths in (tg.Paths(mlp="triton", lm_head="fp8", loss="triton"), tg.Paths(lm_head="fp8")):
-        model.paths = paths
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, targets, cu, bigram_ids, w, (8, 16), T, 0.5)
-        loss.backward()
-        results.append((loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}))
-    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = results
+    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = step_by_paths(
+        model, T, tg.Paths(mlp="triton", lm_head="fp8", loss="triton"), tg.Paths(lm_head="fp8"))
     assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
     for name, want in reference_grads.items():
         got = kernel_grads[name]

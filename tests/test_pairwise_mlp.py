@@ -210,7 +210,7 @@ def test_kernel_speedrun_shape(r):
 
 import train_gpt as tg  # noqa: E402
 from conftest import needs_corpus, needs_tokenizer  # noqa: E402
-from test_model import TINY, random_tokens, ref_bigram  # noqa: E402
+from test_model import TINY, bf16_model, step_by_paths  # noqa: E402
 
 PAIRWISE_TINY = tg.Hyperparameters(**{**{f: getattr(TINY, f) for f in ("vocab_size", "num_heads",
                                       "head_dim", "model_dim", "mlp_hidden", "bigram_vocab_mult")},
@@ -288,23 +288,9 @@ def test_kernel_path_trains_like_the_reference_path():
     same model through the reference: the same loss, gradients equal up to bf16 roundings."""
     torch.manual_seed(3)
     T = 32
-    model = tg.GPT(PAIRWISE_TINY, world_size=1, max_positions=4 * T)
-    with torch.no_grad():   # every parameter nonzero, W included
-        for p in model.parameters():
-            p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
-    model.rotary.reset()
-    ids, cu = random_tokens(T)
-    targets = torch.randint(0, 200, (T,))
-    bigram_ids = ref_bigram(ids, PAIRWISE_TINY.bigram_vocab_size)
-    w = torch.tensor([1.0, 0.5, 0.25])
-    results = []
-    for paths in (tg.Paths(mlp="triton"), tg.Paths()):
-        model.paths = paths
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, targets, cu, bigram_ids, w, (8, 16), T, 0.5)
-        loss.backward()
-        results.append((loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}))
-    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = results
+    model = bf16_model(T, PAIRWISE_TINY)       # every parameter nonzero, W included
+    (kernel_loss, kernel_grads), (reference_loss, reference_grads) = step_by_paths(
+        model, T, tg.Paths(mlp="triton"), tg.Paths())
     assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
     for name in ("pairwise_u_bank", "pairwise_w_bank", "attn_bank", "embed"):
         want, got = reference_grads[name], kernel_grads[name]

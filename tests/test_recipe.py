@@ -14,7 +14,8 @@ import torch
 
 import train_gpt as tg
 from conftest import CORPUS, needs_corpus, needs_tokenizer
-from test_model import random_model, random_tokens, ref_attention_rows, ref_bigram, ref_rmsnorm
+from test_model import (bf16_model, random_model, random_tokens, ref_attention_rows, ref_bigram,
+                        ref_rmsnorm)
 
 SPEEDRUN_TINY_SIZES = dict(vocab_size=200, num_heads=2, head_dim=32, model_dim=64, mlp_hidden=96,
                            bigram_vocab_mult=1.0)
@@ -274,16 +275,13 @@ def test_speedrun_forward_matches_direct_restatement(mlp):
 def test_speedrun_forward_with_the_dc_attention_kernel():
     torch.manual_seed(5)
     T = 40
-    m = tg.GPT(SPEEDRUN_TINY, 1, max_positions=4 * T)      # the training dtypes: bf16 activations
+    m = bf16_model(T, SPEEDRUN_TINY)      # the training dtypes: bf16 activations
     with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
         m.gate_b2.normal_(0, 2)
         pre, post = m.gate_layouts
         names = post.names
         start = pre.size + sum(post.widths[:names.index("dc_w2")])
         m.gate_b2[start:start + post.widths[names.index("dc_w2")]] = 200.0   # w2 = 20: the term outweighs bf16 noise
-    m.rotary.reset()
     ids, cu = random_tokens(T, n_docs=3)
     rows = m.lookup(ids, ref_bigram(ids, SPEEDRUN_TINY.bigram_vocab_size))
     h_torch = m.final_hidden(rows, cu, (5, 13), max_seqlen=T)
