@@ -3028,7 +3028,6 @@ class Trainer:
             self.optimizer.reset()
             self.long_window = replay_yarn(self.model.rotary, self.schedule, 0)
             self.loader = self.new_train_loader()
-            gc.collect()
 
 
 # =================================================================================================
@@ -3293,6 +3292,40 @@ class PendingLoss:
         return self.value.item()
 
 
+class TrainingGC:
+    """Python's garbage collector during the timed steps. What lives on entry (model, compiled
+    graphs and their guards) lives to the end: frozen, the collector's passes skip it. A pass
+    stops the host, and a host that stops long enough leaves the GPU idle, so every pass is
+    counted and timed."""
+
+    def __init__(self):
+        self.count, self.total_ms, self.longest_ms = 0, 0.0, 0.0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        ms = 1000 * (time.perf_counter() - self._start)
+        self.count += 1
+        self.total_ms += ms
+        self.longest_ms = max(self.longest_ms, ms)
+
+    def __enter__(self) -> TrainingGC:
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+        gc.unfreeze()
+
+    def summary(self) -> str:
+        return (f"{self.count} passes, {self.total_ms:.1f} ms in total, longest "
+                f"{self.longest_ms:.1f} ms")
+
+
 # -------------------------------------------------------------------------------------------------
 # Throughput, progress and the run report
 
@@ -3441,11 +3474,22 @@ class TrainingRun:
         self.t0 = time.perf_counter()
 
     def train(self) -> None:
+        with TrainingGC() as self.gc_passes:
+            synchronize(self.run.device)
+            self.startup_s = self.run.startup.elapsed_s()
+            for line in self.run.startup.report(self.startup_s):
+                self.log(line)
+            settings = self.timed_loop()
+        if self.cfg.save_checkpoint:
+            self.checkpoint(self.last_step)
+        if self.cfg.eval == "hellaswag":
+            self.evaluate_hellaswag(settings)
+        self.finish()
+
+    def timed_loop(self) -> StepSettings:
+        """The steps from start_step to last_step, and validation on its schedule; returns the
+        last step's settings."""
         cfg, trainer = self.cfg, self.trainer
-        synchronize(self.run.device)
-        self.startup_s = self.run.startup.elapsed_s()
-        for line in self.run.startup.report(self.startup_s):
-            self.log(line)
         self.t0 = time.perf_counter()
         for step in range(self.start_step, self.last_step + 1):
             settings = trainer.advance(min(step, self.total_steps - 1))
@@ -3461,11 +3505,7 @@ class TrainingRun:
             self.train_step(step, settings)
         if self.pending is not None:
             self.report_step(self.pending)
-        if cfg.save_checkpoint:
-            self.checkpoint(self.last_step)
-        if cfg.eval == "hellaswag":
-            self.evaluate_hellaswag(settings)
-        self.finish()
+        return settings
 
     def evaluate_hellaswag(self, settings: StepSettings) -> None:
         """HellaSwag on the trained model, after the clock, each rank a share of the examples."""
@@ -3555,6 +3595,7 @@ class TrainingRun:
             "MFU": (f"{100 * statistics.mean(self.mfu):.1f}% of {self.peak:g} TFLOP/s x "
                     f"{run.world_size}" if self.mfu else "n/a (no peak rate for this device)"),
             "peak memory": memory,
+            "Python GC during training": self.gc_passes.summary(),
             "start-up": f"{self.startup_s:.1f} s from launch to the first timed step",
             "commit": git_commit(),
             "device": f"{device} x {run.world_size}",

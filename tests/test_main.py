@@ -76,10 +76,30 @@ def test_report_and_mfu_against_the_flop_count(tmp_path):
     with open(report) as f:
         table = f.read()
     for key in ("final val loss", "training time", "median step time", "tokens trained", "MFU",
-                "peak memory", "start-up", "commit", "device", "software"):
+                "peak memory", "Python GC during training", "start-up", "commit", "device",
+                "software"):
         assert f"\n| {key}" in table
     assert "| tokens trained | 1,536 |" in table and "  model_dim=32" in table
     assert re.search(r"^report final val loss: \d+\.\d{4} \(masked \d+\.\d{4}\)$", text, re.M)
+
+
+def test_training_gc_freezes_what_lives_and_times_each_pass():
+    import gc
+    frozen_before = gc.get_freeze_count()
+    survivor = [object() for _ in range(100)]
+    with tg.TrainingGC() as passes:
+        assert gc.get_freeze_count() >= frozen_before + len(survivor)
+        for _ in range(3):
+            cycle = []
+            cycle.append(cycle)
+            del cycle
+            gc.collect()
+        assert passes.count >= 3 and passes.total_ms > 0
+        assert passes.longest_ms <= passes.total_ms
+    counted = passes.count
+    gc.collect()
+    assert passes.count == counted and gc.get_freeze_count() == frozen_before
+    assert re.fullmatch(rf"{counted} passes, [\d.]+ ms in total, longest [\d.]+ ms", passes.summary())
 
 
 def test_flops_per_token_counts_weights_and_windows():
