@@ -2940,11 +2940,13 @@ class Trainer:
         ranks (a device tensor, not synchronised)."""
         run = self.run
         grad_scale = 1.0 / run.grad_accum_steps
-        mtp_weights = torch.tensor(settings.mtp_weights, dtype=torch.float32).to(
-            run.device, non_blocking=True)
+        # through pinned memory like the batches: an upload from pageable memory may wait for
+        # the GPU's queue to drain, and the host must stay ahead of the GPU
+        mtp_weights = _to_device(np.array(settings.mtp_weights, dtype=np.float32), run.device)
         prefix_weight = None
         if self.cfg.prefix_loss_weight > 0:
-            prefix_weight = torch.tensor([settings.prefix_weight]).to(run.device, non_blocking=True)
+            prefix_weight = _to_device(np.array([settings.prefix_weight], dtype=np.float32),
+                                       run.device)
         is_adam_step = step % 2 == 1
         total = torch.zeros((), device=run.device)
         for _ in range(run.grad_accum_steps):
