@@ -1834,9 +1834,9 @@ class GPT(nn.Module):
 
     def position_heads(self, layer: int, q: torch.Tensor, k: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k (T, H, qk_width) of a non-paired layer rotated at their token positions; in the long
-        window layers the non-rotating half of each key then carries the previous token's (the
-        key offset)."""
+        """q, k (T, H, qk_width) of a non-paired layer rotated at their token positions; in the
+        long window layers the non-rotating half of each key then carries the previous token's
+        (the key offset)."""
         T, hd = q.shape[0], q.shape[-1]
         cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
