@@ -1,6 +1,7 @@
-"""The changes of records #77-#89 and #350 against plain restatements written here from the records'
-descriptions: the composed attention, XSA, MUDD, the gates and the single stream (one slow,
-loop-by-loop forward of the whole speedrun model), the prefix-token table, the validation mask,
+"""The changes of records #77-#89, #344 and #350 against plain restatements written here from the
+records' descriptions: the composed attention, XSA, MUDD, the gates, the single stream and the
+narrower Q/K heads (one slow, loop-by-loop forward of the whole speedrun model; the narrow heads
+also in test_qk_head_dim.py), the prefix-token table, the validation mask,
 the bigram signs, the schedule, and the switches themselves (each can be turned off, all off is
 record #74, contradictions fail).
 """
