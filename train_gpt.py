@@ -127,6 +127,7 @@ class Hyperparameters:
     single_stream: bool = False             # #77: one stream; layers 8-10 attend from layer 7's
     tight_cu_seqlens: bool = False          # #78: cu_seqlens sized to the documents a batch holds
     qk_head_pair_groups: bool = False       # #80: Q and K orthogonalised per head pair
+    qk_head_dim: int = 0                    # #344: Q/K head width (0: head_dim); V, O keep head_dim
     mudd: bool = False                      # #81: dynamic dense connections on the last layers
     mudd_gates: bool = False                # #85: per-token gates from two small MLPs
     dc_attention: bool = False              # #85: dynamically composed attention on layer 10
@@ -150,11 +151,14 @@ class Hyperparameters:
             raise ValueError(f"stages={self.stages!r}: expected rows of {len(Stage._fields)} "
                              f"entries ({', '.join(Stage._fields)})") from None
         object.__setattr__(self, "stages", stages)
+        self._check_qk_head_dim()
         for switch, needed in SWITCH_REQUIRES.items():
+            value = getattr(self, switch)
+            shown = str(value).lower() if isinstance(value, bool) else value
             for other in needed:
-                if getattr(self, switch) and not getattr(self, other):
-                    raise ValueError(f"{switch}=true needs --{other}=true (the record that added "
-                                     f"{switch} built it on {other})")
+                if value and not getattr(self, other):
+                    raise ValueError(f"{switch}={shown} needs --{other}=true (the record that "
+                                     f"added {switch} built it on {other})")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp={self.mlp!r}: expected one of {', '.join(MLP_KINDS)}")
         if self.mlp == "pairwise" and self.fp8_mlp_up:
@@ -170,9 +174,19 @@ class Hyperparameters:
                              f"a whole number of rows (padded vocabulary "
                              f"{self.padded_vocab_size} x this)")
 
+    def _check_qk_head_dim(self) -> None:
+        width = self.qk_head_dim
+        if width != 0 and not (width % 4 == 0 and 8 <= width <= self.head_dim):
+            raise ValueError(f"qk_head_dim={width}: expected 0 (as wide as head_dim) or a multiple "
+                             f"of 4 from 8 to head_dim={self.head_dim} (rotary turns qk_head_dim/4 "
+                             f"pairs of dimensions, at least 2, and leaves the other half alone)")
+
     def _check_attention_variant(self) -> None:
         if self.attn not in ATTN_VARIANTS:
             raise ValueError(f"attn={self.attn!r}: expected one of {', '.join(ATTN_VARIANTS)}")
+        if self.attn != "standard" and self.qk_head_dim:
+            raise ValueError(f"attn={self.attn} needs --qk_head_dim=0: the attention variants "
+                             f"build their heads with Q and K as wide as V (head_dim)")
         for name in ("mla_q_rank", "mla_kv_rank", "cmd_noise_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive width")
@@ -191,6 +205,11 @@ class Hyperparameters:
     def latent_attention(self) -> bool:
         """attn computes Q, K and V from low-rank latents (mla, cmd_mla)."""
         return self.attn in ("mla", "cmd_mla")
+
+    @property
+    def qk_width(self) -> int:
+        """The width of every Q and K head: qk_head_dim, or head_dim where that is 0."""
+        return self.qk_head_dim or self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -245,8 +264,11 @@ RECORD_CHANGES: list[RecordChange] = [
                  "0.25 in stage 1, to 0 over stage 2).", dict(prefix_loss_weight=0.25)),
     RecordChange("#350", "Validation masks token pairs the GPT-2 tokenizer never produces.",
                  dict(val_mask=True)),
-    RecordChange("#89", "The schedule of record #89: 1270 scheduled + 15 extension steps.",
-                 dict(num_scheduled_iterations=1270, num_extension_iterations=15)),
+    RecordChange("#344", "Q and K heads 96 wide instead of 128 (V and O keep 128); the attention "
+                 "call pads them with zero columns to V's width.", dict(qk_head_dim=96)),
+    RecordChange("#89/#344", "The schedule of #344 with #350's mask: record #89's 1270 scheduled "
+                 "steps, then 30 extension steps (#89 had 15).",
+                 dict(num_scheduled_iterations=1270, num_extension_iterations=30)),
 ]
 # The attention variants of the `attn` field (issue 22): each replaces the attention of the
 # non-paired layers only (VARIANT_ATTN_LAYERS); the paired-head layers keep the standard one.
@@ -257,7 +279,7 @@ RECORD_CHANGES: list[RecordChange] = [
 ATTN_VARIANTS = ("standard", "diff", "cmd", "mla", "cmd_mla")
 # A switch that builds on another (the record's code never ran it alone) needs that one on.
 SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
-                   "dc_attention": ("mudd_gates",)}
+                   "dc_attention": ("mudd_gates",), "qk_head_dim": ("qk_head_pair_groups",)}
 
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
 # It reads what `python data/cached_fineweb10B.py 1` downloads (the val shard and one train shard).
@@ -275,7 +297,7 @@ SPEEDRUN = {field: value for change in RECORD_CHANGES for field, value in change
 PRESETS: dict[str, dict] = {
     "speedrun": SPEEDRUN,                            # the current record's recipe
     "record74": {},                                  # the dataclass defaults
-    "smoke": {**SPEEDRUN, **SMOKE},
+    "smoke": {**SPEEDRUN, **SMOKE, "qk_head_dim": 24},   # #344's 96 of 128, on heads of 32
     "smoke_record74": SMOKE,
 }
 
@@ -1370,7 +1392,10 @@ class Rotary(nn.Module):
     """Half-truncated RoPE (upper half of each head never rotates) with YaRN window extension.
 
     One angle table serves both layouts: normal layers read position t, paired-head layers read
-    positions 2t and 2t+1 for the two heads of a group.
+    positions 2t and 2t+1 for the two heads of a group. head_dim is the Q/K width: a narrower one
+    (#344: 96) keeps the same shape, its first half turning in head_dim/4 pairs at frequencies
+    spread geometrically over the same range [ROTARY_MIN_FREQ, 1] (24 frequencies for 96 instead
+    of 32 for 128), so the slowest and the fastest pair turn as at full width.
     """
 
     def __init__(self, head_dim: int, max_positions: int):
@@ -1415,6 +1440,13 @@ class Rotary(nn.Module):
 def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     swapped = u.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return u * cos + swapped * sin
+
+
+def zero_pad_heads(u: torch.Tensor, width: int) -> torch.Tensor:
+    """Heads u (T, H, w) with zero columns appended up to `width`. Q and K narrower than V
+    (#344) meet it at one width, the one flash attention and the composed-attention kernel take;
+    a zero column changes no dot product, so every score stays as it was."""
+    return u if u.shape[-1] == width else F.pad(u, (0, width - u.shape[-1]))
 
 
 def document_windows(cu_seqlens: torch.Tensor, window: int
@@ -1538,9 +1570,9 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, share: torch.Tens
 
 
 class AttnWeights(NamedTuple):
-    """One attention layer's matrices: standard qkv (3d, d) or, for mla and cmd_mla, the latent
-    factors (W_dq, W_uq, W_dkv, W_ukv) of variant_bank_shapes; out (d, d); for diff and cmd the
-    noise query and key rows noise_qk (2d or 2n, d)."""
+    """One attention layer's matrices: standard qkv (2 H qk + d, d), qk = cfg.qk_width, or for
+    mla and cmd_mla the latent factors (W_dq, W_uq, W_dkv, W_ukv) of variant_bank_shapes; out
+    (d, d); for diff and cmd the noise query and key rows noise_qk (2d or 2n, d)."""
     qkv: torch.Tensor | None
     out: torch.Tensor
     noise_qk: torch.Tensor | None = None
@@ -1569,10 +1601,11 @@ class GPT(nn.Module):
         bound = math.sqrt(3) * 0.5 / math.sqrt(d)
         # Matrix banks: created in fp32, initialised, then stored in bf16.
         if cfg.qk_head_pair_groups:
-            # Q and K as (2 hd, d) head-pair blocks, then V and O; zero padding matrices so that
-            # every bank splits evenly over the ranks
+            # Q and K as (2 qk_width, d) head-pair blocks, then V and O; zero padding matrices so
+            # that every bank splits evenly over the ranks
             pairs = H // 2
-            qk_bank = torch.zeros(padded_count(2 * pairs * num_standard, world_size), 2 * hd, d)
+            qk_bank = torch.zeros(padded_count(2 * pairs * num_standard, world_size),
+                                  2 * cfg.qk_width, d)
             qk_bank[:2 * pairs * num_standard].uniform_(-bound, bound)
             vo_bank = torch.zeros(padded_count(2 * num_standard, world_size), d, d)
             vo_bank[:2 * num_standard].uniform_(-bound, bound)
@@ -1624,7 +1657,7 @@ class GPT(nn.Module):
             self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS))
             self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05))
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1)))
-        self.rotary = Rotary(hd, max_positions)
+        self.rotary = Rotary(cfg.qk_width, max_positions)
         if cfg.xsa and not cfg.mudd_gates:
             self.xsa_alphas = nn.Parameter(torch.zeros(NUM_LAYERS, H))
         self.mudd_layouts, self.gate_layouts = mudd_layouts(), gate_layouts(H)
@@ -1748,14 +1781,16 @@ class GPT(nn.Module):
         scaled per head by ve_gate (T, H), and v_extra (T, d) unscaled; weights.noise_qk (or, for
         cmd_mla, the latents) make it differential; xsa_share (H,) or (T, H) applies exclusive
         self-attention; dc_weights (w1, w2) add the composed attention; the heads' outputs are
-        multiplied by out_gate (T, H) if given."""
+        multiplied by out_gate (T, H) if given. Q and K heads are cfg.qk_width wide, V heads
+        head_dim; Q and K are padded to V's width once, after rotary, for every attention call."""
         T, d = x.shape
-        H, hd = self.cfg.num_heads, self.cfg.head_dim
+        H, hd, qk = self.cfg.num_heads, self.cfg.head_dim, self.cfg.qk_width
         qkv_lambda, out_lambda = self.scalars[2 * layer], self.scalars[2 * layer + 1]
         if weights.latent is not None:
             q, k, v, noise = self.latent_heads(weights.latent, qkv_lambda, x)
         else:
-            q, k, v = F.linear(x, qkv_lambda * weights.qkv).view(T, 3 * H, hd).split(H, dim=1)
+            q, k, v = F.linear(x, qkv_lambda * weights.qkv).split((H * qk, H * qk, d), dim=-1)
+            q, k, v = q.view(T, H, qk), k.view(T, H, qk), v.view(T, H, hd)
             # QK-norm makes the noise pair scale-free: no qkv_lambda needed
             noise = None if weights.noise_qk is None else F.linear(x, weights.noise_qk)
         q, k = rms_norm(q), rms_norm(k)
@@ -1763,17 +1798,18 @@ class GPT(nn.Module):
         if paired:
             # Heads (2g, 2g+1) rotate at positions (2t, 2t+1); then token t becomes rows 2t (heads
             # 0..H/2-1) and 2t+1 (heads H/2..H-1), so attention slot j mixes heads j and j+H/2.
-            cos = self.rotary.cos[:2 * T].view(T, 1, 2, hd)
-            sin = self.rotary.sin[:2 * T].view(T, 1, 2, hd)
-            q = rotate(q.view(T, H // 2, 2, hd), cos, sin).view(T, H, hd)
-            k = rotate(k.view(T, H // 2, 2, hd), cos, sin).view(T, H, hd)
+            cos = self.rotary.cos[:2 * T].view(T, 1, 2, qk)
+            sin = self.rotary.sin[:2 * T].view(T, 1, 2, qk)
+            q = rotate(q.view(T, H // 2, 2, qk), cos, sin).view(T, H, qk)
+            k = rotate(k.view(T, H // 2, 2, qk), cos, sin).view(T, H, qk)
         else:
             q, k = self.position_heads(layer, q, k)
+        q, k = zero_pad_heads(q, hd), zero_pad_heads(k, hd)
         if ve is not None:
             v = v + ve_gate[..., None] * ve.view(T, H, hd)
         if v_extra is not None:
             v = v + v_extra.view(T, H, hd)
-        scale = self.rotary.attn_scale
+        scale = self.rotary.attn_scale   # kept at a narrower Q/K: #344 states no other scale
         if paired:
             y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
                           v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
@@ -1798,9 +1834,9 @@ class GPT(nn.Module):
 
     def position_heads(self, layer: int, q: torch.Tensor, k: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k (T, H, hd) of a non-paired layer rotated at their token positions; in the long
-        window layers the non-rotating half of each key then carries the previous token's (the
-        key offset)."""
+        """q, k (T, H, qk_width) of a non-paired layer rotated at their token positions; in the
+        long window layers the non-rotating half of each key then carries the previous token's
+        (the key offset)."""
         T, hd = q.shape[0], q.shape[-1]
         cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -3359,9 +3395,12 @@ def mlp_weights_per_layer(cfg: Hyperparameters) -> int:
 def flops_per_token(cfg: Hyperparameters, settings: StepSettings) -> float:
     """Training FLOPs per token (forward and backward, 3 x the forward): 2 per weight of every
     matrix a token passes through, and attention's QK^T and PV over half of each layer's window
-    (the mean context of a causal window), the window capped by the stage's longest document."""
+    (the mean context of a causal window), the window capped by the stage's longest document.
+    Q and K count at their own width (cfg.qk_width), not at the zero-padded one attention runs."""
     d = cfg.model_dim
-    weights = len(standard_attn_layers(cfg)) * 4 * d * d + NUM_LAYERS * mlp_weights_per_layer(cfg)
+    qk = cfg.num_heads * cfg.qk_width    # the width of all Q (or K) heads of a layer together
+    weights = len(standard_attn_layers(cfg)) * 2 * (qk + d) * d
+    weights += NUM_LAYERS * mlp_weights_per_layer(cfg)
     weights += sum(count * rows * cols for count, rows, cols in variant_bank_shapes(cfg).values())
     weights += d * cfg.padded_vocab_size
     for on, layouts in ((cfg.mudd, mudd_layouts()), (cfg.mudd_gates, gate_layouts(cfg.num_heads))):
@@ -3372,7 +3411,7 @@ def flops_per_token(cfg: Hyperparameters, settings: StepSettings) -> float:
                for i in ATTN_LAYERS]
     if cfg.dc_attention:
         context.append(DC_WINDOW / 2)
-    attention = sum(4 * d * c for c in context)
+    attention = sum(2 * (qk + d) * c for c in context)
     if cfg.noise_attention:   # the noise call, its heads as wide as noise_attention makes them
         width = cfg.head_dim if cfg.attn == "diff" else max(cfg.cmd_noise_dim, cfg.head_dim)
         attention += sum(4 * cfg.num_heads * width * c

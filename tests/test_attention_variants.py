@@ -18,8 +18,10 @@ from test_recipe import SPEEDRUN_TINY_SIZES, TINY_FILES, train_steps
 VARIANTS = ["diff", "cmd", "mla", "cmd_mla"]
 PAIRED = (0, 2, 5, 9)
 VARIANT_LAYERS = (1, 3, 4, 7, 8, 10)          # the attention layers that are not paired
-# tiny sizes: d = 64, 2 heads of 32; noise width 16 (narrower than a head), latents 48 and 24
-TINY_VARIANT = dict(mla_q_rank=48, mla_kv_rank=24, cmd_noise_dim=16)
+# tiny sizes: d = 64, 2 heads of 32; noise width 16 (narrower than a head), latents 48 and 24;
+# Q and K as wide as V (the variants refuse #344's narrower ones)
+TINY_VARIANT = dict(mla_q_rank=48, mla_kv_rank=24, cmd_noise_dim=16, qk_head_dim=0)
+FULL_WIDTH_QK = dict(qk_head_dim=0)
 
 
 def tiny_cfg(attn, base=None, **extra):
@@ -335,9 +337,15 @@ def test_bad_attention_settings_are_clear_errors():
     with pytest.raises(ValueError, match=r"mla_q_rank=1024: expected at most model_dim=768"):
         tg.Hyperparameters(attn="mla", mla_q_rank=1024)
     with pytest.raises(ValueError, match=r"mla_kv_rank=128: expected at most model_dim=64"):
-        tg.Hyperparameters(**tg.PRESETS["smoke"], attn="cmd_mla", mla_q_rank=32, mla_kv_rank=128)
+        tg.Hyperparameters(**{**tg.PRESETS["smoke"], **FULL_WIDTH_QK}, attn="cmd_mla",
+                           mla_q_rank=32, mla_kv_rank=128)
     # the latent ranks are checked only where they are used: the default fits the real model
-    assert tg.Hyperparameters(**tg.PRESETS["smoke"], attn="cmd").mla_q_rank == 384
+    smoke = {**tg.PRESETS["smoke"], **FULL_WIDTH_QK}
+    assert tg.Hyperparameters(**smoke, attn="cmd").mla_q_rank == 384
+    with pytest.raises(SystemExit) as e:
+        tg.parse_config(["--attn=diff"])
+    assert str(e.value) == ("--attn=diff needs --qk_head_dim=0: the attention variants build "
+                            "their heads with Q and K as wide as V (head_dim)")
 
 
 def test_defaults_leave_every_preset_as_it_was():
@@ -356,7 +364,7 @@ def count(shape):
 def test_parameter_counts(world_size, preset):
     """Restated: 6 variant layers; banks padded to a multiple of the world size (as qk_bank)."""
     d, H, hd, n, q_rank, kv_rank = 768, 6, 128, 128, 384, 256
-    base_cfg = tg.Hyperparameters(**tg.PRESETS[preset])
+    base_cfg = tg.Hyperparameters(**{**tg.PRESETS[preset], **FULL_WIDTH_QK})
     with torch.device("meta"):
         base = sum(p.numel() for p in tg.GPT(base_cfg, world_size, 2).parameters())
 
@@ -379,7 +387,7 @@ def test_parameter_counts(world_size, preset):
             "cmd_mla": base - standard_layers[10] + standard_layers[4] + latent + latent_noise
             + 6 * 4 * H * hd}
     for attn, total in want.items():
-        cfg = tg.Hyperparameters(**tg.PRESETS[preset], attn=attn)
+        cfg = tg.Hyperparameters(**{**tg.PRESETS[preset], **FULL_WIDTH_QK}, attn=attn)
         with torch.device("meta"):
             m = tg.GPT(cfg, world_size, 2)
         assert sum(p.numel() for p in m.parameters()) == total, attn
@@ -440,8 +448,8 @@ def test_variants_run_with_every_speedrun_change(attn):
 @needs_tokenizer
 @pytest.mark.parametrize("attn", VARIANTS)
 def test_smoke_preset_trains_with_each_variant(attn):
-    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES}, attn=attn, mla_q_rank=16,
-                             mla_kv_rank=16, cmd_noise_dim=16)
+    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, **FULL_WIDTH_QK}, attn=attn,
+                             mla_q_rank=16, mla_kv_rank=16, cmd_noise_dim=16)
     losses, params = train_steps(cfg, steps=6)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.2, losses

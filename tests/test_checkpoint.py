@@ -14,7 +14,7 @@ import train_gpt as tg
 from conftest import CORPUS, ROOT, needs_corpus, needs_tokenizer, stages_option
 
 pytestmark = [needs_corpus, needs_tokenizer]
-TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
+TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--qk_head_dim=12", "--mlp_hidden=64",
         stages_option(batch_tokens=(512, 1024, 1024), max_seq_len=(64, 128, 128)),
         "--val_tokens=1024", "--val_batch_tokens=1024", "--val_every=0",
         f"--train_files={CORPUS}/corpus_train_*.bin", f"--val_files={CORPUS}/corpus_val_*.bin"]

@@ -8,7 +8,7 @@ import pytest
 import train_gpt as tg
 from conftest import CORPUS, needs_corpus, needs_tokenizer, stages_option
 
-TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
+TINY = ["--preset=smoke", "--model_dim=32", "--head_dim=16", "--qk_head_dim=12", "--mlp_hidden=64",
         stages_option(batch_tokens=(512, 512, 512), max_seq_len=(64, 128, 128)),
         "--val_tokens=1024", "--val_batch_tokens=1024", "--val_every=0",
         f"--train_files={CORPUS}/corpus_train_*.bin", f"--val_files={CORPUS}/corpus_val_*.bin"]
@@ -162,8 +162,8 @@ def test_preflight_table_and_exit_code(tmp_path, capsys):
 @needs_corpus
 def test_a_run_checks_first(tmp_path):
     with pytest.raises(SystemExit) as e:
-        tg.main([*TINY, "--preset=smoke_record74", "--num_scheduled_iterations=30000",
-                 f"--log_dir={tmp_path}"])
+        tg.main([*TINY, "--preset=smoke_record74", "--qk_head_dim=0",
+                 "--num_scheduled_iterations=30000", f"--log_dir={tmp_path}"])
     assert str(e.value).startswith("error: the schedule reads about ")
     assert str(e.value).endswith("add shards or pass --cycle_train_data=true")
     assert not os.listdir(tmp_path)   # nothing started, no log written

@@ -301,8 +301,8 @@ def test_kernel_path_trains_like_the_reference_path():
 @needs_corpus
 @needs_tokenizer
 def test_trains_on_the_smoke_preset():
-    from test_recipe import TINY_FILES, train_steps
-    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, "mlp": "pairwise",
+    from test_recipe import TINY_SMOKE, train_steps
+    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "mlp": "pairwise",
                                 "pairwise_rank": 7, "fp8_mlp_up": False})
     losses, params = train_steps(cfg, steps=6)
     assert all(math.isfinite(loss) for loss in losses)

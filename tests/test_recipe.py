@@ -1,6 +1,7 @@
-"""The changes of records #77-#89 and #350 against plain restatements written here from the records'
-descriptions: the composed attention, XSA, MUDD, the gates and the single stream (one slow,
-loop-by-loop forward of the whole speedrun model), the prefix-token table, the validation mask,
+"""The changes of records #77-#89, #344 and #350 against plain restatements written here from the
+records' descriptions: the composed attention, XSA, MUDD, the gates, the single stream and the
+narrower Q/K heads (one slow, loop-by-loop forward of the whole speedrun model; the narrow heads
+also in test_qk_head_dim.py), the prefix-token table, the validation mask,
 the bigram signs, the schedule, and the switches themselves (each can be turned off, all off is
 record #74, contradictions fail).
 """
@@ -18,7 +19,7 @@ from test_model import (bf16_model, random_model, random_tokens, ref_attention_r
                         ref_rmsnorm)
 
 SPEEDRUN_TINY_SIZES = dict(vocab_size=200, num_heads=2, head_dim=32, model_dim=64, mlp_hidden=96,
-                           bigram_vocab_mult=1.0)
+                           bigram_vocab_mult=1.0, qk_head_dim=24)   # #344: Q/K 3/4 of the head
 SPEEDRUN_TINY = tg.Hyperparameters(**{**tg.SPEEDRUN, **SPEEDRUN_TINY_SIZES})
 
 
@@ -86,10 +87,11 @@ def ref_attention(m, i, x, ids, doc, windows, W_q, W_k, W_v, W_o, ve=None, ve_ga
     """One attention sublayer of the speedrun model on the normed input x (T, d)."""
     cfg = m.cfg
     T, d, H, hd = x.shape[0], cfg.model_dim, cfg.num_heads, cfg.head_dim
+    qk = cfg.qk_head_dim or hd
     sc = m.scalars.detach()
     cos, sin = m.rotary.cos.float(), m.rotary.sin.float()   # the model's tables: rotary is tested apart
-    q = (x @ (sc[2 * i] * W_q).T).reshape(T, H, hd)
-    k = (x @ (sc[2 * i] * W_k).T).reshape(T, H, hd)
+    q = (x @ (sc[2 * i] * W_q).T).reshape(T, H, qk)         # #344: Q and K narrower than V
+    k = (x @ (sc[2 * i] * W_k).T).reshape(T, H, qk)
     v = (x @ (sc[2 * i] * W_v).T).reshape(T, H, hd).clone()
     q, k = ref_rmsnorm(q), ref_rmsnorm(k)
     paired = i in (0, 2, 5, 9)
@@ -104,14 +106,14 @@ def ref_attention(m, i, x, ids, doc, windows, W_q, W_k, W_v, W_o, ve=None, ve_ga
     for t in range(T):
         for h in range(H):
             p = 2 * t + h % 2 if paired else t
-            for n in range(0, hd, 2):   # pairs (n, n+1) turn; the table's odd sines are negated
+            for n in range(0, qk, 2):   # pairs (n, n+1) turn; the table's odd sines are negated
                 qr[t, h, n] = cos[p, n] * q[t, h, n] + sin[p, n] * q[t, h, n + 1]
                 qr[t, h, n + 1] = cos[p, n + 1] * q[t, h, n + 1] + sin[p, n + 1] * q[t, h, n]
                 kr[t, h, n] = cos[p, n] * k[t, h, n] + sin[p, n] * k[t, h, n + 1]
                 kr[t, h, n + 1] = cos[p, n + 1] * k[t, h, n + 1] + sin[p, n + 1] * k[t, h, n]
     if i in (3, 10):   # key offset
         shifted = kr.clone()
-        shifted[1:, :, hd // 2:] = kr[:-1, :, hd // 2:]
+        shifted[1:, :, qk // 2:] = kr[:-1, :, qk // 2:]
         kr = shifted
     y = torch.zeros(T, H, hd)
     if paired:
@@ -156,7 +158,7 @@ def ref_speedrun_hidden(m, ids, cu_seqlens, bg, windows):
     b = m.bigram_embed.detach()[bg] * m.bigram_signs[sign_rows]
     ve_table = {1: 0, 2: 1, 8: 2, 9: 3, 10: 4}
     ve_all = [m.value_embeds.detach()[n * V + ids] for n in range(5)]
-    # #80: per layer slot j, Q head-pair blocks 6j..6j+H/2-1, then K's, in qk_bank; V, O in vo_bank
+    # #80: per layer slot j, Q head-pair blocks Hj..Hj+H/2-1, then K's, in qk_bank; V, O in vo_bank
     qk, vo = m.qk_bank.detach(), m.vo_bank.detach()
     pairs = H // 2
     slot = {i: (i if i < 6 else i - 1) for i in range(11) if i != 6}
@@ -299,7 +301,7 @@ def test_speedrun_model_parameters_start_as_the_records_state():
     m = tg.GPT(SPEEDRUN_TINY, world_size=8, max_positions=8)
     assert m.post_lambdas.shape == (11, 2) and m.post_lambdas.eq(1).all()       # #77
     H = SPEEDRUN_TINY.num_heads
-    assert m.qk_bank.shape == (tg.padded_count(10 * H, 8), 64, 64)              # #80
+    assert m.qk_bank.shape == (tg.padded_count(10 * H, 8), 2 * 24, 64)          # #80, #344
     assert m.qk_bank[10 * H:].abs().max() == 0 and m.vo_bank[20:].abs().max() == 0
     assert m.mudd_w2.abs().max() == 0 and m.gate_w2.abs().max() == 0            # #81, #85
     mudd = (m.mudd_b2 * tg.MUDD_SCALE).tolist()   # the static values they replace
@@ -338,7 +340,7 @@ def test_every_change_turns_off_alone(change):
     off = {field: SWITCH_OFF[field] for field in change.on}
     while dependants := [switch for switch, needs in tg.SWITCH_REQUIRES.items()
                          if switch not in off and any(field in needs for field in off)]:
-        off.update({switch: False for switch in dependants})
+        off.update({switch: SWITCH_OFF[switch] for switch in dependants})
     cfg = tg.Hyperparameters(**{**tg.SPEEDRUN, **SPEEDRUN_TINY_SIZES, **off})
     torch.manual_seed(0)
     m = tg.GPT(cfg, world_size=1, max_positions=64)
@@ -371,12 +373,12 @@ def test_contradictory_switches_fail_in_one_line():
 
 def test_speedrun_schedule():
     s = tg.Schedule(tg.Hyperparameters(**tg.PRESETS["speedrun"]))
-    assert s.stage_ends == [423, 847, 1270, 1285] and s.split_step == 847
+    assert s.stage_ends == [423, 847, 1270, 1270 + 30] and s.split_step == 847
     assert s.cooldown_start == 508
     assert [s.prefix_weight(step) for step in (0, 422)] == [0.25, 0.25]
     assert s.prefix_weight(423) == pytest.approx(0.25) and s.prefix_weight(847) == 0.0
     assert s.prefix_weight(635) == pytest.approx(0.25 * (1 - 212 / 424))
-    assert s.at(1284).prefix_weight == 0.0
+    assert s.at(1299).prefix_weight == 0.0
 
 
 def test_tight_cu_seqlens():
@@ -519,19 +521,21 @@ def train_steps(cfg, steps=3):
 
 TINY_FILES = dict(train_files=f"{CORPUS}/corpus_train_*.bin", val_files=f"{CORPUS}/corpus_val_*.bin",
                   model_dim=32, head_dim=16, mlp_hidden=64)
+# the smoke preset on that model: Q/K 3/4 of its heads, as the preset's 24 of 32
+TINY_SMOKE = {**tg.PRESETS["smoke"], **TINY_FILES, "qk_head_dim": 12}
 
 
 @needs_corpus
 @needs_tokenizer
 def test_every_switch_off_reproduces_record74_bit_for_bit():
     record74 = tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES})
-    switched_off = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, **SMOKE_SWITCH_OFF})
+    switched_off = tg.Hyperparameters(**{**TINY_SMOKE, **SMOKE_SWITCH_OFF})
     losses_a, params_a = train_steps(record74)
     losses_b, params_b = train_steps(switched_off)
     assert losses_a == losses_b
     assert params_a.keys() == params_b.keys()
     assert all(torch.equal(params_a[name], params_b[name]) for name in params_a)
-    speedrun_losses, _ = train_steps(tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES}))
+    speedrun_losses, _ = train_steps(tg.Hyperparameters(**TINY_SMOKE))
     assert speedrun_losses != losses_a
 
 
@@ -570,8 +574,8 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch):
     trace with fullgraph=True (a graph break would raise); every warm-up step compiles something
     new and, after the warm-up, a whole run compiles nothing; the compiled steps train like the
     eager ones. Dynamo runs on a CPU here with the aot_eager backend (no code generation)."""
-    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES,
-                                "num_scheduled_iterations": 6, "num_extension_iterations": 2})
+    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
+                                "num_extension_iterations": 2})
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
     eager_losses, _ = train_steps(cfg, steps=4)
     compile_ = torch.compile

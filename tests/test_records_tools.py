@@ -171,7 +171,8 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
 def test_profile_steps_on_the_cpu(tmp_path):
     corpus = os.path.join(SHARED, "data", "corpus")
     result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
-                      "--preset=smoke", "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
+                      "--preset=smoke", "--model_dim=32", "--head_dim=16", "--qk_head_dim=12",
+                      "--mlp_hidden=64",
                       f"--train_files={corpus}/corpus_train_*.bin",
                       f"--val_files={corpus}/corpus_val_*.bin", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -24,6 +24,7 @@ TINY_RUN = [
     "--num_scheduled_iterations=30", "--num_extension_iterations=4", "--stop_after_steps=20",
     "--val_every=0",
 ]
+NARROW_QK = ("--qk_head_dim=12",)   # #344 on heads of 16: Q/K 3/4 as wide, as the smoke preset's
 PROGRESS = re.compile(r"^progress step (\d+)/\d+ train_loss:([0-9.]+)")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:([0-9.]+)")
 
@@ -65,8 +66,8 @@ def assert_losses_agree(results: dict[int, tuple[dict[int, float], float]]) -> N
 
 @needs_corpus
 @pytest.mark.parametrize("preset,options", [
-    ("smoke", ()), ("smoke_record74", ()),            # the current recipe and #74's
-    ("smoke", ("--mlp=pairwise", "--pairwise_rank=7", "--fp8_mlp_up=false")),   # its own banks
+    ("smoke", NARROW_QK), ("smoke_record74", ()),     # the current recipe and #74's
+    ("smoke", (*NARROW_QK, "--mlp=pairwise", "--pairwise_rank=7", "--fp8_mlp_up=false")),  # banks
 ], ids=["smoke", "smoke_record74", "smoke-pairwise"])
 def test_losses_agree_across_world_sizes(tmp_path, preset, options):
     assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), preset, options)
@@ -77,6 +78,7 @@ def test_losses_agree_across_world_sizes(tmp_path, preset, options):
 @pytest.mark.parametrize("attn", ["diff", "cmd_mla"])   # between them, every new bank and lambda
 def test_attention_variants_agree_across_world_sizes(tmp_path, attn):
     """The variants' banks are padded and sharded over 2 ranks, their lambdas replicated."""
-    extra = (f"--attn={attn}", "--mla_q_rank=16", "--mla_kv_rank=16", "--cmd_noise_dim=16")
+    extra = (f"--attn={attn}", "--mla_q_rank=16", "--mla_kv_rank=16", "--cmd_noise_dim=16",
+             "--qk_head_dim=0")
     assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), "smoke", extra)
                          for k in (1, 2)})
