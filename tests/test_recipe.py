@@ -177,6 +177,9 @@ def ref_speedrun_hidden(m, ids, cu_seqlens, bg, windows):
         scale = t.abs().max() / 448
         return (t / scale).to(torch.float8_e4m3fn).float() * scale
 
+    def e4m3_at(t, scale):   # #89: rounded to e4m3 at a given scale, clipped to +-448
+        return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
     def mlp(i, x):
         if cfg.mlp == "pairwise":   # every product h_a h_b, a <= b, of the r ReLU features
             h = torch.relu(x @ m.pairwise_u_bank.detach()[i].T)
@@ -186,7 +189,10 @@ def ref_speedrun_hidden(m, ids, cu_seqlens, bg, windows):
         W1, W2 = m.mlp_bank.detach()[i]
         if cfg.fp8_mlp_up:
             x, W1 = e4m3(x), e4m3(W1)
-        return torch.relu(x @ W1.T) ** 2 @ W2
+        post = torch.relu(x @ W1.T) ** 2
+        if cfg.fp8_mlp_down:   # a fresh model: post at scale 1, W2 at its exact max / 448
+            post, W2 = e4m3_at(post, 1.0), e4m3(W2)
+        return post @ W2
 
     # #85: gates from x0 (pre) and from the stream entering layer 4 (post)
     gw1, gw2, gb2, gs = (m.gate_w1.detach(), m.gate_w2.detach(), m.gate_b2.detach(),
@@ -253,7 +259,8 @@ def test_speedrun_forward_matches_direct_restatement(mlp):
     T = 20
     m = random_model(T=T, cfg=tg.Hyperparameters(**{**tg.SPEEDRUN, **SPEEDRUN_TINY_SIZES, "mlp": mlp,
                                                     "pairwise_rank": 6,
-                                                    "fp8_mlp_up": mlp == "relu2"}))
+                                                    "fp8_mlp_up": mlp == "relu2",
+                                                    "fp8_mlp_down": mlp == "relu2"}))
     with torch.no_grad():   # coefficients of order one, so that every term they weigh shows
         for p in (m.mudd_b2, m.gate_b2):
             p.normal_(0, 5)
@@ -367,6 +374,10 @@ def test_contradictory_switches_fail_in_one_line():
                             "built it on single_stream)")
     with pytest.raises(SystemExit, match="dc_attention=true needs --mudd_gates=true"):
         tg.parse_config(["--mudd_gates=false"])
+    with pytest.raises(SystemExit) as e:    # #89's FP8 post comes from #84's kernel
+        tg.parse_config(["--fp8_mlp_down=true", "--fp8_mlp_up=false"])
+    assert str(e.value) == ("--fp8_mlp_down=true needs --fp8_mlp_up=true (the record that added "
+                            "fp8_mlp_down built it on fp8_mlp_up)")
 
 
 def test_speedrun_schedule():
