@@ -3164,9 +3164,8 @@ class Trainer:
 # optimizer state in a form that does not depend on the world size (shards gathered, the padding
 # rows that only make banks split evenly left out), the loader's position, the step, the clock,
 # the RNG states, the FP8 down-projection's delayed scales (#89: every rank's slots gathered) and
-# what wrote it: the configuration and a digest of the code. It is written
-# after an Adam (odd) step only, when no gradient is pending. Reading it loads tensors and plain
-# data only, never code.
+# what wrote it: the configuration and a digest of the code. It is written after an Adam (odd)
+# step only, when no gradient is pending. Reading it loads tensors and plain data only, never code.
 
 CHECKPOINT_FORMAT = 1
 # Fields that do not change the training math: a checkpoint may be resumed with other values.
