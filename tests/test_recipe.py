@@ -282,7 +282,10 @@ def test_speedrun_forward_matches_direct_restatement(mlp):
 def test_speedrun_forward_with_the_dc_attention_kernel():
     torch.manual_seed(5)
     T = 40
-    m = bf16_model(T, SPEEDRUN_TINY)      # the training dtypes: bf16 activations
+    # the training dtypes: bf16 activations. Without #89's e4m3 post: at a fresh model's scale
+    # (1.0, coarse for this tiny model's post) it turns the two paths' last-bit differences into
+    # rounding flips that outweigh what is compared here
+    m = bf16_model(T, dataclasses.replace(SPEEDRUN_TINY, fp8_mlp_down=False))
     with torch.no_grad():
         m.gate_b2.normal_(0, 2)
         pre, post = m.gate_layouts
