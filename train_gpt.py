@@ -134,6 +134,7 @@ class Hyperparameters:
     xsa: bool = False                       # #82/#86: learnable exclusive self-attention
     bigram_sign_trick: bool = False         # #83: a fixed random sign per bigram slot
     fp8_mlp_up: bool = False                # #84: the MLP up-projection in e4m3 (forward only)
+    fp8_mlp_down: bool = False              # #89: and its down-projection, at delayed scales
     prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight (stage 1; to 0 in 2)
     val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
     val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
@@ -152,6 +153,9 @@ class Hyperparameters:
                              f"entries ({', '.join(Stage._fields)})") from None
         object.__setattr__(self, "stages", stages)
         self._check_qk_head_dim()
+        if self.mlp == "pairwise" and (self.fp8_mlp_up or self.fp8_mlp_down):
+            raise ValueError("mlp=pairwise has no FP8 form of its projections: pass "
+                             "--fp8_mlp_up=false --fp8_mlp_down=false with it")
         for switch, needed in SWITCH_REQUIRES.items():
             value = getattr(self, switch)
             shown = str(value).lower() if isinstance(value, bool) else value
@@ -161,9 +165,6 @@ class Hyperparameters:
                                      f"added {switch} built it on {other})")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp={self.mlp!r}: expected one of {', '.join(MLP_KINDS)}")
-        if self.mlp == "pairwise" and self.fp8_mlp_up:
-            raise ValueError("mlp=pairwise has no FP8 form of its up-projection: pass "
-                             "--fp8_mlp_up=false with it")
         if not isinstance(self.pairwise_rank, int) or self.pairwise_rank < 1:
             raise ValueError(f"pairwise_rank={self.pairwise_rank!r}: expected a positive integer, "
                              f"the number r of ReLU features whose pairwise products the MLP uses")
@@ -264,6 +265,10 @@ RECORD_CHANGES: list[RecordChange] = [
                  "0.25 in stage 1, to 0 over stage 2).", dict(prefix_loss_weight=0.25)),
     RecordChange("#350", "Validation masks token pairs the GPT-2 tokenizer never produces.",
                  dict(val_mask=True)),
+    RecordChange("#89", "The MLP down-projection in FP8 in the forward pass, at delayed scales: "
+                 "post at 1.80 x its previous step's max / 448 per layer and micro-batch slot, "
+                 "c_proj re-quantised after every optimizer step at 1.12 x its previous max / "
+                 "448; the backward stays bf16.", dict(fp8_mlp_down=True)),
     RecordChange("#344", "Q and K heads 96 wide instead of 128 (V and O keep 128); the attention "
                  "call pads them with zero columns to V's width.", dict(qk_head_dim=96)),
     RecordChange("#89/#344", "The schedule of #344 with #350's mask: record #89's 1270 scheduled "
@@ -279,7 +284,8 @@ RECORD_CHANGES: list[RecordChange] = [
 ATTN_VARIANTS = ("standard", "diff", "cmd", "mla", "cmd_mla")
 # A switch that builds on another (the record's code never ran it alone) needs that one on.
 SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
-                   "dc_attention": ("mudd_gates",), "qk_head_dim": ("qk_head_pair_groups",)}
+                   "dc_attention": ("mudd_gates",), "qk_head_dim": ("qk_head_pair_groups",),
+                   "fp8_mlp_down": ("fp8_mlp_up",)}
 
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
 # It reads what `python data/cached_fineweb10B.py 1` downloads (the val shard and one train shard).
@@ -1587,6 +1593,90 @@ class TableRows(NamedTuple):
     bigram_embed: torch.Tensor   # (T, d)
 
 
+# Record #89's delayed scaling of the FP8 down-projection. A scale known before the forward lets
+# the up-projection's kernel quantise post as it writes it, without a pass that finds post's
+# maximum first. The margins leave room for growth since the scale was taken (activations move
+# more from step to step than weights, hence the wider one); what outgrows them saturates at 448.
+FP8_ACT_MARGIN = 1.80
+FP8_WEIGHT_MARGIN = 1.12
+FP8_INITIAL_ACT_SCALE = 1.0      # a slot's scale before its first forward
+# c_proj starts at zero and grows fast at first: the quantisation at the start and those after
+# the first 16 optimizer steps take its exact maximum instead of the previous one.
+FP8_WEIGHT_BOOTSTRAP_STEPS = 16
+
+
+def delayed_e4m3_scale(t_max: torch.Tensor, margin: float) -> torch.Tensor:
+    """A scale for a later tensor like t: margin x max|t| / 448, in fp32."""
+    return (t_max * margin / triton_kernels.E4M3_MAX).clamp_min(triton_kernels.E4M3_SCALE_FLOOR)
+
+
+def requantized_c_proj(c_proj: torch.Tensor, last_max: torch.Tensor, quantizations: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """c_proj (L, hidden, d) as (c_proj^T in e4m3 (L, d, hidden), its scales (L,), max|c_proj|
+    (L,)). The scale is the delayed one from last_max, the maximum at the previous quantisation,
+    except at the bootstrap quantisations (`quantizations` before this one: 0 at the start, then
+    1, 2, ... after each optimizer step), which take the exact current maximum."""
+    maxima = c_proj.abs().amax(dim=(1, 2)).float()
+    bootstrap = quantizations <= FP8_WEIGHT_BOOTSTRAP_STEPS
+    scales = torch.where(bootstrap, triton_kernels.exact_e4m3_scale(maxima),
+                         delayed_e4m3_scale(last_max, FP8_WEIGHT_MARGIN))
+    return triton_kernels.quantize_e4m3_scaled(c_proj.mT, scales[:, None, None]), scales, maxima
+
+
+class FP8DelayedScales(nn.Module):
+    """The state of the FP8 down-projection (#89), as buffers, so that the model's state_dict
+    (the warm-up's snapshot) holds it. L = NUM_LAYERS.
+      act_scales (L, S): post's e4m3 scale per layer and micro-batch slot, S = micro_batches_per_
+          step; slot = micro_step x world_size + rank, the micro-batch's place in the step's stream
+          (TrainLoader), so that every world size gives a slot the same data, and each slot
+          scales by what its own micro-batch saw in the previous step. A rank updates its slots.
+      weight_e4m3 (L, d, hidden): c_proj^T in e4m3 at weight_scales (L,); weight_max (L,): the
+          max|c_proj| it was made from; quantizations: how many were made.
+    Transient, not saved: `current` (L,), the scales of the slot whose forward runs, and
+    `observed` (L,), the largest post of each layer in the latest training forward."""
+
+    def __init__(self, slots: int, hidden: int, d: int, compile_quantize: bool):
+        super().__init__()
+        L = NUM_LAYERS
+        self.register_buffer("act_scales", torch.full((L, slots), FP8_INITIAL_ACT_SCALE))
+        self.register_buffer("weight_e4m3", torch.zeros(L, d, hidden).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scales", torch.full((L,), triton_kernels.E4M3_SCALE_FLOOR))
+        self.register_buffer("weight_max", torch.zeros(L))
+        self.register_buffer("quantizations", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("current", torch.full((L,), FP8_INITIAL_ACT_SCALE), persistent=False)
+        self.register_buffer("observed", torch.zeros(L), persistent=False)
+        self._requantized = (torch.compile(requantized_c_proj, fullgraph=True, dynamic=False)
+                             if compile_quantize else requantized_c_proj)
+
+    def begin_slot(self, slot: int) -> None:
+        """Before the training forward of micro-batch slot `slot`: its scales become current."""
+        self.current.copy_(self.act_scales[:, slot])
+
+    def end_slot(self, slot: int) -> None:
+        """After it: the slot's scales for the next step, from what this forward saw (on the
+        device: no synchronisation)."""
+        self.act_scales[:, slot] = delayed_e4m3_scale(self.observed, FP8_ACT_MARGIN)
+
+    @torch.no_grad()
+    def quantize_weights(self, c_proj: torch.Tensor) -> None:
+        """c_proj (L, hidden, d) into weight_e4m3: at the start and after every optimizer step."""
+        e4m3, scales, maxima = self._requantized(c_proj, self.weight_max, self.quantizations)
+        self.weight_e4m3.copy_(e4m3)
+        self.weight_scales.copy_(scales)
+        self.weight_max.copy_(maxima)
+        self.quantizations += 1
+
+    def full_state(self, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """The saved buffers on the CPU, act_scales with every rank's slots (collective)."""
+        state = {name: t.cpu() for name, t in self.state_dict().items()}
+        if world_size > 1:
+            mine = torch.zeros_like(self.act_scales)
+            mine[:, rank::world_size] = self.act_scales[:, rank::world_size]
+            dist.all_reduce(mine)
+            state["act_scales"] = mine.cpu()
+        return state
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Hyperparameters, world_size: int, max_positions: int,
                  paths: Paths = Paths()):
@@ -1629,6 +1719,8 @@ class GPT(nn.Module):
             mlp_bank = torch.zeros(num_mlp_slots(world_size), 2, cfg.mlp_hidden, d)
             mlp_bank[:NUM_LAYERS, 0].uniform_(-bound, bound)
             self.mlp_bank = nn.Parameter(mlp_bank.bfloat16())
+        self.fp8_scales = (FP8DelayedScales(cfg.micro_batches_per_step, cfg.mlp_hidden, d,
+                                            paths.compile) if cfg.fp8_mlp_down else None)
         # Output head stored transposed (d, V); the input embedding starts as its exact transpose.
         self.lm_head = nn.Parameter(torch.empty(d, V, dtype=torch.bfloat16).normal_(0, 0.005))
         self.embed = nn.Parameter(self.lm_head.detach().T.contiguous())
@@ -1714,13 +1806,15 @@ class GPT(nn.Module):
             return list(zip(self.pairwise_u_bank.unbind(0), self.pairwise_w_bank.unbind(0)))
         return self.mlp_bank.unbind(0)
 
-    def mlp(self, weights, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, layer: int, weights, x: torch.Tensor) -> torch.Tensor:
         """weights: this layer's entry of mlp_layer_weights()."""
         if self.cfg.mlp == "pairwise":
             if self.paths.mlp == "triton":
                 return triton_kernels.pairwise_mlp(x, *weights)
             return triton_kernels.pairwise_mlp_reference(x, *weights)
         c_fc, c_proj = weights.unbind(0)
+        if self.cfg.fp8_mlp_down:
+            return self.mlp_fp8(layer, x, c_fc, c_proj)
         if self.cfg.fp8_mlp_up:
             if self.paths.mlp == "triton":
                 return triton_kernels.linear_relu_square_fp8_up(x, c_fc, c_proj)
@@ -1728,6 +1822,27 @@ class GPT(nn.Module):
         if self.paths.mlp == "triton":
             return triton_kernels.linear_relu_square(x, c_fc, c_proj)
         return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)
+
+    def mlp_fp8(self, layer: int, x: torch.Tensor, c_fc: torch.Tensor,
+                c_proj: torch.Tensor) -> torch.Tensor:
+        """#89: both projections in e4m3. Training scales post by the running slot's delayed
+        scale and records its largest post. Evaluation quantises post at the exact scale of the
+        pass instead (just in time), so that a val loss does not depend on which slot ran last,
+        and records nothing."""
+        scales = self.fp8_scales
+        act_scale = scales.current[layer:layer + 1] if self.training else None
+        fp8_mlp = (triton_kernels.linear_relu_square_fp8 if self.paths.mlp == "triton"
+                   else triton_kernels.linear_relu_square_fp8_reference)
+        out, post_max = fp8_mlp(x, c_fc, c_proj, scales.weight_e4m3[layer],
+                                scales.weight_scales[layer:layer + 1], act_scale)
+        if self.training:
+            scales.observed[layer:layer + 1].copy_(post_max)
+        return out
+
+    @torch.no_grad()
+    def requantize_mlp_down(self) -> None:
+        """#89: c_proj's e4m3 copy from the current weights (at the start, after every step)."""
+        self.fp8_scales.quantize_weights(self.mlp_bank[:NUM_LAYERS, 1])
 
     def attention_weights(self) -> dict[int, AttnWeights]:
         """The matrices of every attention layer. The banks are unbound rather than indexed per
@@ -2000,7 +2115,7 @@ class GPT(nn.Module):
                 x0_w[i], bigram_w[i], inject_x0 = block0["x0"], block0["bigram"], h0
             if i == NO_ATTN_LAYER:
                 x = x + skip_weight * skip
-                x = r_mlp * x + p_mlp * self.mlp(mlp_weights[i], rms_norm(x))
+                x = r_mlp * x + p_mlp * self.mlp(i, mlp_weights[i], rms_norm(x))
                 continue
             if i == CACHED_LAYER and not cfg.single_stream:
                 lane1 = x
@@ -2014,11 +2129,11 @@ class GPT(nn.Module):
                 x = r_attn * x + (a if p_attn is None else p_attn * a) + inject
                 if i == SKIP_SOURCE_LAYER and not cfg.single_stream:
                     skip = x
-                x = r_mlp * x + p_mlp * self.mlp(mlp_weights[i], rms_norm(x))
+                x = r_mlp * x + p_mlp * self.mlp(i, mlp_weights[i], rms_norm(x))
             else:
                 x = r_attn * x + post[i, 0, 0] * a + inject
                 lane1 = r_attn * lane1 + post[i, 0, 1] * a
-                m = self.mlp(mlp_weights[i], rms_norm(lane1))
+                m = self.mlp(i, mlp_weights[i], rms_norm(lane1))
                 x = r_mlp * x + p_mlp * m
                 lane1 = r_mlp * lane1 + post[i, 1, 1] * m
             if i == SKIP_SOURCE_LAYER and cfg.single_stream:
@@ -2924,6 +3039,8 @@ class Trainer:
                 for p in self.model.parameters():
                     dist.broadcast(p.detach(), 0)
             synchronize(run.device)
+        if cfg.fp8_mlp_down:
+            self.model.requantize_mlp_down()
         self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
                         if self.paths.compile else self.model)
         with phase("optimizer build"):
@@ -2984,8 +3101,11 @@ class Trainer:
             prefix_weight = _to_device(np.array([settings.prefix_weight], dtype=np.float32),
                                        run.device)
         is_adam_step = step % 2 == 1
+        fp8_scales = self.model.fp8_scales
         total = torch.zeros((), device=run.device)
-        for _ in range(run.grad_accum_steps):
+        for micro_step in range(run.grad_accum_steps):
+            # the micro-batch's place in the step's stream: the loader deals ranks in turn
+            slot = micro_step * run.world_size + run.rank
             batch = self.loader.next_batch(settings.batch_tokens, settings.max_seq_len,
                                            run.grad_accum_steps)
             if self.sparse_bigram is not None:
@@ -2993,9 +3113,13 @@ class Trainer:
                 if is_adam_step:
                     self.sparse_bigram.start_count_exchange()
             rows = self.table_grads.lookup(batch.inputs, batch.bigram_ids)
+            if fp8_scales is not None:
+                fp8_scales.begin_slot(slot)
             loss = self.forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_ids,
                                 mtp_weights, settings.windows, settings.max_seq_len, grad_scale,
                                 rows, prefix_weight=prefix_weight)
+            if fp8_scales is not None:
+                fp8_scales.end_slot(slot)
             if self.sparse_bigram is not None and is_adam_step:
                 self.sparse_bigram.start_index_exchange()
             loss.backward()
@@ -3004,6 +3128,8 @@ class Trainer:
         if is_adam_step:   # the tables are Adam parameters: their gradient spans two steps
             self.table_grads.flush()
         self.optimizer.step(step, settings.lr_mul, settings.muon_momentum)
+        if fp8_scales is not None:
+            self.model.requantize_mlp_down()
         if step == self.schedule.split_step:
             self.optimizer.untie()
         if run.world_size > 1:
@@ -3075,9 +3201,9 @@ class Trainer:
 # crash never leaves a half-written checkpoint under a final name. It holds the model and the
 # optimizer state in a form that does not depend on the world size (shards gathered, the padding
 # rows that only make banks split evenly left out), the loader's position, the step, the clock,
-# the RNG states, and what wrote it: the configuration and a digest of the code. It is written
-# after an Adam (odd) step only, when no gradient is pending. Reading it loads tensors and plain
-# data only, never code.
+# the RNG states, the FP8 down-projection's delayed scales (#89: every rank's slots gathered) and
+# what wrote it: the configuration and a digest of the code. It is written after an Adam (odd)
+# step only, when no gradient is pending. Reading it loads tensors and plain data only, never code.
 
 CHECKPOINT_FORMAT = 1
 # Fields that do not change the training math: a checkpoint may be resumed with other values.
@@ -3129,6 +3255,8 @@ def save_checkpoint(trainer: Trainer, step: int, training_ms: float) -> str | No
     """The state after `step` completed steps into checkpoint_dir (rank 0 writes; collective)."""
     cfg, run = trainer.cfg, trainer.run
     optimizer = trainer.optimizer.full_state()   # every rank takes part in the gathers
+    fp8_scales = trainer.model.fp8_scales
+    fp8_state = None if fp8_scales is None else fp8_scales.full_state(run.rank, run.world_size)
     if not run.is_master:
         return None
     for label, entry in optimizer["labels"].items():
@@ -3143,7 +3271,7 @@ def save_checkpoint(trainer: Trainer, step: int, training_ms: float) -> str | No
                 resumable=step % 2 == 0, world_size=run.world_size,
                 config={f.name: as_literal(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
     data = dict(meta=meta, model=model, optimizer=optimizer, loader=trainer.loader.state(),
-                training_ms=training_ms, rng=rng)
+                training_ms=training_ms, rng=rng, fp8_scales=fp8_state)
     os.makedirs(cfg.checkpoint_dir, exist_ok=True)
     path = checkpoint_path(cfg.checkpoint_dir, step)
     tmp = f"{path}.tmp"
@@ -3188,6 +3316,15 @@ def check_resumable(meta: dict, cfg: Hyperparameters, path: str) -> None:
                               f"preset and options")
 
 
+def load_model_state(model: GPT, data: dict) -> None:
+    """A checkpoint's parameters (the padding rows stay zero) and FP8 scales into `model`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p[:unpadded_rows(name, model.cfg)].copy_(data["model"][name])
+    if model.fp8_scales is not None:
+        model.fp8_scales.load_state_dict(data["fp8_scales"])
+
+
 def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:
     """Continue from a checkpoint: model, optimizer, loader and RNG state, the rotary schedule
     replayed up to the step. Returns (steps completed, training ms so far)."""
@@ -3198,9 +3335,7 @@ def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:
     if meta["world_size"] != run.world_size:
         trainer.log(f"resuming a checkpoint of {meta['world_size']} processes on {run.world_size}: "
                     f"the same math, the state split anew")
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            p[:unpadded_rows(name, cfg)].copy_(data["model"][name])
+    load_model_state(trainer.model, data)
     optimizer = trainer.optimizer
     for label, entry in data["optimizer"]["labels"].items():
         sharded = optimizer.modes[label] in ("sharded", "sharded_sparse")
@@ -3775,9 +3910,7 @@ def model_from_checkpoint(path: str, device: torch.device, log: Callable[[str], 
     # paired-head layers read rotary positions up to twice a forward pass's tokens
     max_positions = 2 * max(SAMPLE_CONTEXT, HELLASWAG_PACK_TOKENS)
     model = GPT(cfg, world_size=1, max_positions=max_positions, paths=paths)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p[:unpadded_rows(name, cfg)].copy_(data["model"][name])
+    load_model_state(model, data)
     model.to(device).eval()
     schedule, step = Schedule(cfg), meta["step"]
     replay_yarn(model.rotary, schedule, step)

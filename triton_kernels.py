@@ -6,6 +6,8 @@
   4. linear_relu_square   relu(x W1^T)^2 W2 with the activation and its derivative fused into
                           the GEMM epilogues (every MLP), autograd function; and
      linear_relu_square_fp8_up   the same with its up-projection in e4m3 in the forward (#84)
+     linear_relu_square_fp8      and with its down-projection in e4m3 too, at given (delayed)
+                                 scales (#89)
      polar_update_tall    a X + X B for tall X, symmetric B (Polar Express step), the same GEMM
                           with an a X epilogue
   5. softcapped_mtp_cross_entropy   soft-capped multi-token cross entropy over an FP8 LM head,
@@ -51,7 +53,8 @@ __all__ = [
     "INTERPRET", "SOFTCAP_A", "SOFTCAP_B", "SOFTCAP_C", "softcap",
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
     "linear_relu_square", "linear_relu_square_reference", "E4M3_MAX", "quantize_e4m3",
-    "linear_relu_square_fp8_up", "linear_relu_square_fp8_up_reference",
+    "linear_relu_square_fp8_up", "linear_relu_square_fp8_up_reference", "E4M3_SCALE_FLOOR",
+    "exact_e4m3_scale", "quantize_e4m3_scaled", "linear_relu_square_fp8", "linear_relu_square_fp8_reference",
     "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
     "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_and_grad_reference",
     "softcapped_mtp_losses_reference",
@@ -157,6 +160,26 @@ def _round_to_e5m2_grid(x):
     subnormal = whole.to(tl.float32) * (1.0 / 65536.0)
     subnormal = tl.where(x < 0, -subnormal, subnormal)
     return tl.where(tl.abs(x) < 6.103515625e-05, subnormal, normal)
+
+
+@triton.jit
+def _to_e4m3(x):
+    """fp32 -> e4m3, saturating at +-448, round to nearest even. In the interpreter x is first
+    rounded on the e4m3 grid by integer arithmetic (normal values keep 3 of the 23 mantissa bits;
+    below the smallest normal, 2^-6, the grid is fixed point with step 2^-9), as for e5m2 above."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20
+        normal = bits.to(tl.float32, bitcast=True)
+        steps = tl.minimum(tl.abs(x), 0.015625) * 512.0
+        whole = steps.to(tl.int32)
+        frac = steps - whole.to(tl.float32)
+        whole += ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int32)
+        subnormal = whole.to(tl.float32) * (1.0 / 512.0)
+        subnormal = tl.where(x < 0, -subnormal, subnormal)
+        x = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 # =================================================================================================
@@ -392,6 +415,10 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 #                   read from memory (it is computed on the device each step)
 #   RELU2_BACKWARD: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * sqrt(post)), acc = d_post
 #   AXPY:           a = X, b = B (symmetric, so X B^T = X B): out = bf16(acc + alpha * X)
+#   RELU2_FP8_FORWARD (#89): RELU2_FORWARD's post, and beside it post8 = e4m3(post / act_scale)
+#                   (saturated at 448; act_scale read from memory) into aux; every program
+#                   writes the largest post of its tiles to maxima[program]
+#   STORE:          a = post8, b = W2^T in e4m3 (#89): out = bf16(acc), acc already scaled
 # The forward stores only post, not pre as well: the forward is bound by its stores, and
 # relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own bf16 rounding of d_pre
 # dwarfs.
@@ -409,6 +436,8 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 RELU2_FORWARD = tl.constexpr(0)    # out = post (written), aux unused
 RELU2_BACKWARD = tl.constexpr(1)   # out = d_pre, aux = post (read)
 AXPY = tl.constexpr(2)             # out = acc + alpha * aux, aux = a's tile at the output (read)
+RELU2_FP8_FORWARD = tl.constexpr(3)  # out = post, aux = post8 (both written), maxima written
+STORE = tl.constexpr(4)            # out = acc, aux unused
 
 
 @triton.jit
@@ -420,9 +449,24 @@ def _gemm_epilogue(acc, out_desc, aux_desc, alpha, row0, col0,
     elif EPILOGUE == AXPY:
         x = aux_desc.load([row0, col0]).to(tl.float32)
         out_desc.store([row0, col0], _to_bf16(acc + alpha * x))
+    elif EPILOGUE == STORE:
+        out_desc.store([row0, col0], _to_bf16(acc))
     else:   # relu of the bf16-rounded pre, as a bf16 matmul followed by relu would square
         relu = tl.maximum(_to_bf16(acc).to(tl.float32), 0.0)
         out_desc.store([row0, col0], _to_bf16(relu * relu))
+
+
+@triton.jit
+def _relu2_fp8_epilogue(acc, post_desc, post8_desc, act_scale, row0, col0):
+    """RELU2_FORWARD's post, and post8 = e4m3(post / act_scale) from the same bf16 post, which
+    the division rounds once (as in PyTorch); returns the tile's largest post. Tiles past the
+    matrix edges hold zeros (TMA pads the operands), which leave the maximum of post >= 0 alone."""
+    relu = tl.maximum(_to_bf16(acc).to(tl.float32), 0.0)
+    post = _to_bf16(relu * relu)
+    post_desc.store([row0, col0], post)
+    post = post.to(tl.float32)
+    post8_desc.store([row0, col0], _to_e4m3(tl.math.div_rn(post, act_scale)))
+    return tl.max(tl.max(post, axis=1), axis=0)
 
 
 @triton.jit
@@ -430,6 +474,7 @@ def _gemm_epilogue_kernel(
     a_desc, b_desc, out_desc, aux_desc,     # aux: see RELU2_FORWARD, RELU2_BACKWARD, AXPY
     m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
     scale_ptr,                              # SCALED: acc is multiplied by this fp32 value
+    act_scale_ptr, maxima_ptr,              # RELU2_FP8_FORWARD: post8's scale, per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
@@ -437,6 +482,9 @@ def _gemm_epilogue_kernel(
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     if SCALED:
         scale = tl.load(scale_ptr)
+    if EPILOGUE == RELU2_FP8_FORWARD:
+        act_scale = tl.load(act_scale_ptr)
+        largest = tl.cast(0.0, tl.float32)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
@@ -459,8 +507,16 @@ def _gemm_epilogue_kernel(
             acc = acc * scale
 
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
-        _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE)
+        if EPILOGUE == RELU2_FP8_FORWARD:
+            left_max = _relu2_fp8_epilogue(left, out_desc, aux_desc, act_scale, row0, col0)
+            right_max = _relu2_fp8_epilogue(right, out_desc, aux_desc, act_scale, row0,
+                                            col0 + BLOCK_N // 2)
+            largest = tl.maximum(largest, tl.maximum(left_max, right_max))
+        else:
+            _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
+            _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE)
+    if EPILOGUE == RELU2_FP8_FORWARD:
+        tl.store(maxima_ptr + tl.program_id(0), largest)
 
 
 # Candidate tilings, which records/bench_kernels.py times for each epilogue; _GEMM_TILES, the
@@ -484,10 +540,12 @@ def _num_sms(device: torch.device) -> int:
 
 def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
                           epilogue: tl.constexpr, alpha: float = 1.0, rows_per_batch: int | None = None,
-                          tiles: dict | None = None, scale: torch.Tensor | None = None) -> None:
+                          tiles: dict | None = None, scale: torch.Tensor | None = None,
+                          act_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """acc = a @ b^T through the epilogue `epilogue`, all matrices 2-D and contiguous; times the
     one-element fp32 `scale` first if given. With rows_per_batch < m, row block i of a pairs with
-    row block i of b (see the section's notes). `tiles` overrides the tiling (benchmarks)."""
+    row block i of b (see the section's notes). `tiles` overrides the tiling (benchmarks).
+    RELU2_FP8_FORWARD takes post8's one-element fp32 `act_scale` and returns the largest post, (1,)."""
     if a.is_cuda and not torch.cuda.is_current_stream_capturing():
         # The backward may run on autograd's device thread before any CUDA call there made the
         # context current; the descriptors are encoded through the driver API, which needs it.
@@ -508,9 +566,14 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
                    out_desc, aux_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(num_tiles, 4 if INTERPRET else _num_sms(a.device))
+    fp8_forward = epilogue.value == RELU2_FP8_FORWARD.value
+    maxima = torch.empty(programs, dtype=torch.float32, device=a.device) if fp8_forward else out
     _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha,
-                                       out if scale is None else scale, EPILOGUE=epilogue.value,
-                                       SCALED=scale is not None, NUM_PROGRAMS=programs, **tiles)
+                                       out if scale is None else scale,
+                                       out if act_scale is None else act_scale, maxima,
+                                       EPILOGUE=epilogue.value, SCALED=scale is not None,
+                                       NUM_PROGRAMS=programs, **tiles)
+    return maxima.amax().reshape(1) if fp8_forward else None
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
@@ -538,6 +601,17 @@ def _(d_out, W2, post):
     return torch.empty_like(post)
 
 
+def _linear_relu_square_backward(ctx, d_out):
+    """(dx, dW1, dW2) from the saved bf16 (x, W1, W2, post): the backward of every form."""
+    x, W1, W2, post = ctx.saved_tensors
+    d_out = d_out.contiguous()
+    d_pre = _linear_relu_square_backward_op(d_out, W2, post)
+    dx = d_pre @ W1 if ctx.needs_input_grad[0] else None
+    dW1 = d_pre.t() @ x if ctx.needs_input_grad[1] else None
+    dW2 = post.t() @ d_out if ctx.needs_input_grad[2] else None
+    return dx, dW1, dW2
+
+
 class _LinearReluSquare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W1, W2):
@@ -547,13 +621,7 @@ class _LinearReluSquare(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        x, W1, W2, post = ctx.saved_tensors
-        d_out = d_out.contiguous()
-        d_pre = _linear_relu_square_backward_op(d_out, W2, post)
-        dx = d_pre @ W1 if ctx.needs_input_grad[0] else None
-        dW1 = d_pre.t() @ x if ctx.needs_input_grad[1] else None
-        dW2 = post.t() @ d_out if ctx.needs_input_grad[2] else None
-        return dx, dW1, dW2
+        return _linear_relu_square_backward(ctx, d_out)
 
 
 def _check_mlp_args(name: str, x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
@@ -590,13 +658,25 @@ def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Te
 # ReLU^2. The backward is the bf16 one, from the bf16 x and W1.
 
 E4M3_MAX = 448.0
+E4M3_SCALE_FLOOR = 1e-30   # the scale of an all-zero tensor (c_proj starts at zero): finite
+
+
+def exact_e4m3_scale(t_max: torch.Tensor) -> torch.Tensor:
+    """max|t| / 448 in fp32: the scale that maps t's largest magnitude onto e4m3's largest value."""
+    return (t_max.float() / E4M3_MAX).clamp_min(E4M3_SCALE_FLOOR)
 
 
 def quantize_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t / scale in e4m3, scale) with scale = max|t| / 448 as a one-element fp32 tensor (a tiny
-    floor keeps an all-zero t finite)."""
-    scale = (t.detach().abs().amax().float() / E4M3_MAX).clamp_min(1e-30).reshape(1)
+    """(t / scale in e4m3, scale) with scale = max|t| / 448 as a one-element fp32 tensor."""
+    scale = exact_e4m3_scale(t.detach().abs().amax()).reshape(1)
     return (t.detach().float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def quantize_e4m3_scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / scale in e4m3 (one fp32 division, rounded to nearest even) for an fp32 scale that
+    broadcasts against t, saturated at +-448: a scale from an earlier step may be too small for
+    today's t, and e4m3fn has no infinity (an overflow would become NaN)."""
+    return (t.detach().float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_forward", mutates_args=())
@@ -651,6 +731,124 @@ def linear_relu_square_fp8_up_reference(x: torch.Tensor, W1: torch.Tensor,
                                         W2: torch.Tensor) -> torch.Tensor:
     pre = _FP8UpProjectionReference.apply(x.reshape(-1, x.shape[-1]), W1)
     return (torch.relu(pre).square() @ W2).view(*x.shape[:-1], W2.shape[1])
+
+
+# -------------------------------------------------------------------------------------------------
+# The MLP with its down-projection in FP8 as well (record #89), at delayed scales. post is
+# quantised to e4m3 at a scale the caller gives (training: from the previous step's largest post
+# of the same micro-batch slot, with a margin) and saturates at 448 where today's post outgrew it;
+# W2 arrives quantised already, transposed: W2_8t (d, hidden) = e4m3(W2^T / w_scale), made once
+# per optimizer step, K-major as the FP8 GEMM reads both operands. The up-projection is #84's. The
+# forward kernel writes post in bf16 (for the backward) and in e4m3, and returns the largest post,
+# from which the caller makes the next step's scale; then out = bf16(post8 W2_8t^T x act_scale x
+# w_scale), accumulated in fp32. Without act_scale (evaluation), post is quantised at its own
+# exact scale, max|post| / 448, found first. The backward is the bf16 one, from the bf16 post and
+# W2, as in linear_relu_square.
+
+@torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_post", mutates_args=())
+def _linear_relu_square_fp8_post_op(x8: torch.Tensor, W1_8: torch.Tensor, scale: torch.Tensor,
+                                    act_scale: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    post = torch.empty(x8.shape[0], W1_8.shape[0], dtype=torch.bfloat16, device=x8.device)
+    post8 = torch.empty_like(post, dtype=torch.float8_e4m3fn)
+    post_max = _launch_gemm_epilogue(x8.contiguous(), W1_8.contiguous(), post, post8,
+                                     RELU2_FP8_FORWARD, scale=scale, act_scale=act_scale)
+    return post, post8, post_max
+
+
+@_linear_relu_square_fp8_post_op.register_fake
+def _(x8, W1_8, scale, act_scale):
+    post = torch.empty(x8.shape[0], W1_8.shape[0], dtype=torch.bfloat16, device=x8.device)
+    return (post, torch.empty_like(post, dtype=torch.float8_e4m3fn),
+            torch.empty(1, dtype=torch.float32, device=x8.device))
+
+
+@torch.library.custom_op("nanogpt_triton::fp8_linear", mutates_args=())
+def _fp8_linear_op(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(a8.shape[0], b8.shape[0], dtype=torch.bfloat16, device=a8.device)
+    _launch_gemm_epilogue(a8.contiguous(), b8.contiguous(), out, out, STORE, scale=scale)
+    return out
+
+
+@_fp8_linear_op.register_fake
+def _(a8, b8, scale):
+    return torch.empty(a8.shape[0], b8.shape[0], dtype=torch.bfloat16, device=a8.device)
+
+
+class _LinearReluSquareFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W1, W2, W2_8t, w_scale, act_scale):
+        x8, x_scale = quantize_e4m3(x)
+        W1_8, w1_scale = quantize_e4m3(W1)
+        if act_scale is None:
+            post = _linear_relu_square_fp8_forward_op(x8, W1_8, x_scale * w1_scale)
+            post_max = post.amax().float().reshape(1)
+            act_scale = exact_e4m3_scale(post_max)
+            post8 = quantize_e4m3_scaled(post, act_scale)
+        else:
+            post, post8, post_max = _linear_relu_square_fp8_post_op(x8, W1_8, x_scale * w1_scale,
+                                                                    act_scale)
+        out = _fp8_linear_op(post8, W2_8t, act_scale * w_scale)
+        ctx.save_for_backward(x, W1, W2, post)
+        ctx.mark_non_differentiable(post_max)
+        return out, post_max
+
+    @staticmethod
+    def backward(ctx, d_out, d_post_max):
+        return *_linear_relu_square_backward(ctx, d_out), None, None, None
+
+
+def _check_fp8_down_args(name: str, W2: torch.Tensor, W2_8t: torch.Tensor, w_scale: torch.Tensor,
+                         act_scale: torch.Tensor | None) -> None:
+    _check_shape(name, "W2_8t", W2_8t, W2.shape[::-1])
+    _check_dtype(name, "W2_8t", W2_8t, (torch.float8_e4m3fn,))
+    for arg, t in (("w_scale", w_scale), ("act_scale", act_scale)):
+        if t is not None:
+            _check_shape(name, arg, t, (1,))
+            _check_dtype(name, arg, t, (torch.float32,))
+
+
+def linear_relu_square_fp8(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                           W2_8t: torch.Tensor, w_scale: torch.Tensor,
+                           act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_relu_square with both projections in e4m3 in the forward pass (see the notes above):
+    x (..., d), W1 and W2 (hidden, d) bf16; W2_8t (d, hidden) e4m3 with its fp32 scale w_scale
+    (1,); act_scale (1,) fp32 or None (exact). Returns (out (..., d), the largest post (1,) fp32);
+    out is differentiable in x, W1 and W2."""
+    _check_mlp_args("linear_relu_square_fp8", x, W1, W2, multiple=16)
+    _check_fp8_down_args("linear_relu_square_fp8", W2, W2_8t, w_scale, act_scale)
+    out, post_max = _LinearReluSquareFP8.apply(x.reshape(-1, x.shape[-1]), W1, W2, W2_8t, w_scale,
+                                               act_scale)
+    return out.view(*x.shape[:-1], W2.shape[1]), post_max
+
+
+class _FP8DownProjectionReference(torch.autograd.Function):
+    """bf16(e4m3(post / act_scale) W2_8t^T x act_scale x w_scale) forward; the gradients of the
+    bf16 post @ W2 backward."""
+
+    @staticmethod
+    def forward(ctx, post, W2, W2_8t, w_scale, act_scale):
+        post8 = quantize_e4m3_scaled(post, act_scale)
+        ctx.save_for_backward(post, W2)
+        return ((post8.float() @ W2_8t.float().t()) * (act_scale * w_scale)).to(post.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        post, W2 = ctx.saved_tensors
+        return d_out @ W2.t(), post.t() @ d_out, None, None, None
+
+
+def linear_relu_square_fp8_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                                     W2_8t: torch.Tensor, w_scale: torch.Tensor,
+                                     act_scale: torch.Tensor | None = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = _FP8UpProjectionReference.apply(x.reshape(-1, x.shape[-1]), W1)
+    post = torch.relu(pre).square()
+    post_max = post.detach().amax().float().reshape(1)
+    if act_scale is None:
+        act_scale = exact_e4m3_scale(post_max)
+    out = _FP8DownProjectionReference.apply(post, W2, W2_8t, w_scale, act_scale)
+    return out.view(*x.shape[:-1], W2.shape[1]), post_max
 
 
 def _polar_update_tall(X: torch.Tensor, B: torch.Tensor, alpha: float, out: torch.Tensor,

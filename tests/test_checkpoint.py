@@ -30,19 +30,31 @@ def run_main(log_dir, *args):
     return {int(s): float(v) for s, v in PROGRESS.findall(text)}, VAL.findall(text)[-1], text
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    # #89's c_proj scales leave their bootstrap after step 1 here, so that the resumed steps
+    # take the delayed ones too
+    monkeypatch.setattr(tg, "FP8_WEIGHT_BOOTSTRAP_STEPS", 1)
     checkpoints = f"--checkpoint_dir={tmp_path / 'ckpt'}"
-    straight, straight_val, _ = run_main(tmp_path / "a", "--stop_after_steps=6")
+    straight, straight_val, _ = run_main(tmp_path / "a", "--stop_after_steps=6",
+                                         "--save_checkpoint=true",
+                                         f"--checkpoint_dir={tmp_path / 'straight'}")
     first, _, text = run_main(tmp_path / "b", "--stop_after_steps=4", "--save_every=2", checkpoints)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000002.pt"]   # step 4 ends the run
     run_main(tmp_path / "c", "--stop_after_steps=4", "--save_checkpoint=true", checkpoints)
     assert "written in" in text
     resumed, resumed_val, text = run_main(tmp_path / "d", "--stop_after_steps=6", "--resume=latest",
-                                          checkpoints)
+                                          "--save_checkpoint=true", checkpoints)
     assert f"resumed from {tmp_path / 'ckpt' / 'step_000004.pt'} after step 4" in text
     assert sorted(resumed) == [5, 6] and all(first[s] == straight[s] for s in first)
     assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
     assert resumed_val == straight_val
+    # and ends with the same FP8 scales, every micro-batch slot's and c_proj's
+    want = tg.read_checkpoint(str(tmp_path / "straight" / "step_000006.pt"))["fp8_scales"]
+    got = tg.read_checkpoint(str(tmp_path / "ckpt" / "step_000006.pt"))["fp8_scales"]
+    assert want["quantizations"].item() == 7 and want["act_scales"].shape == (11, 4)
+    bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+    assert want.keys() == got.keys()
+    assert all(torch.equal(bits(want[name]), bits(got[name])) for name in want)
 
 
 def torchrun(nproc, log_dir, *args):

@@ -285,6 +285,128 @@ def test_linear_relu_square_fp8_up_speedrun_shape():
     check_linear_relu_square_fp8_up(16384, d=768, hidden=3072, device="cuda")
 
 
+# -------------------------------------------------------------------------------------------------
+# The MLP with its down-projection in FP8 too, at given scales (#89)
+
+def e4m3_grid() -> torch.Tensor:
+    """Every finite e4m3 value, ascending, from the 256 bit patterns."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
+    return values[values.isfinite()].unique()
+
+
+def test_quantize_e4m3_scaled_rounds_to_nearest_and_saturates():
+    t = torch.randn(40, 24, device=DEV) * 3
+    t[0, :4] = torch.tensor([5000.0, -5000.0, 448.5 * 0.01, 0.0])   # past the range either side
+    scale = torch.tensor([0.01], device=DEV)
+    t8 = tk.quantize_e4m3_scaled(t, scale)
+    assert t8.dtype == torch.float8_e4m3fn
+    # the nearest e4m3 value to t / scale, where |t / scale| > 448 the largest one of its sign
+    exact = (t.double() / 0.01).clamp(-448, 448).flatten().cpu()
+    grid = e4m3_grid()
+    nearest = grid[(exact[:, None] - grid[None, :]).abs().argmin(dim=1)]
+    assert torch.equal(t8.double().flatten().cpu(), nearest)
+    assert t8[0, :4].double().tolist() == [448.0, -448.0, 448.0, 0.0]
+
+
+def fp8_down_weights(W2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W2^T (d, hidden) in e4m3 at the scale max|W2| / 448, and that scale (1,)."""
+    w_scale = (W2.detach().float().abs().max() / 448).reshape(1)
+    return (W2.detach().float().t() / w_scale).to(torch.float8_e4m3fn), w_scale
+
+
+def check_linear_relu_square_fp8(T, d, hidden, device, act_scale):
+    x = torch.randn(T, d, device=device).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d, device=device) * 2 - 1).div(8).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d, device=device).bfloat16()
+    W2_8t, w_scale = fp8_down_weights(W2)
+    given = None if act_scale is None else torch.tensor([act_scale], device=device)
+    out, post_max = tk.linear_relu_square_fp8(x, W1, W2, W2_8t, w_scale, given)
+    out.backward(dY)
+    grads = [t.grad for t in (x, W1, W2)]
+    # post is #84's: its e4m3 form and maximum from the same bf16 values
+    (x8, x_scale), (W1_8, w1_scale) = tk.quantize_e4m3(x), tk.quantize_e4m3(W1)
+    post = torch.ops.nanogpt_triton.linear_relu_square_fp8_forward(x8, W1_8, x_scale * w1_scale)
+    assert post_max.item() == post.float().max().item()
+    scale = ((post_max / 448).double() if act_scale is None   # the exact scale, in fp32
+             else torch.tensor([act_scale], device=device).double())
+    if act_scale is not None:   # the kernel's own e4m3 post, beside its bf16 post
+        kernel_post, post8, kernel_max = torch.ops.nanogpt_triton.linear_relu_square_fp8_post(
+            x8, W1_8, x_scale * w1_scale, given)
+        assert torch.equal(kernel_post, post) and kernel_max.item() == post_max.item()
+        expected8 = (post.double() / scale).clamp(max=448).float().to(torch.float8_e4m3fn)
+        assert torch.equal(post8.view(torch.uint8), expected8.view(torch.uint8))
+        assert (post.double() / scale).max().item() > 448     # the saturation was exercised
+    # out = bf16 of an fp32 accumulation of the exact e4m3 products, times both scales
+    post8 = (post.double() / scale).clamp(max=448).float().to(torch.float8_e4m3fn).double()
+    product_scale = scale * w_scale.double()
+    exact = (post8 @ W2_8t.double().t()) * product_scale
+    # plus the fp32 roundings of the scales' product and of acc times it
+    bound = (hidden * GRAM_ACC_U * (post8.abs() @ W2_8t.double().abs().t()) * product_scale
+             + 2.0 ** -22 * exact.abs())
+    assert_bf16_rounding_of(out, exact, bound, "out")
+    # the backward is #84's bf16 one, from the same post: the same gradients, bit for bit
+    for t in (x, W1, W2):
+        t.grad = None
+    tk.linear_relu_square_fp8_up(x, W1, W2).backward(dY)
+    for got, want, name in zip(grads, (x.grad, W1.grad, W2.grad), ("dx", "dW1", "dW2")):
+        assert torch.equal(got, want), name
+    # the reference: the same math (the GPU may sum the products in another order)
+    x.grad = W1.grad = W2.grad = None
+    ref_out, ref_max = tk.linear_relu_square_fp8_reference(x, W1, W2, W2_8t, w_scale, given)
+    ref_out.backward(dY)
+    assert ref_max.item() == post_max.item()
+    assert_bf16_rounding_of(ref_out, exact, bound, "reference out")
+    assert rel_norm_error(ref_out, out) < 1e-3
+    ref_grads = [t.grad for t in (x, W1, W2)]
+    x.grad = W1.grad = W2.grad = None
+    tk.linear_relu_square_fp8_up_reference(x, W1, W2).backward(dY)
+    for got, want, name in zip(ref_grads, (x.grad, W1.grad, W2.grad), ("dx", "dW1", "dW2")):
+        assert torch.equal(got, want), f"reference {name}"
+
+
+@pytest.mark.parametrize("act_scale", [0.004, None], ids=["delayed", "exact"])
+def test_linear_relu_square_fp8(act_scale):
+    # 0.004 x 448 = 1.8 lies below the largest post: the largest values saturate
+    if DEV == "cpu":
+        check_linear_relu_square_fp8(100, d=48, hidden=80, device=DEV, act_scale=act_scale)
+    else:
+        check_linear_relu_square_fp8(300, d=128, hidden=512, device=DEV, act_scale=act_scale)
+
+
+def test_linear_relu_square_fp8_rejects_bad_arguments():
+    x = torch.randn(4, 32, device=DEV).bfloat16()
+    W = torch.randn(48, 32, device=DEV).bfloat16()
+    W8t, w_scale = fp8_down_weights(W)
+    with pytest.raises(ValueError, match="W2_8t must have shape \\(32, 48\\)"):
+        tk.linear_relu_square_fp8(x, W, W, W8t.t(), w_scale)
+    with pytest.raises(ValueError, match="W2_8t must have dtype"):
+        tk.linear_relu_square_fp8(x, W, W, W.t().contiguous(), w_scale)
+    with pytest.raises(ValueError, match="act_scale must have shape \\(1,\\)"):
+        tk.linear_relu_square_fp8(x, W, W, W8t, w_scale, torch.ones((), device=DEV))
+
+
+def test_linear_relu_square_fp8_compiles_fullgraph():
+    x = torch.randn(64, 48, device=DEV).bfloat16().requires_grad_()
+    W1 = torch.randn(80, 48, device=DEV).div(7).bfloat16().requires_grad_()
+    W2 = torch.randn(80, 48, device=DEV).div(9).bfloat16().requires_grad_()
+    W2_8t, w_scale = fp8_down_weights(W2)
+    act_scale = torch.tensor([0.01], device=DEV)
+
+    def step(x, W1, W2):
+        out, post_max = tk.linear_relu_square_fp8(x, W1, W2, W2_8t, w_scale, act_scale)
+        return out.float().square().sum(), post_max
+
+    (loss, post_max), (eager_loss, eager_max) = compile_fullgraph(step)(x, W1, W2), step(x, W1, W2)
+    assert torch.equal(post_max, eager_max)
+    assert abs(loss.item() - eager_loss.item()) <= 1e-3 * abs(eager_loss.item())
+
+
+@pytest.mark.gpu
+def test_linear_relu_square_fp8_speedrun_shape():
+    check_linear_relu_square_fp8(16384, d=768, hidden=3072, device="cuda", act_scale=0.02)
+
+
 # =================================================================================================
 # 4b. Polar Express update: a X + X B (the same GEMM, AXPY epilogue)
 # =================================================================================================

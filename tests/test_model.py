@@ -5,6 +5,7 @@ the fast flattened forward (paired-head layout, key offset, skip/backout/lanes, 
 large difference. Both run in fp32 on a tiny configuration with every parameter randomised
 (several start at zero, which would hide wiring mistakes).
 """
+import dataclasses
 import math
 import sys
 import types
@@ -178,6 +179,8 @@ def random_model(world_size=1, T=48, cfg=TINY):
         m.scalars[24] = -1.0
     m.float()
     m.rotary.reset()
+    if m.fp8_scales is not None:   # #89: c_proj's e4m3 copy from the new weights
+        m.requantize_mlp_down()
     return m
 
 
@@ -493,12 +496,15 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
     capability_text = f"compute capability {capability[0]}.{capability[1]}"
     assert lines[1] == f"path lm_head: {head} ({capability_text}" + (
         ")" if head == "fp8" else ": no FP8)")
-    # the FP8 MLP (#84) takes its kernel only where the GPU has FP8, else its PyTorch emulation
-    fp8_mlp = tg.resolve_paths(tg.Hyperparameters(fp8_mlp_up=True), device)
-    assert fp8_mlp.mlp == ("triton" if head == "fp8" else "torch")
-    if head == "bf16":
-        assert fp8_mlp.report()[0] == (f"path mlp: torch ({capability_text}: no FP8: the FP8 MLP's "
-                                       f"math emulated in PyTorch)")
+    # the FP8 MLP (#84, with #89) takes its kernel only where the GPU has FP8, else its PyTorch
+    # emulation
+    for fp8_cfg in (tg.Hyperparameters(fp8_mlp_up=True),
+                    tg.Hyperparameters(fp8_mlp_up=True, fp8_mlp_down=True)):
+        fp8_mlp = tg.resolve_paths(fp8_cfg, device)
+        assert fp8_mlp.mlp == ("triton" if head == "fp8" else "torch")
+        if head == "bf16":
+            assert fp8_mlp.report()[0] == (f"path mlp: torch ({capability_text}: no FP8: the FP8 "
+                                           f"MLP's math emulated in PyTorch)")
 
 
 def test_paths_reject_unknown_and_contradictory_choices():
@@ -517,6 +523,8 @@ def bf16_model(T, cfg=TINY):
         for p in m.parameters():
             p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
     m.rotary.reset()
+    if m.fp8_scales is not None:   # #89: c_proj's e4m3 copy from the new weights
+        m.requantize_mlp_down()
     return m
 
 
@@ -539,13 +547,14 @@ def step_by_paths(model, T: int, *paths: tg.Paths) -> list[tuple[float, dict]]:
 
 @pytest.mark.skipif(not tg.triton_kernels.INTERPRET,
                     reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
-def test_kernel_paths_train_like_the_reference_paths():
+@pytest.mark.parametrize("fp8_mlp", [False, True], ids=["bf16-mlp", "fp8-mlp"])
+def test_kernel_paths_train_like_the_reference_paths(fp8_mlp):
     """One training forward and backward through the MLP and loss kernels against the same model
     through their PyTorch references (both with the FP8 head): the same loss, and gradients equal
-    up to the kernels' bf16 and e5m2 roundings."""
+    up to the kernels' bf16 and e5m2 roundings. Also with both MLP projections in FP8 (#84, #89)."""
     torch.manual_seed(3)
     T = 32
-    model = bf16_model(T)
+    model = bf16_model(T, dataclasses.replace(TINY, fp8_mlp_up=fp8_mlp, fp8_mlp_down=fp8_mlp))
     (kernel_loss, kernel_grads), (reference_loss, reference_grads) = step_by_paths(
         model, T, tg.Paths(mlp="triton", lm_head="fp8", loss="triton"), tg.Paths(lm_head="fp8"))
     assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
