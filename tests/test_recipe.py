@@ -616,7 +616,7 @@ def test_fp8_activation_scales_per_slot(monkeypatch):
         return reference(x, W1, W2, W2_8t, w_scale, act_scale)
 
     monkeypatch.setattr(tg.triton_kernels, "linear_relu_square_fp8_reference", recording)
-    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES})
+    cfg = tg.Hyperparameters(**TINY_SMOKE)
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
     for step in range(2):
