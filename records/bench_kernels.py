@@ -209,6 +209,46 @@ def case_mlp(tk, T, d, hidden):
     return results
 
 
+def case_mlp_fp8(tk, T, d, hidden):
+    """The MLP's three forms, forward + backward through autograd (bf16 kernels; #84's e4m3
+    up-projection; #89's e4m3 down-projection too, at a delayed scale), then #89's FP8 down GEMM
+    alone against cuBLAS's scaled matmul of the same operands."""
+    x = randn_bf16(T, d).requires_grad_()
+    W1 = small_weight_bf16(hidden, d).requires_grad_()
+    W2 = small_weight_bf16(hidden, d).requires_grad_()
+    dY = randn_bf16(T, d)
+    W2_8t, w_scale = tk.quantize_e4m3(W2.detach().t().contiguous())
+    act_scale = torch.tensor([0.02], device=DEVICE)
+    leaves = (x, W1, W2)
+    shape = f"T={T}, d={d}, hidden={hidden}"
+    work = relu2_mlp_flops(T, d, hidden)
+
+    def fp8_down(fn):
+        return lambda x, W1, W2: fn(x, W1, W2, W2_8t, w_scale, act_scale)[0]
+
+    forms = (("MLP fwd+bwd, bf16", tk.linear_relu_square, tk.linear_relu_square_reference, "bf16"),
+             ("MLP fwd+bwd, #84 FP8 up", tk.linear_relu_square_fp8_up,
+              tk.linear_relu_square_fp8_up_reference, "bf16"),
+             ("MLP fwd+bwd, #89 FP8 up+down", fp8_down(tk.linear_relu_square_fp8),
+              fp8_down(tk.linear_relu_square_fp8_reference), "bf16"))
+    results = []
+    for name, ours, reference, ceiling in forms:
+        results.append(measure(name, shape, fwd_bwd(ours, leaves, leaves, dY),
+                               fwd_bwd(reference, leaves, leaves, dY),
+                               fwd_bwd(torch.compile(reference), leaves, leaves, dY),
+                               work, "TFLOP/s", ceiling))
+        results[-1].note = f"{time_ratio(results[-1], results[0])} the bf16 MLP's time"
+    post8 = randn_bf16(T, hidden).abs().to(torch.float8_e4m3fn)
+    one = torch.ones(1, device=DEVICE)
+    results.append(compare(
+        "#89 FP8 down GEMM (STORE epilogue)", f"T={T}, hidden={hidden}, d={d}",
+        torch.ops.nanogpt_triton.fp8_linear,
+        lambda a8, b8, s: torch._scaled_mm(a8, b8.t(), scale_a=s, scale_b=one,
+                                           out_dtype=torch.bfloat16, use_fast_accum=True),
+        (post8, W2_8t, one), 2 * T * d * hidden, "TFLOP/s", "fp8", "vs cuBLAS scaled_mm"))
+    return results
+
+
 def case_dc_attention(tk, T, H, hd, window):
     """Layer 10's composed attention, forward and backward, documents of about 400 tokens."""
     q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
@@ -485,6 +525,55 @@ def mlp_tiling_sweep(tk) -> list[str]:
     return lines
 
 
+# FP8 operands are half as wide: the same staging memory holds a BLOCK_K of 128
+FP8_EXTRA_TILINGS = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
+)
+
+
+def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]:
+    """GPU-only microseconds of every tiling of #89's two FP8 GEMMs (forward: post, post8 and
+    their maxima; down: out = post8 W2_8t^T) at the stage-1 and stage-3 micro-batches, and of
+    cuBLAS's scaled matmul of the same operands (a floor)."""
+    W1_8, _ = tk.quantize_e4m3(small_weight_bf16(hidden, d))
+    W2_8t, _ = tk.quantize_e4m3(small_weight_bf16(d, hidden))
+    one, act_scale = torch.ones(1, device=DEVICE), torch.tensor([0.02], device=DEVICE)
+    lines = []
+    for name in ("forward (RELU2_FP8_FORWARD)", "down (STORE)"):
+        lines += [f"| {name} tiling | " + " | ".join(f"T={T}" for T in Ts) + " |",
+                  "|---" * (len(Ts) + 1) + "|"]
+        calls = {}
+        for T in Ts:
+            x8 = randn_bf16(T, d).to(torch.float8_e4m3fn)
+            post = torch.empty(T, hidden, dtype=torch.bfloat16, device=DEVICE)
+            post8 = randn_bf16(T, hidden).abs().to(torch.float8_e4m3fn)
+            out = torch.empty(T, d, dtype=torch.bfloat16, device=DEVICE)
+            if name.startswith("forward"):
+                calls[T] = (lambda t, x8=x8, post=post, post8=post8: tk._launch_gemm_epilogue(
+                    x8, W1_8, post, post8, tk.RELU2_FP8_FORWARD, scale=one, act_scale=act_scale,
+                    tiles=t), lambda x8=x8: torch._scaled_mm(
+                    x8, W1_8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                    use_fast_accum=True))
+            else:
+                calls[T] = (lambda t, post8=post8, out=out: tk._launch_gemm_epilogue(
+                    post8, W2_8t, out, out, tk.STORE, scale=one, tiles=t), lambda post8=post8:
+                    torch._scaled_mm(post8, W2_8t.t(), scale_a=one, scale_b=one,
+                                     out_dtype=torch.bfloat16, use_fast_accum=True))
+        for t in (*tk._GEMM_TILINGS, *FP8_EXTRA_TILINGS):
+            cells = []
+            for T in Ts:
+                ms = bench_gpu(lambda: calls[T][0](t))
+                cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
+            lines.append(f"| {tiling_label(tk, t)} | " + " | ".join(cells) + " |")
+        cells = []
+        for T in Ts:
+            ms = bench_gpu(calls[T][1])
+            cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
+        lines += ["| cuBLAS scaled_mm alone (no epilogue) | " + " | ".join(cells) + " |", ""]
+    return lines
+
+
 PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
     dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -542,6 +631,7 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "polar_update": lambda tk: case_polar_update(tk, 3, 3072, 768),
     "polar_express": lambda tk: case_polar_express(tk, 3, 3072, 768),
     "mlp": lambda tk: case_mlp(tk, 16384, 768, 3072),
+    "mlp_fp8": lambda tk: case_mlp_fp8(tk, 16384, 768, 3072),
     "cross_entropy": lambda tk: case_cross_entropy(tk, 16384, 768, 50304),
     "transposes": lambda tk: case_transposes(tk, 768, 50304),
     "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
@@ -552,6 +642,7 @@ SWEEPS = {
     "Gram kernel tilings": gram_config_sweep,
     "Polar Express update (polar_update_tall) tilings": polar_update_tiling_sweep,
     "MLP GEMM (linear_relu_square) tilings": mlp_tiling_sweep,
+    "FP8 MLP GEMMs (#89) tilings": fp8_mlp_tiling_sweep,
     "Pairwise MLP (pairwise_mlp) tilings, forward + backward": pairwise_tiling_sweep,
 }
 
