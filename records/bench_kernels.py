@@ -6,7 +6,7 @@ given against the device's ceilings, measured at the start of the same run: a bf
 8192^3 matrix product and a 4 GiB device copy (bytes read + written).
 The table is printed and written as markdown to records/kernels/<device>_<date>.md.
 
-    python3 records/bench_kernels.py [--out-dir records/kernels] [--cases NAME ...]
+    python3 records/bench_kernels.py [--out-dir records/kernels] [--cases NAME ...] [--sweeps NAME ...]
 """
 from __future__ import annotations
 
@@ -638,12 +638,12 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "dc_attention": lambda tk: case_dc_attention(tk, 49152, 6, 128, 112),
     "pairwise": lambda tk: case_pairwise(tk, 49152, 768, (79, 110), 3072),   # an experiment
 }
-SWEEPS = {
-    "Gram kernel tilings": gram_config_sweep,
-    "Polar Express update (polar_update_tall) tilings": polar_update_tiling_sweep,
-    "MLP GEMM (linear_relu_square) tilings": mlp_tiling_sweep,
-    "FP8 MLP GEMMs (#89) tilings": fp8_mlp_tiling_sweep,
-    "Pairwise MLP (pairwise_mlp) tilings, forward + backward": pairwise_tiling_sweep,
+SWEEPS = {   # name: (title, the call that runs it)
+    "gram": ("Gram kernel tilings", gram_config_sweep),
+    "polar_update": ("Polar Express update (polar_update_tall) tilings", polar_update_tiling_sweep),
+    "mlp": ("MLP GEMM (linear_relu_square) tilings", mlp_tiling_sweep),
+    "mlp_fp8": ("FP8 MLP GEMMs (#89) tilings", fp8_mlp_tiling_sweep),
+    "pairwise": ("Pairwise MLP (pairwise_mlp) tilings, forward + backward", pairwise_tiling_sweep),
 }
 
 
@@ -652,6 +652,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "records", "kernels"))
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES),
                         help="the kernels to time (default: all)")
+    parser.add_argument("--sweeps", nargs="*", choices=sorted(SWEEPS), default=list(SWEEPS),
+                        help="the tiling sweeps to run (default: all; none with no names)")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the tiling sweeps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -676,7 +678,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     sweeps = []
-    for title, sweep_fn in ({} if args.no_sweeps else SWEEPS).items():
+    for name in [] if args.no_sweeps else args.sweeps:
+        title, sweep_fn = SWEEPS[name]
         try:
             lines = sweep_fn(tk)
         except Exception:
