@@ -209,6 +209,39 @@ def case_mlp(tk, T, d, hidden):
     return results
 
 
+def case_fp8_mlp(tk, T, d, hidden):
+    """The FP8 MLP forward and backward: #344's FP8 backward against #89's bf16 one (both at a
+    delayed post scale, as in training; W1's and W2's e4m3 copies made beforehand)."""
+    x = randn_bf16(T, d).requires_grad_()
+    W1 = small_weight_bf16(hidden, d).requires_grad_()
+    W2 = small_weight_bf16(hidden, d).requires_grad_()
+    dY = randn_bf16(T, d)
+    act_scale = torch.tensor([0.02], device=DEVICE)
+
+    def layouts(W):
+        scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
+        W8 = tk.quantize_e4m3_scaled(W, scale)
+        return W8, W8.t().contiguous(), scale
+
+    weights = tk.FP8MLPWeights(*layouts(W1), *layouts(W2))
+    forms = {
+        "FP8 MLP fwd+bwd, FP8 backward (#344)": (
+            lambda x, W1, W2: tk.linear_relu_square_fp8_backward(x, W1, W2, weights, act_scale)[0],
+            lambda x, W1, W2: tk.linear_relu_square_fp8_backward_reference(
+                x, W1, W2, weights, act_scale)[0], "6 GEMMs, 4 of them FP8"),
+        "FP8 MLP fwd+bwd, bf16 backward (#89)": (
+            lambda x, W1, W2: tk.linear_relu_square_fp8(x, W1, W2, weights.W2_8t, weights.w2_scale,
+                                                        act_scale)[0],
+            lambda x, W1, W2: tk.linear_relu_square_fp8_reference(
+                x, W1, W2, weights.W2_8t, weights.w2_scale, act_scale)[0], "6 GEMMs, 2 of them FP8"),
+    }
+    leaves, shape = (x, W1, W2), f"T={T}, d={d}, hidden={hidden}"
+    return [measure(name, shape, fwd_bwd(ours, leaves, leaves, dY), fwd_bwd(ref, leaves, leaves, dY),
+                    fwd_bwd(torch.compile(ref), leaves, leaves, dY), 6 * 2 * T * d * hidden,
+                    "TFLOP/s", "fp8", note)
+            for name, (ours, ref, note) in forms.items()]
+
+
 def case_dc_attention(tk, T, H, hd, window):
     """Layer 10's composed attention, forward and backward, documents of about 400 tokens."""
     q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
@@ -542,6 +575,7 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "polar_update": lambda tk: case_polar_update(tk, 3, 3072, 768),
     "polar_express": lambda tk: case_polar_express(tk, 3, 3072, 768),
     "mlp": lambda tk: case_mlp(tk, 16384, 768, 3072),
+    "fp8_mlp": lambda tk: case_fp8_mlp(tk, 16384, 768, 3072),
     "cross_entropy": lambda tk: case_cross_entropy(tk, 16384, 768, 50304),
     "transposes": lambda tk: case_transposes(tk, 768, 50304),
     "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
