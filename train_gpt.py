@@ -135,6 +135,10 @@ class Hyperparameters:
     bigram_sign_trick: bool = False         # #83: a fixed random sign per bigram slot
     fp8_mlp_up: bool = False                # #84: the MLP up-projection in e4m3 (forward only)
     fp8_mlp_down: bool = False              # #89: and its down-projection, at delayed scales
+    fp8_mlp_backward: bool = False          # #344: the MLP's backward data gradients in FP8 too,
+                                            # its weights quantised once per optimizer update
+    mlp_pre_from_post: bool = False         # #344: relu(pre) rebuilt as sqrt(post), not kept for
+                                            # the backward (the Triton kernels always do)
     prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight (stage 1; to 0 in 2)
     val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
     val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
@@ -153,16 +157,19 @@ class Hyperparameters:
                              f"entries ({', '.join(Stage._fields)})") from None
         object.__setattr__(self, "stages", stages)
         self._check_qk_head_dim()
-        if self.mlp == "pairwise" and (self.fp8_mlp_up or self.fp8_mlp_down):
+        if self.mlp == "pairwise" and (self.fp8_mlp_up or self.fp8_mlp_down or
+                                       self.fp8_mlp_backward):
             raise ValueError("mlp=pairwise has no FP8 form of its projections: pass "
-                             "--fp8_mlp_up=false --fp8_mlp_down=false with it")
+                             "--fp8_mlp_up=false --fp8_mlp_down=false --fp8_mlp_backward=false "
+                             "with it")
         for switch, needed in SWITCH_REQUIRES.items():
             value = getattr(self, switch)
             shown = str(value).lower() if isinstance(value, bool) else value
-            for other in needed:
-                if value and not getattr(self, other):
-                    raise ValueError(f"{switch}={shown} needs --{other}=true (the record that "
-                                     f"added {switch} built it on {other})")
+            missing = [other for other in needed if not getattr(self, other)]
+            if value and missing:
+                raise ValueError(f"{switch}={shown} needs "
+                                 f"{' '.join(f'--{other}=true' for other in missing)} (the record "
+                                 f"that added {switch} built it on {' and '.join(needed)})")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp={self.mlp!r}: expected one of {', '.join(MLP_KINDS)}")
         if not isinstance(self.pairwise_rank, int) or self.pairwise_rank < 1:
@@ -271,6 +278,12 @@ RECORD_CHANGES: list[RecordChange] = [
                  "448; the backward stays bf16.", dict(fp8_mlp_down=True)),
     RecordChange("#344", "Q and K heads 96 wide instead of 128 (V and O keep 128); the attention "
                  "call pads them with zero columns to V's width.", dict(qk_head_dim=96)),
+    RecordChange("#344", "The MLP's backward in FP8 too: the gradients entering the GEMMs of dx "
+                 "and d_post in e5m2 (exact scales) against e4m3 copies of c_fc and c_proj made "
+                 "once per optimizer update in both layouts (c_fc at delayed scales like "
+                 "c_proj's); the weight gradients stay bf16.", dict(fp8_mlp_backward=True)),
+    RecordChange("#344", "The MLP's backward rebuilds relu(pre) as sqrt(post) instead of keeping "
+                 "pre.", dict(mlp_pre_from_post=True)),
     RecordChange("#89/#344", "The schedule of #344 with #350's mask: record #89's 1270 scheduled "
                  "steps, then 30 extension steps (#89 had 15).",
                  dict(num_scheduled_iterations=1270, num_extension_iterations=30)),
@@ -285,7 +298,8 @@ ATTN_VARIANTS = ("standard", "diff", "cmd", "mla", "cmd_mla")
 # A switch that builds on another (the record's code never ran it alone) needs that one on.
 SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
                    "dc_attention": ("mudd_gates",), "qk_head_dim": ("qk_head_pair_groups",),
-                   "fp8_mlp_down": ("fp8_mlp_up",)}
+                   "fp8_mlp_down": ("fp8_mlp_up",),
+                   "fp8_mlp_backward": ("fp8_mlp_up", "fp8_mlp_down")}
 
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
 # It reads what `python data/cached_fineweb10B.py 1` downloads (the val shard and one train shard).
@@ -1601,7 +1615,11 @@ FP8_ACT_MARGIN = 1.80
 FP8_WEIGHT_MARGIN = 1.12
 FP8_INITIAL_ACT_SCALE = 1.0      # a slot's scale before its first forward
 # c_proj starts at zero and grows fast at first: the quantisation at the start and those after
-# the first 16 optimizer steps take its exact maximum instead of the previous one.
+# the first 16 optimizer steps take its exact maximum instead of the previous one. With
+# --fp8_mlp_backward c_fc is quantised the same way, at the same times: once per optimizer
+# update, not in every forward as #84 does (8 times per step with gradient accumulation on one
+# GPU); a scale known before the weights are read lets one pass over them find the next maximum
+# and write both layouts.
 FP8_WEIGHT_BOOTSTRAP_STEPS = 16
 
 
@@ -1610,17 +1628,17 @@ def delayed_e4m3_scale(t_max: torch.Tensor, margin: float) -> torch.Tensor:
     return (t_max * margin / triton_kernels.E4M3_MAX).clamp_min(triton_kernels.E4M3_SCALE_FLOOR)
 
 
-def requantized_c_proj(c_proj: torch.Tensor, last_max: torch.Tensor, quantizations: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """c_proj (L, hidden, d) as (c_proj^T in e4m3 (L, d, hidden), its scales (L,), max|c_proj|
+def requantized_weights(weights: torch.Tensor, last_max: torch.Tensor, quantizations: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weights (L, hidden, d) as (weights in e4m3 (L, hidden, d), their scales (L,), max|weights|
     (L,)). The scale is the delayed one from last_max, the maximum at the previous quantisation,
     except at the bootstrap quantisations (`quantizations` before this one: 0 at the start, then
     1, 2, ... after each optimizer step), which take the exact current maximum."""
-    maxima = c_proj.abs().amax(dim=(1, 2)).float()
+    maxima = weights.abs().amax(dim=(1, 2)).float()
     bootstrap = quantizations <= FP8_WEIGHT_BOOTSTRAP_STEPS
     scales = torch.where(bootstrap, triton_kernels.exact_e4m3_scale(maxima),
                          delayed_e4m3_scale(last_max, FP8_WEIGHT_MARGIN))
-    return triton_kernels.quantize_e4m3_scaled(c_proj.mT, scales[:, None, None]), scales, maxima
+    return triton_kernels.quantize_e4m3_scaled(weights, scales[:, None, None]), scales, maxima
 
 
 class FP8DelayedScales(nn.Module):
@@ -1632,21 +1650,33 @@ class FP8DelayedScales(nn.Module):
           scales by what its own micro-batch saw in the previous step. A rank updates its slots.
       weight_e4m3 (L, d, hidden): c_proj^T in e4m3 at weight_scales (L,); weight_max (L,): the
           max|c_proj| it was made from; quantizations: how many were made.
+    With `backward` (--fp8_mlp_backward), the other layouts, made at the same time:
+      c_proj_e4m3 (L, hidden, d): c_proj in e4m3 at weight_scales;
+      c_fc_e4m3 (L, hidden, d) and c_fc_e4m3_t (L, d, hidden): c_fc and c_fc^T in e4m3 at
+          c_fc_scales (L,), delayed like c_proj's from c_fc_max (L,).
     Transient, not saved: `current` (L,), the scales of the slot whose forward runs, and
     `observed` (L,), the largest post of each layer in the latest training forward."""
 
-    def __init__(self, slots: int, hidden: int, d: int, compile_quantize: bool):
+    def __init__(self, slots: int, hidden: int, d: int, compile_quantize: bool,
+                 backward: bool = False):
         super().__init__()
         L = NUM_LAYERS
+        self.fp8_backward = backward
         self.register_buffer("act_scales", torch.full((L, slots), FP8_INITIAL_ACT_SCALE))
         self.register_buffer("weight_e4m3", torch.zeros(L, d, hidden).to(torch.float8_e4m3fn))
         self.register_buffer("weight_scales", torch.full((L,), triton_kernels.E4M3_SCALE_FLOOR))
         self.register_buffer("weight_max", torch.zeros(L))
+        if backward:
+            self.register_buffer("c_proj_e4m3", torch.zeros(L, hidden, d).to(torch.float8_e4m3fn))
+            self.register_buffer("c_fc_e4m3", torch.zeros(L, hidden, d).to(torch.float8_e4m3fn))
+            self.register_buffer("c_fc_e4m3_t", torch.zeros(L, d, hidden).to(torch.float8_e4m3fn))
+            self.register_buffer("c_fc_scales", torch.full((L,), triton_kernels.E4M3_SCALE_FLOOR))
+            self.register_buffer("c_fc_max", torch.zeros(L))
         self.register_buffer("quantizations", torch.zeros((), dtype=torch.int64))
         self.register_buffer("current", torch.full((L,), FP8_INITIAL_ACT_SCALE), persistent=False)
         self.register_buffer("observed", torch.zeros(L), persistent=False)
-        self._requantized = (torch.compile(requantized_c_proj, fullgraph=True, dynamic=False)
-                             if compile_quantize else requantized_c_proj)
+        self._requantized = (torch.compile(requantized_weights, fullgraph=True, dynamic=False)
+                             if compile_quantize else requantized_weights)
 
     def begin_slot(self, slot: int) -> None:
         """Before the training forward of micro-batch slot `slot`: its scales become current."""
@@ -1658,13 +1688,31 @@ class FP8DelayedScales(nn.Module):
         self.act_scales[:, slot] = delayed_e4m3_scale(self.observed, FP8_ACT_MARGIN)
 
     @torch.no_grad()
-    def quantize_weights(self, c_proj: torch.Tensor) -> None:
-        """c_proj (L, hidden, d) into weight_e4m3: at the start and after every optimizer step."""
+    def quantize_weights(self, c_proj: torch.Tensor, c_fc: torch.Tensor | None = None) -> None:
+        """c_proj (L, hidden, d) into weight_e4m3, with `backward` also into c_proj_e4m3, and c_fc
+        (L, hidden, d) into both its layouts: at the start and after every optimizer step."""
+        if self.fp8_backward != (c_fc is not None):
+            raise ValueError("quantize_weights: c_fc must be given exactly when backward=True "
+                             f"(--fp8_mlp_backward); this one has backward={self.fp8_backward}")
         e4m3, scales, maxima = self._requantized(c_proj, self.weight_max, self.quantizations)
-        self.weight_e4m3.copy_(e4m3)
+        self.weight_e4m3.copy_(e4m3.mT)
         self.weight_scales.copy_(scales)
         self.weight_max.copy_(maxima)
+        if self.fp8_backward:
+            self.c_proj_e4m3.copy_(e4m3)
+            e4m3, scales, maxima = self._requantized(c_fc, self.c_fc_max, self.quantizations)
+            self.c_fc_e4m3.copy_(e4m3)
+            self.c_fc_e4m3_t.copy_(e4m3.mT)
+            self.c_fc_scales.copy_(scales)
+            self.c_fc_max.copy_(maxima)
         self.quantizations += 1
+
+    def layer_weights(self, layer: int) -> triton_kernels.FP8MLPWeights:
+        """Layer `layer`'s e4m3 weights for the FP8 backward (with `backward`)."""
+        one = slice(layer, layer + 1)
+        return triton_kernels.FP8MLPWeights(
+            self.c_fc_e4m3[layer], self.c_fc_e4m3_t[layer], self.c_fc_scales[one],
+            self.c_proj_e4m3[layer], self.weight_e4m3[layer], self.weight_scales[one])
 
     def full_state(self, rank: int, world_size: int) -> dict[str, torch.Tensor]:
         """The saved buffers on the CPU, act_scales with every rank's slots (collective)."""
@@ -1720,7 +1768,8 @@ class GPT(nn.Module):
             mlp_bank[:NUM_LAYERS, 0].uniform_(-bound, bound)
             self.mlp_bank = nn.Parameter(mlp_bank.bfloat16())
         self.fp8_scales = (FP8DelayedScales(cfg.micro_batches_per_step, cfg.mlp_hidden, d,
-                                            paths.compile) if cfg.fp8_mlp_down else None)
+                                            paths.compile, backward=cfg.fp8_mlp_backward)
+                           if cfg.fp8_mlp_down else None)
         # Output head stored transposed (d, V); the input embedding starts as its exact transpose.
         self.lm_head = nn.Parameter(torch.empty(d, V, dtype=torch.bfloat16).normal_(0, 0.005))
         self.embed = nn.Parameter(self.lm_head.detach().T.contiguous())
@@ -1818,10 +1867,12 @@ class GPT(nn.Module):
         if self.cfg.fp8_mlp_up:
             if self.paths.mlp == "triton":
                 return triton_kernels.linear_relu_square_fp8_up(x, c_fc, c_proj)
-            return triton_kernels.linear_relu_square_fp8_up_reference(x, c_fc, c_proj)
+            return triton_kernels.linear_relu_square_fp8_up_reference(
+                x, c_fc, c_proj, pre_from_post=self.cfg.mlp_pre_from_post)
         if self.paths.mlp == "triton":
             return triton_kernels.linear_relu_square(x, c_fc, c_proj)
-        return triton_kernels.linear_relu_square_reference(x, c_fc, c_proj)
+        return triton_kernels.linear_relu_square_reference(
+            x, c_fc, c_proj, pre_from_post=self.cfg.mlp_pre_from_post)
 
     def mlp_fp8(self, layer: int, x: torch.Tensor, c_fc: torch.Tensor,
                 c_proj: torch.Tensor) -> torch.Tensor:
@@ -1831,18 +1882,38 @@ class GPT(nn.Module):
         and records nothing."""
         scales = self.fp8_scales
         act_scale = scales.current[layer:layer + 1] if self.training else None
-        fp8_mlp = (triton_kernels.linear_relu_square_fp8 if self.paths.mlp == "triton"
-                   else triton_kernels.linear_relu_square_fp8_reference)
-        out, post_max = fp8_mlp(x, c_fc, c_proj, scales.weight_e4m3[layer],
-                                scales.weight_scales[layer:layer + 1], act_scale)
+        if self.cfg.fp8_mlp_backward:
+            out, post_max = self.mlp_fp8_backward(layer, x, c_fc, c_proj, act_scale)
+        elif self.paths.mlp == "triton":
+            out, post_max = triton_kernels.linear_relu_square_fp8(
+                x, c_fc, c_proj, scales.weight_e4m3[layer], scales.weight_scales[layer:layer + 1],
+                act_scale)
+        else:
+            out, post_max = triton_kernels.linear_relu_square_fp8_reference(
+                x, c_fc, c_proj, scales.weight_e4m3[layer], scales.weight_scales[layer:layer + 1],
+                act_scale, pre_from_post=self.cfg.mlp_pre_from_post)
         if self.training:
             scales.observed[layer:layer + 1].copy_(post_max)
         return out
 
+    def mlp_fp8_backward(self, layer: int, x: torch.Tensor, c_fc: torch.Tensor,
+                         c_proj: torch.Tensor, act_scale: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """#344: #89's forward from c_fc's stored e4m3 copy, and the backward in FP8 as well."""
+        weights = self.fp8_scales.layer_weights(layer)
+        if self.paths.mlp == "triton":
+            return triton_kernels.linear_relu_square_fp8_backward(x, c_fc, c_proj, weights,
+                                                                  act_scale)
+        return triton_kernels.linear_relu_square_fp8_backward_reference(
+            x, c_fc, c_proj, weights, act_scale, pre_from_post=self.cfg.mlp_pre_from_post)
+
     @torch.no_grad()
     def requantize_mlp_down(self) -> None:
-        """#89: c_proj's e4m3 copy from the current weights (at the start, after every step)."""
-        self.fp8_scales.quantize_weights(self.mlp_bank[:NUM_LAYERS, 1])
+        """#89: c_proj's e4m3 copy from the current weights (at the start, after every step);
+        with --fp8_mlp_backward c_fc's and c_proj's other layouts too."""
+        bank = self.mlp_bank[:NUM_LAYERS]
+        self.fp8_scales.quantize_weights(bank[:, 1], bank[:, 0] if self.cfg.fp8_mlp_backward
+                                         else None)
 
     def attention_weights(self) -> dict[int, AttnWeights]:
         """The matrices of every attention layer. The banks are unbound rather than indexed per

@@ -8,6 +8,8 @@
      linear_relu_square_fp8_up   the same with its up-projection in e4m3 in the forward (#84)
      linear_relu_square_fp8      and with its down-projection in e4m3 too, at given (delayed)
                                  scales (#89)
+     linear_relu_square_fp8_backward   and with the backward's data gradients in FP8 too (e5m2
+                                 gradients times the weights' stored e4m3 copies)
      polar_update_tall    a X + X B for tall X, symmetric B (Polar Express step), the same GEMM
                           with an a X epilogue
   5. softcapped_mtp_cross_entropy   soft-capped multi-token cross entropy over an FP8 LM head,
@@ -41,7 +43,7 @@ Measured speeds, and the variants that were tried and not kept, are in records/k
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,8 @@ __all__ = [
     "linear_relu_square", "linear_relu_square_reference", "E4M3_MAX", "quantize_e4m3",
     "linear_relu_square_fp8_up", "linear_relu_square_fp8_up_reference", "E4M3_SCALE_FLOOR",
     "exact_e4m3_scale", "quantize_e4m3_scaled", "linear_relu_square_fp8", "linear_relu_square_fp8_reference",
+    "relu_square", "E5M2_MAX", "quantize_e5m2", "FP8MLPWeights", "linear_relu_square_fp8_backward",
+    "linear_relu_square_fp8_backward_reference",
     "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
     "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_and_grad_reference",
     "softcapped_mtp_losses_reference",
@@ -647,8 +651,35 @@ def linear_relu_square(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> t
     return out.view(*x.shape[:-1], W2.shape[1])
 
 
-def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
-    return torch.relu(x @ W1.t()).square() @ W2
+def linear_relu_square_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                                 pre_from_post: bool = False) -> torch.Tensor:
+    return relu_square(x @ W1.t(), pre_from_post) @ W2
+
+
+# ReLU^2 whose backward keeps post only (--mlp_pre_from_post, #344): relu(pre)^2 = post, so
+# relu(pre) = sqrt(post) and d post / d pre = 2 sqrt(post) (0 where post = 0, as relu's is), and pre
+# need not be kept for the backward. The Triton kernels always work this way (their forward is
+# bound by its stores); this is the same math for the PyTorch path. Precision: post is rounded to
+# bf16 (relative error <= 2^-8), so sqrt(post) is within 2^-9 relative of relu(pre), below d_pre's
+# own bf16 rounding: d_pre = bf16(2 d_post sqrt(post)) is at most one bf16 ulp from the d_pre
+# computed with the stored pre. (Where 0 < pre < 2^-67, post underflows to 0 and so does d_pre.)
+
+class _ReluSquareFromPost(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre):
+        post = torch.relu(pre).square()
+        ctx.save_for_backward(post)
+        return post
+
+    @staticmethod
+    def backward(ctx, d_post):
+        (post,) = ctx.saved_tensors
+        return (2 * d_post.float() * post.float().sqrt()).to(d_post.dtype)
+
+
+def relu_square(pre: torch.Tensor, from_post: bool = False) -> torch.Tensor:
+    """relu(pre)^2; with from_post its backward rebuilds relu(pre) as sqrt(post) (see above)."""
+    return _ReluSquareFromPost.apply(pre) if from_post else torch.relu(pre).square()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -727,10 +758,10 @@ class _FP8UpProjectionReference(torch.autograd.Function):
         return d_pre @ W1, d_pre.t() @ x
 
 
-def linear_relu_square_fp8_up_reference(x: torch.Tensor, W1: torch.Tensor,
-                                        W2: torch.Tensor) -> torch.Tensor:
+def linear_relu_square_fp8_up_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                                        pre_from_post: bool = False) -> torch.Tensor:
     pre = _FP8UpProjectionReference.apply(x.reshape(-1, x.shape[-1]), W1)
-    return (torch.relu(pre).square() @ W2).view(*x.shape[:-1], W2.shape[1])
+    return (relu_square(pre, pre_from_post) @ W2).view(*x.shape[:-1], W2.shape[1])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -775,20 +806,28 @@ def _(a8, b8, scale):
     return torch.empty(a8.shape[0], b8.shape[0], dtype=torch.bfloat16, device=a8.device)
 
 
+def _fp8_mlp_forward(x8: torch.Tensor, W1_8: torch.Tensor, up_scale: torch.Tensor,
+                     W2_8t: torch.Tensor, w2_scale: torch.Tensor, act_scale: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, post, largest post) through the kernels from e4m3 x8 and W1_8 (up_scale: the product
+    of their scales) and W2_8t at w2_scale; act_scale None: post's exact scale."""
+    if act_scale is None:
+        post = _linear_relu_square_fp8_forward_op(x8, W1_8, up_scale)
+        post_max = post.amax().float().reshape(1)
+        act_scale = exact_e4m3_scale(post_max)
+        post8 = quantize_e4m3_scaled(post, act_scale)
+    else:
+        post, post8, post_max = _linear_relu_square_fp8_post_op(x8, W1_8, up_scale, act_scale)
+    return _fp8_linear_op(post8, W2_8t, act_scale * w2_scale), post, post_max
+
+
 class _LinearReluSquareFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W1, W2, W2_8t, w_scale, act_scale):
         x8, x_scale = quantize_e4m3(x)
         W1_8, w1_scale = quantize_e4m3(W1)
-        if act_scale is None:
-            post = _linear_relu_square_fp8_forward_op(x8, W1_8, x_scale * w1_scale)
-            post_max = post.amax().float().reshape(1)
-            act_scale = exact_e4m3_scale(post_max)
-            post8 = quantize_e4m3_scaled(post, act_scale)
-        else:
-            post, post8, post_max = _linear_relu_square_fp8_post_op(x8, W1_8, x_scale * w1_scale,
-                                                                    act_scale)
-        out = _fp8_linear_op(post8, W2_8t, act_scale * w_scale)
+        out, post, post_max = _fp8_mlp_forward(x8, W1_8, x_scale * w1_scale, W2_8t, w_scale,
+                                               act_scale)
         ctx.save_for_backward(x, W1, W2, post)
         ctx.mark_non_differentiable(post_max)
         return out, post_max
@@ -840,14 +879,163 @@ class _FP8DownProjectionReference(torch.autograd.Function):
 
 def linear_relu_square_fp8_reference(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
                                      W2_8t: torch.Tensor, w_scale: torch.Tensor,
-                                     act_scale: torch.Tensor | None = None
+                                     act_scale: torch.Tensor | None = None,
+                                     pre_from_post: bool = False
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
     pre = _FP8UpProjectionReference.apply(x.reshape(-1, x.shape[-1]), W1)
-    post = torch.relu(pre).square()
+    post = relu_square(pre, pre_from_post)
     post_max = post.detach().amax().float().reshape(1)
     if act_scale is None:
         act_scale = exact_e4m3_scale(post_max)
     out = _FP8DownProjectionReference.apply(post, W2, W2_8t, w_scale, act_scale)
+    return out.view(*x.shape[:-1], W2.shape[1]), post_max
+
+
+# -------------------------------------------------------------------------------------------------
+# The MLP in FP8 in the backward pass too (--fp8_mlp_backward, as #344). Its weights arrive
+# quantised once per optimizer update (FP8MLPWeights): W1 = c_fc and W2 = c_proj, each at its own
+# scale, in both layouts, since an FP8 GEMM reads both operands along the summed dimension. The
+# forward is #89's with W1's stored copy. The backward's four GEMMs:
+#   d_post = dY W2^T  FP8: g8 = e5m2(dY / g_s) times W2_8 (hidden, d); the epilogue applies
+#                     ReLU^2's derivative, d_pre = bf16(2 d_post sqrt(post)) (kernel 4's)
+#   dx = d_pre W1     FP8: e5m2(d_pre / g_s') times W1_8t (d, hidden)
+#   dW1 = d_pre^T x   bf16, and dW2 = post^T dY bf16
+# Gradients are e5m2 (5 exponent bits for their range, 2 mantissa bits), each tensor at its exact
+# scale, max|g| / 57344, the format's largest value: g8 = e5m2(g / g_s), then the GEMM multiplies
+# the fp32 sums by both operands' scales, as the LM head's FP8 matmul does (spec kernels.md 8).
+# The weight-gradient GEMMs stay bf16. They sum over the T tokens of a micro-batch (16k-49k), so
+# their FP8 operands would be transposed copies of activations and gradients, made every
+# micro-batch, and their results go straight to the optimizer: dW2 = post^T dY stays free of e5m2
+# rounding, and dW1 = d_pre^T x carries only the rounding of dY that d_pre inherits (each e5m2
+# rounding moves an element by up to 2^-3; tests/test_kernels.py measures the sums' error).
+
+E5M2_MAX = 57344.0
+
+
+class FP8MLPWeights(NamedTuple):
+    """One layer's MLP weights in e4m3, made once per optimizer update. hidden x d = W1's shape."""
+    W1_8: torch.Tensor       # (hidden, d) c_fc / w1_scale: pre = x W1^T
+    W1_8t: torch.Tensor      # (d, hidden) its transpose: dx = d_pre W1
+    w1_scale: torch.Tensor   # (1,) fp32
+    W2_8: torch.Tensor       # (hidden, d) c_proj / w2_scale: d_post = dY W2^T
+    W2_8t: torch.Tensor      # (d, hidden) its transpose: out = post W2
+    w2_scale: torch.Tensor   # (1,) fp32
+
+
+def quantize_e5m2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale in e5m2, scale) with scale = max|t| / 57344 as a one-element fp32 tensor: a
+    gradient's largest magnitude maps to e5m2's largest value; rounded to nearest even."""
+    scale = (t.detach().abs().amax().float() / E5M2_MAX).clamp_min(E4M3_SCALE_FLOOR).reshape(1)
+    g8 = (t.detach().float() / scale).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
+    return g8, scale
+
+
+@torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_backward", mutates_args=())
+def _linear_relu_square_fp8_backward_op(g8: torch.Tensor, W2_8: torch.Tensor, post: torch.Tensor,
+                                        scale: torch.Tensor) -> torch.Tensor:
+    d_pre = torch.empty_like(post)
+    _launch_gemm_epilogue(g8.contiguous(), W2_8.contiguous(), d_pre, post.contiguous(),
+                          RELU2_BACKWARD, scale=scale)
+    return d_pre
+
+
+@_linear_relu_square_fp8_backward_op.register_fake
+def _(g8, W2_8, post, scale):
+    return torch.empty_like(post)
+
+
+class _LinearReluSquareFP8Backward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W1, W2, W1_8, W1_8t, w1_scale, W2_8, W2_8t, w2_scale, act_scale):
+        x8, x_scale = quantize_e4m3(x)
+        out, post, post_max = _fp8_mlp_forward(x8, W1_8, x_scale * w1_scale, W2_8t, w2_scale,
+                                               act_scale)
+        ctx.save_for_backward(x, post, W1_8t, w1_scale, W2_8, w2_scale)
+        ctx.mark_non_differentiable(post_max)
+        return out, post_max
+
+    @staticmethod
+    def backward(ctx, d_out, d_post_max):
+        x, post, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        g8, g_scale = quantize_e5m2(d_out)
+        d_pre = _linear_relu_square_fp8_backward_op(g8, W2_8, post, g_scale * w2_scale)
+        d_pre8, d_pre_scale = quantize_e5m2(d_pre)
+        dx = _fp8_linear_op(d_pre8, W1_8t, d_pre_scale * w1_scale)
+        return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 7
+
+
+def _check_fp8_weights(name: str, W1: torch.Tensor, weights: FP8MLPWeights) -> None:
+    hidden, d = W1.shape
+    for arg, shape in (("W1_8", (hidden, d)), ("W1_8t", (d, hidden)), ("W2_8", (hidden, d)),
+                       ("W2_8t", (d, hidden)), ("w1_scale", (1,)), ("w2_scale", (1,))):
+        t = getattr(weights, arg)
+        _check_shape(name, f"weights.{arg}", t, shape)
+        _check_dtype(name, f"weights.{arg}", t,
+                     (torch.float32,) if arg.endswith("scale") else (torch.float8_e4m3fn,))
+
+
+def linear_relu_square_fp8_backward(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                                    weights: FP8MLPWeights, act_scale: torch.Tensor | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_relu_square_fp8 with W1 from `weights` too, and the backward's data gradients in
+    FP8 (see the notes above): x (..., d), W1 and W2 (hidden, d) bf16, whose values the kernels
+    read from `weights` only; act_scale (1,) fp32 or None (exact). Returns (out (..., d), the
+    largest post (1,) fp32); out is differentiable in x, W1 and W2."""
+    name = "linear_relu_square_fp8_backward"
+    _check_mlp_args(name, x, W1, W2, multiple=16)
+    _check_fp8_weights(name, W1, weights)
+    if act_scale is not None:
+        _check_fp8_down_args(name, W2, weights.W2_8t, weights.w2_scale, act_scale)
+    out, post_max = _LinearReluSquareFP8Backward.apply(x.reshape(-1, x.shape[-1]), W1, W2,
+                                                       *weights, act_scale)
+    return out.view(*x.shape[:-1], W2.shape[1]), post_max
+
+
+def _fp8_matmul_reference(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """a8 b8^T x scale in fp32, for FP8 a8 (m, k) and b8 (n, k): their products are exact in fp32."""
+    return (a8.float() @ b8.float().t()) * scale
+
+
+class _FP8BackwardReference(torch.autograd.Function):
+    """The math of _LinearReluSquareFP8Backward in PyTorch. pre_from_post=False keeps pre for
+    the backward instead of rebuilding relu(pre) as sqrt(post)."""
+
+    @staticmethod
+    def forward(ctx, x, W1, W2, W1_8, W1_8t, w1_scale, W2_8, W2_8t, w2_scale, act_scale,
+                pre_from_post):
+        x8, x_scale = quantize_e4m3(x)
+        pre = _fp8_matmul_reference(x8, W1_8, x_scale * w1_scale).to(x.dtype)
+        post = torch.relu(pre).square()
+        post_max = post.amax().float().reshape(1)
+        if act_scale is None:
+            act_scale = exact_e4m3_scale(post_max)
+        post8 = quantize_e4m3_scaled(post, act_scale)
+        out = _fp8_matmul_reference(post8, W2_8t, act_scale * w2_scale).to(x.dtype)
+        ctx.save_for_backward(x, post, None if pre_from_post else pre, W1_8t, w1_scale, W2_8,
+                              w2_scale)
+        ctx.mark_non_differentiable(post_max)
+        return out, post_max
+
+    @staticmethod
+    def backward(ctx, d_out, d_post_max):
+        x, post, pre, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
+        relu = post.float().sqrt() if pre is None else torch.relu(pre).float()
+        g8, g_scale = quantize_e5m2(d_out)
+        d_post = _fp8_matmul_reference(g8, W2_8, g_scale * w2_scale)
+        d_pre = (2 * d_post * relu).to(d_out.dtype)
+        d_pre8, d_pre_scale = quantize_e5m2(d_pre)
+        dx = _fp8_matmul_reference(d_pre8, W1_8t, d_pre_scale * w1_scale).to(d_out.dtype)
+        return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 8
+
+
+def linear_relu_square_fp8_backward_reference(x: torch.Tensor, W1: torch.Tensor,
+                                              W2: torch.Tensor, weights: FP8MLPWeights,
+                                              act_scale: torch.Tensor | None = None,
+                                              pre_from_post: bool = True
+                                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, post_max = _FP8BackwardReference.apply(x.reshape(-1, x.shape[-1]), W1, W2, *weights,
+                                                act_scale, pre_from_post)
     return out.view(*x.shape[:-1], W2.shape[1]), post_max
 
 

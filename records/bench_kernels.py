@@ -210,34 +210,45 @@ def case_mlp(tk, T, d, hidden):
 
 
 def case_mlp_fp8(tk, T, d, hidden):
-    """The MLP's three forms, forward + backward through autograd (bf16 kernels; #84's e4m3
-    up-projection; #89's e4m3 down-projection too, at a delayed scale), then #89's FP8 down GEMM
+    """The MLP's four forms, forward + backward through autograd (bf16 kernels; #84's e4m3
+    up-projection; #89's e4m3 down-projection too, at a delayed scale; #344's FP8 backward, with
+    the weights' e4m3 copies made beforehand as once per optimizer step), then #89's FP8 down GEMM
     alone against cuBLAS's scaled matmul of the same operands."""
     x = randn_bf16(T, d).requires_grad_()
     W1 = small_weight_bf16(hidden, d).requires_grad_()
     W2 = small_weight_bf16(hidden, d).requires_grad_()
     dY = randn_bf16(T, d)
-    W2_8t, w_scale = tk.quantize_e4m3(W2.detach().t().contiguous())
     act_scale = torch.tensor([0.02], device=DEVICE)
-    leaves = (x, W1, W2)
-    shape = f"T={T}, d={d}, hidden={hidden}"
-    work = relu2_mlp_flops(T, d, hidden)
+
+    def layouts(W):
+        scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
+        W8 = tk.quantize_e4m3_scaled(W, scale)
+        return W8, W8.t().contiguous(), scale
+
+    weights = tk.FP8MLPWeights(*layouts(W1), *layouts(W2))
 
     def fp8_down(fn):
-        return lambda x, W1, W2: fn(x, W1, W2, W2_8t, w_scale, act_scale)[0]
+        return lambda x, W1, W2: fn(x, W1, W2, weights.W2_8t, weights.w2_scale, act_scale)[0]
 
-    forms = (("MLP fwd+bwd, bf16", tk.linear_relu_square, tk.linear_relu_square_reference, "bf16"),
+    def fp8_backward(fn):
+        return lambda x, W1, W2: fn(x, W1, W2, weights, act_scale)[0]
+
+    forms = (("MLP fwd+bwd, bf16", tk.linear_relu_square, tk.linear_relu_square_reference, ""),
              ("MLP fwd+bwd, #84 FP8 up", tk.linear_relu_square_fp8_up,
-              tk.linear_relu_square_fp8_up_reference, "bf16"),
+              tk.linear_relu_square_fp8_up_reference, "1 of 6 GEMMs FP8"),
              ("MLP fwd+bwd, #89 FP8 up+down", fp8_down(tk.linear_relu_square_fp8),
-              fp8_down(tk.linear_relu_square_fp8_reference), "bf16"))
+              fp8_down(tk.linear_relu_square_fp8_reference), "2 of 6 GEMMs FP8"),
+             ("MLP fwd+bwd, #344 FP8 backward", fp8_backward(tk.linear_relu_square_fp8_backward),
+              fp8_backward(tk.linear_relu_square_fp8_backward_reference), "4 of 6 GEMMs FP8"))
+    leaves, shape = (x, W1, W2), f"T={T}, d={d}, hidden={hidden}"
     results = []
-    for name, ours, reference, ceiling in forms:
+    for name, ours, reference, note in forms:
         results.append(measure(name, shape, fwd_bwd(ours, leaves, leaves, dY),
                                fwd_bwd(reference, leaves, leaves, dY),
                                fwd_bwd(torch.compile(reference), leaves, leaves, dY),
-                               work, "TFLOP/s", ceiling))
-        results[-1].note = f"{time_ratio(results[-1], results[0])} the bf16 MLP's time"
+                               relu2_mlp_flops(T, d, hidden), "TFLOP/s", "bf16", note))
+        ratio = f"{time_ratio(results[-1], results[0])} the bf16 MLP's time"
+        results[-1].note = f"{note}; {ratio}" if note else ratio
     post8 = randn_bf16(T, hidden).abs().to(torch.float8_e4m3fn)
     one = torch.ones(1, device=DEVICE)
     results.append(compare(
@@ -245,7 +256,7 @@ def case_mlp_fp8(tk, T, d, hidden):
         torch.ops.nanogpt_triton.fp8_linear,
         lambda a8, b8, s: torch._scaled_mm(a8, b8.t(), scale_a=s, scale_b=one,
                                            out_dtype=torch.bfloat16, use_fast_accum=True),
-        (post8, W2_8t, one), 2 * T * d * hidden, "TFLOP/s", "fp8", "vs cuBLAS scaled_mm"))
+        (post8, weights.W2_8t, one), 2 * T * d * hidden, "TFLOP/s", "fp8", "vs cuBLAS scaled_mm"))
     return results
 
 

@@ -144,7 +144,8 @@ def test_scores_are_each_candidates_own_likelihood(trained):
     path, data, _ = trained
     model, cfg, windows = tg.model_from_checkpoint(str(path), torch.device("cpu"), print)
     # the FP8 MLP's one scale per pass couples rows
-    model.cfg = dataclasses.replace(cfg, fp8_mlp_up=False, fp8_mlp_down=False)
+    model.cfg = dataclasses.replace(cfg, fp8_mlp_up=False, fp8_mlp_down=False,
+                                    fp8_mlp_backward=False)
     examples = tg.read_hellaswag(data, tg.gpt2_encode())
     packed = tg.ending_log_likelihoods(model, cfg, windows, examples)
     alone = torch.tensor([[likelihood_alone(model, cfg, windows, e.context, ending)
@@ -162,7 +163,8 @@ def test_a_neighbour_in_the_pack_changes_no_score(trained):
     neighbour would show. (The FP8 MLP's one scale per forward pass is such a path, by design:
     it is off here.)"""
     model, cfg, windows = tg.model_from_checkpoint(str(trained[0]), torch.device("cpu"), print)
-    model.cfg = dataclasses.replace(cfg, fp8_mlp_up=False, fp8_mlp_down=False)
+    model.cfg = dataclasses.replace(cfg, fp8_mlp_up=False, fp8_mlp_down=False,
+                                    fp8_mlp_backward=False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

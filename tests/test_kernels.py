@@ -415,6 +415,215 @@ def test_linear_relu_square_fp8_speedrun_shape():
     check_linear_relu_square_fp8(16384, d=768, hidden=3072, device="cuda", act_scale=0.02)
 
 
+# -------------------------------------------------------------------------------------------------
+# The MLP in FP8 in the backward pass too, from weights quantised once per update (#344)
+
+def e5m2_grid() -> torch.Tensor:
+    """Every finite e5m2 value, ascending, from the 256 bit patterns."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e5m2).double()
+    return values[values.isfinite()].unique()
+
+
+def test_quantize_e5m2_takes_the_nearest_value_at_the_exact_scale():
+    g = torch.randn(40, 24, device=DEV).bfloat16() * 1e-3
+    g[0, :3] = torch.tensor([0.0, 1e-12, -1e-30])     # zero, and values far below the scale
+    g8, scale = tk.quantize_e5m2(g)
+    assert g8.dtype == torch.float8_e5m2 and scale.dtype == torch.float32 and scale.shape == (1,)
+    # the scale maps the largest magnitude onto e5m2's largest value, 57344
+    assert scale.item() == torch.tensor(g.double().abs().max().item() / 57344).float().item()
+    assert g8.double().abs().max().item() == 57344
+    # every value is the nearest e5m2 value to g / scale
+    exact = (g.double() / scale.double()).flatten().cpu()
+    grid = e5m2_grid()
+    nearest = grid[(exact[:, None] - grid[None, :]).abs().argmin(dim=1)]
+    assert torch.equal(g8.double().flatten().cpu(), nearest)
+
+
+def fp8_mlp_weights(W1: torch.Tensor, W2: torch.Tensor) -> tk.FP8MLPWeights:
+    """W1 and W2 in e4m3 in both layouts at their exact scales max|W| / 448, as the quantisations
+    of the first optimizer steps make them."""
+    def layouts(W):
+        scale = (W.detach().float().abs().max() / 448).reshape(1)
+        W8 = (W.detach().float() / scale).to(torch.float8_e4m3fn)
+        return W8, W8.t().contiguous(), scale
+    return tk.FP8MLPWeights(*layouts(W1), *layouts(W2))
+
+
+def fp8_gemm_exact(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor):
+    """(a8 b8^T x scale in fp64, the bound of an fp32 accumulation of it plus the fp32 roundings
+    of the scales' product and of acc times it) for FP8 a8 (m, k), b8 (n, k)."""
+    a, b, s = a8.double(), b8.double(), scale.double()
+    exact = (a @ b.t()) * s
+    return exact, a.shape[1] * GRAM_ACC_U * (a.abs() @ b.abs().t()) * s + 2.0 ** -22 * exact.abs()
+
+
+def check_linear_relu_square_fp8_backward(T, d, hidden, device, act_scale):
+    x = torch.randn(T, d, device=device).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d, device=device) * 2 - 1).div(8).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d, device=device).bfloat16()
+    weights = fp8_mlp_weights(W1, W2)
+    given = None if act_scale is None else torch.tensor([act_scale], device=device)
+    out, post_max = tk.linear_relu_square_fp8_backward(x, W1, W2, weights, given)
+    out.backward(dY)
+    grads = [t.grad for t in (x, W1, W2)]
+    # the forward is #89's: with W1's stored copy at its exact scale, as #84 makes it in every
+    # forward, the same output and largest post, bit for bit
+    with torch.no_grad():
+        want_out, want_max = tk.linear_relu_square_fp8(x, W1, W2, weights.W2_8t, weights.w2_scale,
+                                                       given)
+    assert torch.equal(out, want_out) and torch.equal(post_max, want_max)
+    x8, x_scale = tk.quantize_e4m3(x)
+    post = torch.ops.nanogpt_triton.linear_relu_square_fp8_forward(x8, weights.W1_8,
+                                                                 x_scale * weights.w1_scale)
+    # the backward, GEMM by GEMM, each against the exact product of its FP8 operands:
+    # d_pre = bf16(2 d_post sqrt(post)), d_post = g8 W2_8^T x both scales, g8 = e5m2(dY / g_s)
+    g8, g_scale = tk.quantize_e5m2(dY)
+    d_pre = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward(
+        g8, weights.W2_8, post, g_scale * weights.w2_scale)
+    d_post, bound = fp8_gemm_exact(g8, weights.W2_8, g_scale * weights.w2_scale)
+    relu = post.double().sqrt()
+    exact, bound = 2 * d_post * relu, 2 * bound * relu + 2.0 ** -21 * (d_post * relu).abs()
+    assert_fp8_gemm_result(d_pre, exact, 0.5 * bf16_ulp(exact.abs() + bound) + bound, "d_pre")
+    # dx = e5m2(d_pre / g_s') W1_8t^T x both scales
+    d_pre8, d_pre_scale = tk.quantize_e5m2(d_pre)
+    dx = torch.ops.nanogpt_triton.fp8_linear(d_pre8, weights.W1_8t, d_pre_scale * weights.w1_scale)
+    exact, bound = fp8_gemm_exact(d_pre8, weights.W1_8t, d_pre_scale * weights.w1_scale)
+    assert_fp8_gemm_result(dx, exact, 0.5 * bf16_ulp(exact.abs() + bound) + bound, "dx")
+    # the wrapper's gradients are these, and the bf16 weight gradients from the same d_pre and post
+    assert torch.equal(grads[0], dx)
+    assert torch.equal(grads[1], d_pre.t() @ x.detach())
+    assert torch.equal(grads[2], post.t() @ dY)
+    # the reference: the same math (the GPU may sum the products in another order)
+    x.grad = W1.grad = W2.grad = None
+    ref_out, ref_max = tk.linear_relu_square_fp8_backward_reference(x, W1, W2, weights, given)
+    ref_out.backward(dY)
+    assert ref_max.item() == post_max.item()
+    # (the GPU kernel's fast accumulation: see assert_fp8_gemm_result; and there d_pre's small
+    # differences flip e5m2 roundings of d_pre, by up to 2^-3 of an element, on the way to dx)
+    cpu = out.device.type == "cpu"
+    assert rel_norm_error(ref_out, out) < (1e-3 if cpu else 2.0 ** -6)
+    for t, got, name, gpu_tol in zip((x, W1, W2), grads, ("dx", "dW1", "dW2"),
+                                     (2.0 ** -4, 2.0 ** -6, 2.0 ** -6)):
+        assert rel_norm_error(t.grad, got) < (1e-3 if cpu else gpu_tol), f"reference {name}"
+    return grads, post
+
+
+@pytest.mark.parametrize("act_scale", [0.004, None], ids=["delayed", "exact"])
+def test_linear_relu_square_fp8_backward(act_scale):
+    check_linear_relu_square_fp8_backward(*FP8_MLP_SIZES, device=DEV, act_scale=act_scale)
+
+
+def test_fp8_backward_gradients_against_fp64():
+    """The gradients of the FP8 backward against fp64 autograd of the MLP at the FP8 forward's
+    values (pre from e4m3 x and W1, the e4m3 weights): only the gradients' own e5m2 roundings
+    differ. Each moves an element by at most 2^-3 of its magnitude (2 mantissa bits), which the
+    GEMMs' sums average: at most 2^-3 norm-wise for dW1 (dY rounded once) and 2^-2 for dx (dY,
+    then d_pre); dW2 = post^T dY is a bf16 product (2^-7). And they really are FP8: dx and dW1
+    differ from #89's bf16 backward by more than bf16 rounding would."""
+    torch.manual_seed(0)
+    T, d, hidden = FP8_MLP_SIZES
+    x = torch.randn(T, d, device=DEV).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d, device=DEV) * 2 - 1).div(8).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d, device=DEV) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d, device=DEV).bfloat16()
+    weights = fp8_mlp_weights(W1, W2)
+    tk.linear_relu_square_fp8_backward_reference(x, W1, W2, weights)[0].backward(dY)
+    fp8_grads = [t.grad.clone() for t in (x, W1, W2)]
+    # fp64: pre = x8 W1_8^T x scales (bf16 rounding aside), out = relu(pre)^2 W2_8 x scale
+    x8, x_scale = tk.quantize_e4m3(x)
+    xq = (x8.double() * x_scale.double()).requires_grad_()
+    W1q = (weights.W1_8.double() * weights.w1_scale.double()).requires_grad_()
+    W2q = (weights.W2_8.double() * weights.w2_scale.double()).requires_grad_()
+    (torch.relu(xq @ W1q.t()).square() @ W2q).backward(dY.double())
+    for got, want, name, bound in zip(fp8_grads, (xq, W1q, W2q), ("dx", "dW1", "dW2"),
+                                      (2.0 ** -2, 2.0 ** -3, 2.0 ** -7)):
+        assert rel_norm_error(got, want.grad) < bound, name
+    x.grad = W1.grad = W2.grad = None
+    tk.linear_relu_square_fp8_reference(x, W1, W2, weights.W2_8t, weights.w2_scale)[0].backward(dY)
+    assert rel_norm_error(fp8_grads[0], x.grad) > 1e-2
+    assert rel_norm_error(fp8_grads[1], W1.grad) > 1e-2
+
+
+def test_relu_square_from_post_is_within_one_ulp_of_the_stored_pre():
+    """relu(pre) rebuilt as sqrt(post): d_pre at most one bf16 ulp from the one computed with pre
+    (see triton_kernels.relu_square), 0 where pre <= 0; the MLP's dW1 = d_pre^T x then agree within
+    2^-7 norm-wise, and dW2 = post^T dY, which needs no pre, exactly. So does the bf16 dx; the FP8
+    backward's dx = e5m2(d_pre / s) W1 within 2^-4: a changed d_pre may move its e5m2 scale and
+    flip roundings by one e5m2 step (2^-3 relative) in some elements."""
+    torch.manual_seed(1)
+    pre = torch.randn(64, 48).bfloat16()
+    pre[0, :2] = torch.tensor([0.0, -0.0])
+    d_post = torch.randn(64, 48).bfloat16()
+    grads = []
+    for from_post in (False, True):
+        leaf = pre.clone().requires_grad_()
+        tk.relu_square(leaf, from_post).backward(d_post)
+        grads.append(leaf.grad)
+    stored, rebuilt = grads
+    assert torch.equal(tk.relu_square(pre, True), torch.relu(pre).square())
+    assert ((rebuilt.double() - stored.double()).abs() <= bf16_ulp(stored)).all()
+    assert torch.equal(rebuilt[pre <= 0], torch.zeros_like(rebuilt[pre <= 0]))
+    assert not torch.equal(rebuilt, stored)       # the rebuilt root differs in some last bits
+    T, d, hidden = FP8_MLP_SIZES
+    x = torch.randn(T, d).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d) * 2 - 1).div(8).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d).bfloat16()
+    weights = fp8_mlp_weights(W1, W2)
+    mlps = (lambda p: tk.linear_relu_square_reference(x, W1, W2, pre_from_post=p),
+            lambda p: tk.linear_relu_square_fp8_backward_reference(x, W1, W2, weights,
+                                                                   pre_from_post=p)[0])
+    for mlp, dx_bound in zip(mlps, (2.0 ** -7, 2.0 ** -4)):
+        results = []
+        for from_post in (False, True):
+            x.grad = W1.grad = W2.grad = None
+            out = mlp(from_post)
+            out.backward(dY)
+            results.append((out, x.grad, W1.grad, W2.grad))
+        (out_a, dx_a, dW1_a, dW2_a), (out_b, dx_b, dW1_b, dW2_b) = results
+        assert torch.equal(out_a, out_b) and torch.equal(dW2_a, dW2_b)
+        assert rel_norm_error(dx_b, dx_a) < dx_bound and rel_norm_error(dW1_b, dW1_a) < 2.0 ** -7
+
+
+def test_linear_relu_square_fp8_backward_rejects_bad_arguments():
+    x = torch.randn(4, 32, device=DEV).bfloat16()
+    W = torch.randn(48, 32, device=DEV).bfloat16()
+    weights = fp8_mlp_weights(W, W)
+    with pytest.raises(ValueError, match="weights.W1_8t must have shape \\(32, 48\\)"):
+        tk.linear_relu_square_fp8_backward(x, W, W, weights._replace(W1_8t=weights.W1_8))
+    with pytest.raises(ValueError, match="weights.W2_8 must have dtype"):
+        tk.linear_relu_square_fp8_backward(x, W, W, weights._replace(W2_8=W))
+    with pytest.raises(ValueError, match="weights.w1_scale must have shape \\(1,\\)"):
+        tk.linear_relu_square_fp8_backward(x, W, W, weights._replace(w1_scale=weights.w1_scale[0]))
+
+
+def test_linear_relu_square_fp8_backward_compiles_fullgraph():
+    x = torch.randn(64, 48, device=DEV).bfloat16().requires_grad_()
+    W1 = torch.randn(80, 48, device=DEV).div(7).bfloat16().requires_grad_()
+    W2 = torch.randn(80, 48, device=DEV).div(9).bfloat16().requires_grad_()
+    weights = fp8_mlp_weights(W1, W2)
+    act_scale = torch.tensor([0.01], device=DEV)
+
+    def step(x, W1, W2):
+        out, post_max = tk.linear_relu_square_fp8_backward(x, W1, W2, weights, act_scale)
+        return out.float().square().sum(), post_max
+
+    leaves = (x, W1, W2)
+    (loss, post_max), (eager_loss, eager_max) = compile_fullgraph(step)(*leaves), step(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    assert torch.equal(post_max, eager_max)
+    assert abs(loss.item() - eager_loss.item()) <= 1e-3 * abs(eager_loss.item())
+    for g, e in zip(grads, eager_grads):
+        assert rel_norm_error(g, e) < 2e-2
+
+
+@pytest.mark.gpu
+def test_linear_relu_square_fp8_backward_speedrun_shape():
+    check_linear_relu_square_fp8_backward(16384, d=768, hidden=3072, device="cuda", act_scale=0.02)
+
+
 # =================================================================================================
 # 4b. Polar Express update: a X + X B (the same GEMM, AXPY epilogue)
 # =================================================================================================

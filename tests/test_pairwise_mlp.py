@@ -219,7 +219,7 @@ PAIRWISE_TINY = tg.Hyperparameters(**{**{f: getattr(TINY, f) for f in ("vocab_si
 
 def test_options_parse_and_bad_values_fail_clearly():
     cfg = tg.parse_config(["--preset=speedrun", "--mlp=pairwise", "--pairwise_rank=110",
-                           "--fp8_mlp_up=false", "--fp8_mlp_down=false"])
+                           "--fp8_mlp_up=false", "--fp8_mlp_down=false", "--fp8_mlp_backward=false"])
     assert (cfg.mlp, cfg.pairwise_rank) == ("pairwise", 110)
     assert (tg.Hyperparameters().mlp, tg.Hyperparameters().pairwise_rank) == ("relu2", 79)
     assert all(values.get("mlp", "relu2") == "relu2" for values in tg.PRESETS.values())
@@ -227,14 +227,16 @@ def test_options_parse_and_bad_values_fail_clearly():
         tg.parse_config(["--mlp=gelu"])
     with pytest.raises(SystemExit, match="--pairwise_rank=0: expected a positive integer"):
         tg.parse_config(["--mlp=pairwise", "--pairwise_rank=0", "--fp8_mlp_up=false",
-                         "--fp8_mlp_down=false"])
+                         "--fp8_mlp_down=false", "--fp8_mlp_backward=false"])
     with pytest.raises(SystemExit, match="--pairwise_rank=7.5: expected an integer"):
         tg.parse_config(["--pairwise_rank=7.5"])
     with pytest.raises(SystemExit, match="mlp=pairwise has no FP8 form .* --fp8_mlp_up=false "
-                                         "--fp8_mlp_down=false"):
+                                         "--fp8_mlp_down=false --fp8_mlp_backward=false"):
         tg.parse_config(["--mlp=pairwise"])            # the speedrun preset has the FP8 MLP
     with pytest.raises(SystemExit, match="mlp=pairwise has no FP8 form"):
         tg.parse_config(["--mlp=pairwise", "--fp8_mlp_up=false"])   # nor at #89's down-projection
+    with pytest.raises(SystemExit, match="mlp=pairwise has no FP8 form"):
+        tg.parse_config(["--mlp=pairwise", "--fp8_mlp_up=false", "--fp8_mlp_down=false"])  # #344's
 
 
 def test_own_banks_replace_the_mlp_bank():
@@ -307,7 +309,8 @@ def test_kernel_path_trains_like_the_reference_path():
 def test_trains_on_the_smoke_preset():
     from test_recipe import TINY_SMOKE, train_steps
     cfg = tg.Hyperparameters(**{**TINY_SMOKE, "mlp": "pairwise", "pairwise_rank": 7,
-                                "fp8_mlp_up": False, "fp8_mlp_down": False})
+                                "fp8_mlp_up": False, "fp8_mlp_down": False,
+                                "fp8_mlp_backward": False})
     losses, params = train_steps(cfg, steps=6)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.5, losses

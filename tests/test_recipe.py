@@ -6,6 +6,7 @@ the bigram signs, the schedule, and the switches themselves (each can be turned 
 record #74, contradictions fail).
 """
 import dataclasses
+import inspect
 import math
 import os
 
@@ -262,7 +263,8 @@ def test_speedrun_forward_matches_direct_restatement(mlp):
     m = random_model(T=T, cfg=tg.Hyperparameters(**{**tg.SPEEDRUN, **SPEEDRUN_TINY_SIZES, "mlp": mlp,
                                                     "pairwise_rank": 6,
                                                     "fp8_mlp_up": mlp == "relu2",
-                                                    "fp8_mlp_down": mlp == "relu2"}))
+                                                    "fp8_mlp_down": mlp == "relu2",
+                                                    "fp8_mlp_backward": mlp == "relu2"}))
     with torch.no_grad():   # coefficients of order one, so that every term they weigh shows
         for p in (m.mudd_b2, m.gate_b2):
             p.normal_(0, 5)
@@ -287,7 +289,8 @@ def test_speedrun_forward_with_the_dc_attention_kernel():
     # the training dtypes: bf16 activations. Without #89's e4m3 post: at a fresh model's scale
     # (1.0, coarse for this tiny model's post) it turns the two paths' last-bit differences into
     # rounding flips that outweigh what is compared here
-    m = bf16_model(T, dataclasses.replace(SPEEDRUN_TINY, fp8_mlp_down=False))
+    m = bf16_model(T, dataclasses.replace(SPEEDRUN_TINY, fp8_mlp_down=False,
+                                          fp8_mlp_backward=False))
     with torch.no_grad():
         m.gate_b2.normal_(0, 2)
         pre, post = m.gate_layouts
@@ -383,6 +386,15 @@ def test_contradictory_switches_fail_in_one_line():
         tg.parse_config(["--fp8_mlp_down=true", "--fp8_mlp_up=false"])
     assert str(e.value) == ("--fp8_mlp_down=true needs --fp8_mlp_up=true (the record that added "
                             "fp8_mlp_down built it on fp8_mlp_up)")
+    with pytest.raises(SystemExit) as e:    # #344's FP8 backward reads #89's weight copies
+        tg.parse_config(["--fp8_mlp_down=false"])
+    assert str(e.value) == ("--fp8_mlp_backward=true needs --fp8_mlp_down=true (the record that "
+                            "added fp8_mlp_backward built it on fp8_mlp_up and fp8_mlp_down)")
+    with pytest.raises(SystemExit) as e:
+        tg.parse_config(["--preset=record74", "--fp8_mlp_backward=true"])
+    assert str(e.value) == ("--fp8_mlp_backward=true needs --fp8_mlp_up=true --fp8_mlp_down=true "
+                            "(the record that added fp8_mlp_backward built it on fp8_mlp_up and "
+                            "fp8_mlp_down)")
 
 
 def test_speedrun_schedule():
@@ -591,6 +603,82 @@ def test_fp8_weight_scales_bootstrap_then_follow_the_previous_max():
     assert scales.quantizations.item() == 21
 
 
+def e4m3_at(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / scale (per matrix, (L,)) rounded to e4m3, saturating at 448, as raw bits."""
+    ratio = (t.double() / scale.double()[:, None, None]).clamp(-448, 448)
+    return ratio.float().to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def test_fp8_backward_quantises_c_fc_in_both_layouts_at_delayed_scales():
+    """--fp8_mlp_backward: c_fc follows c_proj's rule (exact max / 448 at the start and after the
+    first 16 optimizer steps, then 1.12 x the previous max / 448), into c_fc_e4m3 and its
+    transpose; c_proj's row-major copy is the transpose of #89's, at the same scale."""
+    scales = tg.FP8DelayedScales(slots=4, hidden=32, d=16, compile_quantize=False, backward=True)
+    torch.manual_seed(1)
+    base_fc, base_proj = torch.randn(11, 32, 16), torch.randn(11, 32, 16)
+    previous_max = None
+    for n in range(21):
+        growth = 1 + 0.01 * n + (1.0 if n == 19 else 0.0)
+        c_fc, c_proj = (base_fc * growth).bfloat16(), (base_proj * (2 - 0.01 * n)).bfloat16()
+        scales.quantize_weights(c_proj, c_fc)
+        current_max = c_fc.double().abs().amax(dim=(1, 2))
+        want = current_max / 448 if n <= 16 else previous_max * 1.12 / 448
+        assert torch.allclose(scales.c_fc_scales.double(), want, rtol=1e-6, atol=0), n
+        q = e4m3_at(c_fc, scales.c_fc_scales)
+        assert torch.equal(scales.c_fc_e4m3.view(torch.uint8), q), n
+        assert torch.equal(scales.c_fc_e4m3_t.view(torch.uint8), q.mT), n
+        assert torch.equal(scales.c_proj_e4m3.view(torch.uint8), e4m3_at(c_proj, scales.weight_scales))
+        assert torch.equal(scales.c_proj_e4m3.mT.view(torch.uint8), scales.weight_e4m3.view(torch.uint8))
+        previous_max = current_max
+    assert scales.c_fc_e4m3_t.is_contiguous() and scales.weight_e4m3.is_contiguous()
+    with pytest.raises(ValueError, match="c_fc must be given exactly when backward=True"):
+        scales.quantize_weights(c_proj)
+
+
+@needs_corpus
+@needs_tokenizer
+def test_fp8_weights_are_quantised_once_per_optimizer_update(monkeypatch):
+    """--fp8_mlp_backward (the smoke preset): c_fc and c_proj are quantised at the start and
+    once after each optimizer step, not in every forward (4 micro-batches per step here); every
+    forward of a step reads the copies made from the weights the step started with."""
+    quantized, seen = [], []
+    quantize = tg.FP8DelayedScales.quantize_weights
+    reference = tg.triton_kernels.linear_relu_square_fp8_backward_reference
+
+    def counting(self, c_proj, c_fc=None):
+        quantized.append(torch.stack([c_fc, c_proj], 1).clone())
+        quantize(self, c_proj, c_fc)
+
+    def recording(x, W1, W2, weights, *args, **kwargs):
+        seen.append([weights.W1_8.view(torch.uint8).clone(), weights.W2_8.view(torch.uint8).clone(),
+                     weights.W1_8t.view(torch.uint8).clone(), weights.W2_8t.view(torch.uint8).clone()])
+        return reference(x, W1, W2, weights, *args, **kwargs)
+
+    monkeypatch.setattr(tg.FP8DelayedScales, "quantize_weights", counting)
+    monkeypatch.setattr(tg.triton_kernels, "linear_relu_square_fp8_backward_reference", recording)
+    cfg = tg.Hyperparameters(**TINY_SMOKE)
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
+    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
+    assert len(quantized) == 1                   # at the start
+    L, bank = tg.NUM_LAYERS, trainer.model.mlp_bank
+    for step in range(2):
+        start = bank[:L].detach().clone()
+        assert torch.equal(quantized[-1], start)  # the copies follow the weights
+        seen.clear()
+        trainer.train_step(step, trainer.advance(step))
+        assert len(quantized) == step + 2        # one more, after the optimizer step
+        assert not torch.equal(bank[:L], start)  # which changed the weights
+        # the exact scales of the first steps: max / 448 per matrix, in fp32
+        scale = (start.double().abs().amax(dim=(2, 3)) / 448).float().clamp_min(1e-30)  # c_proj: 0
+        c_fc, c_proj = e4m3_at(start[:, 0], scale[:, 0]), e4m3_at(start[:, 1], scale[:, 1])
+        assert len(seen) == 4 * L                # every micro-batch's forward of every layer
+        for n, (W1_8, W2_8, W1_8t, W2_8t) in enumerate(seen):
+            layer = n % L
+            assert torch.equal(W1_8, c_fc[layer]) and torch.equal(W1_8t, c_fc[layer].T)
+            assert torch.equal(W2_8, c_proj[layer]) and torch.equal(W2_8t, c_proj[layer].T)
+    assert trainer.model.fp8_scales.quantizations.item() == 3
+
+
 def restated_post_max(x: torch.Tensor, W1: torch.Tensor) -> float:
     """max of #84's post = bf16(relu(bf16(x8 W1_8^T sx sw))^2), x8 = e4m3(x / sx), sx = max|x| / 448
     (and W1 alike), in fp64 up to the roundings."""
@@ -603,20 +691,26 @@ def restated_post_max(x: torch.Tensor, W1: torch.Tensor) -> float:
 
 @needs_corpus
 @needs_tokenizer
-def test_fp8_activation_scales_per_slot(monkeypatch):
+@pytest.mark.parametrize("fp8_backward", [False, True], ids=["89", "344-backward"])
+def test_fp8_activation_scales_per_slot(monkeypatch, fp8_backward):
     """Every micro-batch slot scales each layer's post by 1.80 x the max its own forward saw in the
     previous step / 448 (1.0 at the first step); evaluation takes the exact scale (None) and
-    changes no slot's scale."""
+    changes no slot's scale. The same with #344's FP8 backward, whose forward is #89's."""
     calls = []
-    reference = tg.triton_kernels.linear_relu_square_fp8_reference
+    name = ("linear_relu_square_fp8_backward_reference" if fp8_backward
+            else "linear_relu_square_fp8_reference")
+    reference = getattr(tg.triton_kernels, name)
+    signature = inspect.signature(reference)
 
-    def recording(x, W1, W2, W2_8t, w_scale, act_scale=None):
+    def recording(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        act_scale = arguments.get("act_scale")
         calls.append((None if act_scale is None else act_scale.item(),
-                      restated_post_max(x.detach(), W1.detach())))
-        return reference(x, W1, W2, W2_8t, w_scale, act_scale)
+                      restated_post_max(arguments["x"].detach(), arguments["W1"].detach())))
+        return reference(*args, **kwargs)
 
-    monkeypatch.setattr(tg.triton_kernels, "linear_relu_square_fp8_reference", recording)
-    cfg = tg.Hyperparameters(**TINY_SMOKE)
+    monkeypatch.setattr(tg.triton_kernels, name, recording)
+    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "fp8_mlp_backward": fp8_backward})
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
     for step in range(2):

@@ -68,7 +68,7 @@ def assert_losses_agree(results: dict[int, tuple[dict[int, float], float]]) -> N
 @pytest.mark.parametrize("preset,options", [
     ("smoke", NARROW_QK), ("smoke_record74", ()),     # the current recipe and #74's
     ("smoke", (*NARROW_QK, "--mlp=pairwise", "--pairwise_rank=7", "--fp8_mlp_up=false",  # banks
-               "--fp8_mlp_down=false")),
+               "--fp8_mlp_down=false", "--fp8_mlp_backward=false")),
 ], ids=["smoke", "smoke_record74", "smoke-pairwise"])
 def test_losses_agree_across_world_sizes(tmp_path, preset, options):
     assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), preset, options)
