@@ -1940,10 +1940,9 @@ class GPT(nn.Module):
                  x: torch.Tensor) -> torch.Tensor:
         """The Q, K and V rows (T, n) of the normed x: x (qkv_lambda W)^T for the layer's packed
         weights W (n, d), with fp8_qkv (#344) through the FP8 GEMM against W's e4m3 copies."""
-        fp8 = self.fp8_qkv_weights
-        if fp8 is None:
+        if not self.cfg.fp8_qkv:
             return F.linear(x, qkv_lambda * W)
-        j = standard_attn_layers(self.cfg).index(layer)
+        fp8, j = self.fp8_qkv_weights, standard_attn_layers(self.cfg).index(layer)
         project = (triton_kernels.packed_qkv_fp8 if self.paths.qkv == "triton"
                    else triton_kernels.packed_qkv_fp8_reference)
         return project(x, W, qkv_lambda, fp8.weight_e4m3[j], fp8.weight_e4m3_t[j],
