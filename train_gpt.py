@@ -139,6 +139,8 @@ class Hyperparameters:
                                             # its weights quantised once per optimizer update
     mlp_pre_from_post: bool = False         # #344: relu(pre) rebuilt as sqrt(post), not kept for
                                             # the backward (the Triton kernels always do)
+    fp8_qkv: bool = False                   # #344: Q, K and V in one packed e4m3 GEMM
+    fused_qk_prep: bool = False             # #344: QK norm, rotary, offset, padding in one kernel
     prefix_loss_weight: float = 0.0         # #88: prefix-token loss weight (stage 1; to 0 in 2)
     val_mask: bool = False                  # #350: non-canonical token pairs masked at validation
     val_mask_cache: str = "data/cache"      # where the mask is kept, keyed by the tokenizer
@@ -284,6 +286,11 @@ RECORD_CHANGES: list[RecordChange] = [
                  "c_proj's); the weight gradients stay bf16.", dict(fp8_mlp_backward=True)),
     RecordChange("#344", "The MLP's backward rebuilds relu(pre) as sqrt(post) instead of keeping "
                  "pre.", dict(mlp_pre_from_post=True)),
+    RecordChange("#344", "Q, K and V projected by one packed FP8 GEMM (e4m3; the gradient of "
+                 "its input in e5m2), its weights quantised once per optimizer update in both "
+                 "layouts; the weight gradient stays bf16.", dict(fp8_qkv=True)),
+    RecordChange("#344", "QK RMS norm, rotary, key offset, zero padding and the attention's "
+                 "layout in one Triton kernel (on a GPU).", dict(fused_qk_prep=True)),
     RecordChange("#89/#344", "The schedule of #344 with #350's mask: record #89's 1270 scheduled "
                  "steps, then 30 extension steps (#89 had 15).",
                  dict(num_scheduled_iterations=1270, num_extension_iterations=30)),
@@ -299,7 +306,8 @@ ATTN_VARIANTS = ("standard", "diff", "cmd", "mla", "cmd_mla")
 SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
                    "dc_attention": ("mudd_gates",), "qk_head_dim": ("qk_head_pair_groups",),
                    "fp8_mlp_down": ("fp8_mlp_up",),
-                   "fp8_mlp_backward": ("fp8_mlp_up", "fp8_mlp_down")}
+                   "fp8_mlp_backward": ("fp8_mlp_up", "fp8_mlp_down"),
+                   "fp8_qkv": ("qk_head_pair_groups",)}
 
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
 # It reads what `python data/cached_fineweb10B.py 1` downloads (the val shard and one train shard).
@@ -460,6 +468,9 @@ class Paths:
     dc_attention: str = "torch"   # "triton": the composed attention (#85) in one kernel per pass
     optimizer: str = "torch"      # "triton": Gram kernels, fused Polar Express update, transposes
     table_grads: str = "torch"    # "triton": lookup-table gradients by sorted runs of equal ids
+    qkv: str = "torch"            # --fp8_qkv: "triton" runs the packed FP8 QKV GEMMs and weight
+                                  # quantisation as kernels, "torch" emulates them
+    qk_prep: str = "torch"        # "triton": Q/K norm, rotary, offset and padding in one kernel
     compile: bool = False         # torch.compile the model and the optimizer's update math
     flash_attn3: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
     why: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -468,7 +479,8 @@ class Paths:
         choices = dict(mlp=("torch", "triton"), lm_head=("bf16", "fp8"), loss=("torch", "triton"),
                        attention=("dense", "varlen", "flash_attn3"),
                        dc_attention=("torch", "triton"), optimizer=("torch", "triton"),
-                       table_grads=("torch", "triton"))
+                       table_grads=("torch", "triton"), qkv=("torch", "triton"),
+                       qk_prep=("torch", "triton"))
         for op, allowed in choices.items():
             if getattr(self, op) not in allowed:
                 raise ValueError(f"Paths.{op}={getattr(self, op)!r}: expected one of {allowed}")
@@ -512,6 +524,11 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
         head_why = f"compute capability {major}.{minor}" + ("" if head == "fp8" else ": no FP8")
         if cfg.fp8_mlp_up and head != "fp8":
             mlp, mlp_why = "torch", f"{head_why}: the FP8 MLP's math emulated in PyTorch"
+    qkv, qkv_why = (kernels, kernels_why) if cfg.fp8_qkv else ("torch", "--fp8_qkv=false: bf16")
+    if cfg.fp8_qkv and cuda and head != "fp8":
+        qkv, qkv_why = "torch", f"{head_why}: the packed FP8 QKV's math emulated in PyTorch"
+    qk_prep, qk_prep_why = ((kernels, kernels_why) if cfg.fused_qk_prep
+                            else ("torch", "--fused_qk_prep=false"))
     flash_attn3 = load_flash_attn3(log) if cfg.flash_attn3 and cuda else None
     if flash_attn3 is not None:
         attention, attention_why = "flash_attn3", "--flash_attn3=true, loaded from the kernels hub"
@@ -529,11 +546,11 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     if head == "fp8":
         loss, loss_why = kernels, kernels_why
     return Paths(mlp=mlp, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
-                 optimizer=kernels, table_grads=kernels, compile=cfg.compile and cuda,
-                 flash_attn3=flash_attn3,
+                 optimizer=kernels, table_grads=kernels, qkv=qkv, qk_prep=qk_prep,
+                 compile=cfg.compile and cuda, flash_attn3=flash_attn3,
                  why=dict(mlp=mlp_why, lm_head=head_why, loss=loss_why, attention=attention_why,
                           dc_attention=kernels_why, optimizer=kernels_why, table_grads=kernels_why,
-                          compile=compile_why))
+                          qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why))
 
 
 # =================================================================================================
@@ -1469,6 +1486,39 @@ def zero_pad_heads(u: torch.Tensor, width: int) -> torch.Tensor:
     return u if u.shape[-1] == width else F.pad(u, (0, width - u.shape[-1]))
 
 
+def shift_key_halves(k: torch.Tensor) -> torch.Tensor:
+    """The key offset of the long-window layers: the non-rotating half of each key (T, H, w)
+    becomes the previous token's (token 0 keeps its own)."""
+    half = k.shape[-1] // 2
+    return torch.cat([k[:, :, :half], torch.cat([k[:1, :, half:], k[:-1, :, half:]])], -1)
+
+
+def qk_prep_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      paired: bool, key_offset: bool, width: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q and K as attention reads them, by the model's own ops (triton_kernels.qk_prep does the
+    same in one kernel): q, k (T, H, w) RMS-normed and turned by rotary at the tables' (cos, sin)
+    positions, the key offset if `key_offset`, zero columns up to `width`. Paired layers: heads
+    (2g, 2g+1) turn at positions (2t, 2t+1), then token t becomes rows 2t (heads 0..H/2-1) and
+    2t+1 (heads H/2..H-1), so that attention slot j mixes heads j and j+H/2: (2T, H/2, width);
+    else (T, H, width)."""
+    T, H, w = q.shape
+    q, k = rms_norm(q), rms_norm(k)
+    if paired:
+        cos, sin = cos[:2 * T].view(T, 1, 2, w), sin[:2 * T].view(T, 1, 2, w)
+        q = rotate(q.view(T, H // 2, 2, w), cos, sin).view(T, H, w)
+        k = rotate(k.view(T, H // 2, 2, w), cos, sin).view(T, H, w)
+    else:
+        cos, sin = cos[:T, None], sin[:T, None]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if key_offset:
+        k = shift_key_halves(k)
+    q, k = zero_pad_heads(q, width), zero_pad_heads(k, width)
+    if paired:
+        return q.reshape(2 * T, H // 2, width), k.reshape(2 * T, H // 2, width)
+    return q, k
+
+
 def document_windows(cu_seqlens: torch.Tensor, window: int
                      ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Each non-empty document's rows, and which keys its rows see (L, L) bool: row i sees rows j
@@ -1725,6 +1775,35 @@ class FP8DelayedScales(nn.Module):
         return state
 
 
+class FP8PackedQKV(nn.Module):
+    """#344's packed QKV weights in e4m3 (triton_kernels section 12), as buffers, so that the
+    model's state_dict (the warm-up's snapshot) and every checkpoint hold them. Remade from the
+    weights at the start and after every optimizer update (GPT.requantize_qkv), never in a
+    forward. L = the standard attention layers, n = 2 H qk_width + d rows (Q, K, then V):
+      weight_e4m3 (L, n, d): W / scale, the forward GEMM's operand; weight_e4m3_t (L, d, n): its
+          transpose, the backward's; weight_scales (L,): each layer's exact max|W| / 448 (no
+          scale is stated for #344's weights); quantizations: how many were made."""
+
+    def __init__(self, layers: int, rows: int, d: int):
+        super().__init__()
+        e4m3 = torch.float8_e4m3fn
+        self.register_buffer("weight_e4m3", torch.zeros(layers, rows, d).to(e4m3))
+        self.register_buffer("weight_e4m3_t", torch.zeros(layers, d, rows).to(e4m3))
+        self.register_buffer("weight_scales",
+                             torch.full((layers,), triton_kernels.E4M3_SCALE_FLOOR))
+        self.register_buffer("quantizations", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def quantize(self, qk: torch.Tensor, v: torch.Tensor, use_kernels: bool) -> None:
+        """Every layer's rows [qk; v] from qk (L, 2 H w, d) and v (L, d, d), in both layouts."""
+        maxima = torch.maximum(qk.abs().amax(dim=(1, 2)), v.abs().amax(dim=(1, 2)))
+        self.weight_scales.copy_(triton_kernels.exact_e4m3_scale(maxima))
+        quantize = (triton_kernels.quantize_packed_e4m3 if use_kernels
+                    else triton_kernels.quantize_packed_e4m3_reference)
+        quantize(qk, v, self.weight_scales, self.weight_e4m3, self.weight_e4m3_t)
+        self.quantizations += 1
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Hyperparameters, world_size: int, max_positions: int,
                  paths: Paths = Paths()):
@@ -1752,6 +1831,8 @@ class GPT(nn.Module):
         else:
             self.attn_bank = nn.Parameter(torch.empty(num_standard, 4 * d, d)
                                           .uniform_(-bound, bound).bfloat16())
+        self.fp8_qkv_weights = (FP8PackedQKV(num_standard, 2 * H * cfg.qk_width + d, d)
+                                if cfg.fp8_qkv else None)
         # c_fc random, c_proj zero. Padding slots (so the matrices split evenly over the ranks)
         # stay zero and never get a gradient: the initial weights do not depend on the world size.
         if cfg.mlp == "pairwise":
@@ -1915,6 +1996,30 @@ class GPT(nn.Module):
         self.fp8_scales.quantize_weights(bank[:, 1], bank[:, 0] if self.cfg.fp8_mlp_backward
                                          else None)
 
+    def qkv_weight_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The standard attention layers' Q and K rows (L, 2 H qk_width, d), each layer's head-pair
+        blocks of qk_bank in a row, and their V (L, d, d) in vo_bank: views, no copies."""
+        L, H, d = len(standard_attn_layers(self.cfg)), self.cfg.num_heads, self.cfg.model_dim
+        return self.qk_bank[:H * L].view(L, H * self.qk_bank.shape[1], d), self.vo_bank[0:2 * L:2]
+
+    @torch.no_grad()
+    def requantize_qkv(self) -> None:
+        """#344: the packed QKV weights' e4m3 copies from the current weights (at the start and
+        after every optimizer step)."""
+        self.fp8_qkv_weights.quantize(*self.qkv_weight_views(), self.paths.qkv == "triton")
+
+    def qkv_rows(self, layer: int, W: torch.Tensor, qkv_lambda: torch.Tensor,
+                 x: torch.Tensor) -> torch.Tensor:
+        """The Q, K and V rows (T, n) of the normed x: x (qkv_lambda W)^T for the layer's packed
+        weights W (n, d), with fp8_qkv (#344) through the FP8 GEMM against W's e4m3 copies."""
+        if not self.cfg.fp8_qkv:
+            return F.linear(x, qkv_lambda * W)
+        fp8, j = self.fp8_qkv_weights, standard_attn_layers(self.cfg).index(layer)
+        project = (triton_kernels.packed_qkv_fp8 if self.paths.qkv == "triton"
+                   else triton_kernels.packed_qkv_fp8_reference)
+        return project(x, W, qkv_lambda, fp8.weight_e4m3[j], fp8.weight_e4m3_t[j],
+                       fp8.weight_scales[j:j + 1])
+
     def attention_weights(self) -> dict[int, AttnWeights]:
         """The matrices of every attention layer. The banks are unbound rather than indexed per
         layer: the backward then assembles each bank's gradient as one stack."""
@@ -1975,31 +2080,23 @@ class GPT(nn.Module):
         if weights.latent is not None:
             q, k, v, noise = self.latent_heads(weights.latent, qkv_lambda, x)
         else:
-            q, k, v = F.linear(x, qkv_lambda * weights.qkv).split((H * qk, H * qk, d), dim=-1)
+            rows = self.qkv_rows(layer, weights.qkv, qkv_lambda, x)
+            q, k, v = rows.split((H * qk, H * qk, d), dim=-1)
             q, k, v = q.view(T, H, qk), k.view(T, H, qk), v.view(T, H, hd)
             # QK-norm makes the noise pair scale-free: no qkv_lambda needed
             noise = None if weights.noise_qk is None else F.linear(x, weights.noise_qk)
-        q, k = rms_norm(q), rms_norm(k)
         paired = layer in PAIRED_HEAD_LAYERS
-        if paired:
-            # Heads (2g, 2g+1) rotate at positions (2t, 2t+1); then token t becomes rows 2t (heads
-            # 0..H/2-1) and 2t+1 (heads H/2..H-1), so attention slot j mixes heads j and j+H/2.
-            cos = self.rotary.cos[:2 * T].view(T, 1, 2, qk)
-            sin = self.rotary.sin[:2 * T].view(T, 1, 2, qk)
-            q = rotate(q.view(T, H // 2, 2, qk), cos, sin).view(T, H, qk)
-            k = rotate(k.view(T, H // 2, 2, qk), cos, sin).view(T, H, qk)
-        else:
-            q, k = self.position_heads(layer, q, k)
-        q, k = zero_pad_heads(q, hd), zero_pad_heads(k, hd)
+        qk_prep = triton_kernels.qk_prep if self.paths.qk_prep == "triton" else qk_prep_reference
+        q, k = qk_prep(q, k, self.rotary.cos, self.rotary.sin, paired, layer in LONG_WINDOW_LAYERS,
+                       hd)
         if ve is not None:
             v = v + ve_gate[..., None] * ve.view(T, H, hd)
         if v_extra is not None:
             v = v + v_extra.view(T, H, hd)
         scale = self.rotary.attn_scale   # kept at a narrower Q/K: #344 states no other scale
         if paired:
-            y = attention(q.reshape(2 * T, H // 2, hd), k.reshape(2 * T, H // 2, hd),
-                          v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen, window,
-                          scale, self.paths).reshape(T, H, hd)
+            y = attention(q, k, v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen,
+                          window, scale, self.paths).reshape(T, H, hd)
         elif noise is not None:
             init = lambda_init(layer)
             lam = differential_lambdas(self.noise_lambdas[VARIANT_ATTN_LAYERS.index(layer)], init)
@@ -2023,12 +2120,11 @@ class GPT(nn.Module):
         """q, k (T, H, qk_width) of a non-paired layer rotated at their token positions; in the
         long window layers the non-rotating half of each key then carries the previous token's
         (the key offset)."""
-        T, hd = q.shape[0], q.shape[-1]
+        T = q.shape[0]
         cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if layer in LONG_WINDOW_LAYERS:
-            half = hd // 2
-            k = torch.cat([k[:, :, :half], torch.cat([k[:1, :, half:], k[:-1, :, half:]])], -1)
+            k = shift_key_halves(k)
         return q, k
 
     def noise_heads(self, layer: int, noise: torch.Tensor
@@ -3112,6 +3208,8 @@ class Trainer:
             synchronize(run.device)
         if cfg.fp8_mlp_down:
             self.model.requantize_mlp_down()
+        if cfg.fp8_qkv:
+            self.model.requantize_qkv()
         self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
                         if self.paths.compile else self.model)
         with phase("optimizer build"):
@@ -3201,6 +3299,8 @@ class Trainer:
         self.optimizer.step(step, settings.lr_mul, settings.muon_momentum)
         if fp8_scales is not None:
             self.model.requantize_mlp_down()
+        if self.cfg.fp8_qkv:
+            self.model.requantize_qkv()
         if step == self.schedule.split_step:
             self.optimizer.untie()
         if run.world_size > 1:
@@ -3272,9 +3372,10 @@ class Trainer:
 # crash never leaves a half-written checkpoint under a final name. It holds the model and the
 # optimizer state in a form that does not depend on the world size (shards gathered, the padding
 # rows that only make banks split evenly left out), the loader's position, the step, the clock,
-# the RNG states, the FP8 down-projection's delayed scales (#89: every rank's slots gathered) and
-# what wrote it: the configuration and a digest of the code. It is written after an Adam (odd)
-# step only, when no gradient is pending. Reading it loads tensors and plain data only, never code.
+# the RNG states, the FP8 down-projection's delayed scales (#89: every rank's slots gathered), the
+# e4m3 copies of the packed QKV weights (#344) and what wrote it: the configuration and a digest
+# of the code. It is written after an Adam (odd) step only, when no gradient is pending. Reading
+# it loads tensors and plain data only, never code.
 
 CHECKPOINT_FORMAT = 1
 # Fields that do not change the training math: a checkpoint may be resumed with other values.
@@ -3328,6 +3429,9 @@ def save_checkpoint(trainer: Trainer, step: int, training_ms: float) -> str | No
     optimizer = trainer.optimizer.full_state()   # every rank takes part in the gathers
     fp8_scales = trainer.model.fp8_scales
     fp8_state = None if fp8_scales is None else fp8_scales.full_state(run.rank, run.world_size)
+    fp8_qkv = trainer.model.fp8_qkv_weights
+    fp8_qkv_state = (None if fp8_qkv is None
+                     else {name: t.cpu() for name, t in fp8_qkv.state_dict().items()})
     if not run.is_master:
         return None
     for label, entry in optimizer["labels"].items():
@@ -3342,7 +3446,7 @@ def save_checkpoint(trainer: Trainer, step: int, training_ms: float) -> str | No
                 resumable=step % 2 == 0, world_size=run.world_size,
                 config={f.name: as_literal(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
     data = dict(meta=meta, model=model, optimizer=optimizer, loader=trainer.loader.state(),
-                training_ms=training_ms, rng=rng, fp8_scales=fp8_state)
+                training_ms=training_ms, rng=rng, fp8_scales=fp8_state, fp8_qkv=fp8_qkv_state)
     os.makedirs(cfg.checkpoint_dir, exist_ok=True)
     path = checkpoint_path(cfg.checkpoint_dir, step)
     tmp = f"{path}.tmp"
@@ -3388,12 +3492,15 @@ def check_resumable(meta: dict, cfg: Hyperparameters, path: str) -> None:
 
 
 def load_model_state(model: GPT, data: dict) -> None:
-    """A checkpoint's parameters (the padding rows stay zero) and FP8 scales into `model`."""
+    """A checkpoint's parameters (the padding rows stay zero), FP8 scales and e4m3 QKV weights
+    into `model`."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p[:unpadded_rows(name, model.cfg)].copy_(data["model"][name])
     if model.fp8_scales is not None:
         model.fp8_scales.load_state_dict(data["fp8_scales"])
+    if model.fp8_qkv_weights is not None:
+        model.fp8_qkv_weights.load_state_dict(data["fp8_qkv"])
 
 
 def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:

@@ -23,10 +23,17 @@
                      autograd function
  10. pairwise_mlp    q(relu(x U^T)) W with q(h) = (h_i h_j, i <= j): the pair products built
                      tile by tile inside the GEMMs, never stored (an experiment), autograd function
+ 11. qk_prep         Q and K before attention (#344): RMS norm, rotary, key offset, zero padding
+                     to V's width and the attention's layout in one pass, autograd function (its
+                     reference is the model's own ops, train_gpt.qk_prep_reference)
+ 12. quantize_packed_e4m3   a layer's Q, K and V weight rows in e4m3, row-major and transposed
+                     from one read (#344); packed_qkv_fp8: the packed QKV projection through FP8
+                     GEMMs (the forward and the input gradient), autograd function
 
-Each kernel `name` has a `name_reference` with the same contract in plain PyTorch: the CPU
-training path runs the references, and the tests compare every kernel with its reference.
-Kernels 1-7, 9 and 10 are torch.library custom ops with a fake (meta) implementation, so that
+Each kernel `name` has a `name_reference` with the same contract in plain PyTorch (qk_prep's is
+in train_gpt.py, being the model's own ops): the CPU training path runs the references, and the
+tests compare every kernel with its reference.
+Kernels 1-7 and 9-12 are torch.library custom ops with a fake (meta) implementation, so that
 torch.compile(fullgraph=True) traces through them without a graph break. The soft cap of the LM
 head, `softcap`, and its constants are defined here once; train_gpt.py imports them.
 
@@ -65,7 +72,8 @@ __all__ = [
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
     "index_add_rows", "index_add_rows_reference", "dc_attention", "dc_attention_reference",
-    "pair_count", "pairwise_mlp", "pairwise_mlp_reference",
+    "pair_count", "pairwise_mlp", "pairwise_mlp_reference", "qk_prep", "quantize_packed_e4m3", "quantize_packed_e4m3_reference", "packed_qkv_fp8",
+    "packed_qkv_fp8_reference",
 ]
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted; the host code
@@ -2305,3 +2313,410 @@ def pairwise_mlp_reference(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) ->
     i, j = torch.triu_indices(r, r, device=x.device)
     q = (h[..., :, None] * h[..., None, :]).flatten(-2).index_select(-1, i * r + j)
     return q @ W
+
+
+# =================================================================================================
+# 11. Q/K preparation for attention (#344): RMS norm, rotary, key offset, zero padding, layout
+# =================================================================================================
+# Q and K leave the QKV projection as strided views (T, H, w) of its output. Before attention each
+# head is RMS-normed, turned by the half-truncated rotary (pairs (2j, 2j+1) of the first half at
+# the tables' angles; paired-head layers read positions 2t and 2t+1 for the two heads of a pair),
+# in the long-window layers each key's second half is replaced by the previous token's (the key
+# offset; token 0 keeps its own), and the heads are padded with zero columns to V's width W in a
+# new contiguous (T, H, W) tensor: the layout attention reads (paired layers view it as
+# (2T, H/2, W)). The reference is train_gpt.qk_prep_reference, the model's own composition of
+# rms_norm, rotate, the key offset and zero_pad_heads: the kernel does the same in one pass over
+# Q and K, in fp32, rounding once at the end (the composition rounds after every op).
+#
+# One program per (block of BLOCK_T tokens, head, Q or K). The rotation needs each entry's pair
+# partner, loaded a second time at columns j ^ 1 (from cache). The backward reverses the chain:
+# the key offset sends the gradient of row t's second half to row t - 1 (row 0 also keeps its
+# own), the rotation is transposed (the partner's sine), then the RMS norm's
+# dx = (g - xn mean(g xn)) / rms, from the saved input.
+
+@triton.jit
+def _qk_heads(ptr, rows, cols, head, stride_t, stride_h, T, W_IN: tl.constexpr):
+    """x[rows, head, cols] and at the pair partners' columns cols ^ 1, fp32, zeros outside."""
+    ok = (rows < T)[:, None] & (cols < W_IN)[None, :]
+    base = ptr + rows.to(tl.int64)[:, None] * stride_t + head * stride_h
+    x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    partner = tl.load(base + (cols ^ 1)[None, :], mask=ok, other=0.0).to(tl.float32)
+    return x, partner
+
+
+@triton.jit
+def _rotary_table(table_ptr, rows, cols, head, table_stride, T, W_IN: tl.constexpr,
+                  PAIRED: tl.constexpr):
+    """The table's entries at each row's position (2t + head % 2 in paired layers, else t)."""
+    positions = 2 * rows + head % 2 if PAIRED else rows
+    ok = (rows < T)[:, None] & (cols < W_IN)[None, :]
+    return tl.load(table_ptr + positions.to(tl.int64)[:, None] * table_stride + cols[None, :],
+                   mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _normed_turned(ptr, cos_ptr, sin_ptr, rows, cols, head, stride_t, stride_h, table_stride, T,
+                   eps, W_IN: tl.constexpr, PAIRED: tl.constexpr):
+    """rotate(rms_norm(x)) at rows (BLOCK_T, BLOCK_W), fp32."""
+    x, partner = _qk_heads(ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / W_IN + eps)
+    cos = _rotary_table(cos_ptr, rows, cols, head, table_stride, T, W_IN, PAIRED)
+    sin = _rotary_table(sin_ptr, rows, cols, head, table_stride, T, W_IN, PAIRED)
+    return (x * cos + partner * sin) * rstd[:, None]
+
+
+@triton.jit
+def _store_rows(out_ptr, value, rows, cols, head, T, H: tl.constexpr, WIDTH: tl.constexpr,
+                OUT_BF16: tl.constexpr):
+    """value into the contiguous (T, H, WIDTH) out at rows, this head, cols < WIDTH."""
+    if OUT_BF16:
+        value = _to_bf16(value)
+    dst = out_ptr + (rows.to(tl.int64) * H + head)[:, None] * WIDTH + cols[None, :]
+    tl.store(dst, value, mask=(rows < T)[:, None] & (cols < WIDTH)[None, :])
+
+
+@triton.jit
+def _qk_prep_forward_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, T,
+                            q_stride_t, q_stride_h, k_stride_t, k_stride_h, table_stride, eps,
+                            H: tl.constexpr, W_IN: tl.constexpr, W_OUT: tl.constexpr,
+                            PAIRED: tl.constexpr, KEY_OFFSET: tl.constexpr,
+                            OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)          # Python floats may arrive as fp64 under torch.compile
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_W)
+    if tl.program_id(2) == 0:
+        out = _normed_turned(q_ptr, cos_ptr, sin_ptr, rows, cols, head, q_stride_t, q_stride_h,
+                             table_stride, T, eps, W_IN, PAIRED)
+        out_ptr = q_out_ptr
+    else:
+        out = _normed_turned(k_ptr, cos_ptr, sin_ptr, rows, cols, head, k_stride_t, k_stride_h,
+                             table_stride, T, eps, W_IN, PAIRED)
+        if KEY_OFFSET:
+            previous = _normed_turned(k_ptr, cos_ptr, sin_ptr, tl.maximum(rows - 1, 0), cols,
+                                      head, k_stride_t, k_stride_h, table_stride, T, eps, W_IN,
+                                      PAIRED)
+            out = tl.where((cols >= W_IN // 2)[None, :], previous, out)
+        out_ptr = k_out_ptr
+    out = tl.where((cols < W_IN)[None, :], out, 0.0)     # the zero padding up to W_OUT
+    _store_rows(out_ptr, out, rows, cols, head, T, H, W_OUT, OUT_BF16)
+
+
+@triton.jit
+def _turned_grad(dout_ptr, rows, cols, head, T, H: tl.constexpr, W_IN: tl.constexpr,
+                 W_OUT: tl.constexpr, SHIFTED: tl.constexpr):
+    """The gradient at rotate(rms_norm(x))[rows, cols], fp32: the output's, except that with
+    SHIFTED (a key offset) the second half's comes from the next row, and row 0 keeps its own."""
+    col_ok = (cols < W_IN)[None, :]
+    here = (rows < T)[:, None] & col_ok
+    if SHIFTED:
+        second_half = (cols >= W_IN // 2)[None, :]
+        from_next = ((rows + 1) < T)[:, None] & col_ok & second_half
+        from_own = (rows == 0)[:, None] & col_ok & second_half
+        here = here & (~second_half)
+    base = dout_ptr + (rows.to(tl.int64) * H + head)[:, None] * W_OUT + cols[None, :]
+    g = tl.load(base, mask=here, other=0.0).to(tl.float32)
+    if SHIFTED:
+        g += tl.load(base + H * W_OUT, mask=from_next, other=0.0).to(tl.float32)
+        g += tl.load(base, mask=from_own, other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _normed_turned_backward(x_ptr, dout_ptr, cos_ptr, sin_ptr, rows, cols, head, stride_t,
+                            stride_h, table_stride, T, eps, H: tl.constexpr, W_IN: tl.constexpr,
+                            W_OUT: tl.constexpr, PAIRED: tl.constexpr, SHIFTED: tl.constexpr):
+    """dx (BLOCK_T, BLOCK_W), fp32, of rotate(rms_norm(x)) and the key offset if SHIFTED."""
+    g = _turned_grad(dout_ptr, rows, cols, head, T, H, W_IN, W_OUT, SHIFTED)
+    g_partner = _turned_grad(dout_ptr, rows, cols ^ 1, head, T, H, W_IN, W_OUT, SHIFTED)
+    cos = _rotary_table(cos_ptr, rows, cols, head, table_stride, T, W_IN, PAIRED)
+    sin_partner = _rotary_table(sin_ptr, rows, cols ^ 1, head, table_stride, T, W_IN, PAIRED)
+    d_normed = g * cos + g_partner * sin_partner
+    x, _ = _qk_heads(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / W_IN + eps)
+    normed = x * rstd[:, None]
+    mean = tl.sum(d_normed * normed, 1) / W_IN
+    return (d_normed - normed * mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _qk_prep_backward_kernel(dq_ptr, dk_ptr, q_ptr, k_ptr, dq_in_ptr, dk_in_ptr, cos_ptr, sin_ptr,
+                             T, q_stride_t, q_stride_h, k_stride_t, k_stride_h, table_stride, eps,
+                             H: tl.constexpr, W_IN: tl.constexpr, W_OUT: tl.constexpr,
+                             PAIRED: tl.constexpr, KEY_OFFSET: tl.constexpr,
+                             OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_W)
+    if tl.program_id(2) == 0:
+        dx = _normed_turned_backward(q_ptr, dq_ptr, cos_ptr, sin_ptr, rows, cols, head,
+                                     q_stride_t, q_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
+                                     PAIRED, False)
+        out_ptr = dq_in_ptr
+    else:
+        dx = _normed_turned_backward(k_ptr, dk_ptr, cos_ptr, sin_ptr, rows, cols, head,
+                                     k_stride_t, k_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
+                                     PAIRED, KEY_OFFSET)
+        out_ptr = dk_in_ptr
+    _store_rows(out_ptr, dx, rows, cols, head, T, H, W_IN, OUT_BF16)
+
+
+QK_NORM_EPS = torch.finfo(torch.float32).eps   # F.rms_norm's default on bf16 and fp32 inputs
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _qk_prep_launch(kernel, tensors: tuple, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                    paired: bool, key_offset: bool, width: int) -> None:
+    """Either kernel over (token blocks, heads, Q or K); q and k with unit last strides, every
+    other tensor contiguous."""
+    T, H, w = q.shape
+    block_t = 16 if INTERPRET else 32
+    kernel[(triton.cdiv(T, block_t), H, 2)](
+        *tensors, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        QK_NORM_EPS, H=H, W_IN=w, W_OUT=width, PAIRED=paired, KEY_OFFSET=key_offset,
+        OUT_BF16=q.dtype == torch.bfloat16, BLOCK_T=block_t,
+        BLOCK_W=triton.next_power_of_2(max(w, width)), num_warps=4)
+
+
+@torch.library.custom_op("nanogpt_triton::qk_prep_forward", mutates_args=())
+def _qk_prep_forward_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        paired: bool, key_offset: bool, width: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    q_out = q.new_empty(*q.shape[:2], width)
+    k_out = torch.empty_like(q_out)
+    _qk_prep_launch(_qk_prep_forward_kernel, (q, k, q_out, k_out, cos, sin), q, k, cos, paired,
+                    key_offset, width)
+    return q_out, k_out
+
+
+@_qk_prep_forward_op.register_fake
+def _(q, k, cos, sin, paired, key_offset, width):
+    q_out = q.new_empty(*q.shape[:2], width)
+    return q_out, torch.empty_like(q_out)
+
+
+@torch.library.custom_op("nanogpt_triton::qk_prep_backward", mutates_args=())
+def _qk_prep_backward_op(dq: torch.Tensor, dk: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, paired: bool, key_offset: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    dq, dk = dq.contiguous(), dk.contiguous()
+    dq_in = q.new_empty(q.shape)
+    dk_in = torch.empty_like(dq_in)
+    _qk_prep_launch(_qk_prep_backward_kernel, (dq, dk, q, k, dq_in, dk_in, cos, sin), q, k, cos,
+                    paired, key_offset, dq.shape[-1])
+    return dq_in, dk_in
+
+
+@_qk_prep_backward_op.register_fake
+def _(dq, dk, q, k, cos, sin, paired, key_offset):
+    dq_in = q.new_empty(q.shape)
+    return dq_in, torch.empty_like(dq_in)
+
+
+class _QKPrep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, paired, key_offset, width):
+        ctx.save_for_backward(q, k, cos, sin)
+        ctx.paired, ctx.key_offset = paired, key_offset
+        return _qk_prep_forward_op(q, k, cos, sin, paired, key_offset, width)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        q, k, cos, sin = ctx.saved_tensors
+        dq_in, dk_in = _qk_prep_backward_op(dq, dk, q, k, cos, sin, ctx.paired, ctx.key_offset)
+        return dq_in, dk_in, None, None, None, None, None
+
+
+def qk_prep(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paired: bool,
+            key_offset: bool, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q and K as attention reads them (see the section's notes): q, k (T, H, w), any strides
+    (read in place where the last dimension is contiguous), bf16 or fp32, w a multiple of 4;
+    cos, sin the rotary tables (positions, w), at least 2T positions if paired (H even) else T;
+    width >= w. Returns new contiguous tensors, (2T, H/2, width) if paired else (T, H, width),
+    in q's dtype, zero past w. Differentiable in q and k."""
+    name = "qk_prep"
+    _check_runnable(name, q, k, cos, sin)
+    for arg, t in (("q", q), ("k", k)):
+        _check_dtype(name, arg, t, (torch.bfloat16, torch.float32))
+    _check_shape(name, "k", k, q.shape)
+    T, H, w = q.shape
+    if w % 4 or width < w or (paired and H % 2):
+        raise ValueError(f"{name}: expected a head width w that is a multiple of 4, width >= w "
+                         f"and (paired) an even head count, got q {tuple(q.shape)}, width {width}, "
+                         f"paired={paired}")
+    positions = 2 * T if paired else T
+    if cos.shape != sin.shape or cos.shape[1] != w or cos.shape[0] < positions:
+        raise ValueError(f"{name}: cos and sin must be ({positions} or more, {w}) tables, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    q_out, k_out = _QKPrep.apply(q, k, cos.contiguous(), sin.contiguous(), paired, key_offset,
+                                 width)
+    if paired:
+        return q_out.view(2 * T, H // 2, width), k_out.view(2 * T, H // 2, width)
+    return q_out, k_out
+
+
+# =================================================================================================
+# 12. Packed FP8 QKV projection (#344): one e4m3 GEMM for Q, K and V
+# =================================================================================================
+# Each attention layer's Q, K and V rows form one packed weight W (n, d), n = 2 H w + d, with Q
+# and K (2 H w rows, the layer's head-pair blocks of qk_bank) stored apart from V (a matrix of
+# vo_bank). After every optimizer update (and at the start) quantize_packed_e4m3 turns the
+# weights of every layer into e4m3 twice over, W / s row-major (n, d) for the forward and its
+# transpose (d, n) for the backward, both written from one read of the bf16 weights; the scale s
+# is each layer's exact max|W| / 448 (the record's description gives no scales: every scale here
+# is an exact per-tensor max, found by a reduction before the quantisation).
+#
+# Forward: y = x W^T lambda (T, n), lambda the layer's QKV scalar, as one FP8 GEMM of x in e4m3
+# (exact scale max|x| / 448 per call) against W / s, the fp32 sums times both scales and lambda.
+# Backward: dx = dy W lambda as an FP8 GEMM of dy in e5m2 (exact scale max|dy| / 57344, the
+# format for gradients) against the transposed e4m3 copy; the weight gradient dW = lambda dy^T x
+# and dlambda = sum(dy^T x * W) stay bf16 GEMMs of the saved bf16 activations, which would need
+# transposed FP8 copies of x and dy and feed the orthogonalising optimizer directly.
+
+
+@triton.jit
+def _quantize_packed_kernel(top_ptr, bottom_ptr, scale_ptr, out_ptr, out_t_ptr,
+                            top_rows, rows, cols, top_batch, top_row, bottom_batch, bottom_row,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    layer = tl.program_id(2)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = (c < cols)[None, :]
+    in_top = (r < top_rows)[:, None] & col_ok
+    in_bottom = ((r >= top_rows) & (r < rows))[:, None] & col_ok
+    top = top_ptr + layer * top_batch + r.to(tl.int64)[:, None] * top_row + c[None, :]
+    bottom_r = tl.maximum(r - top_rows, 0).to(tl.int64)
+    bottom = bottom_ptr + layer * bottom_batch + bottom_r[:, None] * bottom_row + c[None, :]
+    w = (tl.load(top, mask=in_top, other=0.0).to(tl.float32)
+         + tl.load(bottom, mask=in_bottom, other=0.0).to(tl.float32))
+    w8 = _to_e4m3(tl.math.div_rn(w, tl.load(scale_ptr + layer)))
+    first = layer.to(tl.int64) * rows * cols
+    tl.store(out_ptr + first + r.to(tl.int64)[:, None] * cols + c[None, :], w8,
+             mask=(r < rows)[:, None] & col_ok)
+    # the transposed tile, stored along its own rows
+    tl.store(out_t_ptr + first + c.to(tl.int64)[:, None] * rows + r[None, :], tl.trans(w8),
+             mask=(c < cols)[:, None] & (r < rows)[None, :])
+
+
+@torch.library.custom_op("nanogpt_triton::quantize_packed_e4m3", mutates_args=("out", "out_t"))
+def _quantize_packed_op(top: torch.Tensor, bottom: torch.Tensor, scales: torch.Tensor,
+                        out: torch.Tensor, out_t: torch.Tensor) -> None:
+    L, top_rows, cols = top.shape
+    rows = out.shape[1]
+    block_r, block_c = (32, 32) if INTERPRET else (64, 64)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), L)
+    _quantize_packed_kernel[grid](top, bottom, scales, out, out_t, top_rows, rows, cols,
+                                  top.stride(0), top.stride(1), bottom.stride(0), bottom.stride(1),
+                                  BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+
+
+@_quantize_packed_op.register_fake
+def _(top, bottom, scales, out, out_t):
+    return None
+
+
+def _check_packed_args(name: str, top: torch.Tensor, bottom: torch.Tensor, scales: torch.Tensor,
+                       out: torch.Tensor, out_t: torch.Tensor) -> None:
+    L, _, cols = top.shape
+    rows = top.shape[1] + bottom.shape[1]
+    if bottom.shape[::2] != (L, cols) or top.stride(-1) != 1 or bottom.stride(-1) != 1:
+        raise ValueError(f"{name}: expected top (L, r1, d) and bottom (L, r2, d) with contiguous "
+                         f"rows, got {tuple(top.shape)} and {tuple(bottom.shape)}")
+    _check_shape(name, "scales", scales, (L,))
+    _check_dtype(name, "scales", scales, (torch.float32,))
+    _check_shape(name, "out", out, (L, rows, cols))
+    _check_shape(name, "out_t", out_t, (L, cols, rows))
+
+
+def quantize_packed_e4m3(top: torch.Tensor, bottom: torch.Tensor, scales: torch.Tensor,
+                         out: torch.Tensor, out_t: torch.Tensor) -> None:
+    """out = e4m3(cat([top, bottom], 1) / scales) (L, r1 + r2, d) and out_t its transpose
+    (L, d, r1 + r2), written in place from one read of top (L, r1, d) and bottom (L, r2, d)
+    (any batch and row strides); scales (L,) fp32; saturating at +-448."""
+    name = "quantize_packed_e4m3"
+    _check_runnable(name, top, bottom, scales, out, out_t)
+    _check_packed_args(name, top, bottom, scales, out, out_t)
+    for arg, t in (("out", out), ("out_t", out_t)):
+        _check_dtype(name, arg, t, (torch.float8_e4m3fn,))
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: {arg} must be contiguous")
+    _quantize_packed_op(top, bottom, scales, out, out_t)
+
+
+def quantize_packed_e4m3_reference(top: torch.Tensor, bottom: torch.Tensor, scales: torch.Tensor,
+                                   out: torch.Tensor, out_t: torch.Tensor) -> None:
+    """The same in PyTorch; out and out_t may have any float dtype (they receive e4m3 values)."""
+    _check_packed_args("quantize_packed_e4m3_reference", top, bottom, scales, out, out_t)
+    packed = quantize_e4m3_scaled(torch.cat([top, bottom], 1), scales[:, None, None])
+    out.copy_(packed)
+    out_t.copy_(packed.mT)
+
+
+def _fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+              use_kernels: bool) -> torch.Tensor:
+    """a8 (m, k) b8 (n, k)^T x scale in `dtype`, accumulated in fp32: the Triton GEMM (bf16 out),
+    or its emulation in PyTorch."""
+    if use_kernels:
+        return _fp8_linear_op(a8, b8, scale)
+    return ((a8.float() @ b8.float().t()) * scale).to(dtype)
+
+
+class _PackedQKVFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, lam, W8, W8t, w_scale, use_kernels):
+        x8, x_scale = quantize_e4m3(x)
+        ctx.save_for_backward(x, W, lam, W8t, w_scale)
+        ctx.use_kernels = use_kernels
+        return _fp8_gemm(x8, W8, x_scale * w_scale * lam, x.dtype, use_kernels)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W, lam, W8t, w_scale = ctx.saved_tensors
+        dy8, dy_scale = quantize_e5m2(dy)
+        dx = _fp8_gemm(dy8, W8t, dy_scale * w_scale * lam, x.dtype, ctx.use_kernels)
+        d_weight = dy.t() @ x                   # the gradient of lambda W
+        d_lam = (d_weight.float() * W.float()).sum().reshape(lam.shape)
+        return dx, d_weight * lam, d_lam, None, None, None, None
+
+
+def _check_packed_qkv_args(name: str, x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor,
+                           W8: torch.Tensor, W8t: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if x.dim() != 2 or W.dim() != 2 or x.shape[1] != W.shape[1] or lam.numel() != 1:
+        raise ValueError(f"{name}: expected x (T, d), W (n, d) and a one-element lambda, got x "
+                         f"{tuple(x.shape)}, W {tuple(W.shape)}, lambda {tuple(lam.shape)}")
+    _check_shape(name, "W8", W8, W.shape)
+    _check_shape(name, "W8t", W8t, W.shape[::-1])
+    _check_shape(name, "w_scale", w_scale, (1,))
+
+
+def packed_qkv_fp8(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor, W8: torch.Tensor,
+                   W8t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x W^T lambda (T, n) through the FP8 GEMMs (see the section's notes): x (T, d) and W (n, d)
+    bf16, lambda a one-element fp32 tensor, W8 = e4m3(W / w_scale) (n, d) and W8t its transpose
+    (d, n), w_scale (1,) fp32; n and d multiples of 16 (TMA's 16-byte rows). Differentiable in
+    x, W and lambda."""
+    name = "packed_qkv_fp8"
+    _check_runnable(name, x, W, lam, W8, W8t, w_scale)
+    _check_packed_qkv_args(name, x, W, lam, W8, W8t, w_scale)
+    for arg, t in (("x", x), ("W", W)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+    for arg, t in (("W8", W8), ("W8t", W8t)):
+        _check_dtype(name, arg, t, (torch.float8_e4m3fn,))
+    if W.shape[0] % 16 or W.shape[1] % 16:
+        raise ValueError(f"{name}: n and d must be multiples of 16, got W {tuple(W.shape)}")
+    return _PackedQKVFP8.apply(x, W, lam, W8, W8t, w_scale, True)
+
+
+def packed_qkv_fp8_reference(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor,
+                             W8: torch.Tensor, W8t: torch.Tensor, w_scale: torch.Tensor
+                             ) -> torch.Tensor:
+    """packed_qkv_fp8 with its GEMMs emulated in PyTorch (fp32 products of the same e4m3 and e5m2
+    operands); x and W of any float dtype, W8 and W8t of any dtype holding e4m3 values."""
+    _check_packed_qkv_args("packed_qkv_fp8_reference", x, W, lam, W8, W8t, w_scale)
+    return _PackedQKVFP8.apply(x, W, lam, W8, W8t, w_scale, False)

@@ -48,14 +48,22 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert sorted(resumed) == [5, 6] and all(first[s] == straight[s] for s in first)
     assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
     assert resumed_val == straight_val
-    # and ends with the same FP8 state, bit for bit: every micro-batch slot's scales, and the
-    # e4m3 copies of c_proj (#89) and, for the FP8 backward (#344), of c_fc in both layouts
-    want = tg.read_checkpoint(str(tmp_path / "straight" / "step_000006.pt"))["fp8_scales"]
-    got = tg.read_checkpoint(str(tmp_path / "ckpt" / "step_000006.pt"))["fp8_scales"]
+    # and ends with the same FP8 state, bit for bit: every micro-batch slot's scales, the e4m3
+    # copies of c_proj (#89) and, for the FP8 backward (#344), of c_fc in both layouts, and the
+    # packed QKV weights' e4m3 copies (#344)
+    straight_end = tg.read_checkpoint(str(tmp_path / "straight" / "step_000006.pt"))
+    resumed_end = tg.read_checkpoint(str(tmp_path / "ckpt" / "step_000006.pt"))
+    want, got = straight_end["fp8_scales"], resumed_end["fp8_scales"]
     assert want["quantizations"].item() == 7 and want["act_scales"].shape == (11, 4)
     assert {"c_fc_e4m3", "c_fc_e4m3_t", "c_fc_scales", "c_fc_max", "c_proj_e4m3"} <= want.keys()
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
     assert want.keys() == got.keys()
+    assert all(torch.equal(bits(want[name]), bits(got[name])) for name in want)
+    want, got = straight_end["fp8_qkv"], resumed_end["fp8_qkv"]
+    assert want["quantizations"].item() == 7
+    assert want["weight_e4m3"].shape == (10, 2 * 2 * 12 + 32, 32)
+    assert want.keys() == got.keys() == {"weight_e4m3", "weight_e4m3_t", "weight_scales",
+                                         "quantizations"}
     assert all(torch.equal(bits(want[name]), bits(got[name])) for name in want)
 
 

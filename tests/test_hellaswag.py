@@ -160,11 +160,11 @@ def test_scores_are_each_candidates_own_likelihood(trained):
 def test_a_neighbour_in_the_pack_changes_no_score(trained):
     """Example A after B or after C (same lengths, other tokens), at the same positions: A's
     scores must be identical, bit for bit. Weights made large and random, so that any path from a
-    neighbour would show. (The FP8 MLP's one scale per forward pass is such a path, by design:
-    it is off here.)"""
+    neighbour would show. (The FP8 MLP's and the FP8 QKV's one input scale per forward pass are
+    such paths, by design: they are off here.)"""
     model, cfg, windows = tg.model_from_checkpoint(str(trained[0]), torch.device("cpu"), print)
     model.cfg = dataclasses.replace(cfg, fp8_mlp_up=False, fp8_mlp_down=False,
-                                    fp8_mlp_backward=False)
+                                    fp8_mlp_backward=False, fp8_qkv=False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

@@ -181,6 +181,8 @@ def random_model(world_size=1, T=48, cfg=TINY):
     m.rotary.reset()
     if m.fp8_scales is not None:   # #89: c_proj's e4m3 copy from the new weights
         m.requantize_mlp_down()
+    if m.fp8_qkv_weights is not None:   # #344: the packed QKV weights' e4m3 copies
+        m.requantize_qkv()
     return m
 
 
@@ -452,7 +454,7 @@ def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
 # -------------------------------------------------------------------------------------------------
 
 PATH_OPS = ["mlp", "lm_head", "loss", "attention", "dc_attention", "optimizer", "table_grads",
-            "compile"]
+            "qkv", "qk_prep", "compile"]
 
 
 def test_cpu_paths_are_the_references():
@@ -463,7 +465,9 @@ def test_cpu_paths_are_the_references():
     assert [line.split(":")[0] for line in report] == [f"path {op}" for op in PATH_OPS]
     assert report[0] == "path mlp: torch (CPU: the PyTorch reference of every kernel)"
     assert report[3] == "path attention: dense (--flash_attn3=true needs CUDA; CPU reference)"
-    assert report[7] == ("path compile: off (CPU: the dense attention's loop over documents does "
+    assert report[7:9] == ["path qkv: torch (--fp8_qkv=false: bf16)",
+                           "path qk_prep: torch (--fused_qk_prep=false)"]
+    assert report[9] == ("path compile: off (CPU: the dense attention's loop over documents does "
                          "not compile)")
     assert lines == []   # FlashAttention-3 is not even looked for on a CPU
 
@@ -525,6 +529,8 @@ def bf16_model(T, cfg=TINY):
     m.rotary.reset()
     if m.fp8_scales is not None:   # #89: c_proj's e4m3 copy from the new weights
         m.requantize_mlp_down()
+    if m.fp8_qkv_weights is not None:   # #344: the packed QKV weights' e4m3 copies
+        m.requantize_qkv()
     return m
 
 

@@ -275,7 +275,8 @@ def test_narrow_qk_needs_the_separate_qk_bank():
                             "added qk_head_dim built it on qk_head_pair_groups)")
     with pytest.raises(SystemExit, match="^--qk_head_dim=96 needs --qk_head_pair_groups=true"):
         tg.parse_config(["--qk_head_pair_groups=false"])
-    assert tg.parse_config(["--qk_head_pair_groups=false", "--qk_head_dim=0"]).qk_width == 128
+    assert tg.parse_config(["--qk_head_pair_groups=false", "--qk_head_dim=0",
+                            "--fp8_qkv=false"]).qk_width == 128
 
 
 @pytest.mark.parametrize("attn", ["diff", "cmd", "mla", "cmd_mla"])
