@@ -718,6 +718,11 @@ def quantize_e4m3_scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t.detach().float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def _fp8_matmul_reference(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """a8 b8^T x scale in fp32, for FP8 a8 (m, k) and b8 (n, k): their products are exact in fp32."""
+    return (a8.float() @ b8.float().t()) * scale
+
+
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_forward", mutates_args=())
 def _linear_relu_square_fp8_forward_op(x8: torch.Tensor, W1_8: torch.Tensor,
                                        scale: torch.Tensor) -> torch.Tensor:
@@ -758,7 +763,7 @@ class _FP8UpProjectionReference(torch.autograd.Function):
         x8, x_scale = quantize_e4m3(x)
         W1_8, w_scale = quantize_e4m3(W1)
         ctx.save_for_backward(x, W1)
-        return ((x8.float() @ W1_8.float().t()) * (x_scale * w_scale)).to(x.dtype)
+        return _fp8_matmul_reference(x8, W1_8, x_scale * w_scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, d_pre):
@@ -877,7 +882,7 @@ class _FP8DownProjectionReference(torch.autograd.Function):
     def forward(ctx, post, W2, W2_8t, w_scale, act_scale):
         post8 = quantize_e4m3_scaled(post, act_scale)
         ctx.save_for_backward(post, W2)
-        return ((post8.float() @ W2_8t.float().t()) * (act_scale * w_scale)).to(post.dtype)
+        return _fp8_matmul_reference(post8, W2_8t, act_scale * w_scale).to(post.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -998,11 +1003,6 @@ def linear_relu_square_fp8_backward(x: torch.Tensor, W1: torch.Tensor, W2: torch
     out, post_max = _LinearReluSquareFP8Backward.apply(x.reshape(-1, x.shape[-1]), W1, W2,
                                                        *weights, act_scale)
     return out.view(*x.shape[:-1], W2.shape[1]), post_max
-
-
-def _fp8_matmul_reference(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """a8 b8^T x scale in fp32, for FP8 a8 (m, k) and b8 (n, k): their products are exact in fp32."""
-    return (a8.float() @ b8.float().t()) * scale
 
 
 class _FP8BackwardReference(torch.autograd.Function):
@@ -2664,7 +2664,7 @@ def _fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, dtype: to
     or its emulation in PyTorch."""
     if use_kernels:
         return _fp8_linear_op(a8, b8, scale)
-    return ((a8.float() @ b8.float().t()) * scale).to(dtype)
+    return _fp8_matmul_reference(a8, b8, scale).to(dtype)
 
 
 class _PackedQKVFP8(torch.autograd.Function):
