@@ -26,9 +26,10 @@
  11. qk_prep         Q and K before attention (#344): RMS norm, rotary, key offset, zero padding
                      to V's width and the attention's layout in one pass, autograd function (its
                      reference is the model's own ops, train_gpt.qk_prep_reference)
- 12. quantize_packed_e4m3   a layer's Q, K and V weight rows in e4m3, row-major and transposed
-                     from one read (#344); packed_qkv_fp8: the packed QKV projection through FP8
-                     GEMMs (the forward and the input gradient), autograd function
+ 12. quantize_packed_e4m3   a layer's Q, K and V weight rows in e4m3, row-major from one read
+                     and transposed from its bytes (#344); packed_qkv_fp8: the packed QKV
+                     projection through FP8 GEMMs (the forward and the input gradient),
+                     autograd function
 
 Each kernel `name` has a `name_reference` with the same contract in plain PyTorch (qk_prep's is
 in train_gpt.py, being the model's own ops): the CPU training path runs the references, and the
@@ -2568,9 +2569,11 @@ def qk_prep(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 # and K (2 H w rows, the layer's head-pair blocks of qk_bank) stored apart from V (a matrix of
 # vo_bank). After every optimizer update (and at the start) quantize_packed_e4m3 turns the
 # weights of every layer into e4m3 twice over, W / s row-major (n, d) for the forward and its
-# transpose (d, n) for the backward, both written from one read of the bf16 weights; the scale s
-# is each layer's exact max|W| / 448 (the record's description gives no scales: every scale here
-# is an exact per-tensor max, found by a reduction before the quantisation).
+# transpose (d, n) for the backward; the scale s is each layer's exact max|W| / 448 (the record's
+# description gives no scales: every scale here is an exact per-tensor max, found by a reduction
+# before the quantisation). The kernel writes the row-major copy only and the transpose is a copy
+# of its bytes: with Triton 3.6's ptxas, a kernel that also stores an fp8 tile transposed writes
+# foreign bytes into part of it (triton-lang/triton#11111), NaN codes among them.
 #
 # Forward: y = x W^T lambda (T, n), lambda the layer's QKV scalar, as one FP8 GEMM of x in e4m3
 # (exact scale max|x| / 448 per call) against W / s, the fp32 sums times both scales and lambda.
@@ -2581,7 +2584,7 @@ def qk_prep(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 @triton.jit
-def _quantize_packed_kernel(top_ptr, bottom_ptr, scale_ptr, out_ptr, out_t_ptr,
+def _quantize_packed_kernel(top_ptr, bottom_ptr, scale_ptr, out_ptr,
                             top_rows, rows, cols, top_batch, top_row, bottom_batch, bottom_row,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     layer = tl.program_id(2)
@@ -2599,9 +2602,6 @@ def _quantize_packed_kernel(top_ptr, bottom_ptr, scale_ptr, out_ptr, out_t_ptr,
     first = layer.to(tl.int64) * rows * cols
     tl.store(out_ptr + first + r.to(tl.int64)[:, None] * cols + c[None, :], w8,
              mask=(r < rows)[:, None] & col_ok)
-    # the transposed tile, stored along its own rows
-    tl.store(out_t_ptr + first + c.to(tl.int64)[:, None] * rows + r[None, :], tl.trans(w8),
-             mask=(c < cols)[:, None] & (r < rows)[None, :])
 
 
 @torch.library.custom_op("nanogpt_triton::quantize_packed_e4m3", mutates_args=("out", "out_t"))
@@ -2611,9 +2611,10 @@ def _quantize_packed_op(top: torch.Tensor, bottom: torch.Tensor, scales: torch.T
     rows = out.shape[1]
     block_r, block_c = (32, 32) if INTERPRET else (64, 64)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), L)
-    _quantize_packed_kernel[grid](top, bottom, scales, out, out_t, top_rows, rows, cols,
+    _quantize_packed_kernel[grid](top, bottom, scales, out, top_rows, rows, cols,
                                   top.stride(0), top.stride(1), bottom.stride(0), bottom.stride(1),
                                   BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    out_t.copy_(out.mT)
 
 
 @_quantize_packed_op.register_fake
@@ -2637,8 +2638,8 @@ def _check_packed_args(name: str, top: torch.Tensor, bottom: torch.Tensor, scale
 def quantize_packed_e4m3(top: torch.Tensor, bottom: torch.Tensor, scales: torch.Tensor,
                          out: torch.Tensor, out_t: torch.Tensor) -> None:
     """out = e4m3(cat([top, bottom], 1) / scales) (L, r1 + r2, d) and out_t its transpose
-    (L, d, r1 + r2), written in place from one read of top (L, r1, d) and bottom (L, r2, d)
-    (any batch and row strides); scales (L,) fp32; saturating at +-448."""
+    (L, d, r1 + r2), in place: out from one read of top (L, r1, d) and bottom (L, r2, d) (any
+    batch and row strides), out_t copied from out; scales (L,) fp32; saturating at +-448."""
     name = "quantize_packed_e4m3"
     _check_runnable(name, top, bottom, scales, out, out_t)
     _check_packed_args(name, top, bottom, scales, out, out_t)
