@@ -260,6 +260,74 @@ def case_mlp_fp8(tk, T, d, hidden):
     return results
 
 
+def case_qkv_fp8(tk, T, d, H, w):
+    """#344's packed QKV projection, forward + backward through autograd, against the bf16
+    projection it replaces (x (lambda W)^T, eager and compiled); then the once-per-step
+    quantisation of every layer's weights into both e4m3 layouts (10 layers) against PyTorch."""
+    n = 2 * H * w + d
+    x, W = randn_bf16(T, d).requires_grad_(), small_weight_bf16(n, d).requires_grad_()
+    lam = torch.tensor([0.7], device=DEVICE, requires_grad=True)
+    dY = randn_bf16(T, n)
+    scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
+    W8 = tk.quantize_e4m3_scaled(W.detach(), scale)
+    W8t = W8.t().contiguous()
+
+    def bf16_projection(x, W, lam):
+        return torch.nn.functional.linear(x, lam.bfloat16() * W)
+
+    leaves, shape = (x, W, lam), f"T={T}, d={d}, n={n}"
+    results = [measure("packed QKV fwd+bwd, FP8 (#344)", shape,
+                       fwd_bwd(lambda x, W, lam: tk.packed_qkv_fp8(x, W, lam, W8, W8t, scale),
+                               leaves, leaves, dY),
+                       fwd_bwd(bf16_projection, leaves, leaves, dY),
+                       fwd_bwd(torch.compile(bf16_projection), leaves, leaves, dY),
+                       6 * T * n * d, "TFLOP/s", "bf16",
+                       "2 of 3 GEMMs FP8; vs the bf16 projection")]
+    L = 10
+    with torch.no_grad():
+        top, bottom = small_weight_bf16(L * 2 * H * w, d).view(L, 2 * H * w, d), \
+            small_weight_bf16(2 * L * d, d).view(2 * L, d, d)[::2]
+        scales = torch.full((L,), 1 / 448 / 32, device=DEVICE)
+        out = torch.empty(L, n, d, dtype=torch.float8_e4m3fn, device=DEVICE)
+        out_t = torch.empty(L, d, n, dtype=torch.float8_e4m3fn, device=DEVICE)
+        moved = L * n * d * (2 + 1 + 1 + 1)   # bf16 read, e4m3 written, read and written again
+        results.append(compare("quantize_packed_e4m3 (10 layers)", f"L={L}, n={n}, d={d}",
+                               tk.quantize_packed_e4m3, tk.quantize_packed_e4m3_reference,
+                               (top, bottom, scales, out, out_t), moved, "GB/s", "copy",
+                               "once per optimizer step"))
+    return results
+
+
+def case_qk_prep(tk, T, H, w, width):
+    """#344's Q/K preparation (norm, rotary, key offset, padding, layout), forward + backward,
+    against the model's own ops (train_gpt.qk_prep_reference), on a plain and a paired layer."""
+    import train_gpt as tg
+    rotary = tg.Rotary(w, 2 * T).to(DEVICE)
+    rotary.reset()
+    rows = randn_bf16(T, 2 * H * w + H * width)   # V's columns follow: q and k are strided views
+    q = rows[:, :H * w].view(T, H, w).detach().requires_grad_()
+    k = rows[:, H * w:2 * H * w].view(T, H, w).detach().requires_grad_()
+    grads = [randn_bf16(T, H, width)] * 2
+    moved = 2 * (2 * 2 * T * H * w + 2 * 2 * T * H * width)   # fwd + bwd: q, k in, out, bf16
+    results = []
+    for paired, key_offset in ((False, True), (True, False)):
+        def prep(fn, q, k):
+            return [t.view(T, H, width) for t in fn(q, k, rotary.cos, rotary.sin, paired,
+                                                     key_offset, width)]
+        kernel = lambda q, k: prep(tk.qk_prep, q, k)                       # noqa: E731
+        reference = lambda q, k: prep(tg.qk_prep_reference, q, k)         # noqa: E731
+        compiled = torch.compile(reference)
+
+        def run(fn):
+            return lambda: torch.autograd.grad(fn(q, k), (q, k), grads)
+
+        results.append(measure(f"qk_prep fwd+bwd, {'paired' if paired else 'plain'} layer",
+                               f"T={T}, H={H}, w={w}, width={width}", run(kernel),
+                               run(reference), run(compiled), moved, "GB/s", "copy",
+                               "vs the model's ops"))
+    return results
+
+
 def case_dc_attention(tk, T, H, hd, window):
     """Layer 10's composed attention, forward and backward, documents of about 400 tokens."""
     q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
@@ -643,6 +711,8 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "polar_express": lambda tk: case_polar_express(tk, 3, 3072, 768),
     "mlp": lambda tk: case_mlp(tk, 16384, 768, 3072),
     "mlp_fp8": lambda tk: case_mlp_fp8(tk, 16384, 768, 3072),
+    "qkv_fp8": lambda tk: case_qkv_fp8(tk, 49152, 768, 6, 96),
+    "qk_prep": lambda tk: case_qk_prep(tk, 49152, 6, 96, 128),
     "cross_entropy": lambda tk: case_cross_entropy(tk, 16384, 768, 50304),
     "transposes": lambda tk: case_transposes(tk, 768, 50304),
     "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
