@@ -431,7 +431,8 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 #   RELU2_FP8_FORWARD (#89): RELU2_FORWARD's post, and beside it post8 = e4m3(post / act_scale)
 #                   (saturated at 448; act_scale read from memory) into aux; every program
 #                   writes the largest post of its tiles to maxima[program]
-#   STORE:          a = post8, b = W2^T in e4m3 (#89): out = bf16(acc), acc already scaled
+#   STORE:          a = post8, b = W2^T in e4m3 (#89, _FP8_GEMM = "triton"): out = bf16(acc),
+#                   acc already scaled
 # The forward stores only post, not pre as well: the forward is bound by its stores, and
 # relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own bf16 rounding of d_pre
 # dwarfs.
@@ -820,6 +821,23 @@ def _(a8, b8, scale):
     return torch.empty(a8.shape[0], b8.shape[0], dtype=torch.bfloat16, device=a8.device)
 
 
+# The FP8 GEMMs with nothing to fuse (#89's down-projection, the dx of #344's MLP backward, the
+# packed QKV projection and its dx) run on cuBLAS's scaled matmul, as the reference's do, or on
+# the STORE epilogue above. Both sum the exact fp32 products with Hopper's fast accumulation and
+# round once to bf16; records/bench_kernels.py's fp8_gemm sweep times the two.
+FP8_GEMM_BACKENDS = ("cublas", "triton")
+_FP8_GEMM = "cublas"
+
+
+def _fp8_linear(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16(a8 (m, k) b8 (n, k)^T x scale): a8 e4m3 or e5m2, b8 e4m3, scale (1,) fp32."""
+    if _FP8_GEMM == "triton":
+        return _fp8_linear_op(a8, b8, scale)
+    return torch._scaled_mm(a8.contiguous(), b8.contiguous().t(), scale_a=scale.reshape(()),
+                            scale_b=scale.new_ones(()), out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
+
+
 def _fp8_mlp_forward(x8: torch.Tensor, W1_8: torch.Tensor, up_scale: torch.Tensor,
                      W2_8t: torch.Tensor, w2_scale: torch.Tensor, act_scale: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -832,7 +850,7 @@ def _fp8_mlp_forward(x8: torch.Tensor, W1_8: torch.Tensor, up_scale: torch.Tenso
         post8 = quantize_e4m3_scaled(post, act_scale)
     else:
         post, post8, post_max = _linear_relu_square_fp8_post_op(x8, W1_8, up_scale, act_scale)
-    return _fp8_linear_op(post8, W2_8t, act_scale * w2_scale), post, post_max
+    return _fp8_linear(post8, W2_8t, act_scale * w2_scale), post, post_max
 
 
 class _LinearReluSquareFP8(torch.autograd.Function):
@@ -975,7 +993,7 @@ class _LinearReluSquareFP8Backward(torch.autograd.Function):
         g8, g_scale = quantize_e5m2(d_out)
         d_pre = _linear_relu_square_fp8_backward_op(g8, W2_8, post, g_scale * w2_scale)
         d_pre8, d_pre_scale = quantize_e5m2(d_pre)
-        dx = _fp8_linear_op(d_pre8, W1_8t, d_pre_scale * w1_scale)
+        dx = _fp8_linear(d_pre8, W1_8t, d_pre_scale * w1_scale)
         return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 7
 
 
@@ -2661,10 +2679,10 @@ def quantize_packed_e4m3_reference(top: torch.Tensor, bottom: torch.Tensor, scal
 
 def _fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
               use_kernels: bool) -> torch.Tensor:
-    """a8 (m, k) b8 (n, k)^T x scale in `dtype`, accumulated in fp32: the Triton GEMM (bf16 out),
+    """a8 (m, k) b8 (n, k)^T x scale in `dtype`, accumulated in fp32: the FP8 GEMM (bf16 out),
     or its emulation in PyTorch."""
     if use_kernels:
-        return _fp8_linear_op(a8, b8, scale)
+        return _fp8_linear(a8, b8, scale)
     return _fp8_matmul_reference(a8, b8, scale).to(dtype)
 
 

@@ -666,6 +666,49 @@ PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
 ]
 
 
+def fp8_gemm_backend_sweep(tk, T=16384, d=768, hidden=3072, H=6, w=96) -> list[str]:
+    """Each backend of the FP8 GEMMs without an epilogue (triton_kernels._FP8_GEMM) in the ops
+    that use them, forward + backward: GPU-only microseconds and host microseconds per call."""
+    x, dY = randn_bf16(T, d).requires_grad_(), randn_bf16(T, d)
+    W1, W2 = (small_weight_bf16(hidden, d).requires_grad_() for _ in range(2))
+    n = 2 * H * w + d
+    Wqkv, dQKV = small_weight_bf16(n, d).requires_grad_(), randn_bf16(T, n)
+    lam = torch.tensor([0.7], device=DEVICE, requires_grad=True)
+
+    def layouts(W):
+        scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
+        W8 = tk.quantize_e4m3_scaled(W.detach(), scale)
+        return W8, W8.t().contiguous(), scale
+
+    mlp_weights = tk.FP8MLPWeights(*layouts(W1), *layouts(W2))
+    W8, W8t, w_scale = layouts(Wqkv)
+    act_scale = torch.tensor([0.02], device=DEVICE)
+    mlp = (x, W1, W2)
+    ops = {
+        "#89 MLP": fwd_bwd(lambda x, W1, W2: tk.linear_relu_square_fp8(
+            x, W1, W2, mlp_weights.W2_8t, mlp_weights.w2_scale, act_scale)[0], mlp, mlp, dY),
+        "#344 MLP": fwd_bwd(lambda x, W1, W2: tk.linear_relu_square_fp8_backward(
+            x, W1, W2, mlp_weights, act_scale)[0], mlp, mlp, dY),
+        "packed QKV": fwd_bwd(lambda x, W, lam: tk.packed_qkv_fp8(x, W, lam, W8, W8t, w_scale),
+                              (x, Wqkv, lam), (x, Wqkv, lam), dQKV),
+    }
+    lines = [f"| backend (T={T}) | " + " | ".join(f"{name} GPU us | host us" for name in ops) + " |",
+             "|---" * (2 * len(ops) + 1) + "|"]
+    used = tk._FP8_GEMM
+    try:
+        for backend in tk.FP8_GEMM_BACKENDS:
+            tk._FP8_GEMM = backend
+            cells = []
+            for fn in ops.values():
+                ms = bench_gpu(fn)
+                cells += ["n/a" if ms is None else f"{ms * 1e3:.1f}", f"{host_us(fn):.0f}"]
+            label = backend + (" (used)" if backend == used else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    finally:
+        tk._FP8_GEMM = used
+    return lines
+
+
 def pairwise_tiling_sweep(tk) -> list[str]:
     """GPU-only microseconds of the pairwise MLP's forward + backward for each candidate tiling,
     at r = 79 and 110 and the stage-3 micro-batch."""
@@ -724,6 +767,8 @@ SWEEPS = {   # name: (title, the call that runs it)
     "polar_update": ("Polar Express update (polar_update_tall) tilings", polar_update_tiling_sweep),
     "mlp": ("MLP GEMM (linear_relu_square) tilings", mlp_tiling_sweep),
     "mlp_fp8": ("FP8 MLP GEMMs (#89) tilings", fp8_mlp_tiling_sweep),
+    "fp8_gemm": ("FP8 GEMMs without an epilogue: cuBLAS or Triton, in the ops that use them",
+                 fp8_gemm_backend_sweep),
     "pairwise": ("Pairwise MLP (pairwise_mlp) tilings, forward + backward", pairwise_tiling_sweep),
 }
 
