@@ -822,9 +822,9 @@ def _(a8, b8, scale):
 
 
 # The FP8 GEMMs with nothing to fuse (#89's down-projection, the dx of #344's MLP backward, the
-# packed QKV projection and its dx) run on cuBLAS's scaled matmul, as the reference's do, or on
-# the STORE epilogue above. Both sum the exact fp32 products with Hopper's fast accumulation and
-# round once to bf16; records/bench_kernels.py's fp8_gemm sweep times the two.
+# packed QKV projection and its dx) run on cuBLAS's scaled matmul, as the reference's #89 GEMM
+# does, or on the STORE epilogue above. Both sum the exact fp32 products with Hopper's fast
+# accumulation and round once to bf16; records/bench_kernels.py's fp8_gemm sweep times the two.
 FP8_GEMM_BACKENDS = ("cublas", "triton")
 _FP8_GEMM = "cublas"
 
