@@ -433,6 +433,8 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 #                   writes the largest post of its tiles to maxima[program]
 #   STORE:          a = post8, b = W2^T in e4m3 (#89, _FP8_GEMM = "triton"): out = bf16(acc),
 #                   acc already scaled
+#   RELU2_BACKWARD_MAX (#344): RELU2_BACKWARD, and every program writes the largest |d_pre| of
+#                   its tiles to maxima[program]: d_pre's exact e5m2 scale without a pass over it
 # The forward stores only post, not pre as well: the forward is bound by its stores, and
 # relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own bf16 rounding of d_pre
 # dwarfs.
@@ -452,14 +454,24 @@ RELU2_BACKWARD = tl.constexpr(1)   # out = d_pre, aux = post (read)
 AXPY = tl.constexpr(2)             # out = acc + alpha * aux, aux = a's tile at the output (read)
 RELU2_FP8_FORWARD = tl.constexpr(3)  # out = post, aux = post8 (both written), maxima written
 STORE = tl.constexpr(4)            # out = acc, aux unused
+RELU2_BACKWARD_MAX = tl.constexpr(5)  # RELU2_BACKWARD, maxima written
+
+
+@triton.jit
+def _relu2_backward_epilogue(acc, d_pre_desc, post_desc, row0, col0):
+    """d_pre = bf16(2 acc sqrt(post)), stored; returns the tile's largest |d_pre|. Tiles past the
+    matrix edges hold zeros (TMA pads the operands), which leave that maximum alone."""
+    relu = tl.sqrt(post_desc.load([row0, col0]).to(tl.float32))   # sqrt.approx, error ~2^-23
+    d_pre = _to_bf16(2.0 * acc * relu)
+    d_pre_desc.store([row0, col0], d_pre)
+    return tl.max(tl.max(tl.abs(d_pre.to(tl.float32)), axis=1), axis=0)
 
 
 @triton.jit
 def _gemm_epilogue(acc, out_desc, aux_desc, alpha, row0, col0,
                    EPILOGUE: tl.constexpr):
     if EPILOGUE == RELU2_BACKWARD:
-        relu = tl.sqrt(aux_desc.load([row0, col0]).to(tl.float32))   # sqrt.approx, error ~2^-23
-        out_desc.store([row0, col0], _to_bf16(2.0 * acc * relu))
+        _relu2_backward_epilogue(acc, out_desc, aux_desc, row0, col0)
     elif EPILOGUE == AXPY:
         x = aux_desc.load([row0, col0]).to(tl.float32)
         out_desc.store([row0, col0], _to_bf16(acc + alpha * x))
@@ -488,7 +500,7 @@ def _gemm_epilogue_kernel(
     a_desc, b_desc, out_desc, aux_desc,     # aux: see RELU2_FORWARD, RELU2_BACKWARD, AXPY
     m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
     scale_ptr,                              # SCALED: acc is multiplied by this fp32 value
-    act_scale_ptr, maxima_ptr,              # RELU2_FP8_FORWARD: post8's scale, per-program maxima
+    act_scale_ptr, maxima_ptr,              # RELU2_FP8_FORWARD: post8's scale; per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
@@ -498,6 +510,7 @@ def _gemm_epilogue_kernel(
         scale = tl.load(scale_ptr)
     if EPILOGUE == RELU2_FP8_FORWARD:
         act_scale = tl.load(act_scale_ptr)
+    if EPILOGUE == RELU2_FP8_FORWARD or EPILOGUE == RELU2_BACKWARD_MAX:
         largest = tl.cast(0.0, tl.float32)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
@@ -526,10 +539,15 @@ def _gemm_epilogue_kernel(
             right_max = _relu2_fp8_epilogue(right, out_desc, aux_desc, act_scale, row0,
                                             col0 + BLOCK_N // 2)
             largest = tl.maximum(largest, tl.maximum(left_max, right_max))
+        elif EPILOGUE == RELU2_BACKWARD_MAX:
+            left_max = _relu2_backward_epilogue(left, out_desc, aux_desc, row0, col0)
+            right_max = _relu2_backward_epilogue(right, out_desc, aux_desc, row0,
+                                                 col0 + BLOCK_N // 2)
+            largest = tl.maximum(largest, tl.maximum(left_max, right_max))
         else:
             _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
             _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE)
-    if EPILOGUE == RELU2_FP8_FORWARD:
+    if EPILOGUE == RELU2_FP8_FORWARD or EPILOGUE == RELU2_BACKWARD_MAX:
         tl.store(maxima_ptr + tl.program_id(0), largest)
 
 
@@ -559,7 +577,8 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     """acc = a @ b^T through the epilogue `epilogue`, all matrices 2-D and contiguous; times the
     one-element fp32 `scale` first if given. With rows_per_batch < m, row block i of a pairs with
     row block i of b (see the section's notes). `tiles` overrides the tiling (benchmarks).
-    RELU2_FP8_FORWARD takes post8's one-element fp32 `act_scale` and returns the largest post, (1,)."""
+    RELU2_FP8_FORWARD takes post8's one-element fp32 `act_scale` and returns the largest post, (1,);
+    RELU2_BACKWARD_MAX returns the largest |d_pre|, (1,)."""
     if a.is_cuda and not torch.cuda.is_current_stream_capturing():
         # The backward may run on autograd's device thread before any CUDA call there made the
         # context current; the descriptors are encoded through the driver API, which needs it.
@@ -580,14 +599,14 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
                    out_desc, aux_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(num_tiles, 4 if INTERPRET else _num_sms(a.device))
-    fp8_forward = epilogue.value == RELU2_FP8_FORWARD.value
-    maxima = torch.empty(programs, dtype=torch.float32, device=a.device) if fp8_forward else out
+    with_maxima = epilogue.value in (RELU2_FP8_FORWARD.value, RELU2_BACKWARD_MAX.value)
+    maxima = torch.empty(programs, dtype=torch.float32, device=a.device) if with_maxima else out
     _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha,
                                        out if scale is None else scale,
                                        out if act_scale is None else act_scale, maxima,
                                        EPILOGUE=epilogue.value, SCALED=scale is not None,
                                        NUM_PROGRAMS=programs, **tiles)
-    return maxima.amax().reshape(1) if fp8_forward else None
+    return maxima.amax().reshape(1) if with_maxima else None
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_forward", mutates_args=())
@@ -929,7 +948,8 @@ def linear_relu_square_fp8_reference(x: torch.Tensor, W1: torch.Tensor, W2: torc
 # scale, in both layouts, since an FP8 GEMM reads both operands along the summed dimension. The
 # forward is #89's with W1's stored copy. The backward's four GEMMs:
 #   d_post = dY W2^T  FP8: g8 = e5m2(dY / g_s) times W2_8 (hidden, d); the epilogue applies
-#                     ReLU^2's derivative, d_pre = bf16(2 d_post sqrt(post)) (kernel 4's)
+#                     ReLU^2's derivative, d_pre = bf16(2 d_post sqrt(post)) (kernel 4's), and
+#                     finds max|d_pre|, so that d_pre's scale costs no pass over it
 #   dx = d_pre W1     FP8: e5m2(d_pre / g_s') times W1_8t (d, hidden)
 #   dW1 = d_pre^T x   bf16, and dW2 = post^T dY bf16
 # Gradients are e5m2 (5 exponent bits for their range, 2 mantissa bits), each tensor at its exact
@@ -954,26 +974,30 @@ class FP8MLPWeights(NamedTuple):
     w2_scale: torch.Tensor   # (1,) fp32
 
 
-def quantize_e5m2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_e5m2(t: torch.Tensor, t_max: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / scale in e5m2, scale) with scale = max|t| / 57344 as a one-element fp32 tensor: a
-    gradient's largest magnitude maps to e5m2's largest value; rounded to nearest even."""
-    scale = (t.detach().abs().amax().float() / E5M2_MAX).clamp_min(E4M3_SCALE_FLOOR).reshape(1)
+    gradient's largest magnitude maps to e5m2's largest value; rounded to nearest even. t_max:
+    max|t| where a kernel found it already."""
+    if t_max is None:
+        t_max = t.detach().abs().amax()
+    scale = (t_max.float() / E5M2_MAX).clamp_min(E4M3_SCALE_FLOOR).reshape(1)
     g8 = (t.detach().float() / scale).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
     return g8, scale
 
 
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_backward", mutates_args=())
 def _linear_relu_square_fp8_backward_op(g8: torch.Tensor, W2_8: torch.Tensor, post: torch.Tensor,
-                                        scale: torch.Tensor) -> torch.Tensor:
+                                        scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d_pre = torch.empty_like(post)
-    _launch_gemm_epilogue(g8.contiguous(), W2_8.contiguous(), d_pre, post.contiguous(),
-                          RELU2_BACKWARD, scale=scale)
-    return d_pre
+    d_pre_max = _launch_gemm_epilogue(g8.contiguous(), W2_8.contiguous(), d_pre,
+                                      post.contiguous(), RELU2_BACKWARD_MAX, scale=scale)
+    return d_pre, d_pre_max
 
 
 @_linear_relu_square_fp8_backward_op.register_fake
 def _(g8, W2_8, post, scale):
-    return torch.empty_like(post)
+    return torch.empty_like(post), torch.empty(1, dtype=torch.float32, device=post.device)
 
 
 class _LinearReluSquareFP8Backward(torch.autograd.Function):
@@ -991,8 +1015,9 @@ class _LinearReluSquareFP8Backward(torch.autograd.Function):
         x, post, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
         d_out = d_out.contiguous()
         g8, g_scale = quantize_e5m2(d_out)
-        d_pre = _linear_relu_square_fp8_backward_op(g8, W2_8, post, g_scale * w2_scale)
-        d_pre8, d_pre_scale = quantize_e5m2(d_pre)
+        d_pre, d_pre_max = _linear_relu_square_fp8_backward_op(g8, W2_8, post,
+                                                               g_scale * w2_scale)
+        d_pre8, d_pre_scale = quantize_e5m2(d_pre, d_pre_max)
         dx = _fp8_linear(d_pre8, W1_8t, d_pre_scale * w1_scale)
         return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 7
 

@@ -501,8 +501,9 @@ def check_linear_relu_square_fp8_backward(T, d, hidden, device, act_scale):
     # the backward, GEMM by GEMM, each against the exact product of its FP8 operands:
     # d_pre = bf16(2 d_post sqrt(post)), d_post = g8 W2_8^T x both scales, g8 = e5m2(dY / g_s)
     g8, g_scale = tk.quantize_e5m2(dY)
-    d_pre = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward(
+    d_pre, d_pre_max = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward(
         g8, weights.W2_8, post, g_scale * weights.w2_scale)
+    assert torch.equal(d_pre_max, d_pre.float().abs().amax().reshape(1))   # found in the epilogue
     d_post, bound = fp8_gemm_exact(g8, weights.W2_8, g_scale * weights.w2_scale)
     relu = post.double().sqrt()
     exact, bound = 2 * d_post * relu, 2 * bound * relu + 2.0 ** -21 * (d_post * relu).abs()
