@@ -500,7 +500,7 @@ def _gemm_epilogue_kernel(
     a_desc, b_desc, out_desc, aux_desc,     # aux: see RELU2_FORWARD, RELU2_BACKWARD, AXPY
     m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
     scale_ptr,                              # SCALED: acc is multiplied by this fp32 value
-    act_scale_ptr, maxima_ptr,              # RELU2_FP8_FORWARD: post8's scale; per-program maxima
+    act_scale_ptr, maxima_ptr,              # post8's scale (RELU2_FP8_FORWARD); per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
