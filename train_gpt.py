@@ -2115,18 +2115,6 @@ class GPT(nn.Module):
             y = y * out_gate[..., None]
         return F.linear(y.reshape(T, d), out_lambda * weights.out)
 
-    def position_heads(self, layer: int, q: torch.Tensor, k: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k (T, H, qk_width) of a non-paired layer rotated at their token positions; in the
-        long window layers the non-rotating half of each key then carries the previous token's
-        (the key offset)."""
-        T = q.shape[0]
-        cos, sin = self.rotary.cos[:T, None], self.rotary.sin[:T, None]
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if layer in LONG_WINDOW_LAYERS:
-            k = shift_key_halves(k)
-        return q, k
-
     def noise_heads(self, layer: int, noise: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The normed noise query and key (T, G, n) from their rows noise (T, 2 G n), and their
@@ -2136,7 +2124,9 @@ class GPT(nn.Module):
         T, H, hd = noise.shape[0], self.cfg.num_heads, self.cfg.head_dim
         if self.cfg.attn == "diff":
             q, k = noise.view(T, 2 * H, hd).split(H, dim=1)
-            return *self.position_heads(layer, rms_norm(q), rms_norm(k)), self.rotary.attn_scale
+            q, k = qk_prep_reference(q, k, self.rotary.cos, self.rotary.sin, False,
+                                     layer in LONG_WINDOW_LAYERS, hd)
+            return q, k, self.rotary.attn_scale
         n = self.cfg.cmd_noise_dim
         q, k = noise.view(T, 2, 1, n).unbind(1)
         return rms_norm(q), rms_norm(k), self.rotary.attn_scale * hd / n

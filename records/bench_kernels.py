@@ -148,6 +148,13 @@ def small_weight_bf16(rows, cols):
     return ((torch.rand(rows, cols, device=DEVICE) * 2 - 1) / 32).bfloat16()
 
 
+def e4m3_layouts(tk, W):
+    """W in e4m3 at its exact scale, row-major and transposed, and the scale (1,)."""
+    scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
+    W8 = tk.quantize_e4m3_scaled(W.detach(), scale)
+    return W8, W8.t().contiguous(), scale
+
+
 # =================================================================================================
 # Cases
 # =================================================================================================
@@ -219,13 +226,7 @@ def case_mlp_fp8(tk, T, d, hidden):
     W2 = small_weight_bf16(hidden, d).requires_grad_()
     dY = randn_bf16(T, d)
     act_scale = torch.tensor([0.02], device=DEVICE)
-
-    def layouts(W):
-        scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
-        W8 = tk.quantize_e4m3_scaled(W, scale)
-        return W8, W8.t().contiguous(), scale
-
-    weights = tk.FP8MLPWeights(*layouts(W1), *layouts(W2))
+    weights = tk.FP8MLPWeights(*e4m3_layouts(tk, W1), *e4m3_layouts(tk, W2))
 
     def fp8_down(fn):
         return lambda x, W1, W2: fn(x, W1, W2, weights.W2_8t, weights.w2_scale, act_scale)[0]
@@ -268,9 +269,7 @@ def case_qkv_fp8(tk, T, d, H, w):
     x, W = randn_bf16(T, d).requires_grad_(), small_weight_bf16(n, d).requires_grad_()
     lam = torch.tensor([0.7], device=DEVICE, requires_grad=True)
     dY = randn_bf16(T, n)
-    scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
-    W8 = tk.quantize_e4m3_scaled(W.detach(), scale)
-    W8t = W8.t().contiguous()
+    W8, W8t, scale = e4m3_layouts(tk, W)
 
     def bf16_projection(x, W, lam):
         return torch.nn.functional.linear(x, lam.bfloat16() * W)
@@ -674,14 +673,8 @@ def fp8_gemm_backend_sweep(tk, T=16384, d=768, hidden=3072, H=6, w=96) -> list[s
     n = 2 * H * w + d
     Wqkv, dQKV = small_weight_bf16(n, d).requires_grad_(), randn_bf16(T, n)
     lam = torch.tensor([0.7], device=DEVICE, requires_grad=True)
-
-    def layouts(W):
-        scale = tk.exact_e4m3_scale(W.detach().abs().amax()).reshape(1)
-        W8 = tk.quantize_e4m3_scaled(W.detach(), scale)
-        return W8, W8.t().contiguous(), scale
-
-    mlp_weights = tk.FP8MLPWeights(*layouts(W1), *layouts(W2))
-    W8, W8t, w_scale = layouts(Wqkv)
+    mlp_weights = tk.FP8MLPWeights(*e4m3_layouts(tk, W1), *e4m3_layouts(tk, W2))
+    W8, W8t, w_scale = e4m3_layouts(tk, Wqkv)
     act_scale = torch.tensor([0.02], device=DEVICE)
     mlp = (x, W1, W2)
     ops = {

@@ -120,26 +120,33 @@ def e4m3_bits(t):
     return t.view(torch.uint8)
 
 
+def check_packed_quantisation(quantize, top, bottom, scales):
+    """out = e4m3 of [top; bottom] / scale (one fp32 division, rounded to nearest even, saturating
+    at 448) per layer, and out_t its exact transpose, bit for bit."""
+    L, rows, d = top.shape[0], top.shape[1] + bottom.shape[1], top.shape[2]
+    packed = torch.cat([top, bottom], 1).float()
+    want = (packed / scales[:, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    out = torch.empty(L, rows, d, dtype=torch.float8_e4m3fn, device=top.device)
+    out_t = torch.empty(L, d, rows, dtype=torch.float8_e4m3fn, device=top.device)
+    quantize(top, bottom, scales, out, out_t)
+    assert torch.equal(e4m3_bits(out), e4m3_bits(want))
+    assert torch.equal(e4m3_bits(out_t), e4m3_bits(want.mT.contiguous()))
+    return out
+
+
 @pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_kernels), False],
                          ids=["kernel", "reference"])
 def test_packed_weights_quantise_in_both_layouts(use_kernel):
     """From strided sources (every other matrix of a bank, as V in vo_bank), rows not a multiple
-    of the tile: out = e4m3 of [top; bottom] / scale (one fp32 division, rounded to nearest even)
-    per layer, out_t its exact transpose."""
+    of the tile."""
     torch.manual_seed(0)
     L, r1, d = 3, 56, 48
     top = (torch.randn(2 * L + 1, r1, d, device=DEV) * 0.05).bfloat16()[1::2]
     bottom = (torch.randn(2 * L, d, d, device=DEV) * 0.05).bfloat16()[::2]
-    packed = torch.cat([top, bottom], 1).float()
-    scales = packed.abs().amax((1, 2)) / 448
+    scales = torch.cat([top, bottom], 1).float().abs().amax((1, 2)) / 448
     scales[1] /= 1.5      # this layer's largest values saturate at 448
-    want = (packed / scales[:, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    out = torch.empty(L, r1 + d, d, dtype=torch.float8_e4m3fn, device=DEV)
-    out_t = torch.empty(L, d, r1 + d, dtype=torch.float8_e4m3fn, device=DEV)
     quantize = tk.quantize_packed_e4m3 if use_kernel else tk.quantize_packed_e4m3_reference
-    quantize(top, bottom, scales, out, out_t)
-    assert torch.equal(e4m3_bits(out), e4m3_bits(want))
-    assert torch.equal(e4m3_bits(out_t), e4m3_bits(want.mT.contiguous()))
+    out = check_packed_quantisation(quantize, top, bottom, scales)
     assert out[1].float().abs().max() == 448
 
 
@@ -374,18 +381,12 @@ def test_packed_qkv_fp8_at_the_speedrun_shape_on_gpu():
 @pytest.mark.gpu
 def test_packed_weights_quantise_at_the_speedrun_shape_on_gpu():
     """The speedrun's ten layers from views of its banks (Q/K blocks of 2 x 96 rows, V every other
-    matrix of vo_bank): both layouts bit for bit against PyTorch. At these sizes a kernel that also
-    stored the transposed fp8 tile wrote foreign bytes into about a quarter of it."""
+    matrix of vo_bank). At these sizes a kernel that also stored the transposed fp8 tile wrote
+    foreign bytes into about a quarter of it."""
     torch.manual_seed(2)
     L, H, w, d = 10, 6, 96, 768
     qk_bank = (0.03 * torch.randn(H * L + 2, 2 * w, d, device="cuda")).bfloat16()
     vo_bank = (0.03 * torch.randn(2 * L + 2, d, d, device="cuda")).bfloat16()
     top, bottom = qk_bank[:H * L].view(L, 2 * H * w, d), vo_bank[0:2 * L:2]
-    packed = torch.cat([top, bottom], 1).float()
-    scales = packed.abs().amax((1, 2)) / 448
-    want = (packed / scales[:, None, None]).to(torch.float8_e4m3fn)
-    out = torch.empty(L, 2 * H * w + d, d, dtype=torch.float8_e4m3fn, device="cuda")
-    out_t = torch.empty(L, d, 2 * H * w + d, dtype=torch.float8_e4m3fn, device="cuda")
-    tk.quantize_packed_e4m3(top, bottom, scales, out, out_t)
-    assert torch.equal(e4m3_bits(out), e4m3_bits(want))
-    assert torch.equal(e4m3_bits(out_t), e4m3_bits(want.mT.contiguous()))
+    scales = torch.cat([top, bottom], 1).float().abs().amax((1, 2)) / 448
+    check_packed_quantisation(tk.quantize_packed_e4m3, top, bottom, scales)
