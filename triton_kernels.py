@@ -429,8 +429,8 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 #   RELU2_BACKWARD: a = dY, b = W2 (= c_proj): d_pre = bf16(2 * acc * sqrt(post)), acc = d_post
 #   AXPY:           a = X, b = B (symmetric, so X B^T = X B): out = bf16(acc + alpha * X)
 #   RELU2_FP8_FORWARD (#89): RELU2_FORWARD's post, and beside it post8 = e4m3(post / act_scale)
-#                   (saturated at 448; act_scale read from memory) into aux; every program
-#                   writes the largest post of its tiles to maxima[program]
+#                   as quantize_e4m3_scaled rounds it (act_scale read from memory) into aux;
+#                   every program writes the largest post of its tiles to maxima[program]
 #   STORE:          a = post8, b = W2^T in e4m3 (#89, _FP8_GEMM = "triton"): out = bf16(acc),
 #                   acc already scaled
 #   RELU2_BACKWARD_MAX (#344): RELU2_BACKWARD, and every program writes the largest |d_pre| of
@@ -459,12 +459,12 @@ RELU2_BACKWARD_MAX = tl.constexpr(5)  # RELU2_BACKWARD, maxima written
 
 @triton.jit
 def _relu2_backward_epilogue(acc, d_pre_desc, post_desc, row0, col0):
-    """d_pre = bf16(2 acc sqrt(post)), stored; returns the tile's largest |d_pre|. Tiles past the
-    matrix edges hold zeros (TMA pads the operands), which leave that maximum alone."""
+    """d_pre = bf16(2 acc sqrt(post)), stored; returns each row's largest |d_pre|. Tiles past
+    the matrix edges hold zeros (TMA pads the operands), which leave those maxima alone."""
     relu = tl.sqrt(post_desc.load([row0, col0]).to(tl.float32))   # sqrt.approx, error ~2^-23
     d_pre = _to_bf16(2.0 * acc * relu)
     d_pre_desc.store([row0, col0], d_pre)
-    return tl.max(tl.max(tl.abs(d_pre.to(tl.float32)), axis=1), axis=0)
+    return tl.max(tl.abs(d_pre.to(tl.float32)), axis=1)
 
 
 @triton.jit
@@ -483,16 +483,16 @@ def _gemm_epilogue(acc, out_desc, aux_desc, alpha, row0, col0,
 
 
 @triton.jit
-def _relu2_fp8_epilogue(acc, post_desc, post8_desc, act_scale, row0, col0):
-    """RELU2_FORWARD's post, and post8 = e4m3(post / act_scale) from the same bf16 post, which
-    the division rounds once (as in PyTorch); returns the tile's largest post. Tiles past the
-    matrix edges hold zeros (TMA pads the operands), which leave the maximum of post >= 0 alone."""
+def _relu2_fp8_epilogue(acc, post_desc, post8_desc, inv_scale, row0, col0):
+    """RELU2_FORWARD's post, and post8 = e4m3(post x inv_scale) from the same bf16 post, as
+    quantize_e4m3_scaled; returns each row's largest post. Tiles past the matrix edges hold
+    zeros (TMA pads the operands), which leave the maxima of post >= 0 alone."""
     relu = tl.maximum(_to_bf16(acc).to(tl.float32), 0.0)
     post = _to_bf16(relu * relu)
     post_desc.store([row0, col0], post)
     post = post.to(tl.float32)
-    post8_desc.store([row0, col0], _to_e4m3(tl.math.div_rn(post, act_scale)))
-    return tl.max(tl.max(post, axis=1), axis=0)
+    post8_desc.store([row0, col0], _to_e4m3(post * inv_scale))
+    return tl.max(post, axis=1)
 
 
 @triton.jit
@@ -508,10 +508,12 @@ def _gemm_epilogue_kernel(
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     if SCALED:
         scale = tl.load(scale_ptr)
-    if EPILOGUE == RELU2_FP8_FORWARD:
-        act_scale = tl.load(act_scale_ptr)
+    if EPILOGUE == RELU2_FP8_FORWARD:   # one exact division here, a multiplication per element
+        inv_scale = tl.math.div_rn(1.0, tl.load(act_scale_ptr))
     if EPILOGUE == RELU2_FP8_FORWARD or EPILOGUE == RELU2_BACKWARD_MAX:
-        largest = tl.cast(0.0, tl.float32)
+        # a running maximum per tile row, reduced over the rows once at the end rather than
+        # reduced to one value (a reduction across all the program's threads) in every tile
+        largest = tl.zeros((BLOCK_M,), dtype=tl.float32)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
@@ -535,8 +537,8 @@ def _gemm_epilogue_kernel(
 
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         if EPILOGUE == RELU2_FP8_FORWARD:
-            left_max = _relu2_fp8_epilogue(left, out_desc, aux_desc, act_scale, row0, col0)
-            right_max = _relu2_fp8_epilogue(right, out_desc, aux_desc, act_scale, row0,
+            left_max = _relu2_fp8_epilogue(left, out_desc, aux_desc, inv_scale, row0, col0)
+            right_max = _relu2_fp8_epilogue(right, out_desc, aux_desc, inv_scale, row0,
                                             col0 + BLOCK_N // 2)
             largest = tl.maximum(largest, tl.maximum(left_max, right_max))
         elif EPILOGUE == RELU2_BACKWARD_MAX:
@@ -548,7 +550,7 @@ def _gemm_epilogue_kernel(
             _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
             _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE)
     if EPILOGUE == RELU2_FP8_FORWARD or EPILOGUE == RELU2_BACKWARD_MAX:
-        tl.store(maxima_ptr + tl.program_id(0), largest)
+        tl.store(maxima_ptr + tl.program_id(0), tl.max(largest, axis=0))
 
 
 # Candidate tilings, which records/bench_kernels.py times for each epilogue; _GEMM_TILES, the
@@ -733,10 +735,13 @@ def quantize_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_e4m3_scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """t / scale in e4m3 (one fp32 division, rounded to nearest even) for an fp32 scale that
-    broadcasts against t, saturated at +-448: a scale from an earlier step may be too small for
-    today's t, and e4m3fn has no infinity (an overflow would become NaN)."""
-    return (t.detach().float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    """t / scale in e4m3 for an fp32 scale that broadcasts against t: t times the fp32 reciprocal
+    of the scale (a multiplication per element is far cheaper than a division in a kernel's
+    epilogue), rounded to fp32 and then to the nearest e4m3 value (ties to even), saturated at
+    +-448: a scale from an earlier step may be too small for today's t, and e4m3fn has no
+    infinity (an overflow would become NaN)."""
+    inv_scale = 1.0 / scale.float()
+    return (t.detach().float() * inv_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def _fp8_matmul_reference(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -2372,41 +2377,46 @@ def pairwise_mlp_reference(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) ->
 # rms_norm, rotate, the key offset and zero_pad_heads: the kernel does the same in one pass over
 # Q and K, in fp32, rounding once at the end (the composition rounds after every op).
 #
-# One program per (block of BLOCK_T tokens, head, Q or K). The rotation needs each entry's pair
-# partner, loaded a second time at columns j ^ 1 (from cache). The backward reverses the chain:
-# the key offset sends the gradient of row t's second half to row t - 1 (row 0 also keeps its
-# own), the rotation is transposed (the partner's sine), then the RMS norm's
-# dx = (g - xn mean(g xn)) / rms, from the saved input.
+# One program per (block of BLOCK_T tokens, Q or K) walks over the heads, so the rotary tables
+# are loaded (and in the backward the sine's pair partners made) once per token block rather than
+# once per head: in paired layers the heads of each parity share one set of table rows. The
+# rotation needs each entry's pair partner (columns 2j and 2j+1 swapped), taken from the loaded
+# tile by a reshape, not loaded again. The backward reverses the chain: the key offset sends the
+# gradient of row t's second half to row t - 1 (row 0 also keeps its own), the rotation is
+# transposed (the partner's sine), then the RMS norm's dx = (g - xn mean(g xn)) / rms, from the
+# saved input. Pairs never straddle the two halves, since w is a multiple of 4.
 
 @triton.jit
-def _qk_heads(ptr, rows, cols, head, stride_t, stride_h, T, W_IN: tl.constexpr):
-    """x[rows, head, cols] and at the pair partners' columns cols ^ 1, fp32, zeros outside."""
+def _pair_partners(x, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    """x (BLOCK_T, BLOCK_W) with the columns of each pair (2j, 2j + 1) swapped."""
+    even, odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_W // 2, 2)))
+    return tl.reshape(tl.join(odd, even), (BLOCK_T, BLOCK_W))
+
+
+@triton.jit
+def _qk_head(ptr, rows, cols, head, stride_t, stride_h, T, W_IN: tl.constexpr):
+    """x[rows, head, cols] in fp32, zeros outside."""
     ok = (rows < T)[:, None] & (cols < W_IN)[None, :]
     base = ptr + rows.to(tl.int64)[:, None] * stride_t + head * stride_h
-    x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    partner = tl.load(base + (cols ^ 1)[None, :], mask=ok, other=0.0).to(tl.float32)
-    return x, partner
+    return tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _rotary_table(table_ptr, rows, cols, head, table_stride, T, W_IN: tl.constexpr,
+def _rotary_table(table_ptr, rows, cols, parity, table_stride, T, W_IN: tl.constexpr,
                   PAIRED: tl.constexpr):
-    """The table's entries at each row's position (2t + head % 2 in paired layers, else t)."""
-    positions = 2 * rows + head % 2 if PAIRED else rows
+    """The table's entries at each row's position (2t + parity in paired layers, else t)."""
+    positions = 2 * rows + parity if PAIRED else rows
     ok = (rows < T)[:, None] & (cols < W_IN)[None, :]
     return tl.load(table_ptr + positions.to(tl.int64)[:, None] * table_stride + cols[None, :],
                    mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _normed_turned(ptr, cos_ptr, sin_ptr, rows, cols, head, stride_t, stride_h, table_stride, T,
-                   eps, W_IN: tl.constexpr, PAIRED: tl.constexpr):
-    """rotate(rms_norm(x)) at rows (BLOCK_T, BLOCK_W), fp32."""
-    x, partner = _qk_heads(ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
+def _normed_turned(x, cos, sin, eps, W_IN: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """rotate(rms_norm(x)) for a loaded head x (BLOCK_T, BLOCK_W), fp32."""
     rstd = tl.rsqrt(tl.sum(x * x, 1) / W_IN + eps)
-    cos = _rotary_table(cos_ptr, rows, cols, head, table_stride, T, W_IN, PAIRED)
-    sin = _rotary_table(sin_ptr, rows, cols, head, table_stride, T, W_IN, PAIRED)
-    return (x * cos + partner * sin) * rstd[:, None]
+    return (x * cos + _pair_partners(x, BLOCK_T, BLOCK_W) * sin) * rstd[:, None]
 
 
 @triton.jit
@@ -2420,6 +2430,33 @@ def _store_rows(out_ptr, value, rows, cols, head, T, H: tl.constexpr, WIDTH: tl.
 
 
 @triton.jit
+def _qk_prep_heads(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, cols, stride_t, stride_h,
+                   table_stride, T, eps, H: tl.constexpr, W_IN: tl.constexpr,
+                   W_OUT: tl.constexpr, PAIRED: tl.constexpr, SHIFTED: tl.constexpr,
+                   OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Every head of Q or K at rows: normed, turned, shifted (the key offset) and padded."""
+    previous = tl.maximum(rows - 1, 0)
+    second_half = (cols >= W_IN // 2)[None, :]
+    for parity in tl.static_range(2 if PAIRED else 1):
+        cos = _rotary_table(cos_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
+        sin = _rotary_table(sin_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
+        if SHIFTED:
+            cos_before = _rotary_table(cos_ptr, previous, cols, parity, table_stride, T, W_IN,
+                                       PAIRED)
+            sin_before = _rotary_table(sin_ptr, previous, cols, parity, table_stride, T, W_IN,
+                                       PAIRED)
+        for head in tl.static_range(parity, H, 2 if PAIRED else 1):
+            x = _qk_head(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
+            out = _normed_turned(x, cos, sin, eps, W_IN, BLOCK_T, BLOCK_W)
+            if SHIFTED:
+                x = _qk_head(x_ptr, previous, cols, head, stride_t, stride_h, T, W_IN)
+                before = _normed_turned(x, cos_before, sin_before, eps, W_IN, BLOCK_T, BLOCK_W)
+                out = tl.where(second_half, before, out)
+            out = tl.where((cols < W_IN)[None, :], out, 0.0)     # the zero padding up to W_OUT
+            _store_rows(out_ptr, out, rows, cols, head, T, H, W_OUT, OUT_BF16)
+
+
+@triton.jit
 def _qk_prep_forward_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, T,
                             q_stride_t, q_stride_h, k_stride_t, k_stride_h, table_stride, eps,
                             H: tl.constexpr, W_IN: tl.constexpr, W_OUT: tl.constexpr,
@@ -2427,23 +2464,15 @@ def _qk_prep_forward_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr
                             OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     eps = tl.cast(eps, tl.float32)          # Python floats may arrive as fp64 under torch.compile
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(1)
     cols = tl.arange(0, BLOCK_W)
-    if tl.program_id(2) == 0:
-        out = _normed_turned(q_ptr, cos_ptr, sin_ptr, rows, cols, head, q_stride_t, q_stride_h,
-                             table_stride, T, eps, W_IN, PAIRED)
-        out_ptr = q_out_ptr
+    if tl.program_id(1) == 0:
+        _qk_prep_heads(q_ptr, q_out_ptr, cos_ptr, sin_ptr, rows, cols, q_stride_t, q_stride_h,
+                       table_stride, T, eps, H, W_IN, W_OUT, PAIRED, False, OUT_BF16, BLOCK_T,
+                       BLOCK_W)
     else:
-        out = _normed_turned(k_ptr, cos_ptr, sin_ptr, rows, cols, head, k_stride_t, k_stride_h,
-                             table_stride, T, eps, W_IN, PAIRED)
-        if KEY_OFFSET:
-            previous = _normed_turned(k_ptr, cos_ptr, sin_ptr, tl.maximum(rows - 1, 0), cols,
-                                      head, k_stride_t, k_stride_h, table_stride, T, eps, W_IN,
-                                      PAIRED)
-            out = tl.where((cols >= W_IN // 2)[None, :], previous, out)
-        out_ptr = k_out_ptr
-    out = tl.where((cols < W_IN)[None, :], out, 0.0)     # the zero padding up to W_OUT
-    _store_rows(out_ptr, out, rows, cols, head, T, H, W_OUT, OUT_BF16)
+        _qk_prep_heads(k_ptr, k_out_ptr, cos_ptr, sin_ptr, rows, cols, k_stride_t, k_stride_h,
+                       table_stride, T, eps, H, W_IN, W_OUT, PAIRED, KEY_OFFSET, OUT_BF16,
+                       BLOCK_T, BLOCK_W)
 
 
 @triton.jit
@@ -2467,20 +2496,26 @@ def _turned_grad(dout_ptr, rows, cols, head, T, H: tl.constexpr, W_IN: tl.conste
 
 
 @triton.jit
-def _normed_turned_backward(x_ptr, dout_ptr, cos_ptr, sin_ptr, rows, cols, head, stride_t,
+def _qk_prep_heads_backward(x_ptr, dout_ptr, dx_ptr, cos_ptr, sin_ptr, rows, cols, stride_t,
                             stride_h, table_stride, T, eps, H: tl.constexpr, W_IN: tl.constexpr,
-                            W_OUT: tl.constexpr, PAIRED: tl.constexpr, SHIFTED: tl.constexpr):
-    """dx (BLOCK_T, BLOCK_W), fp32, of rotate(rms_norm(x)) and the key offset if SHIFTED."""
-    g = _turned_grad(dout_ptr, rows, cols, head, T, H, W_IN, W_OUT, SHIFTED)
-    g_partner = _turned_grad(dout_ptr, rows, cols ^ 1, head, T, H, W_IN, W_OUT, SHIFTED)
-    cos = _rotary_table(cos_ptr, rows, cols, head, table_stride, T, W_IN, PAIRED)
-    sin_partner = _rotary_table(sin_ptr, rows, cols ^ 1, head, table_stride, T, W_IN, PAIRED)
-    d_normed = g * cos + g_partner * sin_partner
-    x, _ = _qk_heads(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
-    rstd = tl.rsqrt(tl.sum(x * x, 1) / W_IN + eps)
-    normed = x * rstd[:, None]
-    mean = tl.sum(d_normed * normed, 1) / W_IN
-    return (d_normed - normed * mean[:, None]) * rstd[:, None]
+                            W_OUT: tl.constexpr, PAIRED: tl.constexpr, SHIFTED: tl.constexpr,
+                            OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_W: tl.constexpr):
+    """dx of every head of Q or K at rows, through the key offset if SHIFTED, the rotation
+    and the RMS norm."""
+    for parity in tl.static_range(2 if PAIRED else 1):
+        cos = _rotary_table(cos_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
+        sin = _rotary_table(sin_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
+        sin_partner = _pair_partners(sin, BLOCK_T, BLOCK_W)
+        for head in tl.static_range(parity, H, 2 if PAIRED else 1):
+            g = _turned_grad(dout_ptr, rows, cols, head, T, H, W_IN, W_OUT, SHIFTED)
+            d_normed = g * cos + _pair_partners(g, BLOCK_T, BLOCK_W) * sin_partner
+            x = _qk_head(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
+            rstd = tl.rsqrt(tl.sum(x * x, 1) / W_IN + eps)
+            normed = x * rstd[:, None]
+            mean = tl.sum(d_normed * normed, 1) / W_IN
+            dx = (d_normed - normed * mean[:, None]) * rstd[:, None]
+            _store_rows(dx_ptr, dx, rows, cols, head, T, H, W_IN, OUT_BF16)
 
 
 @triton.jit
@@ -2491,19 +2526,15 @@ def _qk_prep_backward_kernel(dq_ptr, dk_ptr, q_ptr, k_ptr, dq_in_ptr, dk_in_ptr,
                              OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(1)
     cols = tl.arange(0, BLOCK_W)
-    if tl.program_id(2) == 0:
-        dx = _normed_turned_backward(q_ptr, dq_ptr, cos_ptr, sin_ptr, rows, cols, head,
-                                     q_stride_t, q_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
-                                     PAIRED, False)
-        out_ptr = dq_in_ptr
+    if tl.program_id(1) == 0:
+        _qk_prep_heads_backward(q_ptr, dq_ptr, dq_in_ptr, cos_ptr, sin_ptr, rows, cols,
+                                q_stride_t, q_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
+                                PAIRED, False, OUT_BF16, BLOCK_T, BLOCK_W)
     else:
-        dx = _normed_turned_backward(k_ptr, dk_ptr, cos_ptr, sin_ptr, rows, cols, head,
-                                     k_stride_t, k_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
-                                     PAIRED, KEY_OFFSET)
-        out_ptr = dk_in_ptr
-    _store_rows(out_ptr, dx, rows, cols, head, T, H, W_IN, OUT_BF16)
+        _qk_prep_heads_backward(k_ptr, dk_ptr, dk_in_ptr, cos_ptr, sin_ptr, rows, cols,
+                                k_stride_t, k_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
+                                PAIRED, KEY_OFFSET, OUT_BF16, BLOCK_T, BLOCK_W)
 
 
 QK_NORM_EPS = torch.finfo(torch.float32).eps   # F.rms_norm's default on bf16 and fp32 inputs
@@ -2513,17 +2544,20 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_QK_PREP_TILES = dict(BLOCK_T=32, num_warps=8)   # tokens per program; records/bench_kernels.py
+
+
 def _qk_prep_launch(kernel, tensors: tuple, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                     paired: bool, key_offset: bool, width: int) -> None:
-    """Either kernel over (token blocks, heads, Q or K); q and k with unit last strides, every
-    other tensor contiguous."""
+    """Either kernel over (token blocks, Q or K); q and k with unit last strides, every other
+    tensor contiguous."""
     T, H, w = q.shape
-    block_t = 16 if INTERPRET else 32
-    kernel[(triton.cdiv(T, block_t), H, 2)](
+    block_t = 16 if INTERPRET else _QK_PREP_TILES["BLOCK_T"]
+    kernel[(triton.cdiv(T, block_t), 2)](
         *tensors, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         QK_NORM_EPS, H=H, W_IN=w, W_OUT=width, PAIRED=paired, KEY_OFFSET=key_offset,
         OUT_BF16=q.dtype == torch.bfloat16, BLOCK_T=block_t,
-        BLOCK_W=triton.next_power_of_2(max(w, width)), num_warps=4)
+        BLOCK_W=triton.next_power_of_2(max(w, width)), num_warps=_QK_PREP_TILES["num_warps"])
 
 
 @torch.library.custom_op("nanogpt_triton::qk_prep_forward", mutates_args=())
@@ -2641,7 +2675,7 @@ def _quantize_packed_kernel(top_ptr, bottom_ptr, scale_ptr, out_ptr,
     bottom = bottom_ptr + layer * bottom_batch + bottom_r[:, None] * bottom_row + c[None, :]
     w = (tl.load(top, mask=in_top, other=0.0).to(tl.float32)
          + tl.load(bottom, mask=in_bottom, other=0.0).to(tl.float32))
-    w8 = _to_e4m3(tl.math.div_rn(w, tl.load(scale_ptr + layer)))
+    w8 = _to_e4m3(w * tl.math.div_rn(1.0, tl.load(scale_ptr + layer)))   # as quantize_e4m3_scaled
     first = layer.to(tl.int64) * rows * cols
     tl.store(out_ptr + first + r.to(tl.int64)[:, None] * cols + c[None, :], w8,
              mask=(r < rows)[:, None] & col_ok)

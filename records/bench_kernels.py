@@ -612,13 +612,14 @@ FP8_EXTRA_TILINGS = (
 
 def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]:
     """GPU-only microseconds of every tiling of #89's two FP8 GEMMs (forward: post, post8 and
-    their maxima; down: out = post8 W2_8t^T) at the stage-1 and stage-3 micro-batches, and of
-    cuBLAS's scaled matmul of the same operands (a floor)."""
+    their maxima; down: out = post8 W2_8t^T) and of #84's forward (post alone, from the same
+    e4m3 operands: what the second output and the maxima cost) at the stage-1 and stage-3
+    micro-batches, and of cuBLAS's scaled matmul of the same operands (a floor)."""
     W1_8, _ = tk.quantize_e4m3(small_weight_bf16(hidden, d))
     W2_8t, _ = tk.quantize_e4m3(small_weight_bf16(d, hidden))
     one, act_scale = torch.ones(1, device=DEVICE), torch.tensor([0.02], device=DEVICE)
     lines = []
-    for name in ("forward (RELU2_FP8_FORWARD)", "down (STORE)"):
+    for name in ("forward (RELU2_FP8_FORWARD)", "#84 forward (RELU2_FORWARD, e4m3)", "down (STORE)"):
         lines += [f"| {name} tiling | " + " | ".join(f"T={T}" for T in Ts) + " |",
                   "|---" * (len(Ts) + 1) + "|"]
         calls = {}
@@ -627,7 +628,12 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
             post = torch.empty(T, hidden, dtype=torch.bfloat16, device=DEVICE)
             post8 = randn_bf16(T, hidden).abs().to(torch.float8_e4m3fn)
             out = torch.empty(T, d, dtype=torch.bfloat16, device=DEVICE)
-            if name.startswith("forward"):
+            if name.startswith("#84"):
+                calls[T] = (lambda t, x8=x8, post=post: tk._launch_gemm_epilogue(
+                    x8, W1_8, post, post, tk.RELU2_FORWARD, scale=one, tiles=t), lambda x8=x8:
+                    torch._scaled_mm(x8, W1_8.t(), scale_a=one, scale_b=one,
+                                     out_dtype=torch.bfloat16, use_fast_accum=True))
+            elif name.startswith("forward"):
                 calls[T] = (lambda t, x8=x8, post=post, post8=post8: tk._launch_gemm_epilogue(
                     x8, W1_8, post, post8, tk.RELU2_FP8_FORWARD, scale=one, act_scale=act_scale,
                     tiles=t), lambda x8=x8: torch._scaled_mm(
@@ -649,6 +655,77 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
             ms = bench_gpu(calls[T][1])
             cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
         lines += ["| cuBLAS scaled_mm alone (no epilogue) | " + " | ".join(cells) + " |", ""]
+    return lines
+
+
+QK_PREP_TILINGS = [dict(BLOCK_T=t, num_warps=w) for t in (16, 32, 64) for w in (4, 8)]
+
+
+def qk_prep_tiling_sweep(tk, T=49152, H=6, w=96, width=128) -> list[str]:
+    """GPU-only microseconds of qk_prep's forward + backward at every candidate for
+    triton_kernels._QK_PREP_TILES, on a plain layer with the key offset and on a paired one."""
+    import train_gpt as tg
+    rotary = tg.Rotary(w, 2 * T).to(DEVICE)
+    rotary.reset()
+    q, k = (randn_bf16(T, H, w).requires_grad_() for _ in range(2))
+    grads = [randn_bf16(T, H, width)] * 2
+    layers = {"plain, key offset": (False, True), "paired": (True, False)}
+    lines = ["| tiling | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
+    used = tk._QK_PREP_TILES
+    try:
+        for tiles in QK_PREP_TILINGS:
+            tk._QK_PREP_TILES = tiles
+            cells = []
+            for paired, key_offset in layers.values():
+                def fwd_bwd_once(paired=paired, key_offset=key_offset):
+                    out = tk.qk_prep(q, k, rotary.cos, rotary.sin, paired, key_offset, width)
+                    return torch.autograd.grad(out, (q, k), grads)
+                ms = bench_gpu(fwd_bwd_once)
+                cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
+            label = ", ".join(f"{key} {value}" for key, value in tiles.items())
+            lines.append(f"| {label}{' (used)' if tiles == used else ''} | " + " | ".join(cells) + " |")
+    finally:
+        tk._QK_PREP_TILES = used
+    return lines
+
+
+def launch_overhead_sweep(tk) -> list[str]:
+    """Host microseconds per call of each piece of a Triton GEMM launch and of comparable PyTorch
+    launches, at shapes so small that the GPU never limits: where the host time of the kernels'
+    custom ops goes (stage 1's steps are short enough for it to show)."""
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def one_pointer_kernel(x_ptr):
+        tl.store(x_ptr, 1.0)
+
+    a8 = randn_bf16(128, 768).to(torch.float8_e4m3fn)
+    b8 = randn_bf16(256, 768).to(torch.float8_e4m3fn)
+    out = torch.empty(128, 256, dtype=torch.bfloat16, device=DEVICE)
+    one = torch.ones(1, device=DEVICE)
+    q = randn_bf16(64, 6, 96)
+    rotary_table = randn_bf16(128, 96)
+    pieces = {
+        "aten mul_ on one element": lambda: one.mul_(1.0),
+        "torch.empty, one element": lambda: torch.empty(1, device=DEVICE),
+        "current_stream().query()": lambda: torch.cuda.current_stream(DEVICE).query(),
+        "TensorDescriptor.from_tensor x4": lambda: [TensorDescriptor.from_tensor(t, [128, 64])
+                                                    for t in (a8, b8, out, out)],
+        "Triton launch, one pointer": lambda: one_pointer_kernel[(1,)](one),
+        "GEMM kernel launch (_launch_gemm_epilogue, STORE)": lambda: tk._launch_gemm_epilogue(
+            a8, b8, out, out, tk.STORE, scale=one),
+        "the same through its custom op (fp8_linear)": lambda: tk._fp8_linear_op(a8, b8, one),
+        "cuBLAS _scaled_mm, same operands": lambda: torch._scaled_mm(
+            a8, b8.t(), scale_a=one.reshape(()), scale_b=one.reshape(()),
+            out_dtype=torch.bfloat16, use_fast_accum=True),
+        "qk_prep forward custom op (T=64)": lambda: torch.ops.nanogpt_triton.qk_prep_forward(
+            q, q, rotary_table, rotary_table, False, True, 128),
+    }
+    lines = ["| piece | host us per call |", "|---|---|"]
+    for name, fn in pieces.items():
+        lines.append(f"| {name} | {host_us(fn, calls=200):.1f} |")
     return lines
 
 
@@ -755,14 +832,20 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "dc_attention": lambda tk: case_dc_attention(tk, 49152, 6, 128, 112),
     "pairwise": lambda tk: case_pairwise(tk, 49152, 768, (79, 110), 3072),   # an experiment
 }
+GPU_ONLY = ", GPU-only microseconds (CUDA-graph replay)"
 SWEEPS = {   # name: (title, the call that runs it)
-    "gram": ("Gram kernel tilings", gram_config_sweep),
-    "polar_update": ("Polar Express update (polar_update_tall) tilings", polar_update_tiling_sweep),
-    "mlp": ("MLP GEMM (linear_relu_square) tilings", mlp_tiling_sweep),
-    "mlp_fp8": ("FP8 MLP GEMMs (#89) tilings", fp8_mlp_tiling_sweep),
-    "fp8_gemm": ("FP8 GEMMs without an epilogue: cuBLAS or Triton, in the ops that use them",
-                 fp8_gemm_backend_sweep),
-    "pairwise": ("Pairwise MLP (pairwise_mlp) tilings, forward + backward", pairwise_tiling_sweep),
+    "gram": ("Gram kernel tilings" + GPU_ONLY, gram_config_sweep),
+    "polar_update": ("Polar Express update (polar_update_tall) tilings" + GPU_ONLY,
+                     polar_update_tiling_sweep),
+    "mlp": ("MLP GEMM (linear_relu_square) tilings" + GPU_ONLY, mlp_tiling_sweep),
+    "mlp_fp8": ("FP8 MLP GEMMs (#84, #89) tilings" + GPU_ONLY, fp8_mlp_tiling_sweep),
+    "fp8_gemm": ("FP8 GEMMs without an epilogue: cuBLAS or Triton, in the ops that use them; "
+                 "GPU-only (CUDA-graph replay) and host microseconds", fp8_gemm_backend_sweep),
+    "pairwise": ("Pairwise MLP (pairwise_mlp) tilings, forward + backward" + GPU_ONLY,
+                 pairwise_tiling_sweep),
+    "qk_prep": ("Q/K preparation (qk_prep) tilings, forward + backward" + GPU_ONLY,
+                qk_prep_tiling_sweep),
+    "launch": ("Host time of a kernel launch, piece by piece", launch_overhead_sweep),
 }
 
 
@@ -805,7 +888,7 @@ def main() -> None:
             traceback.print_exc()
             lines = ["(sweep failed)"]
         print("\n".join(lines), flush=True)
-        sweeps += [f"{title}, GPU-only microseconds (CUDA-graph replay):", "", *lines, ""]
+        sweeps += [f"{title}:", "", *lines, ""]
 
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()

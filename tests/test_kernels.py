@@ -223,8 +223,9 @@ def test_quantize_e4m3_is_the_records_scaling():
     assert t8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
     assert scale.item() == pytest.approx(t.float().abs().max().item() / 448, rel=1e-6)
     assert t8.float().abs().max().item() == 448             # the largest magnitude maps to 448
-    # every value is t / scale rounded to the e4m3 grid: within half a step (3 mantissa bits)
-    exact = t.double() / scale.double()
+    # every value is the fp32 quotient t / scale rounded to the e4m3 grid: within half a step
+    # (3 mantissa bits; a quotient halfway between two values goes to either)
+    exact = (t.float() / scale).double()
     step = torch.ldexp(torch.ones_like(exact), torch.frexp(exact.abs())[1] - 4).clamp_min(2.0 ** -9)
     assert ((t8.double() - exact).abs() <= step / 2).all()
 
@@ -309,8 +310,9 @@ def test_quantize_e4m3_scaled_rounds_to_nearest_and_saturates():
     scale = torch.tensor([0.01], device=DEV)
     t8 = tk.quantize_e4m3_scaled(t, scale)
     assert t8.dtype == torch.float8_e4m3fn
-    # the nearest e4m3 value to t / scale, where |t / scale| > 448 the largest one of its sign
-    exact = (t.double() / 0.01).clamp(-448, 448).flatten().cpu()
+    # the nearest e4m3 value to t x (1 / scale) (each step rounded to fp32), where that is past
+    # 448 the largest one of its sign
+    exact = (t * (1 / scale)).double().clamp(-448, 448).flatten().cpu()
     grid = e4m3_grid()
     nearest = grid[(exact[:, None] - grid[None, :]).abs().argmin(dim=1)]
     assert torch.equal(t8.double().flatten().cpu(), nearest)
@@ -321,6 +323,13 @@ def fp8_down_weights(W2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W2^T (d, hidden) in e4m3 at the scale max|W2| / 448, and that scale (1,)."""
     w_scale = (W2.detach().float().abs().max() / 448).reshape(1)
     return (W2.detach().float().t() / w_scale).to(torch.float8_e4m3fn), w_scale
+
+
+def e4m3_times_reciprocal(t, scale):
+    """e4m3 of t x (1 / scale), the reciprocal and the product each rounded to fp32 (the product
+    of two fp32 values is exact in fp64), clipped to +-448: quantize_e4m3_scaled's definition."""
+    inv_scale = (1 / scale.float()).double()
+    return (t.double() * inv_scale).float().clamp(-448, 448).to(torch.float8_e4m3fn)
 
 
 def check_linear_relu_square_fp8(T, d, hidden, device, act_scale):
@@ -343,11 +352,11 @@ def check_linear_relu_square_fp8(T, d, hidden, device, act_scale):
         kernel_post, post8, kernel_max = torch.ops.nanogpt_triton.linear_relu_square_fp8_post(
             x8, W1_8, x_scale * w1_scale, given)
         assert torch.equal(kernel_post, post) and kernel_max.item() == post_max.item()
-        expected8 = (post.double() / scale).clamp(max=448).float().to(torch.float8_e4m3fn)
+        expected8 = e4m3_times_reciprocal(post, scale)
         assert torch.equal(post8.view(torch.uint8), expected8.view(torch.uint8))
         assert (post.double() / scale).max().item() > 448     # the saturation was exercised
     # out = bf16 of an fp32 accumulation of the exact e4m3 products, times both scales
-    post8 = (post.double() / scale).clamp(max=448).float().to(torch.float8_e4m3fn).double()
+    post8 = e4m3_times_reciprocal(post, scale).double()
     product_scale = scale * w_scale.double()
     exact = (post8 @ W2_8t.double().t()) * product_scale
     # plus the fp32 roundings of the scales' product and of acc times it

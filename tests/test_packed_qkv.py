@@ -121,11 +121,12 @@ def e4m3_bits(t):
 
 
 def check_packed_quantisation(quantize, top, bottom, scales):
-    """out = e4m3 of [top; bottom] / scale (one fp32 division, rounded to nearest even, saturating
-    at 448) per layer, and out_t its exact transpose, bit for bit."""
+    """out = e4m3 of [top; bottom] x (1 / scale) (the reciprocal and the product rounded to fp32,
+    then to the nearest e4m3 value, saturating at 448) per layer, and out_t its exact transpose,
+    bit for bit."""
     L, rows, d = top.shape[0], top.shape[1] + bottom.shape[1], top.shape[2]
     packed = torch.cat([top, bottom], 1).float()
-    want = (packed / scales[:, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    want = (packed * (1 / scales[:, None, None])).clamp(-448, 448).to(torch.float8_e4m3fn)
     out = torch.empty(L, rows, d, dtype=torch.float8_e4m3fn, device=top.device)
     out_t = torch.empty(L, d, rows, dtype=torch.float8_e4m3fn, device=top.device)
     quantize(top, bottom, scales, out, out_t)

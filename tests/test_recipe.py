@@ -186,7 +186,7 @@ def ref_speedrun_hidden(m, ids, cu_seqlens, bg, windows):
         return 2 * torch.sigmoid(inputs @ G.T)
 
     def e4m3_at(t, scale):   # #89: rounded to e4m3 at a given scale, clipped to +-448
-        return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+        return (t * (1 / scale)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
 
     def mlp(i, x):
         if cfg.mlp == "pairwise":   # every product h_a h_b, a <= b, of the r ReLU features
@@ -604,17 +604,18 @@ def test_fp8_weight_scales_bootstrap_then_follow_the_previous_max():
         want = current_max / 448 if n <= 16 else previous_max * 1.12 / 448
         assert torch.allclose(scales.weight_scales.double(), want, rtol=1e-6, atol=0), n
         ratio = c_proj.double().mT / scales.weight_scales.double()[:, None, None]
-        q = ratio.clamp(-448, 448).float().to(torch.float8_e4m3fn)
-        assert torch.equal(scales.weight_e4m3.view(torch.uint8), q.view(torch.uint8)), n
+        want_e4m3 = e4m3_at(c_proj.mT, scales.weight_scales)
+        assert torch.equal(scales.weight_e4m3.view(torch.uint8), want_e4m3), n
         assert (ratio.abs().max() > 449) == (n == 19), n    # only the jump saturates
         previous_max = current_max
     assert scales.quantizations.item() == 21
 
 
 def e4m3_at(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """t / scale (per matrix, (L,)) rounded to e4m3, saturating at 448, as raw bits."""
-    ratio = (t.double() / scale.double()[:, None, None]).clamp(-448, 448)
-    return ratio.float().to(torch.float8_e4m3fn).view(torch.uint8)
+    """t / scale (per matrix, (L,)) in e4m3 as raw bits: t times the fp32 reciprocal of the
+    scale, the product rounded to fp32 (it is exact in fp64), then to e4m3, saturating at 448."""
+    inv_scale = (1 / scale.float()).double()[:, None, None]
+    return (t.double() * inv_scale).float().clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
 def test_fp8_backward_quantises_c_fc_in_both_layouts_at_delayed_scales():
