@@ -365,6 +365,26 @@ def test_qk_prep_at_the_speedrun_shape_on_gpu(paired, key_offset):
 
 
 @pytest.mark.gpu
+def test_qk_prep_compiled_gives_the_eager_result_on_gpu():
+    """Inside a compiled graph (as the model runs it) the kernel's outputs and input gradients
+    are those of the eager call, bit for bit."""
+    T, H, w, width = 2048, 6, 96, 128
+    rot = tg.Rotary(w, 2 * T).cuda()
+    rot.reset()
+    grads = [torch.randn(T, H, width, device="cuda").bfloat16() for _ in range(2)]
+
+    def prep_and_grads(fn, paired):
+        (q, k), _ = qk_inputs(T, H, w, torch.bfloat16, seed=2)
+        outs = [t.view(T, H, width) for t in fn(q, k, rot.cos, rot.sin, paired, not paired, width)]
+        return [*outs, *torch.autograd.grad(outs, (q, k), grads)]
+
+    compiled = torch.compile(tk.qk_prep, fullgraph=True)
+    for paired in (False, True):
+        for got, want in zip(prep_and_grads(compiled, paired), prep_and_grads(tk.qk_prep, paired)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 def test_packed_qkv_fp8_at_the_speedrun_shape_on_gpu():
     """T = 16384, d = 768, n = 2 x 6 x 96 + 768: kernels against the emulation (fp32 sums of the
     same operands, in another order)."""
