@@ -66,6 +66,44 @@ def print_idle_gaps(prof, steps: int, top: int) -> None:
         print(f"  {length / 1000:8.2f} ms  {host_ops_during(events, start, start + length)}")
 
 
+# Kinds of GPU kernels, by name; the first that matches wins, the rest are "other".
+KERNEL_KINDS = (
+    ("compiled PyTorch ops (Inductor)", lambda name: name.startswith("triton_")),
+    ("triton_kernels.py", lambda name: name.startswith("_") and name.endswith("_kernel")),
+    ("flash attention", lambda name: "flash" in name),
+    ("cuBLAS GEMMs", lambda name: name.startswith(("nvjet", "sm90_", "cutlass"))
+     or "gemm" in name.lower()),
+    ("NCCL", lambda name: "nccl" in name.lower()),
+    ("copies and fills", lambda name: name.startswith(("Memcpy", "Memset"))
+     or "copy" in name.lower() or "fill" in name.lower()),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, matches in KERNEL_KINDS if matches(name)), "other")
+
+
+def print_gpu_time_by_kind(prof, steps: int) -> None:
+    """GPU time and kernel launches per step of each kind of kernel: how much is GEMM, how much
+    the compiled element-wise work, and how many launches the host must issue per step."""
+    time_us: dict[str, float] = {}
+    launches: dict[str, int] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kind = kernel_kind(e.name)
+            time_us[kind] = time_us.get(kind, 0.0) + e.time_range.end - e.time_range.start
+            launches[kind] = launches.get(kind, 0) + 1
+    total = sum(time_us.values())
+    if not total:
+        return
+    print("GPU time by kind of kernel, per step:")
+    for kind in sorted(time_us, key=lambda k: -time_us[k]):
+        print(f"  {kind:34s} {time_us[kind] / 1000 / steps:8.2f} ms "
+              f"{100 * time_us[kind] / total:5.1f}%  {launches[kind] / steps:7.0f} kernels")
+    print(f"  {'all':34s} {total / 1000 / steps:8.2f} ms         "
+          f"{sum(launches.values()) / steps:7.0f} kernels")
+
+
 def step_times_ms(trainer, steps, cuda: bool) -> list[float]:
     """Each step's time: on a GPU between events recorded after each step (no draining)."""
     tg.synchronize(trainer.run.device)
@@ -120,6 +158,7 @@ def main() -> None:
         print("step times (ms): " + " ".join(f"{t:.1f}" for t in times))
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
+        print_gpu_time_by_kind(prof, args.steps)
         print_idle_gaps(prof, args.steps, top=10)
         if args.trace:
             os.makedirs(args.trace, exist_ok=True)

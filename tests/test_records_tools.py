@@ -168,6 +168,17 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
                     reason="needs ../shared/data/corpus")
+def test_profile_steps_sorts_kernels_by_kind():
+    kind = load_tool("profile_steps").kernel_kind
+    assert kind("triton_per_fused_abs_add_amax_cat_view_37") == "compiled PyTorch ops (Inductor)"
+    assert kind("_gemm_epilogue_kernel") == "triton_kernels.py"
+    assert kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == \
+        "flash attention"
+    assert kind("nvjet_sm90_tst_128x160_64x5_2x4_h_bz_NTT") == "cuBLAS GEMMs"
+    assert kind("Memcpy HtoD (Pinned -> Device)") == "copies and fills"
+    assert kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
 def test_profile_steps_on_the_cpu(tmp_path):
     corpus = os.path.join(SHARED, "data", "corpus")
     result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
