@@ -2544,7 +2544,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_QK_PREP_TILES = dict(BLOCK_T=32, num_warps=8)   # tokens per program; records/bench_kernels.py
+_QK_PREP_TILES = dict(BLOCK_T=32, num_warps=8)   # timed by records/bench_kernels.py --sweeps qk_prep
 
 
 def _qk_prep_launch(kernel, tensors: tuple, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
