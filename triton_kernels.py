@@ -2445,7 +2445,7 @@ def _qk_prep_heads(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, cols, stride_t, strid
                                        PAIRED)
             sin_before = _rotary_table(sin_ptr, previous, cols, parity, table_stride, T, W_IN,
                                        PAIRED)
-        for head in tl.static_range(parity, H, 2 if PAIRED else 1):
+        for head in range(parity, H, 2 if PAIRED else 1):   # a loop, not unrolled: registers
             x = _qk_head(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
             out = _normed_turned(x, cos, sin, eps, W_IN, BLOCK_T, BLOCK_W)
             if SHIFTED:
@@ -2507,7 +2507,7 @@ def _qk_prep_heads_backward(x_ptr, dout_ptr, dx_ptr, cos_ptr, sin_ptr, rows, col
         cos = _rotary_table(cos_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
         sin = _rotary_table(sin_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
         sin_partner = _pair_partners(sin, BLOCK_T, BLOCK_W)
-        for head in tl.static_range(parity, H, 2 if PAIRED else 1):
+        for head in range(parity, H, 2 if PAIRED else 1):
             g = _turned_grad(dout_ptr, rows, cols, head, T, H, W_IN, W_OUT, SHIFTED)
             d_normed = g * cos + _pair_partners(g, BLOCK_T, BLOCK_W) * sin_partner
             x = _qk_head(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
@@ -2544,7 +2544,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_QK_PREP_TILES = dict(BLOCK_T=32, num_warps=8)   # timed by records/bench_kernels.py --sweeps qk_prep
+# 8 tokens x 128 columns over 8 warps: 4 values per thread per tile, which keeps the kernels at
+# 64-92 registers without spills (ptxas for sm_90a), so many programs share an SM and hide the
+# loads' latency; 32 tokens need 255 registers and spill. records/bench_kernels.py --sweeps
+# qk_prep times the candidates.
+_QK_PREP_TILES = dict(BLOCK_T=8, num_warps=8)
 
 
 def _qk_prep_launch(kernel, tensors: tuple, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

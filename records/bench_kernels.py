@@ -658,7 +658,7 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
     return lines
 
 
-QK_PREP_TILINGS = [dict(BLOCK_T=t, num_warps=w) for t in (16, 32, 64) for w in (4, 8)]
+QK_PREP_TILINGS = [dict(BLOCK_T=t, num_warps=w) for t in (8, 16, 32) for w in (4, 8)]
 
 
 def qk_prep_tiling_sweep(tk, T=49152, H=6, w=96, width=128) -> list[str]:
