@@ -1823,7 +1823,8 @@ def index_add_rows_reference(out: torch.Tensor, index: torch.Tensor, src: torch.
 # backward recomputes the maps in two passes: by query blocks (dq, dw1n, dw2 and each head's
 # delta = sum_s P dP), then by key blocks, over the queries that can see them (dk, dv), with no
 # atomics. The maps are multiplied with the values in bf16 (as flash attention does); every sum
-# is fp32.
+# is fp32. The loops over heads stay loops (not unrolled): each map of a block takes a register per
+# entry and thread, and unrolled loops keep several alive at once, which spills.
 
 @triton.jit
 def _dc_tile(doc_ptr, T, row0, key0, ROWS: tl.constexpr, COLS: tl.constexpr, WINDOW: tl.constexpr):
@@ -1865,7 +1866,7 @@ def _dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok, visibl
               H: tl.constexpr, HD: tl.constexpr):
     """a(rows, keys) = sum_g w1n_g(row) P_g(rows, keys)."""
     mixed = tl.zeros((rows.shape[0], keys.shape[0]), tl.float32)
-    for g in tl.static_range(H):
+    for g in range(H):
         p = _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, g,
                               scale, H, HD)
         mixed += p * tl.load(w1n_ptr + rows * H + g, mask=row_ok, other=0.0)[:, None]
@@ -1880,7 +1881,7 @@ def _dc_attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_ptr, w1n_ptr, w2_ptr, 
     row0 = tl.program_id(0) * BLOCK
     rows, keys, row_ok, key_ok, visible = _dc_tile(doc_ptr, T, row0, row0 + BLOCK - KEYS,
                                                    BLOCK, KEYS, WINDOW)
-    for g in tl.static_range(H):            # the log-sum-exp of every head's row
+    for g in range(H):            # the log-sum-exp of every head's row
         q = _dc_head(q_ptr, rows, row_ok, g, H, HD)
         k = _dc_head(k_ptr, keys, key_ok, g, H, HD)
         scores = tl.where(visible, _mma(tl.zeros((BLOCK, KEYS), tl.float32), q, k.T) * scale,
@@ -1892,7 +1893,7 @@ def _dc_attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_ptr, w1n_ptr, w2_ptr, 
         tl.store(lse_ptr + rows * H + g, lse, mask=row_ok)
     mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
                                visible, scale, H, HD))
-    for h in tl.static_range(H):
+    for h in range(H):
         v = _dc_head(v_ptr, keys, key_ok, h, H, HD)
         out = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed, v)
         w2 = tl.load(w2_ptr + rows * H + h, mask=row_ok, other=0.0)
@@ -1906,7 +1907,7 @@ def _dc_d_mixed(v_ptr, dy_ptr, w2_ptr, rows, keys, row_ok, key_ok, H: tl.constex
                 HD: tl.constexpr):
     """dL/da(rows, keys) = sum_h w2_h(row) dy_h(row) . v_h(key)."""
     d_mixed = tl.zeros((rows.shape[0], keys.shape[0]), tl.float32)
-    for h in tl.static_range(H):
+    for h in range(H):
         d_out = _dc_d_out(dy_ptr, w2_ptr, rows, row_ok, h, H, HD)
         d_mixed = _mma(d_mixed, d_out, _dc_head(v_ptr, keys, key_ok, h, H, HD).T)
     return d_mixed
@@ -1931,13 +1932,13 @@ def _dc_attention_backward_queries_kernel(
                                                    BLOCK, KEYS, WINDOW)
     mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
                                visible, scale, H, HD))
-    for h in tl.static_range(H):            # dw2_h = dy_h . (sum_s a v_h), as the forward made it
+    for h in range(H):            # dw2_h = dy_h . (sum_s a v_h), as the forward made it
         out = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed, _dc_head(v_ptr, keys, key_ok, h, H, HD))
         dy = _dc_head(dy_ptr, rows, row_ok, h, H, HD).to(tl.float32)
         tl.store(dw2_ptr + rows * H + h, tl.sum(dy * out, 1), mask=row_ok)
     d_mixed = _dc_d_mixed(v_ptr, dy_ptr, w2_ptr, rows, keys, row_ok, key_ok, H, HD)
     dims = tl.arange(0, HD)
-    for g in tl.static_range(H):
+    for g in range(H):
         p = _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, g,
                               scale, H, HD)
         w1n = tl.load(w1n_ptr + rows * H + g, mask=row_ok, other=0.0)
@@ -1963,13 +1964,13 @@ def _dc_attention_backward_keys_kernel(
     mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
                                visible, scale, H, HD))
     dims = tl.arange(0, HD)
-    for h in tl.static_range(H):            # dv_h(s) = sum_t a(t, s) w2_h(t) dy_h(t)
+    for h in range(H):            # dv_h(s) = sum_t a(t, s) w2_h(t) dy_h(t)
         d_out = _dc_d_out(dy_ptr, w2_ptr, rows, row_ok, h, H, HD)
         dv = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed.T, d_out)
         tl.store(dv_ptr + keys[:, None] * (H * HD) + h * HD + dims[None, :], _to_bf16(dv),
                  mask=key_ok[:, None])
     d_mixed = _dc_d_mixed(v_ptr, dy_ptr, w2_ptr, rows, keys, row_ok, key_ok, H, HD)
-    for g in tl.static_range(H):
+    for g in range(H):
         p = _dc_probabilities(q_ptr, k_ptr, lse_ptr, rows, keys, row_ok, key_ok, visible, g,
                               scale, H, HD)
         w1n = tl.load(w1n_ptr + rows * H + g, mask=row_ok, other=0.0)
@@ -1980,10 +1981,16 @@ def _dc_attention_backward_keys_kernel(
                  mask=key_ok[:, None])
 
 
+# 16 queries see 16 + 111 = 127 keys (window 112): a 128-key span, nearly all of it used, and at
+# 4 warps the kernels need no spills (ptxas for sm_90a); 64 queries need a 256-key span, and
+# every kernel spilled kilobytes per thread. records/bench_kernels.py --sweeps dc_attention times the candidates.
+_DC_TILES = dict(BLOCK=16, num_warps=4)
+
+
 def _dc_tiling(window: int) -> tuple[int, int]:
     """(BLOCK, KEYS): queries (or keys) per program, and the power-of-two span that covers them
     and their window."""
-    block = 16 if INTERPRET else 64
+    block = 16 if INTERPRET else _DC_TILES["BLOCK"]
     return block, triton.next_power_of_2(block + window - 1)
 
 
@@ -1997,7 +2004,7 @@ def _dc_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     block, keys = _dc_tiling(window)
     _dc_attention_forward_kernel[(triton.cdiv(T, block),)](
         q, k, v, doc, w1n, w2, out, lse, T, scale, H=H, HD=HD, WINDOW=window, BLOCK=block,
-        KEYS=keys, num_warps=8)
+        KEYS=keys, num_warps=_DC_TILES["num_warps"])
     return out, lse
 
 
@@ -2019,10 +2026,10 @@ def _dc_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (triton.cdiv(T, block),)
     _dc_attention_backward_queries_kernel[grid](
         q, k, v, doc, w1n, w2, lse, dy, dq, dw1n, dw2, delta, T, scale, H=H, HD=HD,
-        WINDOW=window, BLOCK=block, KEYS=span, num_warps=8)
+        WINDOW=window, BLOCK=block, KEYS=span, num_warps=_DC_TILES["num_warps"])
     _dc_attention_backward_keys_kernel[grid](
         q, k, v, doc, w1n, w2, lse, dy, delta, dk, dv, T, scale, H=H, HD=HD, WINDOW=window,
-        BLOCK=block, QUERIES=span, num_warps=8)
+        BLOCK=block, QUERIES=span, num_warps=_DC_TILES["num_warps"])
     return dq, dk, dv, dw1n, dw2
 
 

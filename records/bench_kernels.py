@@ -658,6 +658,34 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
     return lines
 
 
+DC_TILINGS = [dict(BLOCK=b, num_warps=w) for b, w in ((16, 4), (16, 8), (32, 4), (64, 8))]
+
+
+def dc_attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=112) -> list[str]:
+    """GPU-only microseconds of dc_attention's forward + backward at every candidate for
+    triton_kernels._DC_TILES (layer 10's shapes, documents of about 400 tokens)."""
+    q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
+    w1, w2 = (randn_bf16(T, H).requires_grad_() for _ in range(2))
+    cu = torch.cat([torch.arange(0, T, 400, device=DEVICE, dtype=torch.int32),
+                    torch.tensor([T], device=DEVICE, dtype=torch.int32)])
+    leaves = (q, k, v, w1, w2)
+    run = fwd_bwd(lambda q, k, v, w1, w2: tk.dc_attention(q, k, v, cu, 0.12, w1, w2,
+                                                          window=window),
+                  leaves, leaves, randn_bf16(T, H, hd))
+    lines = ["| tiling | fwd + bwd us |", "|---|---|"]
+    used = tk._DC_TILES
+    try:
+        for tiles in DC_TILINGS:
+            tk._DC_TILES = tiles
+            ms = bench_gpu(run)
+            label = ", ".join(f"{key} {value}" for key, value in tiles.items())
+            lines.append(f"| {label}{' (used)' if tiles == used else ''} | "
+                         f"{'n/a' if ms is None else f'{ms * 1e3:.1f}'} |")
+    finally:
+        tk._DC_TILES = used
+    return lines
+
+
 QK_PREP_TILINGS = [dict(BLOCK_T=t, num_warps=w) for t in (8, 16, 32) for w in (4, 8)]
 
 
@@ -845,6 +873,8 @@ SWEEPS = {   # name: (title, the call that runs it)
                  pairwise_tiling_sweep),
     "qk_prep": ("Q/K preparation (qk_prep) tilings, forward + backward" + GPU_ONLY,
                 qk_prep_tiling_sweep),
+    "dc_attention": ("Composed attention (dc_attention) tilings, forward + backward" + GPU_ONLY,
+                     dc_attention_tiling_sweep),
     "launch": ("Host time of a kernel launch, piece by piece", launch_overhead_sweep),
 }
 
