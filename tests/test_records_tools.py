@@ -1,5 +1,5 @@
-"""The tools in records/: step_times.py, compare_losses.py, measure.sh, profile_steps.py and
-bench_kernels.py (stats.py and run.sh are tested in test_stats.py).
+"""The tools in records/: step_times.py, compare_losses.py, measure.sh, profile_steps.py,
+bench_kernels.py and kernel_registers.py (stats.py and run.sh are tested in test_stats.py).
 
 Logs are written here in the format train_gpt.py writes (its own config block, then step lines),
 with step times and losses chosen so that the expected medians and differences are known.
@@ -168,6 +168,21 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
                     reason="needs ../shared/data/corpus")
+def test_launched_kernels_fit_their_registers():
+    """Compiled for the H100 at the tilings the trainer launches, no kernel spills registers
+    (ptxas's report; Triton runs interpreted in this process, so the tool runs in its own)."""
+    if load_tool("kernel_registers").ptxas_path() is None:
+        pytest.skip("this Triton ships no ptxas")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = run_tool("records/kernel_registers.py", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| kernel")]
+    assert len(rows) == 11
+    for label, warps, registers, spills in rows:
+        assert int(spills) == 0, f"{label}: {registers} registers, {spills} bytes of spills"
+
+
 def test_profile_steps_sorts_kernels_by_kind():
     kind = load_tool("profile_steps").kernel_kind
     assert kind("triton_per_fused_abs_add_amax_cat_view_37") == "compiled PyTorch ops (Inductor)"
