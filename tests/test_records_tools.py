@@ -163,11 +163,9 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
 
 
 # -------------------------------------------------------------------------------------------------
-# profile_steps.py and bench_kernels.py
+# profile_steps.py, bench_kernels.py and kernel_registers.py
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
-                    reason="needs ../shared/data/corpus")
 def test_launched_kernels_fit_their_registers():
     """Compiled for the H100 at the tilings the trainer launches, no kernel spills registers
     (ptxas's report; Triton runs interpreted in this process, so the tool runs in its own)."""
@@ -194,6 +192,8 @@ def test_profile_steps_sorts_kernels_by_kind():
     assert kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
+                    reason="needs ../shared/data/corpus")
 def test_profile_steps_on_the_cpu(tmp_path):
     corpus = os.path.join(SHARED, "data", "corpus")
     result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
