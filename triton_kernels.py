@@ -1881,7 +1881,7 @@ def _dc_attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_ptr, w1n_ptr, w2_ptr, 
     row0 = tl.program_id(0) * BLOCK
     rows, keys, row_ok, key_ok, visible = _dc_tile(doc_ptr, T, row0, row0 + BLOCK - KEYS,
                                                    BLOCK, KEYS, WINDOW)
-    for g in range(H):            # the log-sum-exp of every head's row
+    for g in range(H):      # the log-sum-exp of every head's row
         q = _dc_head(q_ptr, rows, row_ok, g, H, HD)
         k = _dc_head(k_ptr, keys, key_ok, g, H, HD)
         scores = tl.where(visible, _mma(tl.zeros((BLOCK, KEYS), tl.float32), q, k.T) * scale,
@@ -1932,7 +1932,7 @@ def _dc_attention_backward_queries_kernel(
                                                    BLOCK, KEYS, WINDOW)
     mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
                                visible, scale, H, HD))
-    for h in range(H):            # dw2_h = dy_h . (sum_s a v_h), as the forward made it
+    for h in range(H):      # dw2_h = dy_h . (sum_s a v_h), as the forward made it
         out = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed, _dc_head(v_ptr, keys, key_ok, h, H, HD))
         dy = _dc_head(dy_ptr, rows, row_ok, h, H, HD).to(tl.float32)
         tl.store(dw2_ptr + rows * H + h, tl.sum(dy * out, 1), mask=row_ok)
@@ -1964,7 +1964,7 @@ def _dc_attention_backward_keys_kernel(
     mixed = _to_bf16(_dc_mixed(q_ptr, k_ptr, lse_ptr, w1n_ptr, rows, keys, row_ok, key_ok,
                                visible, scale, H, HD))
     dims = tl.arange(0, HD)
-    for h in range(H):            # dv_h(s) = sum_t a(t, s) w2_h(t) dy_h(t)
+    for h in range(H):      # dv_h(s) = sum_t a(t, s) w2_h(t) dy_h(t)
         d_out = _dc_d_out(dy_ptr, w2_ptr, rows, row_ok, h, H, HD)
         dv = _mma(tl.zeros((BLOCK, HD), tl.float32), mixed.T, d_out)
         tl.store(dv_ptr + keys[:, None] * (H * HD) + h * HD + dims[None, :], _to_bf16(dv),
@@ -1983,7 +1983,8 @@ def _dc_attention_backward_keys_kernel(
 
 # 16 queries see 16 + 111 = 127 keys (window 112): a 128-key span, nearly all of it used, and at
 # 4 warps the kernels need no spills (ptxas for sm_90a); 64 queries need a 256-key span, and
-# every kernel spilled kilobytes per thread. records/bench_kernels.py --sweeps dc_attention times the candidates.
+# every kernel spilled kilobytes per thread. records/bench_kernels.py --sweeps dc_attention
+# times the candidates.
 _DC_TILES = dict(BLOCK=16, num_warps=4)
 
 

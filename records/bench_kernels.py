@@ -658,6 +658,24 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
     return lines
 
 
+def each_setting(tk, name: str, candidates):
+    """Set triton_kernels.<name> to each candidate in turn, yielding its label ("(used)" after
+    the one the trainer uses), and restore the trainer's value afterwards."""
+    used = getattr(tk, name)
+    try:
+        for value in candidates:
+            setattr(tk, name, value)
+            label = (", ".join(f"{key} {v}" for key, v in value.items())
+                     if isinstance(value, dict) else str(value))
+            yield label + (" (used)" if value == used else "")
+    finally:
+        setattr(tk, name, used)
+
+
+def us_cell(ms: float | None) -> str:
+    return "n/a" if ms is None else f"{ms * 1e3:.1f}"
+
+
 DC_TILINGS = [dict(BLOCK=b, num_warps=w) for b, w in ((16, 4), (16, 8), (32, 4), (64, 8))]
 
 
@@ -673,16 +691,8 @@ def dc_attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=112) -> list[str]
                                                           window=window),
                   leaves, leaves, randn_bf16(T, H, hd))
     lines = ["| tiling | fwd + bwd us |", "|---|---|"]
-    used = tk._DC_TILES
-    try:
-        for tiles in DC_TILINGS:
-            tk._DC_TILES = tiles
-            ms = bench_gpu(run)
-            label = ", ".join(f"{key} {value}" for key, value in tiles.items())
-            lines.append(f"| {label}{' (used)' if tiles == used else ''} | "
-                         f"{'n/a' if ms is None else f'{ms * 1e3:.1f}'} |")
-    finally:
-        tk._DC_TILES = used
+    for label in each_setting(tk, "_DC_TILES", DC_TILINGS):
+        lines.append(f"| {label} | {us_cell(bench_gpu(run))} |")
     return lines
 
 
@@ -699,21 +709,14 @@ def qk_prep_tiling_sweep(tk, T=49152, H=6, w=96, width=128) -> list[str]:
     grads = [randn_bf16(T, H, width)] * 2
     layers = {"plain, key offset": (False, True), "paired": (True, False)}
     lines = ["| tiling | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
-    used = tk._QK_PREP_TILES
-    try:
-        for tiles in QK_PREP_TILINGS:
-            tk._QK_PREP_TILES = tiles
-            cells = []
-            for paired, key_offset in layers.values():
-                def fwd_bwd_once(paired=paired, key_offset=key_offset):
-                    out = tk.qk_prep(q, k, rotary.cos, rotary.sin, paired, key_offset, width)
-                    return torch.autograd.grad(out, (q, k), grads)
-                ms = bench_gpu(fwd_bwd_once)
-                cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
-            label = ", ".join(f"{key} {value}" for key, value in tiles.items())
-            lines.append(f"| {label}{' (used)' if tiles == used else ''} | " + " | ".join(cells) + " |")
-    finally:
-        tk._QK_PREP_TILES = used
+    for label in each_setting(tk, "_QK_PREP_TILES", QK_PREP_TILINGS):
+        cells = []
+        for paired, key_offset in layers.values():
+            def fwd_bwd_once(paired=paired, key_offset=key_offset):
+                out = tk.qk_prep(q, k, rotary.cos, rotary.sin, paired, key_offset, width)
+                return torch.autograd.grad(out, (q, k), grads)
+            cells.append(us_cell(bench_gpu(fwd_bwd_once)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -792,18 +795,11 @@ def fp8_gemm_backend_sweep(tk, T=16384, d=768, hidden=3072, H=6, w=96) -> list[s
     }
     lines = [f"| backend (T={T}) | " + " | ".join(f"{name} GPU us | host us" for name in ops) + " |",
              "|---" * (2 * len(ops) + 1) + "|"]
-    used = tk._FP8_GEMM
-    try:
-        for backend in tk.FP8_GEMM_BACKENDS:
-            tk._FP8_GEMM = backend
-            cells = []
-            for fn in ops.values():
-                ms = bench_gpu(fn)
-                cells += ["n/a" if ms is None else f"{ms * 1e3:.1f}", f"{host_us(fn):.0f}"]
-            label = backend + (" (used)" if backend == used else "")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    finally:
-        tk._FP8_GEMM = used
+    for label in each_setting(tk, "_FP8_GEMM", tk.FP8_GEMM_BACKENDS):
+        cells = []
+        for fn in ops.values():
+            cells += [us_cell(bench_gpu(fn)), f"{host_us(fn):.0f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -814,20 +810,13 @@ def pairwise_tiling_sweep(tk) -> list[str]:
     x, dY = randn_bf16(T, d).requires_grad_(), randn_bf16(T, d)
     ranks = (79, 110)
     lines = ["| tiling | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
-    used = tk._PAIRWISE_TILES
-    try:
-        for tiles in PAIRWISE_TILINGS:
-            tk._PAIRWISE_TILES = tiles
-            cells = []
-            for r in ranks:
-                U = randn_bf16(r, d, scale=1 / 32).requires_grad_()
-                W = randn_bf16(tk.pair_count(r), d, scale=1 / 32).requires_grad_()
-                ms = bench_gpu(fwd_bwd(tk.pairwise_mlp, (x, U, W), (x, U, W), dY))
-                cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
-            label = ", ".join(f"{k} {v}" for k, v in tiles.items()) + (" (used)" if tiles == used else "")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    finally:
-        tk._PAIRWISE_TILES = used
+    for label in each_setting(tk, "_PAIRWISE_TILES", PAIRWISE_TILINGS):
+        cells = []
+        for r in ranks:
+            U = randn_bf16(r, d, scale=1 / 32).requires_grad_()
+            W = randn_bf16(tk.pair_count(r), d, scale=1 / 32).requires_grad_()
+            cells.append(us_cell(bench_gpu(fwd_bwd(tk.pairwise_mlp, (x, U, W), (x, U, W), dY))))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
