@@ -1981,11 +1981,12 @@ def _dc_attention_backward_keys_kernel(
                  mask=key_ok[:, None])
 
 
-# 16 queries see 16 + 111 = 127 keys (window 112): a 128-key span, nearly all of it used, and at
-# 4 warps the kernels need no spills (ptxas for sm_90a); 64 queries need a 256-key span, and
-# every kernel spilled kilobytes per thread. records/bench_kernels.py --sweeps dc_attention
-# times the candidates.
-_DC_TILES = dict(BLOCK=16, num_warps=4)
+# 16 queries see 16 + 111 = 127 keys (window 112): a 128-key span, nearly all of it used. Compiled
+# as launched (records/kernel_registers.py), 8 warps with two pipeline stages keep every kernel
+# free of spills at 40-72 KB of shared memory; at 4 warps the backward kernels spill, at three
+# stages they need up to 140 KB, and 32 or 64 queries (a 256-key span) spill at any width.
+# records/bench_kernels.py --sweeps dc_attention times the candidates.
+_DC_TILES = dict(BLOCK=16, num_warps=8, num_stages=2)
 
 
 def _dc_tiling(window: int) -> tuple[int, int]:
@@ -1993,6 +1994,10 @@ def _dc_tiling(window: int) -> tuple[int, int]:
     and their window."""
     block = 16 if INTERPRET else _DC_TILES["BLOCK"]
     return block, triton.next_power_of_2(block + window - 1)
+
+
+def _dc_launch_options() -> dict:
+    return dict(num_warps=_DC_TILES["num_warps"], num_stages=_DC_TILES["num_stages"])
 
 
 @torch.library.custom_op("nanogpt_triton::dc_attention_forward", mutates_args=())
@@ -2005,7 +2010,7 @@ def _dc_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     block, keys = _dc_tiling(window)
     _dc_attention_forward_kernel[(triton.cdiv(T, block),)](
         q, k, v, doc, w1n, w2, out, lse, T, scale, H=H, HD=HD, WINDOW=window, BLOCK=block,
-        KEYS=keys, num_warps=_DC_TILES["num_warps"])
+        KEYS=keys, **_dc_launch_options())
     return out, lse
 
 
@@ -2027,10 +2032,10 @@ def _dc_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (triton.cdiv(T, block),)
     _dc_attention_backward_queries_kernel[grid](
         q, k, v, doc, w1n, w2, lse, dy, dq, dw1n, dw2, delta, T, scale, H=H, HD=HD,
-        WINDOW=window, BLOCK=block, KEYS=span, num_warps=_DC_TILES["num_warps"])
+        WINDOW=window, BLOCK=block, KEYS=span, **_dc_launch_options())
     _dc_attention_backward_keys_kernel[grid](
         q, k, v, doc, w1n, w2, lse, dy, delta, dk, dv, T, scale, H=H, HD=HD, WINDOW=window,
-        BLOCK=block, QUERIES=span, num_warps=_DC_TILES["num_warps"])
+        BLOCK=block, QUERIES=span, **_dc_launch_options())
     return dq, dk, dv, dw1n, dw2
 
 
@@ -2552,10 +2557,10 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# 8 tokens x 128 columns over 8 warps: 4 values per thread per tile, which keeps the kernels at
-# 64-92 registers without spills (ptxas for sm_90a), so many programs share an SM and hide the
-# loads' latency; 32 tokens need 255 registers and spill. records/bench_kernels.py --sweeps
-# qk_prep times the candidates.
+# 8 tokens x 128 columns over 8 warps: 4 values per thread per tile, 32-48 registers compiled as
+# launched (records/kernel_registers.py), so many programs share an SM and hide the loads'
+# latency; 32 tokens take 76-128 registers, and 64 tokens at 4 warps spill.
+# records/bench_kernels.py --sweeps qk_prep times the candidates.
 _QK_PREP_TILES = dict(BLOCK_T=8, num_warps=8)
 
 

@@ -676,7 +676,8 @@ def us_cell(ms: float | None) -> str:
     return "n/a" if ms is None else f"{ms * 1e3:.1f}"
 
 
-DC_TILINGS = [dict(BLOCK=b, num_warps=w) for b, w in ((16, 4), (16, 8), (32, 4), (64, 8))]
+DC_TILINGS = [dict(BLOCK=16, num_warps=w, num_stages=s)
+              for w, s in ((8, 2), (8, 1), (8, 3), (4, 1), (4, 3))]
 
 
 def dc_attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=112) -> list[str]:

@@ -167,8 +167,8 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
 # -------------------------------------------------------------------------------------------------
 
 def test_launched_kernels_fit_their_registers():
-    """Compiled for the H100 at the tilings the trainer launches, no kernel spills registers
-    (ptxas's report; Triton runs interpreted in this process, so the tool runs in its own)."""
+    """Compiled for the H100 as the trainer launches them, no kernel spills registers (ptxas's
+    report; Triton runs interpreted in this process, so the tool runs in its own)."""
     if load_tool("kernel_registers").ptxas_path() is None:
         pytest.skip("this Triton ships no ptxas")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -176,9 +176,24 @@ def test_launched_kernels_fit_their_registers():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| kernel")]
-    assert len(rows) == 11
-    for label, warps, registers, spills in rows:
+    assert len(rows) == 19
+    for label, warps, registers, spills, *_ in rows:
         assert int(spills) == 0, f"{label}: {registers} registers, {spills} bytes of spills"
+
+
+def test_kernel_registers_specialises_arguments_as_a_launch_does():
+    """Triton compiles a launch for pointers and integers divisible by 16 and makes integers
+    equal to 1 constants; the register tool must compile the same kernel."""
+    tool = load_tool("kernel_registers")
+
+    def kernel(x_ptr, n, stride, one, BLOCK):
+        pass
+    kernel.arg_names = ["x_ptr", "n", "stride", "one", "BLOCK"]
+    signature, constants, attrs = tool.specialised(
+        kernel, {"x_ptr": "*bf16", "n": 49152, "stride": 79, "one": 1})
+    assert signature == {"x_ptr": "*bf16", "n": "i32", "stride": "i32", "one": "constexpr"}
+    assert constants == {"one": 1}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
 
 
 def test_profile_steps_sorts_kernels_by_kind():
