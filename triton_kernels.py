@@ -2179,15 +2179,16 @@ def _pairwise_forward_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < T, cols < d
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for c in range(num_blocks):
-        h_c = _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK)
-        for a in range(c + 1):
-            q = _pair_products(_feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK), h_c,
-                               BLOCK_T, BLOCK)
-            w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
-            w = tl.load(w_ptr + w_rows[:, None] * d + cols[None, :],
-                        mask=is_pair[:, None] & col_ok[None, :], other=0.0)
-            acc = _mma(acc, q, w)
+    # one loop over the pair tiles, not one over c around one over a: the software pipeline
+    # then runs through all of them instead of draining at the end of every row of tiles
+    for tile in range(num_blocks * (num_blocks + 1) // 2):
+        c, a = _lower_triangle_tile(tile, 1)
+        q = _pair_products(_feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK),
+                           _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK), BLOCK_T, BLOCK)
+        w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+        w = tl.load(w_ptr + w_rows[:, None] * d + cols[None, :],
+                    mask=is_pair[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(acc, q, w)
     tl.store(y_ptr + rows[:, None] * d + cols[None, :], _to_bf16(acc),
              mask=row_ok[:, None] & col_ok[None, :])
 
