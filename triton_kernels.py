@@ -2219,30 +2219,32 @@ def _pairwise_dw_kernel(
 def _pairwise_dh_kernel(
     dy_ptr, h_ptr, w_ptr, dh_ptr, T, r, d, h_stride, num_blocks,
     BLOCK: tl.constexpr, BLOCKS_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     # dh of the tile's tokens as (token, block, feature in block): a block's update is a select
     dh = tl.zeros((BLOCK_T, BLOCKS_POW2, BLOCK), dtype=tl.float32)
     block_ids = tl.arange(0, BLOCKS_POW2)[None, :, None]
-    for c in range(num_blocks):
+    # flatten: the k loop merges into the tile loop, so the pipeline keeps loading across tiles
+    for tile in tl.range(0, num_blocks * (num_blocks + 1) // 2, flatten=FLATTEN):
+        c, a = _lower_triangle_tile(tile, 1)
+        w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+        g = tl.zeros((BLOCK_T, BLOCK * BLOCK), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            dy = tl.load(dy_ptr + rows[:, None] * d + ks[None, :],
+                         mask=row_ok[:, None] & (ks < d)[None, :], other=0.0)
+            w_t = tl.load(w_ptr + w_rows[None, :] * d + ks[:, None],
+                          mask=is_pair[None, :] & (ks < d)[:, None], other=0.0)
+            g = _mma(g, dy, w_t)
+        g = tl.reshape(g, (BLOCK_T, BLOCK, BLOCK))     # G_ij, i in block a, j in block c
+        h_a = _feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK)
         h_c = _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK)
-        for a in range(c + 1):
-            w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
-            g = tl.zeros((BLOCK_T, BLOCK * BLOCK), dtype=tl.float32)
-            for k0 in range(0, d, BLOCK_D):
-                ks = k0 + tl.arange(0, BLOCK_D)
-                dy = tl.load(dy_ptr + rows[:, None] * d + ks[None, :],
-                             mask=row_ok[:, None] & (ks < d)[None, :], other=0.0)
-                w_t = tl.load(w_ptr + w_rows[None, :] * d + ks[:, None],
-                              mask=is_pair[None, :] & (ks < d)[:, None], other=0.0)
-                g = _mma(g, dy, w_t)
-            g = tl.reshape(g, (BLOCK_T, BLOCK, BLOCK))     # G_ij, i in block a, j in block c
-            h_a = _feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK)
-            to_a = tl.sum(g * h_c[:, None, :], axis=2)     # dh_i += sum_j G_ij h_j
-            to_c = tl.sum(g * h_a[:, :, None], axis=1)     # dh_j += sum_i G_ij h_i
-            dh += tl.where(block_ids == a, to_a[:, None, :], 0.0)
-            dh += tl.where(block_ids == c, to_c[:, None, :], 0.0)
+        to_a = tl.sum(g * h_c[:, None, :], axis=2)     # dh_i += sum_j G_ij h_j
+        to_c = tl.sum(g * h_a[:, :, None], axis=1)     # dh_j += sum_i G_ij h_i
+        dh += tl.where(block_ids == a, to_a[:, None, :], 0.0)
+        dh += tl.where(block_ids == c, to_c[:, None, :], 0.0)
     cols = tl.arange(0, BLOCKS_POW2 * BLOCK)
     tl.store(dh_ptr + rows[:, None] * h_stride + cols[None, :],
              tl.reshape(dh, (BLOCK_T, BLOCKS_POW2 * BLOCK)),
@@ -2256,11 +2258,11 @@ _PAIRWISE_TILES = dict(
     PAIR_BLOCK=8,
     forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
     dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    dh=dict(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=3),
+    dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3),
 )
 _PAIRWISE_INTERPRETED_TILES = dict(
     PAIR_BLOCK=4, forward=dict(BLOCK_T=16, BLOCK_N=16), dw=dict(BLOCK_T=16, BLOCK_N=16),
-    dh=dict(BLOCK_T=16, BLOCK_D=16),
+    dh=dict(BLOCK_T=16, BLOCK_D=16, FLATTEN=False),
 )
 PAIRWISE_MAX_RANK = 256   # the dh kernel keeps a row of dh per token in registers
 

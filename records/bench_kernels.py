@@ -764,13 +764,16 @@ def launch_overhead_sweep(tk) -> list[str]:
 PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
     dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
-         dh=dict(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=3)),
+         dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3)),
+    dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
+         dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=False, num_warps=8, num_stages=3)),
     dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=256, num_warps=8, num_stages=3),
          dw=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
-         dh=dict(BLOCK_T=128, BLOCK_D=64, num_warps=8, num_stages=3)),
+         dh=dict(BLOCK_T=128, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3)),
     dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dw=dict(BLOCK_T=64, BLOCK_N=64, num_warps=8, num_stages=3),
-         dh=dict(BLOCK_T=64, BLOCK_D=32, num_warps=8, num_stages=2)),
+         dh=dict(BLOCK_T=64, BLOCK_D=32, FLATTEN=True, num_warps=8, num_stages=2)),
 ]
 
 
