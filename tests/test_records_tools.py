@@ -162,6 +162,77 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
     assert not calls.exists()
 
 
+FAKE_TORCHRUN_ON_A_GPU = """#!/bin/sh
+echo "GPU $CUDA_VISIBLE_DEVICES: $*" >> "$FAKE_TORCHRUN_CALLS"
+case "$*" in *--seed=99*) exit 3 ;; esac
+"""
+
+
+def measure_many(env, tmp_path, protocol, runs, **settings):
+    (tmp_path / "bin" / "torchrun").write_text(FAKE_TORCHRUN_ON_A_GPU)
+    runs_file = tmp_path / "runs.txt"
+    runs_file.write_text(runs)
+    return subprocess.run([os.path.join(ROOT, "records", "measure_many.sh"), protocol,
+                           str(tmp_path / "out"), str(runs_file)],
+                          env={**env, **settings}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
+def test_measure_many_spreads_the_runs_over_the_gpus(measure_env, tmp_path):
+    env, shards, calls, payload = measure_env
+    runs = ("# speedrun against record74\n\n"
+            "speedrun --seed=0 --train_files=/data/corpus_train_*.bin\n"
+            "record74 --preset=record74 --seed=0\n"
+            "  # indented comment\n"
+            "speedrun --seed=1\n")
+    result = measure_many(env, tmp_path, "C", runs, GPUS="2")
+    assert result.returncode == 0, result.stderr
+    assert (shards / "corpus_train_000001.bin").read_bytes() == payload
+    out = tmp_path / "out"
+    C = "--num_scheduled_iterations=210 --num_extension_iterations=6 --val_every=70"
+    common = (f"--standalone --nproc_per_node=1 train_gpt.py --train_files={shards}/corpus_train_*.bin "
+              f"--val_files={shards}/corpus_val_*.bin --val_tokens=2097152")
+    # runs 0 and 2 share slot 0 (GPU 0) one after the other, and a group's runs its folder; run 1
+    # has GPU 1; globs stay as written
+    assert sorted(calls.read_text().splitlines()) == sorted([
+        f"GPU 0: {common} --log_dir={out}/speedrun {C} --seed=0 --train_files=/data/corpus_train_*.bin",
+        f"GPU 1: {common} --log_dir={out}/record74 {C} --preset=record74 --seed=0",
+        f"GPU 0: {common} --log_dir={out}/speedrun {C} --seed=1"])
+    assert sorted(result.stdout.splitlines()) == ["record74.1: done (GPU 1)",
+                                                  "speedrun.1: done (GPU 0)",
+                                                  "speedrun.2: done (GPU 0)"]
+    assert {p.name for p in out.glob("*.out")} == {"speedrun.1.out", "record74.1.out",
+                                                   "speedrun.2.out"}
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
+def test_measure_many_reports_a_failed_run_and_still_runs_the_rest(measure_env, tmp_path):
+    env, _, calls, _ = measure_env
+    result = measure_many(env, tmp_path, "L", "bad --seed=99\ngood --seed=1\n", GPUS="1",
+                          PER_GPU="2")
+    assert result.returncode == 1
+    assert f"bad.1: FAILED with exit status 3 (GPU 0), see {tmp_path}/out/bad.1.out" in result.stdout
+    assert "good.1: done (GPU 0)" in result.stdout
+    assert len(calls.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("protocol,runs,settings,message", [
+    ("T", "a\n", dict(GPUS="1", PER_GPU="2"),
+     "PER_GPU=2 with protocol T: timings need a GPU each (PER_GPU=1)"),
+    ("X", "a\n", dict(GPUS="1"), "unknown protocol 'X' (expected L, C, T or S)"),
+    ("C", "a/b --seed=0\n", dict(GPUS="1"), "group name 'a/b' in"),
+    ("C", "# nothing\n", dict(GPUS="1"), "names no run"),
+    ("C", "a\n", dict(GPUS="0"), "GPUS='0': expected the number of GPUs to use"),
+])
+def test_measure_many_rejects_bad_input_before_running(measure_env, tmp_path, protocol, runs,
+                                                       settings, message):
+    env, _, calls, _ = measure_env
+    result = measure_many(env, tmp_path, protocol, runs, **settings)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not calls.exists()
+
+
 # -------------------------------------------------------------------------------------------------
 # profile_steps.py, bench_kernels.py and kernel_registers.py
 # -------------------------------------------------------------------------------------------------
