@@ -110,6 +110,8 @@ class Hyperparameters:
     # run
     seed: int = 0
     compile: bool = True
+    cuda_graphs: bool = False               # the compiled model as CUDA graphs: one launch
+                                            # replays a whole pass (no per-kernel host cost)
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
     peak_tflops: float = 0.0                # the device's dense bf16 peak for MFU (0: from the table)
@@ -472,6 +474,7 @@ class Paths:
                                   # quantisation as kernels, "torch" emulates them
     qk_prep: str = "torch"        # "triton": Q/K norm, rotary, offset and padding in one kernel
     compile: bool = False         # torch.compile the model and the optimizer's update math
+    cuda_graphs: bool = False     # the compiled model replayed as CUDA graphs
     flash_attn3: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
     why: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -487,6 +490,9 @@ class Paths:
         if self.loss == "triton" and self.lm_head != "fp8":
             raise ValueError("Paths.loss='triton' needs lm_head='fp8' (the kernel writes the "
                              "e5m2 logits gradient of the FP8 head)")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("Paths.cuda_graphs=True needs compile=True (torch.compile makes the "
+                             "CUDA graphs)")
         if (self.attention == "flash_attn3") != (self.flash_attn3 is not None):
             raise ValueError("Paths: attention='flash_attn3' needs the loaded function in "
                              "flash_attn3, and no other attention takes one")
@@ -542,15 +548,20 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     compile_why = f"--compile={str(cfg.compile).lower()}"
     if cfg.compile and not cuda:
         compile_why = "CPU: the dense attention's loop over documents does not compile"
+    cuda_graphs_why = f"--cuda_graphs={str(cfg.cuda_graphs).lower()}"
+    if cfg.cuda_graphs and not (cfg.compile and cuda):
+        cuda_graphs_why = "CUDA graphs are made by torch.compile on CUDA: " + compile_why
     loss, loss_why = "torch", "the bf16 head's loss is plain PyTorch"
     if head == "fp8":
         loss, loss_why = kernels, kernels_why
     return Paths(mlp=mlp, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
                  optimizer=kernels, table_grads=kernels, qkv=qkv, qk_prep=qk_prep,
-                 compile=cfg.compile and cuda, flash_attn3=flash_attn3,
+                 compile=cfg.compile and cuda,
+                 cuda_graphs=cfg.cuda_graphs and cfg.compile and cuda, flash_attn3=flash_attn3,
                  why=dict(mlp=mlp_why, lm_head=head_why, loss=loss_why, attention=attention_why,
                           dc_attention=kernels_why, optimizer=kernels_why, table_grads=kernels_why,
-                          qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why))
+                          qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why,
+                          cuda_graphs=cuda_graphs_why))
 
 
 # =================================================================================================
@@ -3200,8 +3211,10 @@ class Trainer:
             self.model.requantize_mlp_down()
         if cfg.fp8_qkv:
             self.model.requantize_qkv()
-        self.forward = (torch.compile(self.model, fullgraph=True, dynamic=False)
-                        if self.paths.compile else self.model)
+        self.forward = self.model
+        if self.paths.compile:
+            self.forward = torch.compile(self.model, fullgraph=True, dynamic=False,
+                                         mode="reduce-overhead" if self.paths.cuda_graphs else None)
         with phase("optimizer build"):
             self.table_grads = SparseTableGrads(self.model, self.paths.table_grads == "triton")
             self.sparse_bigram = None
@@ -3371,7 +3384,7 @@ CHECKPOINT_FORMAT = 1
 # Fields that do not change the training math: a checkpoint may be resumed with other values.
 RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
-    "compile", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
+    "compile", "cuda_graphs", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
     "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops",
     "compile_cache", "eval", "hellaswag_file"})
 

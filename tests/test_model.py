@@ -454,7 +454,7 @@ def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
 # -------------------------------------------------------------------------------------------------
 
 PATH_OPS = ["mlp", "lm_head", "loss", "attention", "dc_attention", "optimizer", "table_grads",
-            "qkv", "qk_prep", "compile"]
+            "qkv", "qk_prep", "compile", "cuda_graphs"]
 
 
 def test_cpu_paths_are_the_references():
@@ -469,7 +469,13 @@ def test_cpu_paths_are_the_references():
                            "path qk_prep: torch (--fused_qk_prep=false)"]
     assert report[9] == ("path compile: off (CPU: the dense attention's loop over documents does "
                          "not compile)")
+    assert report[10] == "path cuda_graphs: off (--cuda_graphs=false)"
     assert lines == []   # FlashAttention-3 is not even looked for on a CPU
+    cpu_graphs = tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True), torch.device("cpu"))
+    assert not cpu_graphs.cuda_graphs
+    assert cpu_graphs.report()[10] == ("path cuda_graphs: off (CUDA graphs are made by "
+                                       "torch.compile on CUDA: CPU: the dense attention's loop "
+                                       "over documents does not compile)")
 
 
 @pytest.mark.gpu
@@ -495,6 +501,9 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
         optimizer="triton", table_grads="triton", compile=True)
     plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
     assert plain == tg.Paths(lm_head=head, attention="varlen")
+    assert tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True), device).cuda_graphs
+    assert not tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True, compile=False),
+                                device).cuda_graphs
     lines = plain.report()
     assert lines[0] == "path mlp: torch (--use_triton_kernels=false)"
     capability_text = f"compute capability {capability[0]}.{capability[1]}"
@@ -518,6 +527,8 @@ def test_paths_reject_unknown_and_contradictory_choices():
         tg.Paths(loss="triton")
     with pytest.raises(ValueError, match="attention='flash_attn3' needs the loaded function"):
         tg.Paths(attention="flash_attn3")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs compile=True"):
+        tg.Paths(cuda_graphs=True)
 
 
 def bf16_model(T, cfg=TINY):

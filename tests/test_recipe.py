@@ -758,6 +758,21 @@ def maskable_attention(q, k, v, cu_seqlens, window, scale):
 
 @needs_corpus
 @needs_tokenizer
+@pytest.mark.parametrize("cuda_graphs,mode", [(False, None), (True, "reduce-overhead")])
+def test_cuda_graphs_compile_the_model_in_reduce_overhead_mode(monkeypatch, cuda_graphs, mode):
+    """--cuda_graphs asks torch.compile for CUDA graphs of the model (its "reduce-overhead"
+    mode), and only of the model: the optimizer's functions run between the graphs."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: calls.append((fn, options)) or fn)
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
+    trainer = tg.Trainer(tg.Hyperparameters(**TINY_SMOKE), run, log=lambda line, console=True: None,
+                         paths=tg.Paths(compile=True, cuda_graphs=cuda_graphs))
+    modes = {fn is trainer.model: options.get("mode") for fn, options in calls}
+    assert modes == {True: mode, False: None}
+
+
+@needs_corpus
+@needs_tokenizer
 def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch):
     """The model's forward and backward, its evaluation and the optimizer's update functions
     trace with fullgraph=True (a graph break would raise); every warm-up step compiles something

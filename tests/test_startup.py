@@ -148,5 +148,7 @@ def test_compile_cache_key_changes_with_graph_fields_only():
     assert tg.compile_cache_key(tg.Hyperparameters(seed=7, log_dir="x"), run) == base
     changed = tg.compile_cache_key(tg.Hyperparameters(model_dim=512), run)
     assert {k for k in base if base[k] != changed[k]} == {"model_dim"}
+    graphs = tg.compile_cache_key(tg.Hyperparameters(cuda_graphs=True), run)
+    assert {k for k in base if base[k] != graphs[k]} == {"cuda_graphs"}
     run2 = tg.Run(rank=0, world_size=2, device=torch.device("cpu"), grad_accum_steps=4)
     assert tg.compile_cache_key(tg.Hyperparameters(), run2)["world_size"] == "2"
