@@ -5,9 +5,11 @@
 For each chosen stage it compiles that stage's shapes (two untimed steps), times `--steps` steps
 (even and odd, so Adam steps are included; on a GPU each step's time is read from events
 recorded between the steps, so the queue is never drained), runs them again under the profiler
-and prints the kernels (on the CPU: the operators) with the most time. On a GPU it also lists
-where the GPU sat idle between kernels and what the host was running meanwhile: the host stalls
-that make short steps slow and scattered. `--trace DIR` writes each stage's Chrome trace there.
+and prints the kernels (on the CPU: the operators) with the most time, the GPU time by kind of
+kernel, and the GEMMs by op and shape with the rate each reaches against the bf16 or FP8
+ceiling. On a GPU it also lists where the GPU sat idle between kernels and what the host was
+running meanwhile: the host stalls that make short steps slow and scattered. `--trace DIR` writes
+each stage's Chrome trace there.
 Meant for finding what to speed up; the numbers are not a timing protocol.
 """
 from __future__ import annotations
@@ -104,6 +106,60 @@ def print_gpu_time_by_kind(prof, steps: int) -> None:
           f"{sum(launches.values()) / steps:7.0f} kernels")
 
 
+# The GEMMs of a step, by the op that launches them: FLOPs from the op's input shapes, and the
+# ceiling that applies. The dense bf16 and FP8 rates measured on the H200 (the spec's measure.md);
+# the H100 computes at the same rates.
+CEILING_TFLOPS = {"bf16": 790.0, "fp8": 1440.0}
+
+
+def matmul_flops(shapes: list) -> int:
+    """a (m, k) @ b (k, n)."""
+    (m, k), (_, n) = shapes[0], shapes[1]
+    return 2 * m * k * n
+
+
+def linear_flops(shapes: list) -> int:
+    """a (m, k) @ b^T for b (n, k), as the kernels of triton_kernels.py take their operands."""
+    (m, k), (n, _) = shapes[0], shapes[1]
+    return 2 * m * n * k
+
+
+GEMM_OPS = {
+    "aten::mm": (matmul_flops, "bf16"),
+    "aten::_scaled_mm": (matmul_flops, "fp8"),
+    "nanogpt_triton::linear_relu_square_forward": (linear_flops, "bf16"),
+    "nanogpt_triton::linear_relu_square_backward": (linear_flops, "bf16"),
+    "nanogpt_triton::linear_relu_square_fp8_forward": (linear_flops, "fp8"),
+    "nanogpt_triton::linear_relu_square_fp8_post": (linear_flops, "fp8"),
+    "nanogpt_triton::linear_relu_square_fp8_backward": (linear_flops, "fp8"),
+    "nanogpt_triton::fp8_linear": (linear_flops, "fp8"),
+}
+
+
+def gemm_rows(averages, steps: int, cuda: bool, top: int) -> list[str]:
+    """The GEMM ops with the most time, one row per op and input shapes: calls and ms per step,
+    the rate reached and its share of the ceiling. `averages`: key_averages grouped by input
+    shape (on the CPU its times are host times, and no ceiling applies)."""
+    rows = []
+    for e in averages:
+        if e.key not in GEMM_OPS or len(e.input_shapes) < 2:
+            continue
+        flops_of, precision = GEMM_OPS[e.key]
+        us = e.device_time_total if cuda else e.cpu_time_total
+        if us > 0:
+            rows.append((us, e.key, e.input_shapes[:2], e.count, flops_of(e.input_shapes) * e.count,
+                         precision))
+    lines = ["| op | shapes | calls/step | ms/step | TFLOP/s | % of ceiling |",
+             "|---|---|---|---|---|---|"]
+    for us, name, shapes, count, flops, precision in sorted(rows, reverse=True)[:top]:
+        tflops = flops / us / 1e6
+        ceiling = f"{100 * tflops / CEILING_TFLOPS[precision]:.0f} ({precision})" if cuda else "-"
+        shape_text = " x ".join("(" + ", ".join(map(str, shape)) + ")" for shape in shapes)
+        lines.append(f"| {name} | {shape_text} | {count / steps:g} | {us / 1000 / steps:.2f} "
+                     f"| {tflops:.1f} | {ceiling} |")
+    return lines
+
+
 def step_times_ms(trainer, steps, cuda: bool) -> list[float]:
     """Each step's time: on a GPU between events recorded after each step (no draining)."""
     tg.synchronize(trainer.run.device)
@@ -146,7 +202,7 @@ def main() -> None:
             trainer.train_step(step, trainer.advance(step))
         steps = range(start + 2, start + 2 + args.steps)
         times = step_times_ms(trainer, steps, cuda)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
             for step in steps:
                 trainer.train_step(step, trainer.advance(step))
@@ -159,6 +215,9 @@ def main() -> None:
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
         print_gpu_time_by_kind(prof, args.steps)
+        print("GEMMs by op and shape, the most time first:")
+        print("\n".join(gemm_rows(prof.key_averages(group_by_input_shape=True), args.steps, cuda,
+                                  top=args.top)))
         print_idle_gaps(prof, args.steps, top=10)
         if args.trace:
             os.makedirs(args.trace, exist_ok=True)

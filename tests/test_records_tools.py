@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -290,6 +291,31 @@ def test_profile_steps_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "=== stage 2:" in result.stdout and "ms/step median without the profiler" in result.stdout
     assert "Self CPU" in result.stdout   # the profiler's table
+    gemms = result.stdout.split("GEMMs by op and shape, the most time first:\n")[1].splitlines()
+    assert gemms[0].startswith("| op | shapes |")
+    assert gemms[2].startswith("| aten::mm | (")   # the CPU's matmuls, no ceiling
+    assert gemms[2].endswith("| - |")
+
+
+def test_gemm_rows_give_the_rate_against_the_ceiling():
+    profile_steps = load_tool("profile_steps")
+    op = types.SimpleNamespace
+    averages = [
+        # FP8 cuBLAS: 8 calls of 2 x 1024 x 768 x 3072 FLOPs in 1 ms: 38.65 TFLOP/s of 1440
+        op(key="aten::_scaled_mm", input_shapes=[[1024, 768], [768, 3072], [], []], count=8,
+           device_time_total=1000.0, cpu_time_total=50.0),
+        # the MLP kernel takes W1 as (hidden, d): 4 calls of 2 x 4096 x 3072 x 768 in 2.5 ms
+        op(key="nanogpt_triton::linear_relu_square_forward", input_shapes=[[4096, 768], [3072, 768]],
+           count=4, device_time_total=2500.0, cpu_time_total=80.0),
+        op(key="aten::add", input_shapes=[[4096, 768], [4096, 768]], count=9,
+           device_time_total=9000.0, cpu_time_total=1.0),
+    ]
+    rows = profile_steps.gemm_rows(averages, steps=2, cuda=True, top=10)
+    assert rows[2:] == [
+        "| nanogpt_triton::linear_relu_square_forward | (4096, 768) x (3072, 768) | 2 | 1.25 | 30.9 "
+        "| 4 (bf16) |",
+        "| aten::_scaled_mm | (1024, 768) x (768, 3072) | 4 | 0.50 | 38.7 | 3 (fp8) |"]
+    assert len(profile_steps.gemm_rows(averages, steps=2, cuda=True, top=1)) == 3
 
 
 def test_idle_gaps_between_busy_intervals():
