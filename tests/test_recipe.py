@@ -771,6 +771,25 @@ def test_cuda_graphs_compile_the_model_in_reduce_overhead_mode(monkeypatch, cuda
     assert modes == {True: mode, False: None}
 
 
+@pytest.mark.gpu
+@needs_corpus
+@needs_tokenizer
+def test_cuda_graphs_train_like_the_compiled_model_on_gpu():
+    """The smoke preset compiled, with and without CUDA graphs: the same losses (up to the
+    atomic adds of the table gradients and of flash attention's backward, whose order varies)."""
+    cfg = dict(tg.PRESETS["smoke"], train_files=f"{CORPUS}/corpus_train_*.bin",
+               val_files=f"{CORPUS}/corpus_val_*.bin", compile=True)
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cuda"), grad_accum_steps=4)
+    losses = {}
+    for cuda_graphs in (False, True):
+        trainer = tg.Trainer(tg.Hyperparameters(**cfg, cuda_graphs=cuda_graphs), run,
+                             log=lambda line, console=True: None)
+        assert trainer.paths.cuda_graphs == cuda_graphs
+        losses[cuda_graphs] = [trainer.train_step(step, trainer.advance(step)).item()
+                               for step in range(4)]
+    assert losses[True] == pytest.approx(losses[False], abs=2e-3)
+
+
 @needs_corpus
 @needs_tokenizer
 def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch):
