@@ -3325,11 +3325,14 @@ class Trainer:
     def validate(self, windows: tuple[int, int]) -> tuple[float, float | None]:
         """The val loss, and the masked one when the validation mask is on (else None)."""
         run, cfg = self.run, self.cfg
-        losses = [self.eval_forward(batch, windows)
-                  for batch in val_batches(self.val_files, cfg.val_tokens, cfg.val_batch_tokens,
-                                           run.rank, run.world_size, run.grad_accum_steps,
-                                           run.device, cfg.bigram_vocab_size)]
-        val_loss = torch.stack(losses).mean(0)
+        total, batches = 0.0, 0
+        for batch in val_batches(self.val_files, cfg.val_tokens, cfg.val_batch_tokens, run.rank,
+                                 run.world_size, run.grad_accum_steps, run.device,
+                                 cfg.bigram_vocab_size):
+            # summed at once: under CUDA graphs the next batch's replay reuses the output's memory
+            total = total + self.eval_forward(batch, windows)
+            batches += 1
+        val_loss = total / batches
         if run.world_size > 1:
             dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
             val_loss /= run.world_size

@@ -771,6 +771,27 @@ def test_cuda_graphs_compile_the_model_in_reduce_overhead_mode(monkeypatch, cuda
     assert modes == {True: mode, False: None}
 
 
+@needs_corpus
+@needs_tokenizer
+def test_validation_sums_each_batch_before_the_next_reuses_its_memory():
+    """Under CUDA graphs every replay writes its output into the same memory: validation must
+    take each batch's loss before running the next. Here every batch returns one buffer,
+    overwritten with the batch's number (1, 2, ...): the mean is (n + 1) / 2, not n."""
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
+    trainer = tg.Trainer(tg.Hyperparameters(**TINY_SMOKE), run, log=lambda line, console=True: None)
+    output = torch.zeros(2)
+    calls = []
+
+    def replay(batch, windows):
+        calls.append(batch)
+        return output.fill_(float(len(calls)))
+    trainer.eval_forward = replay
+    val_loss, masked = trainer.validate(trainer.schedule.windows(0))
+    n = len(calls)
+    assert n > 1
+    assert val_loss == masked == pytest.approx((n + 1) / 2)
+
+
 @pytest.mark.gpu
 @needs_corpus
 @needs_tokenizer
