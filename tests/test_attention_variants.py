@@ -85,12 +85,16 @@ def test_differential_attention_matches_loops_and_dense_reference(groups, n, lam
                                                 lam, init)
     assert torch.allclose(model.double(), want, atol=1e-4)
     assert torch.allclose(dense.double(), want, atol=1e-4)
-    probe = torch.randn(T, H, hd)
+    probe = torch.randn(T, H, hd, generator=torch.Generator().manual_seed(1))
     grads_model = torch.autograd.grad((model * probe).sum(), (q, k, qn, kn, v, lam))
     grads_dense = torch.autograd.grad((dense * probe).sum(), (q, k, qn, kn, v, lam))
     for name, a, b in zip("q k qn kn v lam".split(), grads_model, grads_dense):
         assert b.abs().max() > 0, name
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
+        # lambda's gradient sums terms over every output element that largely cancel, and the
+        # CPU's flash-style attention keeps fp32 errors of about 1e-5 of their size: up to 4e-4
+        # over 200 probes (against 5e-6 for the dense maps), on gradients of size 1 to 40
+        atol = 1e-3 if name == "lam" else 1e-4
+        assert torch.allclose(a, b, atol=atol, rtol=1e-4), name
 
 
 @pytest.mark.parametrize("groups,lambdas", [(3, 1), (1, 3)], ids=["diff", "cmd"])
@@ -120,7 +124,7 @@ def test_lambda_init_is_the_papers_schedule():
 
 
 def test_differential_lambdas_formula():
-    v = torch.randn(4, 3, 8)
+    v = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
     want = [math.exp(float(v[0, g] @ v[1, g])) - math.exp(float(v[2, g] @ v[3, g])) + 0.5
             for g in range(3)]
     assert tg.differential_lambdas(v, 0.5).tolist() == pytest.approx(want, rel=1e-5)
