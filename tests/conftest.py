@@ -37,6 +37,13 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _same_random_numbers_in_any_order():
+    """Every test starts from the same global torch seed, so what it draws does not depend on
+    which tests ran before it (a -k selection, another order)."""
+    torch.manual_seed(0)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
