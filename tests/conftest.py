@@ -39,8 +39,8 @@ POLAR_EXPRESS_COEFFS = [
 
 @pytest.fixture(autouse=True)
 def _same_random_numbers_in_any_order():
-    """Every test starts from the same global torch seed, so what it draws does not depend on
-    which tests ran before it (a -k selection, another order)."""
+    """Every test starts from the same global torch seed: PyTorch seeds its generator anew in
+    every process, and a test's draws would also depend on which tests ran before it."""
     torch.manual_seed(0)
 
 
