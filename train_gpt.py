@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import glob
 import hashlib
@@ -3176,6 +3177,14 @@ class SparseTableGrads:
             total.zero_()
 
 
+def owned_first_gradient(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A parameter's incoming gradient, copied when it is the first of a step. A CUDA-graph
+    backward writes its outputs into memory that its next replay overwrites, and autograd keeps a
+    first gradient as .grad without copying it; the later micro-batches' gradients are added into
+    .grad before that replay, so they need no copy."""
+    return grad.clone() if param.grad is None else grad
+
+
 class Trainer:
     """Owns the model, optimizer, schedule and data of one rank and runs steps on them.
     `paths` forces the implementation of each op; by default resolve_paths() decides."""
@@ -3215,6 +3224,10 @@ class Trainer:
         if self.paths.compile:
             self.forward = torch.compile(self.model, fullgraph=True, dynamic=False,
                                          mode="reduce-overhead" if self.paths.cuda_graphs else None)
+        if self.paths.cuda_graphs:
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.register_hook(functools.partial(owned_first_gradient, param))
         with phase("optimizer build"):
             self.table_grads = SparseTableGrads(self.model, self.paths.table_grads == "triton")
             self.sparse_bigram = None

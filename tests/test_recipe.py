@@ -6,6 +6,7 @@ the bigram signs, the schedule, and the switches themselves (each can be turned 
 record #74, contradictions fail).
 """
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -769,6 +770,26 @@ def test_cuda_graphs_compile_the_model_in_reduce_overhead_mode(monkeypatch, cuda
                          paths=tg.Paths(compile=True, cuda_graphs=cuda_graphs))
     modes = {fn is trainer.model: options.get("mode") for fn, options in calls}
     assert modes == {True: mode, False: None}
+    # with CUDA graphs every trainable parameter copies its first gradient of a step
+    hooked = {bool(p._backward_hooks) for p in trainer.model.parameters() if p.requires_grad}
+    assert hooked == {cuda_graphs}
+
+
+def test_the_first_gradient_of_a_step_is_copied_and_the_rest_added():
+    """What autograd would keep as .grad is a copy; a later gradient passes as it is, since
+    autograd adds it into .grad at once."""
+    param = torch.zeros(3, requires_grad=True)
+    incoming = torch.tensor([1.0, 2.0, 3.0])
+    first = tg.owned_first_gradient(param, incoming)
+    assert torch.equal(first, incoming) and first.data_ptr() != incoming.data_ptr()
+    param.grad = first
+    assert tg.owned_first_gradient(param, incoming) is incoming
+    # as a hook in two backward passes: the gradients still add up
+    param.grad = None
+    param.register_hook(functools.partial(tg.owned_first_gradient, param))
+    (param * torch.ones(3)).sum().backward()
+    (param * 2).sum().backward()
+    assert param.grad.tolist() == [3.0, 3.0, 3.0]
 
 
 @needs_corpus
