@@ -5,11 +5,11 @@
 For each chosen stage it compiles that stage's shapes (two untimed steps), times `--steps` steps
 (even and odd, so Adam steps are included; on a GPU each step's time is read from events
 recorded between the steps, so the queue is never drained), runs them again under the profiler
-and prints the kernels (on the CPU: the operators) with the most time, the GPU time by kind of
-kernel, and the GEMMs by op and shape with the rate each reaches against the bf16 or FP8
-ceiling. On a GPU it also lists where the GPU sat idle between kernels and what the host was
-running meanwhile: the host stalls that make short steps slow and scattered. `--trace DIR` writes
-each stage's Chrome trace there.
+and prints the kernels (on the CPU: the operators) with the most time and the GPU time by kind of
+kernel. On a GPU it also lists where the GPU sat idle between kernels and what the host was
+running meanwhile: the host stalls that make short steps slow and scattered. A last profiled run
+of the same steps records the ops' input shapes, for the GEMMs by op and shape with the rate each
+reaches against the bf16 or FP8 ceiling. `--trace DIR` writes each stage's Chrome trace there.
 Meant for finding what to speed up; the numbers are not a timing protocol.
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def main() -> None:
             trainer.train_step(step, trainer.advance(step))
         steps = range(start + 2, start + 2 + args.steps)
         times = step_times_ms(trainer, steps, cuda)
-        with profile(activities=activities, record_shapes=True) as prof:
+        with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for step in steps:
                 trainer.train_step(step, trainer.advance(step))
@@ -215,10 +215,16 @@ def main() -> None:
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
         print_gpu_time_by_kind(prof, args.steps)
-        print("GEMMs by op and shape, the most time first:")
-        print("\n".join(gemm_rows(prof.key_averages(group_by_input_shape=True), args.steps, cuda,
-                                  top=args.top)))
         print_idle_gaps(prof, args.steps, top=10)
+        # the same steps again with the ops' input shapes recorded: recording them costs host time
+        # per op, which would lengthen the idle gaps above
+        with profile(activities=activities, record_shapes=True) as shapes:
+            for step in steps:
+                trainer.train_step(step, trainer.advance(step))
+            tg.synchronize(run.device)
+        print("GEMMs by op and shape, the most time first:")
+        print("\n".join(gemm_rows(shapes.key_averages(group_by_input_shape=True), args.steps, cuda,
+                                  top=args.top)))
         if args.trace:
             os.makedirs(args.trace, exist_ok=True)
             prof.export_chrome_trace(os.path.join(args.trace, f"stage{stage}.json"))
