@@ -32,11 +32,7 @@ case "$protocol" in
                  --cycle_train_data=true) ;;
     *) echo "unknown protocol '$protocol' (expected T, L, C, S or smoke)" >&2; exit 2 ;;
 esac
-shards=${SHARDS:-.shards}
-shopt -s nullglob
-for f in "$shards"/*.bin.xz; do
-    [ -f "${f%.xz}" ] || xz -dk "$f"
-done
+source records/unpack_shards.sh
 common=(--train_files="$shards/corpus_train_*.bin" --val_files="$shards/corpus_val_*.bin"
         --val_tokens=2097152 --log_dir="$outdir")
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1

@@ -41,12 +41,8 @@ for line in "${runs[@]}"; do
     labels+=("$group.${count[$group]}")
 done
 
-# unpack the shards here, once, rather than in every run at the same time
-shards=${SHARDS:-.shards}
-shopt -s nullglob
-for f in "$shards"/*.bin.xz; do
-    [ -f "${f%.xz}" ] || xz -dk "$f"
-done
+# the shards unpacked here, once, rather than by every run at the same time
+source records/unpack_shards.sh
 mkdir -p "$outdir"
 
 slots=$((gpus * per_gpu))
