@@ -549,16 +549,17 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     compile_why = f"--compile={str(cfg.compile).lower()}"
     if cfg.compile and not cuda:
         compile_why = "CPU: the dense attention's loop over documents does not compile"
+    compiled = cfg.compile and cuda
     cuda_graphs_why = f"--cuda_graphs={str(cfg.cuda_graphs).lower()}"
-    if cfg.cuda_graphs and not (cfg.compile and cuda):
+    if cfg.cuda_graphs and not compiled:
         cuda_graphs_why = "CUDA graphs are made by torch.compile on CUDA: " + compile_why
     loss, loss_why = "torch", "the bf16 head's loss is plain PyTorch"
     if head == "fp8":
         loss, loss_why = kernels, kernels_why
     return Paths(mlp=mlp, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
                  optimizer=kernels, table_grads=kernels, qkv=qkv, qk_prep=qk_prep,
-                 compile=cfg.compile and cuda,
-                 cuda_graphs=cfg.cuda_graphs and cfg.compile and cuda, flash_attn3=flash_attn3,
+                 compile=compiled, cuda_graphs=cfg.cuda_graphs and compiled,
+                 flash_attn3=flash_attn3,
                  why=dict(mlp=mlp_why, lm_head=head_why, loss=loss_why, attention=attention_why,
                           dc_attention=kernels_why, optimizer=kernels_why, table_grads=kernels_why,
                           qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why,
