@@ -554,9 +554,9 @@ def _gemm_epilogue_kernel(
 
 
 # Candidate tilings, which records/bench_kernels.py times for each epilogue; _GEMM_TILES, the
-# fastest there for every epilogue, is the one used. A loaded aux tile (backward, AXPY) needs
-# staging memory that 4 stages of 128 x 256 x 64 leave no room for. BLOCK_M must divide the rows
-# of one matrix (3072 in the speedrun) when there are several.
+# fastest there for every bf16 epilogue, is the one used for bf16 operands. A loaded aux tile
+# (backward, AXPY) needs staging memory that 4 stages of 128 x 256 x 64 leave no room for. BLOCK_M
+# must divide the rows of one matrix (3072 in the speedrun) when there are several.
 _GEMM_TILINGS = (
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
@@ -565,6 +565,13 @@ _GEMM_TILINGS = (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=4, num_stages=4),
 )
 _GEMM_TILES = _GEMM_TILINGS[1]
+# FP8 operands are one byte wide: a BLOCK_K of 128 stages the same bytes as bf16's 64 and halves
+# the loop's iterations. _FP8_GEMM_TILES is the fastest of all these for FP8 operands.
+_FP8_GEMM_TILINGS = _GEMM_TILINGS + (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
+)
+_FP8_GEMM_TILES = _FP8_GEMM_TILINGS[5]
 _INTERPRETED_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False)
 
 
@@ -590,7 +597,8 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     m, k = a.shape
     n = out.shape[1]
     rows_per_batch = m if rows_per_batch is None else rows_per_batch
-    tiles = tiles or (_INTERPRETED_TILES if INTERPRET else _GEMM_TILES)
+    tiles = tiles or (_INTERPRETED_TILES if INTERPRET else
+                      _FP8_GEMM_TILES if a.element_size() == 1 else _GEMM_TILES)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     if rows_per_batch < m and rows_per_batch % bm:
         raise ValueError(f"GEMM epilogue kernel: rows per batch ({rows_per_batch}) must be a multiple "
@@ -1981,12 +1989,12 @@ def _dc_attention_backward_keys_kernel(
                  mask=key_ok[:, None])
 
 
-# 16 queries see 16 + 111 = 127 keys (window 112): a 128-key span, nearly all of it used. Compiled
-# as launched (records/kernel_registers.py), 8 warps with two pipeline stages keep every kernel
-# free of spills at 40-72 KB of shared memory; at 4 warps the backward kernels spill, at three
-# stages they need up to 140 KB, and 32 or 64 queries (a 256-key span) spill at any width.
-# records/bench_kernels.py --sweeps dc_attention times the candidates.
-_DC_TILES = dict(BLOCK=16, num_warps=8, num_stages=2)
+# 16 queries see 16 + 111 = 127 keys (window 112): a 128-key span, nearly all of it used; 32 or 64
+# queries (a 256-key span) spill heavily at any width. 4 warps and three pipeline stages measure
+# fastest (records/bench_kernels.py --sweeps dc_attention) although the backward kernels spill a
+# few registers there (records/kernel_registers.py): twice the programs per SM hide more latency
+# than the spills cost.
+_DC_TILES = dict(BLOCK=16, num_warps=4, num_stages=3)
 
 
 def _dc_tiling(window: int) -> tuple[int, int]:
@@ -2560,11 +2568,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# 8 tokens x 128 columns over 8 warps: 4 values per thread per tile, 32-48 registers compiled as
+# 8 tokens x 128 columns over 4 warps: 8 values per thread per tile, few registers compiled as
 # launched (records/kernel_registers.py), so many programs share an SM and hide the loads'
 # latency; 32 tokens take 76-128 registers, and 64 tokens at 4 warps spill.
-# records/bench_kernels.py --sweeps qk_prep times the candidates.
-_QK_PREP_TILES = dict(BLOCK_T=8, num_warps=8)
+# records/bench_kernels.py --sweeps qk_prep times the candidates (this one measures fastest).
+_QK_PREP_TILES = dict(BLOCK_T=8, num_warps=4)
 
 
 def _qk_prep_launch(kernel, tensors: tuple, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

@@ -115,15 +115,15 @@ def pointers(names: str, dtype: str) -> dict:
 
 def gemm_epilogue_kernels():
     """The MLP's GEMM with its epilogues (bf16 and #89/#344's FP8 forms) at
-    triton_kernels._GEMM_TILES, on stage 3's up-projection."""
-    tiles = dict(tk._GEMM_TILES)
-    num_warps, num_stages = tiles.pop("num_warps"), tiles.pop("num_stages")
-    bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    triton_kernels._GEMM_TILES or _FP8_GEMM_TILES, on stage 3's up-projection."""
     for label, epilogue, operand, aux, scaled in (
             ("MLP forward, bf16", tk.RELU2_FORWARD, "bf16", "bf16", False),
             ("MLP backward, bf16", tk.RELU2_BACKWARD, "bf16", "bf16", False),
             ("MLP forward, FP8 with post8 (#89)", tk.RELU2_FP8_FORWARD, "fp8e4nv", "fp8e4nv", True),
             ("MLP backward, FP8 with max (#344)", tk.RELU2_BACKWARD_MAX, "fp8e5", "bf16", True)):
+        tiles = dict(tk._FP8_GEMM_TILES if scaled else tk._GEMM_TILES)
+        num_warps, num_stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+        bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
         args = {"a_desc": f"tensordesc<{operand}[{bm}, {bk}]>",
                 "b_desc": f"tensordesc<{'fp8e4nv' if scaled else operand}[{bn}, {bk}]>",
                 "out_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>",

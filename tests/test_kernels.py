@@ -48,6 +48,17 @@ def rel_norm_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def assert_same_max(reference_max: torch.Tensor, kernel_max: torch.Tensor):
+    """The largest post of a PyTorch reference against the kernel's. The interpreter sums both in
+    true fp32 in the same order: the same value. On the GPU the reference's GEMM sums in another
+    order and the kernel's FP8 MMA with fewer bits, so the bf16 maximum may differ by a few of
+    bf16's steps (2^-8 to 2^-7 relative each; 143 against 141 measured at the speedrun's shape)."""
+    if kernel_max.device.type == "cpu":
+        assert reference_max.item() == kernel_max.item()
+    else:
+        assert abs(reference_max.item() - kernel_max.item()) <= 2.0 ** -5 * kernel_max.item()
+
+
 def e5m2_steps(t: torch.Tensor) -> torch.Tensor:
     """e5m2 codes as signed step counts from zero: neighbouring values differ by one."""
     code = t.view(torch.uint8).int()
@@ -373,7 +384,7 @@ def check_linear_relu_square_fp8(T, d, hidden, device, act_scale):
     x.grad = W1.grad = W2.grad = None
     ref_out, ref_max = tk.linear_relu_square_fp8_reference(x, W1, W2, W2_8t, w_scale, given)
     ref_out.backward(dY)
-    assert ref_max.item() == post_max.item()
+    assert_same_max(ref_max, post_max)
     assert_fp8_gemm_result(ref_out, exact, 0.5 * bf16_ulp(exact.abs() + bound) + bound,
                            "reference out")
     # (the GPU kernel's fast accumulation: see assert_fp8_gemm_result)
@@ -530,7 +541,7 @@ def check_linear_relu_square_fp8_backward(T, d, hidden, device, act_scale):
     x.grad = W1.grad = W2.grad = None
     ref_out, ref_max = tk.linear_relu_square_fp8_backward_reference(x, W1, W2, weights, given)
     ref_out.backward(dY)
-    assert ref_max.item() == post_max.item()
+    assert_same_max(ref_max, post_max)
     # (the GPU kernel's fast accumulation: see assert_fp8_gemm_result; and there d_pre's small
     # differences flip e5m2 roundings of d_pre, by up to 2^-3 of an element, on the way to dx)
     cpu = out.device.type == "cpu"

@@ -378,7 +378,10 @@ def test_every_change_turns_off_alone(change):
 
 
 def test_speedrun_is_record74_plus_the_changes():
-    everything_off = tg.Hyperparameters(**{**tg.PRESETS["speedrun"], **SWITCH_OFF})
+    paths_off = {field: tg.Hyperparameters.__dataclass_fields__[field].default
+                 for field in tg.SPEEDRUN_PATHS}
+    assert set(tg.SPEEDRUN_PATHS) <= tg.RUN_ONLY_FIELDS     # paths never change the math
+    everything_off = tg.Hyperparameters(**{**tg.PRESETS["speedrun"], **SWITCH_OFF, **paths_off})
     assert everything_off == tg.Hyperparameters(**tg.PRESETS["record74"])
     smoke_off = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **SMOKE_SWITCH_OFF})
     assert smoke_off == tg.Hyperparameters(**tg.PRESETS["smoke_record74"])

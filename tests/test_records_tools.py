@@ -238,9 +238,15 @@ def test_measure_many_rejects_bad_input_before_running(measure_env, tmp_path, pr
 # profile_steps.py, bench_kernels.py and kernel_registers.py
 # -------------------------------------------------------------------------------------------------
 
+# dc_attention's backward spills a few registers at the tiling measured fastest (4 warps, see
+# triton_kernels._DC_TILES); more than this many bytes per thread would be a different kernel
+DC_BACKWARD_SPILL_BYTES = 128
+
+
 def test_launched_kernels_fit_their_registers():
-    """Compiled for the H100 as the trainer launches them, no kernel spills registers (ptxas's
-    report; Triton runs interpreted in this process, so the tool runs in its own)."""
+    """Compiled for the H100 as the trainer launches them, no kernel spills registers but
+    dc_attention's backward, and that one only a little (ptxas's report; Triton runs interpreted in
+    this process, so the tool runs in its own)."""
     if load_tool("kernel_registers").ptxas_path() is None:
         pytest.skip("this Triton ships no ptxas")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -250,7 +256,8 @@ def test_launched_kernels_fit_their_registers():
             if line.startswith("| ") and not line.startswith("| kernel")]
     assert len(rows) == 19
     for label, warps, registers, spills, *_ in rows:
-        assert int(spills) == 0, f"{label}: {registers} registers, {spills} bytes of spills"
+        allowed = DC_BACKWARD_SPILL_BYTES if label.strip().startswith("dc_attention backward") else 0
+        assert int(spills) <= allowed, f"{label}: {registers} registers, {spills} bytes of spills"
 
 
 def test_kernel_registers_specialises_arguments_as_a_launch_does():
