@@ -546,10 +546,10 @@ def gram_config_sweep(tk) -> list[str]:
     return lines
 
 
-def tiling_label(tk, t: dict) -> str:
+def tiling_label(t: dict, used: dict) -> str:
     return (f"{t['BLOCK_M']}x{t['BLOCK_N']}, BLOCK_K {t['BLOCK_K']}, {t['num_warps']} warps, "
             f"{t['num_stages']} stages" + (", flattened" if t["FLATTEN"] else "")
-            + (" (used)" if tk._GEMM_TILES is t else ""))
+            + (" (used)" if used is t else ""))
 
 
 def polar_update_tiling_sweep(tk) -> list[str]:
@@ -560,8 +560,8 @@ def polar_update_tiling_sweep(tk) -> list[str]:
     compiled = torch.compile(lambda X, B: a * X + X @ B)
     lines = ["| tiling | " + " | ".join(f"{tuple(X.shape)}" for X, _ in cases) + " |",
              "|---" * (len(cases) + 1) + "|"]
-    rows = [(tiling_label(tk, t), lambda X, B, out, t=t: tk._polar_update_tall(X, B, a, out, t))
-            for t in tk._GEMM_TILINGS]
+    rows = [(tiling_label(t, tk._GEMM_TILES),
+             lambda X, B, out, t=t: tk._polar_update_tall(X, B, a, out, t)) for t in tk._GEMM_TILINGS]
     rows += [("PyTorch a X + X B, torch.compile", lambda X, B, out: compiled(X, B)),
              ("PyTorch X @ B alone (cuBLAS, no add)", lambda X, B, out: torch.matmul(X, B, out=out))]
     for label, fn in rows:
@@ -594,7 +594,7 @@ def mlp_tiling_sweep(tk) -> list[str]:
                 args = (x, W1, post, post) if epilogue is tk.RELU2_FORWARD else (dY, W2, d_pre, post)
                 ms = bench_gpu(lambda: tk._launch_gemm_epilogue(*args, epilogue, tiles=t))
                 cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
-            lines.append(f"| {tiling_label(tk, t)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {tiling_label(t, tk._GEMM_TILES)} | " + " | ".join(cells) + " |")
         cells = []
         for T in Ts:
             ms = bench_gpu(lambda: inputs[T][0] @ W1.t())
@@ -603,23 +603,19 @@ def mlp_tiling_sweep(tk) -> list[str]:
     return lines
 
 
-# FP8 operands are half as wide: the same staging memory holds a BLOCK_K of 128
-FP8_EXTRA_TILINGS = (
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
-)
-
-
 def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]:
     """GPU-only microseconds of every tiling of #89's two FP8 GEMMs (forward: post, post8 and
-    their maxima; down: out = post8 W2_8t^T) and of #84's forward (post alone, from the same
-    e4m3 operands: what the second output and the maxima cost) at the stage-1 and stage-3
-    micro-batches, and of cuBLAS's scaled matmul of the same operands (a floor)."""
+    their maxima; down: out = post8 W2_8t^T), of #84's forward (post alone, from the same
+    e4m3 operands: what the second output and the maxima cost) and of #344's backward (d_pre and
+    its maximum from e5m2 dY and e4m3 c_proj) at the stage-1 and stage-3 micro-batches, and of
+    cuBLAS's scaled matmul of the same operands (a floor)."""
     W1_8, _ = tk.quantize_e4m3(small_weight_bf16(hidden, d))
+    W2_8, _ = tk.quantize_e4m3(small_weight_bf16(hidden, d))
     W2_8t, _ = tk.quantize_e4m3(small_weight_bf16(d, hidden))
     one, act_scale = torch.ones(1, device=DEVICE), torch.tensor([0.02], device=DEVICE)
     lines = []
-    for name in ("forward (RELU2_FP8_FORWARD)", "#84 forward (RELU2_FORWARD, e4m3)", "down (STORE)"):
+    for name in ("forward (RELU2_FP8_FORWARD)", "#84 forward (RELU2_FORWARD, e4m3)", "down (STORE)",
+                 "backward (RELU2_BACKWARD_MAX, e5m2 x e4m3)"):
         lines += [f"| {name} tiling | " + " | ".join(f"T={T}" for T in Ts) + " |",
                   "|---" * (len(Ts) + 1) + "|"]
         calls = {}
@@ -639,17 +635,25 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
                     tiles=t), lambda x8=x8: torch._scaled_mm(
                     x8, W1_8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
                     use_fast_accum=True))
-            else:
+            elif name.startswith("down"):
                 calls[T] = (lambda t, post8=post8, out=out: tk._launch_gemm_epilogue(
                     post8, W2_8t, out, out, tk.STORE, scale=one, tiles=t), lambda post8=post8:
                     torch._scaled_mm(post8, W2_8t.t(), scale_a=one, scale_b=one,
                                      out_dtype=torch.bfloat16, use_fast_accum=True))
-        for t in (*tk._GEMM_TILINGS, *FP8_EXTRA_TILINGS):
+            else:
+                g8 = randn_bf16(T, d).to(torch.float8_e5m2)
+                post.copy_(randn_bf16(T, hidden).abs())
+                calls[T] = (lambda t, g8=g8, post=post: tk._launch_gemm_epilogue(
+                    g8, W2_8, torch.empty_like(post), post, tk.RELU2_BACKWARD_MAX, scale=one,
+                    tiles=t), lambda g8=g8: torch._scaled_mm(
+                    g8, W2_8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                    use_fast_accum=True))
+        for t in tk._FP8_GEMM_TILINGS:
             cells = []
             for T in Ts:
                 ms = bench_gpu(lambda: calls[T][0](t))
                 cells.append("n/a" if ms is None else f"{ms * 1e3:.1f}")
-            lines.append(f"| {tiling_label(tk, t)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {tiling_label(t, tk._FP8_GEMM_TILES)} | " + " | ".join(cells) + " |")
         cells = []
         for T in Ts:
             ms = bench_gpu(calls[T][1])
@@ -707,7 +711,7 @@ def qk_prep_tiling_sweep(tk, T=49152, H=6, w=96, width=128) -> list[str]:
     rotary = tg.Rotary(w, 2 * T).to(DEVICE)
     rotary.reset()
     q, k = (randn_bf16(T, H, w).requires_grad_() for _ in range(2))
-    grads = [randn_bf16(T, H, width)] * 2
+    grad = randn_bf16(T, H, width)   # viewed as each layer's output: (2T, H/2, width) if paired
     layers = {"plain, key offset": (False, True), "paired": (True, False)}
     lines = ["| tiling | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
     for label in each_setting(tk, "_QK_PREP_TILES", QK_PREP_TILINGS):
@@ -715,7 +719,7 @@ def qk_prep_tiling_sweep(tk, T=49152, H=6, w=96, width=128) -> list[str]:
         for paired, key_offset in layers.values():
             def fwd_bwd_once(paired=paired, key_offset=key_offset):
                 out = tk.qk_prep(q, k, rotary.cos, rotary.sin, paired, key_offset, width)
-                return torch.autograd.grad(out, (q, k), grads)
+                return torch.autograd.grad(out, (q, k), [grad.view_as(t) for t in out])
             cells.append(us_cell(bench_gpu(fwd_bwd_once)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines

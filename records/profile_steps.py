@@ -212,19 +212,26 @@ def main() -> None:
               f"profiler (min {min(times):.1f}, max {max(times):.1f}; {args.steps} steps), "
               f"{profiled_ms:.1f} with it")
         print("step times (ms): " + " ".join(f"{t:.1f}" for t in times))
+        if cuda:   # the run's peaks so far: this stage and every one before it
+            print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated, "
+                  f"{torch.cuda.max_memory_reserved() / 2**20:,.0f} MiB reserved")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
         print_gpu_time_by_kind(prof, args.steps)
         print_idle_gaps(prof, args.steps, top=10)
-        # the same steps again with the ops' input shapes recorded: recording them costs host time
-        # per op, which would lengthen the idle gaps above
-        with profile(activities=activities, record_shapes=True) as shapes:
-            for step in steps:
-                trainer.train_step(step, trainer.advance(step))
-            tg.synchronize(run.device)
-        print("GEMMs by op and shape, the most time first:")
-        print("\n".join(gemm_rows(shapes.key_averages(group_by_input_shape=True), args.steps, cuda,
-                                  top=args.top)))
+        if trainer.paths.cuda_graphs:   # a graph's replay records its kernels but not their ops
+            print("GEMMs by op and shape: not seen inside CUDA graphs (profile with "
+                  "--cuda_graphs=false)")
+        else:
+            # the same steps again with the ops' input shapes recorded: recording them costs host
+            # time per op, which would lengthen the idle gaps above
+            with profile(activities=activities, record_shapes=True) as shapes:
+                for step in steps:
+                    trainer.train_step(step, trainer.advance(step))
+                tg.synchronize(run.device)
+            print("GEMMs by op and shape, the most time first:")
+            print("\n".join(gemm_rows(shapes.key_averages(group_by_input_shape=True), args.steps,
+                                      cuda, top=args.top)))
         if args.trace:
             os.makedirs(args.trace, exist_ok=True)
             prof.export_chrome_trace(os.path.join(args.trace, f"stage{stage}.json"))
