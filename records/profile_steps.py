@@ -106,6 +106,23 @@ def print_gpu_time_by_kind(prof, steps: int) -> None:
           f"{sum(launches.values()) / steps:7.0f} kernels")
 
 
+def largest_kernels(kernels: list[tuple[str, float]], steps: int, top: int) -> list[str]:
+    """A table of the kernels with the most GPU time, from (name, microseconds) per launch: calls
+    and ms per step, and each one's share of all kernels' time."""
+    time_us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for name, us in kernels:
+        time_us[name] = time_us.get(name, 0.0) + us
+        calls[name] = calls.get(name, 0) + 1
+    total = sum(time_us.values())
+    lines = ["| kernel | kind | calls/step | ms/step | share |", "|---|---|---|---|---|"]
+    for name in sorted(time_us, key=lambda n: -time_us[n])[:top]:
+        short = name if len(name) <= 80 else name[:77] + "..."
+        lines.append(f"| {short} | {kernel_kind(name)} | {calls[name] / steps:g} | "
+                     f"{time_us[name] / 1000 / steps:.2f} | {100 * time_us[name] / total:.1f}% |")
+    return lines
+
+
 # The GEMMs of a step, by the op that launches them: FLOPs from the op's input shapes, and the
 # ceiling that applies. The dense bf16 and FP8 rates measured on the H200 (the spec's measure.md);
 # the H100 computes at the same rates.
@@ -218,6 +235,11 @@ def main() -> None:
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
         print_gpu_time_by_kind(prof, args.steps)
+        kernels = [(e.name, e.time_range.end - e.time_range.start) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA]
+        if kernels:
+            print("The largest kernels:")
+            print("\n".join(largest_kernels(kernels, args.steps, top=10)))
         print_idle_gaps(prof, args.steps, top=10)
         if trainer.paths.cuda_graphs:   # a graph's replay records its kernels but not their ops
             print("GEMMs by op and shape: not seen inside CUDA graphs (profile with "

@@ -325,6 +325,18 @@ def test_gemm_rows_give_the_rate_against_the_ceiling():
     assert len(profile_steps.gemm_rows(averages, steps=2, cuda=True, top=1)) == 3
 
 
+def test_largest_kernels_sum_each_kernels_launches():
+    profile_steps = load_tool("profile_steps")
+    launches = [("_mtp_ce_kernel", 3000.0), ("nvjet_sm90_tst_a", 1000.0),
+                ("_mtp_ce_kernel", 3000.0), ("triton_poi_fused_add_0", 500.0),
+                ("nvjet_sm90_tst_a", 2500.0)]     # 10 ms of kernels over 2 steps
+    rows = profile_steps.largest_kernels(launches, steps=2, top=2)
+    assert rows[2:] == ["| _mtp_ce_kernel | triton_kernels.py | 1 | 3.00 | 60.0% |",
+                        "| nvjet_sm90_tst_a | cuBLAS GEMMs | 1 | 1.75 | 35.0% |"]
+    row = profile_steps.largest_kernels([("void " + "x" * 100, 1.0)], steps=1, top=5)[2]
+    assert row.startswith("| void " + "x" * 72 + "... | other |")   # long names cut to 80
+
+
 def test_idle_gaps_between_busy_intervals():
     profile_steps = load_tool("profile_steps")
     busy = [(30, 40), (0, 10), (12, 20), (15, 25), (60, 61), (41, 50)]
