@@ -85,16 +85,27 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, matches in KERNEL_KINDS if matches(name)), "other")
 
 
-def print_gpu_time_by_kind(prof, steps: int) -> None:
+def gpu_kernels(prof) -> list[tuple[str, float]]:
+    """(name, microseconds) of every GPU kernel the profiler saw."""
+    return [(e.name, e.time_range.end - e.time_range.start) for e in prof.events()
+            if e.device_type == DeviceType.CUDA]
+
+
+def time_and_calls_by(kernels: list[tuple[str, float]], group) -> tuple[dict, dict]:
+    """Microseconds and launches of the kernels summed per group(name)."""
+    time_us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for name, us in kernels:
+        key = group(name)
+        time_us[key] = time_us.get(key, 0.0) + us
+        calls[key] = calls.get(key, 0) + 1
+    return time_us, calls
+
+
+def print_gpu_time_by_kind(kernels: list[tuple[str, float]], steps: int) -> None:
     """GPU time and kernel launches per step of each kind of kernel: how much is GEMM, how much
     the compiled element-wise work, and how many launches the host must issue per step."""
-    time_us: dict[str, float] = {}
-    launches: dict[str, int] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            kind = kernel_kind(e.name)
-            time_us[kind] = time_us.get(kind, 0.0) + e.time_range.end - e.time_range.start
-            launches[kind] = launches.get(kind, 0) + 1
+    time_us, launches = time_and_calls_by(kernels, kernel_kind)
     total = sum(time_us.values())
     if not total:
         return
@@ -109,11 +120,7 @@ def print_gpu_time_by_kind(prof, steps: int) -> None:
 def largest_kernels(kernels: list[tuple[str, float]], steps: int, top: int) -> list[str]:
     """A table of the kernels with the most GPU time, from (name, microseconds) per launch: calls
     and ms per step, and each one's share of all kernels' time."""
-    time_us: dict[str, float] = {}
-    calls: dict[str, int] = {}
-    for name, us in kernels:
-        time_us[name] = time_us.get(name, 0.0) + us
-        calls[name] = calls.get(name, 0) + 1
+    time_us, calls = time_and_calls_by(kernels, lambda name: name)
     total = sum(time_us.values())
     lines = ["| kernel | kind | calls/step | ms/step | share |", "|---|---|---|---|---|"]
     for name in sorted(time_us, key=lambda n: -time_us[n])[:top]:
@@ -234,9 +241,8 @@ def main() -> None:
                   f"{torch.cuda.max_memory_reserved() / 2**20:,.0f} MiB reserved")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top,
                                         max_name_column_width=70))
-        print_gpu_time_by_kind(prof, args.steps)
-        kernels = [(e.name, e.time_range.end - e.time_range.start) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA]
+        kernels = gpu_kernels(prof)
+        print_gpu_time_by_kind(kernels, args.steps)
         if kernels:
             print("The largest kernels:")
             print("\n".join(largest_kernels(kernels, args.steps, top=10)))
