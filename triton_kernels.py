@@ -64,7 +64,7 @@ __all__ = [
     "XXT", "XXT_reference", "XTX", "XTX_reference", "ba_plus_cAA", "ba_plus_cAA_reference",
     "linear_relu_square", "linear_relu_square_reference", "E4M3_MAX", "quantize_e4m3",
     "linear_relu_square_fp8_up", "linear_relu_square_fp8_up_reference", "E4M3_SCALE_FLOOR",
-    "exact_e4m3_scale", "quantize_e4m3_scaled", "linear_relu_square_fp8", "linear_relu_square_fp8_reference",
+    "largest_magnitude", "exact_e4m3_scale", "quantize_e4m3_scaled", "linear_relu_square_fp8", "linear_relu_square_fp8_reference",
     "relu_square", "E5M2_MAX", "quantize_e5m2", "FP8MLPWeights", "linear_relu_square_fp8_backward",
     "linear_relu_square_fp8_backward_reference",
     "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
@@ -732,6 +732,15 @@ E4M3_MAX = 448.0
 E4M3_SCALE_FLOOR = 1e-30   # the scale of an all-zero tensor (c_proj starts at zero): finite
 
 
+def largest_magnitude(t: torch.Tensor) -> torch.Tensor:
+    """max|t| (0-d), taken along the last dimension first and then over the rows' maxima: the
+    same value, in a form torch.compile reduces faster than one maximum over the flattened
+    tensor (the packed QKV gradient's: 127 against 163 µs on an H200,
+    records/2026-12-06_h200_protocol_t/)."""
+    t = t.detach().abs()
+    return t.amax(dim=-1).amax() if t.dim() > 1 else t.amax()
+
+
 def exact_e4m3_scale(t_max: torch.Tensor) -> torch.Tensor:
     """max|t| / 448 in fp32: the scale that maps t's largest magnitude onto e4m3's largest value."""
     return (t_max.float() / E4M3_MAX).clamp_min(E4M3_SCALE_FLOOR)
@@ -739,7 +748,7 @@ def exact_e4m3_scale(t_max: torch.Tensor) -> torch.Tensor:
 
 def quantize_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / scale in e4m3, scale) with scale = max|t| / 448 as a one-element fp32 tensor."""
-    scale = exact_e4m3_scale(t.detach().abs().amax()).reshape(1)
+    scale = exact_e4m3_scale(largest_magnitude(t)).reshape(1)
     return (t.detach().float() / scale).to(torch.float8_e4m3fn), scale
 
 
@@ -994,7 +1003,7 @@ def quantize_e5m2(t: torch.Tensor, t_max: torch.Tensor | None = None
     gradient's largest magnitude maps to e5m2's largest value; rounded to nearest even. t_max:
     max|t| where a kernel found it already."""
     if t_max is None:
-        t_max = t.detach().abs().amax()
+        t_max = largest_magnitude(t)
     scale = (t_max.float() / E5M2_MAX).clamp_min(E4M3_SCALE_FLOOR).reshape(1)
     g8 = (t.detach().float() / scale).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
     return g8, scale

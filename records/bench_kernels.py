@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 import time
@@ -765,6 +766,34 @@ def launch_overhead_sweep(tk) -> list[str]:
     return lines
 
 
+def exact_max_sweep(tk, T=49152, d=768, H=6, w=96) -> list[str]:
+    """The largest |value| behind an exact FP8 scale, compiled with what makes the tensor, in two
+    forms of the same value: one maximum over the flattened tensor, and triton_kernels'
+    largest_magnitude (each row's maximum, then theirs). GPU-only microseconds."""
+    dq, dk = randn_bf16(T, H * w), randn_bf16(T, H * w)
+    dv, e, y = randn_bf16(T, d), randn_bf16(T, d), randn_bf16(T, d)
+    producers = {
+        "packed QKV gradient: cat(dq, dk, dv + e)": lambda: torch.cat([dq, dk, dv + e], 1),
+        "MLP input: rms_norm(y)": lambda: torch.nn.functional.rms_norm(y, (d,)),
+    }
+    forms = (lambda t: t.abs().amax(), tk.largest_magnitude)
+
+    def tensor_and_max(make, largest):   # the model keeps the tensor too (its GEMMs read it)
+        t = make()
+        return t, largest(t)
+
+    lines = ["| tensor | one maximum, flattened (us) | rows first (us) | ratio |", "|---|---|---|---|"]
+    for name, make in producers.items():
+        times = []
+        for largest in forms:
+            fn = torch.compile(functools.partial(tensor_and_max, make, largest))
+            fn()
+            times.append(bench_gpu(fn))
+        ratio = "n/a" if None in times else f"{times[1] / times[0]:.2f}"
+        lines.append(f"| {name} | {us_cell(times[0])} | {us_cell(times[1])} | {ratio} |")
+    return lines
+
+
 PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
     dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -873,6 +902,8 @@ SWEEPS = {   # name: (title, the call that runs it)
     "dc_attention": ("Composed attention (dc_attention) tilings, forward + backward" + GPU_ONLY,
                      dc_attention_tiling_sweep),
     "launch": ("Host time of a kernel launch, piece by piece", launch_overhead_sweep),
+    "exact_max": ("The maximum behind an exact FP8 scale, compiled with its producer" + GPU_ONLY,
+                  exact_max_sweep),
 }
 
 

@@ -228,6 +228,18 @@ def test_linear_relu_square_speedrun_shape():
 # -------------------------------------------------------------------------------------------------
 # The MLP with its up-projection in FP8 (#84)
 
+@pytest.mark.parametrize("shape", [(7,), (5, 13), (3, 4, 9)])
+def test_largest_magnitude_is_the_maximum_over_every_element(shape):
+    """The row-by-row form finds the one largest |value| wherever it lies: in the last row, the
+    first column, and as a negative value."""
+    torch.manual_seed(0)
+    for position in (0, -1):
+        t = torch.randn(shape).bfloat16()
+        t.view(-1)[position] = -7.5
+        largest = tk.largest_magnitude(t)
+        assert largest.dim() == 0 and largest.item() == 7.5
+
+
 def test_quantize_e4m3_is_the_records_scaling():
     t = torch.randn(50, 30, device=DEV).bfloat16() * 3
     t8, scale = tk.quantize_e4m3(t)
