@@ -3128,7 +3128,12 @@ class SparseTableGrads:
     the speedrun's size, nearly all zero), then add it onto .grad. Here the looked-up rows enter
     the model as leaves instead; after backward their gradients are scatter-added into an fp32 sum
     per table, which becomes the table's bf16 .grad when the optimizer consumes it. The same sum,
-    rounded once."""
+    rounded once.
+
+    The leaves are one fp32 tensor per table and batch shape, refilled by every lookup: a graph
+    replayed by CUDA graphs copies each input into its own memory first unless the input stays at
+    one address (torch._dynamo.mark_static_address). A micro-batch's rows go through backward and
+    accumulate() before the next lookup overwrites them."""
 
     def __init__(self, model: GPT, use_kernels: bool):
         self.model = model
@@ -3138,35 +3143,51 @@ class SparseTableGrads:
         self.tables = {name: getattr(model, name) for name in TableRows._fields}
         self.sums = {name: torch.zeros(table.shape, dtype=torch.float32, device=table.device)
                      for name, table in self.tables.items()}
-        self.pending: list[tuple[TableRows, TableRows]] = []   # (indices, rows) awaiting backward
+        self.leaves: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self.pending: tuple[TableRows, TableRows] | None = None   # (indices, rows) awaiting backward
+
+    def leaf(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The fp32 leaf that holds `name`'s rows of a micro-batch of this shape."""
+        if (name, shape) not in self.leaves:
+            leaf = torch.empty(shape, dtype=torch.float32, device=self.tables[name].device)
+            torch._dynamo.mark_static_address(leaf)
+            self.leaves[name, shape] = leaf.requires_grad_()
+        return self.leaves[name, shape]
 
     @torch.no_grad()
     def lookup(self, inputs: torch.Tensor, bigram_ids: torch.Tensor) -> TableRows:
-        """This micro-batch's rows, as fp32 leaves whose .grad accumulate() collects."""
+        """This micro-batch's rows, in the fp32 leaves whose .grad accumulate() collects."""
+        if self.pending is not None:
+            raise RuntimeError("SparseTableGrads.lookup: the previous micro-batch's rows await "
+                               "accumulate(), and this lookup would overwrite them")
         indices = self.model.table_indices(inputs, bigram_ids)
-        rows = TableRows(*(self.tables[name][ids].float().requires_grad_()
-                           for name, ids in zip(TableRows._fields, indices)))
-        self.pending.append((indices, rows))
-        return rows
+        rows = []
+        for name, ids in zip(TableRows._fields, indices):
+            table = self.tables[name]
+            rows.append(self.leaf(name, (*ids.shape, table.shape[-1])).copy_(table[ids]))
+        self.pending = (indices, TableRows(*rows))
+        return self.pending[1]
 
     @torch.no_grad()
     def accumulate(self) -> None:
         """After backward: add the rows' gradients into the sums (with the kernel, by sorted runs
         of equal ids: one atomic add per run instead of one per row)."""
-        for indices, rows in self.pending:
-            # embed and the value tables read the same token ids: the kernel sorts them once
-            token_sort = torch.sort(indices.embed) if self.use_kernels else None
-            for name, ids, row in zip(TableRows._fields, indices, rows):
-                if row.grad is None:
-                    continue
-                total = self.sums[name]
-                if ids.dim() == 2:
-                    # the value tables: table k starts at row k x V and reads the same token as
-                    # the others, so a (count, V, d) view takes the token ids once for all of them
-                    total, ids = total.view(ids.shape[0], -1, total.shape[-1]), ids[0]
-                self.index_add_rows(total, ids, row.grad,
-                                    None if name == "bigram_embed" else token_sort)
-        self.pending.clear()
+        if self.pending is None:
+            return
+        indices, rows = self.pending
+        # embed and the value tables read the same token ids: the kernel sorts them once
+        token_sort = torch.sort(indices.embed) if self.use_kernels else None
+        for name, ids, row in zip(TableRows._fields, indices, rows):
+            if row.grad is None:
+                continue
+            total = self.sums[name]
+            if ids.dim() == 2:
+                # the value tables: table k starts at row k x V and reads the same token as the
+                # others, so a (count, V, d) view takes the token ids once for all of them
+                total, ids = total.view(ids.shape[0], -1, total.shape[-1]), ids[0]
+            self.index_add_rows(total, ids, row.grad, None if name == "bigram_embed" else token_sort)
+            row.grad = None
+        self.pending = None
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -3176,7 +3197,9 @@ class SparseTableGrads:
             self.sums[name].zero_()
 
     def reset(self) -> None:
-        self.pending.clear()
+        self.pending = None
+        for leaf in self.leaves.values():
+            leaf.grad = None
         for total in self.sums.values():
             total.zero_()
 

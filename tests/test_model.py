@@ -280,6 +280,28 @@ def test_sparse_table_grads_sum_to_the_dense_gradients(use_kernels):
     assert all(total.abs().sum() == 0 for total in sparse.sums.values()), "sums not restarted"
 
 
+def test_sparse_table_rows_reuse_one_leaf_per_table_and_shape():
+    """A micro-batch's rows are copied into one fp32 leaf per table and batch shape (a CUDA graph
+    reads them where they are); a lookup before the previous rows' accumulate() would overwrite
+    them and is refused."""
+    m = random_model(T=32)
+    sparse = tg.SparseTableGrads(m, use_kernels=False)
+    ids, _ = random_tokens(32)
+    bigram_ids = ref_bigram(ids, TINY.bigram_vocab_size).int()
+    first = sparse.lookup(ids.int(), bigram_ids)
+    assert torch.equal(first.embed, m.embed[ids].float())
+    with pytest.raises(RuntimeError, match="accumulate"):
+        sparse.lookup(ids.int(), bigram_ids)
+    sparse.accumulate()
+    other_ids = (ids + 1) % TINY.vocab_size
+    again = sparse.lookup(other_ids.int(), bigram_ids)
+    assert all(a is b for a, b in zip(first, again))
+    assert torch.equal(again.embed, m.embed[other_ids].float())
+    sparse.accumulate()
+    shorter = sparse.lookup(ids[:16].int(), bigram_ids[:16])
+    assert all(a is not b for a, b in zip(first, shorter)) and shorter.embed.shape[0] == 16
+
+
 def test_transposed_head_equals_standard_linear():
     m = random_model()
     h = torch.randn(10, TINY.model_dim)
