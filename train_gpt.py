@@ -3161,12 +3161,11 @@ class SparseTableGrads:
             raise RuntimeError("SparseTableGrads.lookup: the previous micro-batch's rows await "
                                "accumulate(), and this lookup would overwrite them")
         indices = self.model.table_indices(inputs, bigram_ids)
-        rows = []
-        for name, ids in zip(TableRows._fields, indices):
-            table = self.tables[name]
-            rows.append(self.leaf(name, (*ids.shape, table.shape[-1])).copy_(table[ids]))
-        self.pending = (indices, TableRows(*rows))
-        return self.pending[1]
+        rows = TableRows(*(self.leaf(name, (*ids.shape, self.tables[name].shape[-1]))
+                           .copy_(self.tables[name][ids])
+                           for name, ids in zip(TableRows._fields, indices)))
+        self.pending = (indices, rows)
+        return rows
 
     @torch.no_grad()
     def accumulate(self) -> None:
