@@ -3672,19 +3672,35 @@ def synchronize(device: torch.device) -> None:
 
 
 class PendingLoss:
-    """A step's loss, read once the device has produced it so the queue never stalls."""
+    """A step's loss and time, read once the device has finished the step: the next step is queued
+    by then, so reading never stalls the queue. On a GPU the time runs between events on the stream
+    at the step's start and end; the host's clock would count only the launches of a step that
+    follows a synchronisation (validation, a checkpoint), with nothing queued ahead of it."""
 
-    def __init__(self, step: int, loss: torch.Tensor, step_ms: float, settings: StepSettings):
-        self.step, self.step_ms, self.settings = step, step_ms, settings
+    def __init__(self, step: int, loss: torch.Tensor, settings: StepSettings,
+                 start: torch.cuda.Event | float):
+        self.step, self.settings, self.start = step, settings, start
         self.value = loss.to("cpu", non_blocking=True)
-        self.event = None
-        if loss.is_cuda:
-            self.event = torch.cuda.Event()
-            self.event.record()
+        self.end = None
+        if isinstance(start, torch.cuda.Event):
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+        else:
+            self.step_ms = 1000 * (time.perf_counter() - start)
+
+    @staticmethod
+    def start_marker(device: torch.device) -> torch.cuda.Event | float:
+        """Where a step starts: an event on the GPU's stream, or the host's clock."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def get(self) -> float:
-        if self.event is not None:
-            self.event.synchronize()
+        if self.end is not None:
+            self.end.synchronize()
+            self.step_ms = self.start.elapsed_time(self.end)
         return self.value.item()
 
 
@@ -3938,7 +3954,7 @@ class TrainingRun:
                      f"(off the clock)")
 
     def train_step(self, step: int, settings: StepSettings) -> None:
-        step_start = time.perf_counter()
+        start = PendingLoss.start_marker(self.run.device)
         loss = self.trainer.train_step(step, settings)
         now = time.perf_counter()
         elapsed_ms = self.training_ms + 1000 * (now - self.t0)
@@ -3947,7 +3963,7 @@ class TrainingRun:
         # report the previous step: its loss is ready by now without waiting on this one
         if self.pending is not None:
             self.report_step(self.pending)
-        self.pending = PendingLoss(step, loss, 1000 * (now - step_start), settings)
+        self.pending = PendingLoss(step, loss, settings, start)
 
     def report_step(self, p: PendingLoss) -> None:
         loss = p.get()

@@ -83,6 +83,31 @@ def test_report_and_mfu_against_the_flop_count(tmp_path):
     assert re.search(r"^report final val loss: \d+\.\d{4} \(masked \d+\.\d{4}\)$", text, re.M)
 
 
+def test_step_time_on_the_cpu_is_the_host_clock():
+    import time
+    start = tg.PendingLoss.start_marker(tg.torch.device("cpu"))
+    time.sleep(0.05)
+    pending = tg.PendingLoss(0, tg.torch.tensor(2.5), None, start)
+    assert pending.get() == 2.5 and 50 <= pending.step_ms < 1000
+
+
+@pytest.mark.gpu
+def test_step_time_on_the_gpu_counts_the_work_not_the_launches():
+    """A step queued on an idle GPU (as after validation or a checkpoint) is launched long before
+    its work ends: its time is the GPU's, from the events around it."""
+    import time
+    torch, device = tg.torch, tg.torch.device("cuda")
+    sleep_cycles = int(0.1 * torch.cuda.clock_rate() * 1e3)     # about 100 ms (clock_rate in kHz)
+    torch.cuda.synchronize()
+    host_start = time.perf_counter()
+    start = tg.PendingLoss.start_marker(device)
+    torch.cuda._sleep(sleep_cycles)
+    pending = tg.PendingLoss(0, torch.ones(1, device=device), None, start)
+    host_ms = 1000 * (time.perf_counter() - host_start)
+    assert pending.get() == 1.0
+    assert host_ms < 50 and pending.step_ms > 60
+
+
 def test_training_gc_freezes_what_lives_and_times_each_pass():
     import gc
     frozen_before = gc.get_freeze_count()
