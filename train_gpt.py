@@ -113,6 +113,8 @@ class Hyperparameters:
     compile: bool = True
     cuda_graphs: bool = False               # the compiled model as CUDA graphs: one launch
                                             # replays a whole pass (no per-kernel host cost)
+    dynamic_stages: bool = False            # one compiled graph serves every stage after the
+                                            # first (see "Start-up" in the README)
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
     peak_tflops: float = 0.0                # the device's dense bf16 peak for MFU (0: from the table)
@@ -200,6 +202,9 @@ class Hyperparameters:
         if self.attn != "standard" and self.qk_head_dim:
             raise ValueError(f"attn={self.attn} needs --qk_head_dim=0: the attention variants "
                              f"build their heads with Q and K as wide as V (head_dim)")
+        if self.dynamic_stages and self.noise_attention:
+            raise ValueError(f"dynamic_stages=true does not take attn={self.attn}: its noise "
+                             f"heads hold the stage's softmax scale as a constant")
         for name in ("mla_q_rank", "mla_kv_rank", "cmd_noise_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive width")
@@ -1461,6 +1466,8 @@ class Rotary(nn.Module):
                              persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim, dtype=torch.bfloat16),
                              persistent=False)
+        # attn_scale / INITIAL_ATTN_SCALE on the device: --dynamic_stages scales the queries by it
+        self.register_buffer("query_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.attn_scale = INITIAL_ATTN_SCALE
 
     @torch.no_grad()
@@ -1480,6 +1487,7 @@ class Rotary(nn.Module):
         self._rebuild_tables()
 
     def _rebuild_tables(self) -> None:
+        self.query_scale.fill_(self.attn_scale / INITIAL_ATTN_SCALE)
         positions = torch.arange(self.cos.size(0), dtype=torch.float32, device=self.freqs.device)
         rotating = self.freqs.repeat_interleave(2)                     # pairs (2k, 2k+1)
         freqs = torch.cat([rotating, torch.zeros_like(rotating)])
@@ -1510,14 +1518,14 @@ def shift_key_halves(k: torch.Tensor) -> torch.Tensor:
 
 
 def qk_prep_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      paired: bool, key_offset: bool, width: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      paired: bool, key_offset: bool, width: int,
+                      q_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Q and K as attention reads them, by the model's own ops (triton_kernels.qk_prep does the
     same in one kernel): q, k (T, H, w) RMS-normed and turned by rotary at the tables' (cos, sin)
-    positions, the key offset if `key_offset`, zero columns up to `width`. Paired layers: heads
-    (2g, 2g+1) turn at positions (2t, 2t+1), then token t becomes rows 2t (heads 0..H/2-1) and
-    2t+1 (heads H/2..H-1), so that attention slot j mixes heads j and j+H/2: (2T, H/2, width);
-    else (T, H, width)."""
+    positions, q times q_scale if given, the key offset if `key_offset`, zero columns up to
+    `width`. Paired layers: heads (2g, 2g+1) turn at positions (2t, 2t+1), then token t becomes
+    rows 2t (heads 0..H/2-1) and 2t+1 (heads H/2..H-1), so that attention slot j mixes heads j
+    and j+H/2: (2T, H/2, width); else (T, H, width)."""
     T, H, w = q.shape
     q, k = rms_norm(q), rms_norm(k)
     if paired:
@@ -1527,6 +1535,8 @@ def qk_prep_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
     else:
         cos, sin = cos[:T, None], sin[:T, None]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if q_scale is not None:
+        q = q * q_scale
     if key_offset:
         k = shift_key_halves(k)
     q, k = zero_pad_heads(q, width), zero_pad_heads(k, width)
@@ -2102,14 +2112,18 @@ class GPT(nn.Module):
             # QK-norm makes the noise pair scale-free: no qkv_lambda needed
             noise = None if weights.noise_qk is None else F.linear(x, weights.noise_qk)
         paired = layer in PAIRED_HEAD_LAYERS
+        # the softmax scale, kept at a narrower Q/K (#344 states no other); --dynamic_stages
+        # moves its stage factor into the queries, so no compiled graph holds it as a constant
+        scale, q_scale = self.rotary.attn_scale, None
+        if self.cfg.dynamic_stages:
+            scale, q_scale = INITIAL_ATTN_SCALE, self.rotary.query_scale
         qk_prep = triton_kernels.qk_prep if self.paths.qk_prep == "triton" else qk_prep_reference
         q, k = qk_prep(q, k, self.rotary.cos, self.rotary.sin, paired, layer in LONG_WINDOW_LAYERS,
-                       hd)
+                       hd, q_scale)
         if ve is not None:
             v = v + ve_gate[..., None] * ve.view(T, H, hd)
         if v_extra is not None:
             v = v + v_extra.view(T, H, hd)
-        scale = self.rotary.attn_scale   # kept at a narrower Q/K: #344 states no other scale
         if paired:
             y = attention(q, k, v.reshape(2 * T, H // 2, hd), 2 * cu_seqlens, 2 * max_seqlen,
                           window, scale, self.paths).reshape(T, H, hd)
@@ -3248,7 +3262,10 @@ class Trainer:
             self.model.requantize_qkv()
         self.forward = self.model
         if self.paths.compile:
-            self.forward = torch.compile(self.model, fullgraph=True, dynamic=False,
+            # dynamic=None: a stage that changes the batch length, windows or max_seqlen
+            # recompiles once with them symbolic, and later stages reuse that graph
+            self.forward = torch.compile(self.model, fullgraph=True,
+                                         dynamic=None if cfg.dynamic_stages else False,
                                          mode="reduce-overhead" if self.paths.cuda_graphs else None)
         if self.paths.cuda_graphs:
             for param in self.model.parameters():
@@ -3306,7 +3323,11 @@ class Trainer:
         grad_scale = 1.0 / run.grad_accum_steps
         # through pinned memory like the batches: an upload from pageable memory may wait for
         # the GPU's queue to drain, and the host must stay ahead of the GPU
-        mtp_weights = _to_device(np.array(settings.mtp_weights, dtype=np.float32), run.device)
+        mtp = settings.mtp_weights
+        if self.cfg.dynamic_stages:   # one length in every stage: a zero weight adds nothing
+            longest = max(len(w) for stage in self.cfg.stages for w in stage.mtp_weights)
+            mtp += (0.0,) * (longest - len(mtp))
+        mtp_weights = _to_device(np.array(mtp, dtype=np.float32), run.device)
         prefix_weight = None
         if self.cfg.prefix_loss_weight > 0:
             prefix_weight = _to_device(np.array([settings.prefix_weight], dtype=np.float32),

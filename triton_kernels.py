@@ -1519,17 +1519,22 @@ def softcapped_mtp_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def _mtp_terms(targets: torch.Tensor, mtp_weights: torch.Tensor, n_cols: int,
-               extra_targets: torch.Tensor | None, extra_weight: torch.Tensor | None) -> list:
-    """Every row's loss terms as (target column (T,), weight (0-dim), valid (T,)) triples: the
-    target k rows later for each k, then the extra target. A term is invalid where row t + k does
-    not exist, its weight is 0 or its target lies outside [0, V); its column is then clamped."""
+               extra_targets: torch.Tensor | None, extra_weight: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row's loss terms as target columns (T, J), weights (J,) and validity (T, J): term k
+    the target k rows later for each k < K, then the extra target. A term is invalid where row
+    t + k does not exist, its weight is 0 or its target lies outside [0, V); its column is then
+    clamped. Tensor ops throughout (no loop over K), so one compiled graph serves every K."""
     n_rows = targets.shape[0]
-    terms = [(F.pad(targets[k:], (0, k), value=-1), mtp_weights[k])
-             for k in range(min(mtp_weights.numel(), n_rows))]
+    ahead = (torch.arange(n_rows, device=targets.device)[:, None]
+             + torch.arange(mtp_weights.shape[0], device=targets.device)[None, :])
+    target = torch.where(ahead < n_rows, targets[ahead.clamp(max=n_rows - 1)], -1)
+    weight = mtp_weights
     if extra_targets is not None:
-        terms.append((extra_targets, extra_weight[0]))
-    return [(target.clamp(0, n_cols - 1), weight, (weight > 0) & (target >= 0) & (target < n_cols))
-            for target, weight in terms]
+        target = torch.cat([target, extra_targets[:, None]], 1)
+        weight = torch.cat([weight, extra_weight])
+    valid = (weight > 0) & (target >= 0) & (target < n_cols)
+    return target.clamp(0, n_cols - 1), weight, valid
 
 
 def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
@@ -1540,12 +1545,9 @@ def softcapped_mtp_losses_reference(logits: torch.Tensor, targets: torch.Tensor,
     autograd through them gives the kernel's gradient."""
     z = softcap(logits.float())
     lse = torch.logsumexp(z, dim=-1)
-    losses = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for column, weight, valid in _mtp_terms(targets, mtp_weights, logits.shape[1], extra_targets,
-                                            extra_weight):
-        z_target = z.gather(1, column[:, None])[:, 0]
-        losses = losses + torch.where(valid, weight * (lse - z_target), 0.0)
-    return losses
+    column, weight, valid = _mtp_terms(targets, mtp_weights, logits.shape[1], extra_targets,
+                                       extra_weight)
+    return torch.where(valid, weight * (lse[:, None] - z.gather(1, column)), 0.0).sum(1)
 
 
 def softcapped_mtp_losses_and_grad_reference(logits: torch.Tensor, targets: torch.Tensor,
@@ -1556,13 +1558,11 @@ def softcapped_mtp_losses_and_grad_reference(logits: torch.Tensor, targets: torc
     """softcapped_mtp_losses_and_grad in plain PyTorch: the reference losses and the closed-form
     gradient of their sum (section notes above), as e5m2(gradient / grad_scale)."""
     s = torch.sigmoid((logits.float() + SOFTCAP_B) / SOFTCAP_C)
-    dz = torch.zeros_like(s)
     softmax = torch.softmax(SOFTCAP_A * s, dim=1)
-    for column, weight, valid in _mtp_terms(targets, mtp_weights, logits.shape[1], extra_targets,
-                                            extra_weight):
-        weight = torch.where(valid, weight, 0.0)
-        dz = dz + weight[:, None] * softmax
-        dz = dz.scatter_add(1, column[:, None], -weight[:, None])
+    column, weight, valid = _mtp_terms(targets, mtp_weights, logits.shape[1], extra_targets,
+                                       extra_weight)
+    weight = torch.where(valid, weight, 0.0)                                   # (T, J)
+    dz = (weight.sum(1, keepdim=True) * softmax).scatter_add(1, column, -weight)
     grad = dz * (SOFTCAP_A / SOFTCAP_C) * s * (1.0 - s)
     losses = softcapped_mtp_losses_reference(logits, targets, mtp_weights, extra_targets, extra_weight)
     return losses, (grad / grad_scale).to(torch.float8_e5m2)
@@ -2410,7 +2410,9 @@ def pairwise_mlp_reference(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) ->
 # new contiguous (T, H, W) tensor: the layout attention reads (paired layers view it as
 # (2T, H/2, W)). The reference is train_gpt.qk_prep_reference, the model's own composition of
 # rms_norm, rotate, the key offset and zero_pad_heads: the kernel does the same in one pass over
-# Q and K, in fp32, rounding once at the end (the composition rounds after every op).
+# Q and K, in fp32, rounding once at the end (the composition rounds after every op). An optional
+# one-value tensor multiplies the queries before that rounding (train_gpt's --dynamic_stages: the
+# stage's softmax factor read from the device, not held by a compiled graph as a constant).
 #
 # One program per (block of BLOCK_T tokens, Q or K) walks over the heads, so the rotary tables
 # are loaded (and in the backward the sine's pair partners made) once per token block rather than
@@ -2466,10 +2468,11 @@ def _store_rows(out_ptr, value, rows, cols, head, T, H: tl.constexpr, WIDTH: tl.
 
 @triton.jit
 def _qk_prep_heads(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, cols, stride_t, stride_h,
-                   table_stride, T, eps, H: tl.constexpr, W_IN: tl.constexpr,
+                   table_stride, T, eps, scale, H: tl.constexpr, W_IN: tl.constexpr,
                    W_OUT: tl.constexpr, PAIRED: tl.constexpr, SHIFTED: tl.constexpr,
                    OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Every head of Q or K at rows: normed, turned, shifted (the key offset) and padded."""
+    """Every head of Q or K at rows: normed, turned, shifted (the key offset), times `scale`
+    (fp32) and padded."""
     previous = tl.maximum(rows - 1, 0)
     second_half = (cols >= W_IN // 2)[None, :]
     for parity in tl.static_range(2 if PAIRED else 1):
@@ -2487,26 +2490,35 @@ def _qk_prep_heads(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, cols, stride_t, strid
                 x = _qk_head(x_ptr, previous, cols, head, stride_t, stride_h, T, W_IN)
                 before = _normed_turned(x, cos_before, sin_before, eps, W_IN, BLOCK_T, BLOCK_W)
                 out = tl.where(second_half, before, out)
-            out = tl.where((cols < W_IN)[None, :], out, 0.0)     # the zero padding up to W_OUT
+            out = tl.where((cols < W_IN)[None, :], out * scale, 0.0)   # zero padding to W_OUT
             _store_rows(out_ptr, out, rows, cols, head, T, H, W_OUT, OUT_BF16)
 
 
 @triton.jit
-def _qk_prep_forward_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, T,
+def _query_scale(q_scale_ptr, Q_SCALE: tl.constexpr):
+    """The queries' factor: the one fp32 value at q_scale_ptr, or 1 (exact: no change)."""
+    if Q_SCALE:
+        return tl.load(q_scale_ptr).to(tl.float32)
+    return 1.0
+
+
+@triton.jit
+def _qk_prep_forward_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, q_scale_ptr, T,
                             q_stride_t, q_stride_h, k_stride_t, k_stride_h, table_stride, eps,
                             H: tl.constexpr, W_IN: tl.constexpr, W_OUT: tl.constexpr,
                             PAIRED: tl.constexpr, KEY_OFFSET: tl.constexpr,
-                            OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                            Q_SCALE: tl.constexpr, OUT_BF16: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     eps = tl.cast(eps, tl.float32)          # Python floats may arrive as fp64 under torch.compile
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_W)
     if tl.program_id(1) == 0:
         _qk_prep_heads(q_ptr, q_out_ptr, cos_ptr, sin_ptr, rows, cols, q_stride_t, q_stride_h,
-                       table_stride, T, eps, H, W_IN, W_OUT, PAIRED, False, OUT_BF16, BLOCK_T,
-                       BLOCK_W)
+                       table_stride, T, eps, _query_scale(q_scale_ptr, Q_SCALE), H, W_IN, W_OUT,
+                       PAIRED, False, OUT_BF16, BLOCK_T, BLOCK_W)
     else:
         _qk_prep_heads(k_ptr, k_out_ptr, cos_ptr, sin_ptr, rows, cols, k_stride_t, k_stride_h,
-                       table_stride, T, eps, H, W_IN, W_OUT, PAIRED, KEY_OFFSET, OUT_BF16,
+                       table_stride, T, eps, 1.0, H, W_IN, W_OUT, PAIRED, KEY_OFFSET, OUT_BF16,
                        BLOCK_T, BLOCK_W)
 
 
@@ -2532,18 +2544,19 @@ def _turned_grad(dout_ptr, rows, cols, head, T, H: tl.constexpr, W_IN: tl.conste
 
 @triton.jit
 def _qk_prep_heads_backward(x_ptr, dout_ptr, dx_ptr, cos_ptr, sin_ptr, rows, cols, stride_t,
-                            stride_h, table_stride, T, eps, H: tl.constexpr, W_IN: tl.constexpr,
+                            stride_h, table_stride, T, eps, scale, H: tl.constexpr,
+                            W_IN: tl.constexpr,
                             W_OUT: tl.constexpr, PAIRED: tl.constexpr, SHIFTED: tl.constexpr,
                             OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_W: tl.constexpr):
-    """dx of every head of Q or K at rows, through the key offset if SHIFTED, the rotation
-    and the RMS norm."""
+    """dx of every head of Q or K at rows, through the factor `scale`, the key offset if
+    SHIFTED, the rotation and the RMS norm."""
     for parity in tl.static_range(2 if PAIRED else 1):
         cos = _rotary_table(cos_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
         sin = _rotary_table(sin_ptr, rows, cols, parity, table_stride, T, W_IN, PAIRED)
         sin_partner = _pair_partners(sin, BLOCK_T, BLOCK_W)
         for head in range(parity, H, 2 if PAIRED else 1):
-            g = _turned_grad(dout_ptr, rows, cols, head, T, H, W_IN, W_OUT, SHIFTED)
+            g = _turned_grad(dout_ptr, rows, cols, head, T, H, W_IN, W_OUT, SHIFTED) * scale
             d_normed = g * cos + _pair_partners(g, BLOCK_T, BLOCK_W) * sin_partner
             x = _qk_head(x_ptr, rows, cols, head, stride_t, stride_h, T, W_IN)
             rstd = tl.rsqrt(tl.sum(x * x, 1) / W_IN + eps)
@@ -2555,20 +2568,22 @@ def _qk_prep_heads_backward(x_ptr, dout_ptr, dx_ptr, cos_ptr, sin_ptr, rows, col
 
 @triton.jit
 def _qk_prep_backward_kernel(dq_ptr, dk_ptr, q_ptr, k_ptr, dq_in_ptr, dk_in_ptr, cos_ptr, sin_ptr,
-                             T, q_stride_t, q_stride_h, k_stride_t, k_stride_h, table_stride, eps,
-                             H: tl.constexpr, W_IN: tl.constexpr, W_OUT: tl.constexpr,
-                             PAIRED: tl.constexpr, KEY_OFFSET: tl.constexpr,
-                             OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                             q_scale_ptr, T, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+                             table_stride, eps, H: tl.constexpr, W_IN: tl.constexpr,
+                             W_OUT: tl.constexpr, PAIRED: tl.constexpr, KEY_OFFSET: tl.constexpr,
+                             Q_SCALE: tl.constexpr, OUT_BF16: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_W)
     if tl.program_id(1) == 0:
         _qk_prep_heads_backward(q_ptr, dq_ptr, dq_in_ptr, cos_ptr, sin_ptr, rows, cols,
-                                q_stride_t, q_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
-                                PAIRED, False, OUT_BF16, BLOCK_T, BLOCK_W)
+                                q_stride_t, q_stride_h, table_stride, T, eps,
+                                _query_scale(q_scale_ptr, Q_SCALE), H, W_IN, W_OUT, PAIRED, False,
+                                OUT_BF16, BLOCK_T, BLOCK_W)
     else:
         _qk_prep_heads_backward(k_ptr, dk_ptr, dk_in_ptr, cos_ptr, sin_ptr, rows, cols,
-                                k_stride_t, k_stride_h, table_stride, T, eps, H, W_IN, W_OUT,
+                                k_stride_t, k_stride_h, table_stride, T, eps, 1.0, H, W_IN, W_OUT,
                                 PAIRED, KEY_OFFSET, OUT_BF16, BLOCK_T, BLOCK_W)
 
 
@@ -2587,76 +2602,81 @@ _QK_PREP_TILES = dict(BLOCK_T=8, num_warps=4)
 
 
 def _qk_prep_launch(kernel, tensors: tuple, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                    paired: bool, key_offset: bool, width: int) -> None:
+                    q_scale: torch.Tensor | None, paired: bool, key_offset: bool,
+                    width: int) -> None:
     """Either kernel over (token blocks, Q or K); q and k with unit last strides, every other
     tensor contiguous."""
     T, H, w = q.shape
     block_t = 16 if INTERPRET else _QK_PREP_TILES["BLOCK_T"]
     kernel[(triton.cdiv(T, block_t), 2)](
-        *tensors, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        QK_NORM_EPS, H=H, W_IN=w, W_OUT=width, PAIRED=paired, KEY_OFFSET=key_offset,
+        *tensors, cos if q_scale is None else q_scale, T, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), cos.stride(0), QK_NORM_EPS, H=H, W_IN=w, W_OUT=width, PAIRED=paired,
+        KEY_OFFSET=key_offset, Q_SCALE=q_scale is not None,
         OUT_BF16=q.dtype == torch.bfloat16, BLOCK_T=block_t,
         BLOCK_W=triton.next_power_of_2(max(w, width)), num_warps=_QK_PREP_TILES["num_warps"])
 
 
 @torch.library.custom_op("nanogpt_triton::qk_prep_forward", mutates_args=())
 def _qk_prep_forward_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        paired: bool, key_offset: bool, width: int
+                        q_scale: torch.Tensor | None, paired: bool, key_offset: bool, width: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     q_out = q.new_empty(*q.shape[:2], width)
     k_out = torch.empty_like(q_out)
-    _qk_prep_launch(_qk_prep_forward_kernel, (q, k, q_out, k_out, cos, sin), q, k, cos, paired,
-                    key_offset, width)
+    _qk_prep_launch(_qk_prep_forward_kernel, (q, k, q_out, k_out, cos, sin), q, k, cos, q_scale,
+                    paired, key_offset, width)
     return q_out, k_out
 
 
 @_qk_prep_forward_op.register_fake
-def _(q, k, cos, sin, paired, key_offset, width):
+def _(q, k, cos, sin, q_scale, paired, key_offset, width):
     q_out = q.new_empty(*q.shape[:2], width)
     return q_out, torch.empty_like(q_out)
 
 
 @torch.library.custom_op("nanogpt_triton::qk_prep_backward", mutates_args=())
 def _qk_prep_backward_op(dq: torch.Tensor, dk: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                         cos: torch.Tensor, sin: torch.Tensor, paired: bool, key_offset: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor | None,
+                         paired: bool, key_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     dq, dk = dq.contiguous(), dk.contiguous()
     dq_in = q.new_empty(q.shape)
     dk_in = torch.empty_like(dq_in)
     _qk_prep_launch(_qk_prep_backward_kernel, (dq, dk, q, k, dq_in, dk_in, cos, sin), q, k, cos,
-                    paired, key_offset, dq.shape[-1])
+                    q_scale, paired, key_offset, dq.shape[-1])
     return dq_in, dk_in
 
 
 @_qk_prep_backward_op.register_fake
-def _(dq, dk, q, k, cos, sin, paired, key_offset):
+def _(dq, dk, q, k, cos, sin, q_scale, paired, key_offset):
     dq_in = q.new_empty(q.shape)
     return dq_in, torch.empty_like(dq_in)
 
 
 class _QKPrep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, paired, key_offset, width):
-        ctx.save_for_backward(q, k, cos, sin)
+    def forward(ctx, q, k, cos, sin, q_scale, paired, key_offset, width):
+        ctx.save_for_backward(q, k, cos, sin, q_scale)
         ctx.paired, ctx.key_offset = paired, key_offset
-        return _qk_prep_forward_op(q, k, cos, sin, paired, key_offset, width)
+        return _qk_prep_forward_op(q, k, cos, sin, q_scale, paired, key_offset, width)
 
     @staticmethod
     def backward(ctx, dq, dk):
-        q, k, cos, sin = ctx.saved_tensors
-        dq_in, dk_in = _qk_prep_backward_op(dq, dk, q, k, cos, sin, ctx.paired, ctx.key_offset)
-        return dq_in, dk_in, None, None, None, None, None
+        q, k, cos, sin, q_scale = ctx.saved_tensors
+        dq_in, dk_in = _qk_prep_backward_op(dq, dk, q, k, cos, sin, q_scale, ctx.paired,
+                                            ctx.key_offset)
+        return dq_in, dk_in, None, None, None, None, None, None
 
 
 def qk_prep(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paired: bool,
-            key_offset: bool, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            key_offset: bool, width: int, q_scale: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q and K as attention reads them (see the section's notes): q, k (T, H, w), any strides
     (read in place where the last dimension is contiguous), bf16 or fp32, w a multiple of 4;
     cos, sin the rotary tables (positions, w), at least 2T positions if paired (H even) else T;
-    width >= w. Returns new contiguous tensors, (2T, H/2, width) if paired else (T, H, width),
-    in q's dtype, zero past w. Differentiable in q and k."""
+    width >= w; q_scale None or a one-element fp32 tensor that multiplies the queries (in fp32,
+    before the one rounding). Returns new contiguous tensors, (2T, H/2, width) if paired else
+    (T, H, width), in q's dtype, zero past w. Differentiable in q and k."""
     name = "qk_prep"
     _check_runnable(name, q, k, cos, sin)
     for arg, t in (("q", q), ("k", k)):
@@ -2671,8 +2691,13 @@ def qk_prep(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if cos.shape != sin.shape or cos.shape[1] != w or cos.shape[0] < positions:
         raise ValueError(f"{name}: cos and sin must be ({positions} or more, {w}) tables, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    q_out, k_out = _QKPrep.apply(q, k, cos.contiguous(), sin.contiguous(), paired, key_offset,
-                                 width)
+    if q_scale is not None:
+        _check_runnable(name, q, q_scale)
+        _check_dtype(name, "q_scale", q_scale, (torch.float32,))
+        if q_scale.numel() != 1:
+            raise ValueError(f"{name}: q_scale must hold one value, got shape {tuple(q_scale.shape)}")
+    q_out, k_out = _QKPrep.apply(q, k, cos.contiguous(), sin.contiguous(), q_scale, paired,
+                                 key_offset, width)
     if paired:
         return q_out.view(2 * T, H // 2, width), k_out.view(2 * T, H // 2, width)
     return q_out, k_out

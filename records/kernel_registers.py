@@ -140,14 +140,15 @@ def qk_prep_kernels():
     row = 2 * HEADS * QK_WIDTH + MODEL_DIM
     strides = dict(T=TOKENS, q_stride_t=row, q_stride_h=QK_WIDTH, k_stride_t=row,
                    k_stride_h=QK_WIDTH, table_stride=QK_WIDTH, eps="fp32")
-    forward = {**pointers("q_ptr k_ptr q_out_ptr k_out_ptr cos_ptr sin_ptr", "bf16"), **strides}
+    forward = {**pointers("q_ptr k_ptr q_out_ptr k_out_ptr cos_ptr sin_ptr", "bf16"),
+               **pointers("q_scale_ptr", "fp32"), **strides}
     backward = {**pointers("dq_ptr dk_ptr q_ptr k_ptr dq_in_ptr dk_in_ptr cos_ptr sin_ptr", "bf16"),
-                **strides}
+                **pointers("q_scale_ptr", "fp32"), **strides}
     tiles = tk._QK_PREP_TILES
     for paired, key_offset in ((False, True), (True, False)):
         constexprs = dict(H=HEADS, W_IN=QK_WIDTH, W_OUT=HEAD_DIM, PAIRED=paired,
-                          KEY_OFFSET=key_offset, OUT_BF16=True, BLOCK_T=tiles["BLOCK_T"],
-                          BLOCK_W=HEAD_DIM)
+                          KEY_OFFSET=key_offset, Q_SCALE=False, OUT_BF16=True,
+                          BLOCK_T=tiles["BLOCK_T"], BLOCK_W=HEAD_DIM)
         layer = "paired" if paired else "plain, key offset"
         yield Kernel(f"qk_prep forward ({layer})", tk._qk_prep_forward_kernel, forward,
                      constexprs, tiles["num_warps"])

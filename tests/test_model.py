@@ -370,6 +370,7 @@ def test_rotary_yarn_frequencies_and_scale():
         rot.apply_yarn(old, new)
         history.append((old, new))
         assert abs(rot.attn_scale - scale) < 1e-6
+        assert rot.query_scale.item() == pytest.approx(rot.attn_scale / 0.1, rel=1e-6)
         f = ref_freqs(128, history)
         assert torch.allclose(rot.freqs.double().repeat_interleave(2), f[:64], rtol=1e-5)
         ang = torch.arange(64, dtype=torch.float64)[:, None] * f[None]
@@ -378,6 +379,7 @@ def test_rotary_yarn_frequencies_and_scale():
         assert torch.allclose(rot.sin.double(), signed_sin, atol=4e-3)
     rot.reset()
     assert rot.attn_scale == 0.1 and torch.allclose(rot.freqs.double(), ref_freqs(128)[:64:2])
+    assert rot.query_scale.item() == 1.0
 
 
 def test_rotate_matches_pairwise_formula():

@@ -66,21 +66,28 @@ def qk_inputs(T, H, w, dtype, seed):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T,H,w,width,paired,key_offset", QK_CASES)
-def test_qk_prep_kernel_and_reference_against_fp64(T, H, w, width, paired, key_offset, dtype):
-    """Outputs and the gradients of q and k. fp32: both within 1e-5 of the fp64 statement. bf16:
-    the kernel rounds once (within a bf16 step of fp64 everywhere), the reference after each op."""
+@pytest.mark.parametrize("q_scale", [None, 1.37])
+def test_qk_prep_kernel_and_reference_against_fp64(T, H, w, width, paired, key_offset, dtype,
+                                                   q_scale):
+    """Outputs and the gradients of q and k, with and without a factor on the queries. fp32: both
+    within 1e-5 of the fp64 statement. bf16: the kernel rounds once (within a bf16 step of fp64
+    everywhere), the reference after each op."""
     rot = tg.Rotary(w, 2 * T + 3)
     rot.reset()
     rot.to(DEV)
     (q, k), _ = qk_inputs(T, H, w, dtype, seed=T)
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k)]
     want = plain_qk_prep(*leaves, rot.cos.cpu(), rot.sin.cpu(), paired, key_offset, width)
+    scale = None
+    if q_scale is not None:
+        want = (want[0] * q_scale, want[1])
+        scale = torch.tensor(q_scale, device=DEV)
     grads = [torch.randn(t.shape, dtype=torch.float64) for t in want]
     sum(((t * g).sum() for t, g in zip(want, grads))).backward()
     shape = (2 * T, H // 2, width) if paired else (T, H, width)
     for prep in (tk.qk_prep, tg.qk_prep_reference):
         inputs = [t.detach().clone().requires_grad_() for t in (q, k)]
-        got = prep(*inputs, rot.cos, rot.sin, paired, key_offset, width)
+        got = prep(*inputs, rot.cos, rot.sin, paired, key_offset, width, scale)
         sum(((t.double() * g.to(DEV)).sum() for t, g in zip(got, grads))).backward()
         for out, exact in zip(got, want):
             assert out.shape == shape and out.dtype == dtype
@@ -110,6 +117,8 @@ def test_qk_prep_rejects_bad_arguments():
         tk.qk_prep(q, k, cos, sin, False, False, 8)
     with pytest.raises(ValueError, match=r"cos and sin must be \(10 or more, 12\) tables"):
         tk.qk_prep(q, k, cos[:9], sin[:9], False, False, 16)
+    with pytest.raises(ValueError, match=r"q_scale must hold one value, got shape \(2,\)"):
+        tk.qk_prep(q, k, cos, sin, False, False, 16, torch.ones(2, device=DEV))
 
 
 # =================================================================================================
