@@ -816,40 +816,6 @@ def test_validation_sums_each_batch_before_the_next_reuses_its_memory():
     assert val_loss == masked == pytest.approx((n + 1) / 2)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Compiled graphs counted from zero: none left over from another test, none left behind."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@needs_corpus
-@needs_tokenizer
-def test_dynamic_stages_compile_the_later_stages_once(monkeypatch, fresh_dynamo):
-    """--dynamic_stages: stage 2 recompiles the model with the batch length, the windows and
-    max_seqlen symbolic, and stage 3 and the extension reuse that graph (their warm-ups compile
-    nothing); the steps train like those without the switch, whose softmax scale multiplies the
-    scores rather than the queries before their rounding."""
-    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
-                                "num_extension_iterations": 2, "dynamic_stages": True})
-    monkeypatch.setattr(tg, "attention_reference", maskable_attention)
-    static_losses, _ = train_steps(dataclasses.replace(cfg, dynamic_stages=False), steps=8)
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda fn, **options: compile_(fn, **{**options, "backend": "aot_eager"}))
-    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
-    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None, paths=tg.Paths(compile=True))
-    trainer.warmup(cfg.num_train_steps)
-    graphs = {int(name.split()[2]): int(name.split(", ")[1].split()[0])
-              for name in run.startup.phases if name.startswith("warm-up step")}
-    assert graphs[2] > 0 and graphs[4] == graphs[6] == 0, graphs   # stages start at 2, 4, 6
-    losses = [trainer.train_step(step, trainer.advance(step)).item()
-              for step in range(cfg.num_train_steps)]
-    assert losses == pytest.approx(static_losses, abs=2e-2)
-    assert losses != static_losses                # the queries' rounding differs
-
-
 @pytest.mark.gpu
 @needs_corpus
 @needs_tokenizer
@@ -869,32 +835,69 @@ def test_cuda_graphs_train_like_the_compiled_model_on_gpu():
     assert losses[True] == pytest.approx(losses[False], abs=2e-3)
 
 
-@needs_corpus
-@needs_tokenizer
-def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh_dynamo):
-    """The model's forward and backward, its evaluation and the optimizer's update functions
-    trace with fullgraph=True (a graph break would raise); every warm-up step compiles something
-    new and, after the warm-up, a whole run compiles nothing; the compiled steps train like the
-    eager ones. Dynamo runs on a CPU here with the aot_eager backend (no code generation)."""
-    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
-                                "num_extension_iterations": 2})
-    monkeypatch.setattr(tg, "attention_reference", maskable_attention)
-    eager_losses, _ = train_steps(cfg, steps=4)
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled graphs counted from zero: none left over from another test, none left behind."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def warmed_up_on_cpu(cfg, monkeypatch):
+    """A Trainer compiled by dynamo with the aot_eager backend (no code generation, so a CPU will
+    do) and warmed up, and the number of graphs each warm-up step compiled, by step. The caller
+    patches the dense attention to maskable_attention, which dynamo can trace."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **options: compile_(fn, **{**options, "backend": "aot_eager"}))
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None, paths=tg.Paths(compile=True))
     trainer.warmup(cfg.num_train_steps)
-    warm_ups = [name for name in run.startup.phases if name.startswith("warm-up step")]
-    assert [int(name.split()[2]) for name in warm_ups] == [0, 1, 2, 4, 6]  # stages start at 2, 4, 6
-    assert all(" 0 graphs" not in name for name in warm_ups), warm_ups
-    graphs = tg.compiled_graphs()
+    graphs = {int(name.split()[2]): int(name.split(", ")[1].split()[0])
+              for name in run.startup.phases if name.startswith("warm-up step")}
+    return trainer, graphs
+
+
+@needs_corpus
+@needs_tokenizer
+def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh_dynamo):
+    """The model's forward and backward, its evaluation and the optimizer's update functions
+    trace with fullgraph=True (a graph break would raise); every warm-up step compiles something
+    new and, after the warm-up, a whole run compiles nothing; the compiled steps train like the
+    eager ones."""
+    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
+                                "num_extension_iterations": 2})
+    monkeypatch.setattr(tg, "attention_reference", maskable_attention)
+    eager_losses, _ = train_steps(cfg, steps=4)
+    trainer, graphs = warmed_up_on_cpu(cfg, monkeypatch)
+    assert list(graphs) == [0, 1, 2, 4, 6] and all(graphs.values()), graphs  # stages: 2, 4, 6
+    compiled = tg.compiled_graphs()
     losses = [trainer.train_step(step, trainer.advance(step)).item()
               for step in range(cfg.num_train_steps)]
-    assert tg.compiled_graphs() == graphs          # the warm-up compiled everything
+    assert tg.compiled_graphs() == compiled        # the warm-up compiled everything
     assert losses[:4] == pytest.approx(eager_losses, abs=1e-3)
-    batch = next(iter(tg.val_batches(trainer.val_files, 1024, 1024, 0, 1, 4, run.device,
+    batch = next(iter(tg.val_batches(trainer.val_files, 1024, 1024, 0, 1, 4, trainer.run.device,
                                      cfg.bigram_vocab_size)))
     plain, masked = trainer.eval_forward(batch, trainer.schedule.windows(0)).tolist()
     assert math.isfinite(plain) and math.isfinite(masked)
+
+
+@needs_corpus
+@needs_tokenizer
+def test_dynamic_stages_compile_the_later_stages_once(monkeypatch, fresh_dynamo):
+    """--dynamic_stages: stage 2 recompiles the model with the batch length, the windows and
+    max_seqlen symbolic, and stage 3 and the extension reuse that graph (their warm-ups compile
+    nothing); the steps train like those without the switch, whose softmax scale multiplies the
+    scores rather than the queries before their rounding."""
+    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
+                                "num_extension_iterations": 2, "dynamic_stages": True})
+    monkeypatch.setattr(tg, "attention_reference", maskable_attention)
+    static_losses, _ = train_steps(dataclasses.replace(cfg, dynamic_stages=False), steps=8)
+    trainer, graphs = warmed_up_on_cpu(cfg, monkeypatch)
+    assert graphs[2] > 0 and graphs[4] == graphs[6] == 0, graphs   # stages start at 2, 4, 6
+    losses = [trainer.train_step(step, trainer.advance(step)).item()
+              for step in range(cfg.num_train_steps)]
+    assert losses == pytest.approx(static_losses, abs=2e-2)
+    assert losses != static_losses                # the queries' rounding differs
+
+
