@@ -2,9 +2,9 @@
 
 Each world size K runs 4/K accumulation micro-batches per step on the same data, so the losses may
 differ only by rounding: gradients summed over micro-batches on one rank versus averaged over ranks
-in bf16. The differences stay near 0.002 until this tiny model's loss spikes (steps 17-20 at the
-smoke preset's learning rate) amplify them to a few hundredths: the bound is tight on the typical
-step and loose on the worst.
+in bf16. Twelve steps take in the switch to stage 2's batch shape at step 11 and end before this
+tiny model's loss spikes (from step 13 at the smoke preset's learning rate), which amplify the
+rounding differences of about 0.002 to a few hundredths.
 """
 import glob
 import os
@@ -21,7 +21,7 @@ TINY_RUN = [
     "--micro_batches_per_step=4",
     stages_option(batch_tokens=(512, 1024, 1024), max_seq_len=(64, 128, 128)),
     "--val_tokens=2048", "--val_batch_tokens=2048",
-    "--num_scheduled_iterations=30", "--num_extension_iterations=4", "--stop_after_steps=20",
+    "--num_scheduled_iterations=30", "--num_extension_iterations=4", "--stop_after_steps=12",
     "--val_every=0",
 ]
 NARROW_QK = ("--qk_head_dim=12",)   # #344 on heads of 16: Q/K 3/4 as wide, as the smoke preset's
@@ -53,14 +53,14 @@ def run_torchrun(nproc: int, log_dir: str, preset: str,
 
 def assert_losses_agree(results: dict[int, tuple[dict[int, float], float]]) -> None:
     base_losses, base_val = results[1]
-    assert sorted(base_losses) == list(range(1, 21))
-    assert base_losses[20] < base_losses[1] - 0.5          # it trains
+    assert sorted(base_losses) == list(range(1, 13))
+    assert base_losses[12] < base_losses[1] - 0.5          # it trains
     for k in sorted(results)[1:]:
         losses, val = results[k]
         assert sorted(losses) == sorted(base_losses)
         differences = sorted(abs(losses[s] - base_losses[s]) for s in losses)
         assert differences[len(differences) // 2] < 0.005, (k, differences)
-        assert differences[-1] < 0.05, (k, differences)
+        assert differences[-1] < 0.02, (k, differences)
         assert abs(val - base_val) < 0.03, (k, val, base_val)
 
 
