@@ -3413,14 +3413,17 @@ class Trainer:
                 self.run.rank, self.run.world_size, self.run.grad_accum_steps, self.run.device,
                 self.cfg.bigram_vocab_size)))
         for step in steps:
-            begin, graphs_before = time.perf_counter(), compiled_graphs()
+            begin, graphs_before, compiles_before = (time.perf_counter(), compiled_graphs(),
+                                                     compile_totals())
             settings = self.advance(step)
             self.eval_forward(val_batch, settings.windows)
             self.train_step(step, settings)
             synchronize(self.run.device)
+            seconds = time.perf_counter() - begin
             startup.record(f"warm-up step {step} ({self.schedule.stage_name(settings.stage)}, "
-                           f"{compiled_graphs() - graphs_before} graphs compiled)",
-                           time.perf_counter() - begin)
+                           f"{compiled_graphs() - graphs_before} graphs compiled)", seconds)
+            self.log(f"warm-up step {step}: "
+                     f"{compile_summary(compiles_before, compile_totals(), seconds)}")
         self.log("Resetting Model")
         with startup.phase("state restore"):
             self.model.zero_grad(set_to_none=True)
@@ -3624,6 +3627,38 @@ def compiled_graphs() -> int:
 def compile_cache_misses() -> int:
     """Graphs inductor has compiled in this process because no cache held them."""
     return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
+
+
+# Dynamo's timers (seconds per named region, summed over the process) that a compile splits into:
+# a graph's compile is its trace and then the backend's work, its backward's at the first backward
+COMPILE_TIMERS = {"compile": ("_compile.compile_inner", "backward._backward_impl"),
+                  "tracing": ("bytecode_tracing",), "inductor": ("compile_fx_inner",)}
+COMPILE_CACHES = {"inductor": "fxgraph_cache", "aot_autograd": "autograd_cache"}
+
+
+def compile_totals() -> dict[str, float]:
+    """Compile seconds (COMPILE_TIMERS) and cache outcomes (hit, miss, bypass of each of
+    COMPILE_CACHES) of this process so far; the difference of two tells what happened between."""
+    metrics, counters = torch._dynamo.utils.compilation_time_metrics, torch._dynamo.utils.counters
+    totals = {name: sum(sum(metrics.get(timer, ())) for timer in timers)
+              for name, timers in COMPILE_TIMERS.items()}
+    for group, prefix in COMPILE_CACHES.items():
+        for outcome in ("hit", "miss", "bypass"):
+            totals[f"{group} {outcome}"] = counters[group][f"{prefix}_{outcome}"]
+    return totals
+
+
+def compile_summary(before: dict[str, float], after: dict[str, float], seconds: float) -> str:
+    """Where a warm-up step's `seconds` went: compiling (Dynamo's tracing, Inductor, the rest:
+    AOTAutograd and guards) or running (CUDA graph capture, autotuning, the step itself); and
+    which compiles the caches served."""
+    d = {name: after[name] - before[name] for name in after}
+    rest = d["compile"] - d["tracing"] - d["inductor"]
+    caches = ", ".join(f"{group} {d[f'{group} hit']:.0f} hit / {d[f'{group} miss']:.0f} miss / "
+                       f"{d[f'{group} bypass']:.0f} bypass" for group in COMPILE_CACHES)
+    return (f"compiling {d['compile']:.2f}s (tracing {d['tracing']:.2f}s, inductor "
+            f"{d['inductor']:.2f}s, rest {rest:.2f}s), running {seconds - d['compile']:.2f}s; "
+            f"caches: {caches}")
 
 
 def compile_cache_key(cfg: Hyperparameters, run: Run) -> dict[str, str]:

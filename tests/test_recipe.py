@@ -10,6 +10,7 @@ import functools
 import inspect
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -845,17 +846,30 @@ def fresh_dynamo():
 
 def warmed_up_on_cpu(cfg, monkeypatch):
     """A Trainer compiled by dynamo with the aot_eager backend (no code generation, so a CPU will
-    do) and warmed up, and the number of graphs each warm-up step compiled, by step. The caller
-    patches the dense attention to maskable_attention, which dynamo can trace."""
+    do) and warmed up; by step, the graphs each warm-up step compiled, and its seconds in all and
+    compiling as the log reports them. The caller patches the dense attention to
+    maskable_attention, which dynamo can trace."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **options: compile_(fn, **{**options, "backend": "aot_eager"}))
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
-    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None, paths=tg.Paths(compile=True))
+    lines = []
+    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: lines.append(line),
+                         paths=tg.Paths(compile=True))
     trainer.warmup(cfg.num_train_steps)
-    graphs = {int(name.split()[2]): int(name.split(", ")[1].split()[0])
-              for name in run.startup.phases if name.startswith("warm-up step")}
-    return trainer, graphs
+    graphs, seconds = {}, {}
+    for name, total in run.startup.phases.items():
+        if name.startswith("warm-up step"):
+            step = int(name.split()[2])
+            graphs[step] = int(name.split(", ")[1].split()[0])
+            (line,) = [line for line in lines if line.startswith(f"warm-up step {step}: ")]
+            compiling, tracing, inductor, rest, running = map(float, re.match(
+                r".*: compiling (.+)s \(tracing (.+)s, inductor (.+)s, rest (.+)s\), running (.+)s;",
+                line).groups())
+            assert inductor == 0 and rest >= 0                  # aot_eager: no inductor
+            seconds[step] = dict(total=total, compiling=compiling, tracing=tracing,
+                                 running=running)
+    return trainer, graphs, seconds
 
 
 @needs_corpus
@@ -869,8 +883,12 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh
                                 "num_extension_iterations": 2})
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
     eager_losses, _ = train_steps(cfg, steps=4)
-    trainer, graphs = warmed_up_on_cpu(cfg, monkeypatch)
+    trainer, graphs, seconds = warmed_up_on_cpu(cfg, monkeypatch)
     assert list(graphs) == [0, 1, 2, 4, 6] and all(graphs.values()), graphs  # stages: 2, 4, 6
+    # the log splits each warm-up step's time into compiling (tracing a part of it) and running
+    for s in seconds.values():
+        assert 0 < s["tracing"] < s["compiling"] < s["total"]
+        assert s["compiling"] + s["running"] == pytest.approx(s["total"], abs=0.02)
     compiled = tg.compiled_graphs()
     losses = [trainer.train_step(step, trainer.advance(step)).item()
               for step in range(cfg.num_train_steps)]
@@ -893,8 +911,9 @@ def test_dynamic_stages_compile_the_later_stages_once(monkeypatch, fresh_dynamo)
                                 "num_extension_iterations": 2, "dynamic_stages": True})
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
     static_losses, _ = train_steps(dataclasses.replace(cfg, dynamic_stages=False), steps=8)
-    trainer, graphs = warmed_up_on_cpu(cfg, monkeypatch)
+    trainer, graphs, seconds = warmed_up_on_cpu(cfg, monkeypatch)
     assert graphs[2] > 0 and graphs[4] == graphs[6] == 0, graphs   # stages start at 2, 4, 6
+    assert seconds[4]["compiling"] == seconds[6]["compiling"] == 0
     losses = [trainer.train_step(step, trainer.advance(step)).item()
               for step in range(cfg.num_train_steps)]
     assert losses == pytest.approx(static_losses, abs=2e-2)

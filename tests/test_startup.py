@@ -66,7 +66,7 @@ def test_startup_phases_cover_the_time_to_the_first_step(tmp_path):
 # Compile cache. Each process gets its own empty inductor cache directory, as a fresh machine has.
 
 COMPILE_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     import torch
     import train_gpt as tg
     mode, path, key = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -77,7 +77,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
         layer.weight.copy_(torch.arange(32.0).view(4, 8) / 32)
         layer.bias.zero_()
     f = torch.compile(lambda x: torch.relu(layer(x)).square(), fullgraph=True, dynamic=False)
+    before, start = tg.compile_totals(), time.perf_counter()
     print("output:", f(torch.ones(2, 8)).sum().item())
+    print("compile:", tg.compile_summary(before, tg.compile_totals(), time.perf_counter() - start))
     if mode == "save":
         tg.save_compile_cache(path, key, print)
     print("misses:", tg.compile_cache_misses())
@@ -104,9 +106,20 @@ def saved_cache(tmp_path_factory):
     return tmp_path, path, out
 
 
+COMPILE_LINE = re.compile(r"compile: compiling ([\d.]+)s \(tracing ([\d.]+)s, inductor ([\d.]+)s, "
+                          r"rest (-?[\d.]+)s\), running ([\d.]+)s; caches: inductor (\d+) hit / "
+                          r"(\d+) miss / (\d+) bypass")
+
+
 def test_compile_cache_is_written_by_the_first_run(saved_cache):
     _, path, out = saved_cache
     assert re.search(r"misses: [1-9]", out)                  # it compiled
+    # and the compile's report splits the time and counts the miss
+    compiling, tracing, inductor, rest, _, hits, misses, _ = map(
+        float, COMPILE_LINE.search(out).groups())
+    assert tracing > 0 and inductor > 0 and rest >= 0
+    assert compiling == pytest.approx(tracing + inductor + rest, abs=0.02)
+    assert (hits, misses) == (0, 1)
     assert f"compile cache {path}: written" in out
     with open(path, "rb") as f:
         assert f.readline() == tg.COMPILE_CACHE_MAGIC
@@ -117,6 +130,7 @@ def test_compile_cache_spares_a_fresh_machine_the_compilation(saved_cache):
     tmp_path, path, first = saved_cache
     out = compile_in_fresh_process(tmp_path, "load", path, KEY, "second")
     assert "loaded: True" in out and "misses: 0" in out
+    assert COMPILE_LINE.search(out).groups()[5:7] == ("1", "0")    # inductor: one hit, no miss
     weights = torch.arange(32.0).view(4, 8) / 32
     expected = 2 * float(weights.sum(1).square().sum())     # two rows of ones, positive weights
     assert float(re.search(r"output: ([\d.]+)", out).group(1)) == pytest.approx(expected)
