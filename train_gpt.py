@@ -3945,7 +3945,10 @@ class TrainingRun:
         self.t0 = time.perf_counter()
 
     def train(self) -> None:
-        with TrainingGC() as self.gc_passes:
+        with contextlib.ExitStack() as stack:
+            # a full collection over everything compiling left behind, once before the clock
+            with self.run.startup.phase("garbage collection"):
+                self.gc_passes = stack.enter_context(TrainingGC())
             synchronize(self.run.device)
             self.startup_s = self.run.startup.elapsed_s()
             for line in self.run.startup.report(self.startup_s):
