@@ -3256,10 +3256,11 @@ class Trainer:
                 for p in self.model.parameters():
                     dist.broadcast(p.detach(), 0)
             synchronize(run.device)
-        if cfg.fp8_mlp_down:
-            self.model.requantize_mlp_down()
-        if cfg.fp8_qkv:
-            self.model.requantize_qkv()
+        with phase("FP8 weight copies"):    # the first compiles the quantization
+            if cfg.fp8_mlp_down:
+                self.model.requantize_mlp_down()
+            if cfg.fp8_qkv:
+                self.model.requantize_qkv()
         self.forward = self.model
         if self.paths.compile:
             # dynamic=None: a stage that changes the batch length, windows or max_seqlen
