@@ -3285,6 +3285,7 @@ class Trainer:
                                             run.grad_accum_steps, cpu_group=run.cpu_group,
                                             sparse_bigram=self.sparse_bigram, paths=self.paths)
         self.long_window = self.schedule.windows(0)[1]
+        self.longest_mtp = max(len(w) for stage in cfg.stages for w in stage.mtp_weights)
         with phase("data open"):
             self.loader = self.new_train_loader()
 
@@ -3326,8 +3327,7 @@ class Trainer:
         # the GPU's queue to drain, and the host must stay ahead of the GPU
         mtp = settings.mtp_weights
         if self.cfg.dynamic_stages:   # one length in every stage: a zero weight adds nothing
-            longest = max(len(w) for stage in self.cfg.stages for w in stage.mtp_weights)
-            mtp += (0.0,) * (longest - len(mtp))
+            mtp += (0.0,) * (self.longest_mtp - len(mtp))
         mtp_weights = _to_device(np.array(mtp, dtype=np.float32), run.device)
         prefix_weight = None
         if self.cfg.prefix_loss_weight > 0:
