@@ -846,8 +846,8 @@ def fresh_dynamo():
 
 def warmed_up_on_cpu(cfg, monkeypatch):
     """A Trainer compiled by dynamo with the aot_eager backend (no code generation, so a CPU will
-    do) and warmed up; by step, the graphs each warm-up step compiled, and its seconds in all and
-    compiling as the log reports them. The caller patches the dense attention to
+    do) and warmed up; by step, the graphs each warm-up step compiled, and its seconds in all,
+    compiling and tracing as the log reports them. The caller patches the dense attention to
     maskable_attention, which dynamo can trace."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile",
@@ -863,12 +863,10 @@ def warmed_up_on_cpu(cfg, monkeypatch):
             step = int(name.split()[2])
             graphs[step] = int(name.split(", ")[1].split()[0])
             (line,) = [line for line in lines if line.startswith(f"warm-up step {step}: ")]
-            compiling, tracing, inductor, rest, running = map(float, re.match(
-                r".*: compiling (.+)s \(tracing (.+)s, inductor (.+)s, rest (.+)s\), running (.+)s;",
-                line).groups())
+            compiling, tracing, inductor, rest = map(float, re.match(
+                r".*: compiling (.+)s \(tracing (.+)s, inductor (.+)s, rest (.+)s\)", line).groups())
             assert inductor == 0 and rest >= 0                  # aot_eager: no inductor
-            seconds[step] = dict(total=total, compiling=compiling, tracing=tracing,
-                                 running=running)
+            seconds[step] = dict(total=total, compiling=compiling, tracing=tracing)
     return trainer, graphs, seconds
 
 
@@ -886,9 +884,7 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh
     trainer, graphs, seconds = warmed_up_on_cpu(cfg, monkeypatch)
     assert list(graphs) == [0, 1, 2, 4, 6] and all(graphs.values()), graphs  # stages: 2, 4, 6
     # the log splits each warm-up step's time into compiling (tracing a part of it) and running
-    for s in seconds.values():
-        assert 0 < s["tracing"] < s["compiling"] < s["total"]
-        assert s["compiling"] + s["running"] == pytest.approx(s["total"], abs=0.02)
+    assert all(0 < s["tracing"] < s["compiling"] < s["total"] for s in seconds.values()), seconds
     compiled = tg.compiled_graphs()
     losses = [trainer.train_step(step, trainer.advance(step)).item()
               for step in range(cfg.num_train_steps)]

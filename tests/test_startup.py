@@ -116,10 +116,9 @@ def test_compile_cache_is_written_by_the_first_run(saved_cache):
     _, path, out = saved_cache
     assert re.search(r"misses: [1-9]", out)                  # it compiled
     # and the compile's report splits the time and counts the miss
-    compiling, tracing, inductor, rest, _, hits, misses, _ = map(
+    _, tracing, inductor, rest, running, hits, misses, _ = map(
         float, COMPILE_LINE.search(out).groups())
-    assert tracing > 0 and inductor > 0 and rest >= 0
-    assert compiling == pytest.approx(tracing + inductor + rest, abs=0.02)
+    assert tracing > 0 and inductor > 0 and rest >= 0 and running >= 0
     assert (hits, misses) == (0, 1)
     assert f"compile cache {path}: written" in out
     with open(path, "rb") as f:
