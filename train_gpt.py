@@ -113,8 +113,8 @@ class Hyperparameters:
     compile: bool = True
     cuda_graphs: bool = False               # the compiled model as CUDA graphs: one launch
                                             # replays a whole pass (no per-kernel host cost)
-    dynamic_stages: bool = False            # one compiled graph serves every stage after the
-                                            # first (see "Start-up" in the README)
+    dynamic_stages: bool = False            # one compiled step graph serves every stage (see
+                                            # "Start-up" in the README)
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
     peak_tflops: float = 0.0                # the device's dense bf16 peak for MFU (0: from the table)
@@ -3263,11 +3263,14 @@ class Trainer:
                 self.model.requantize_qkv()
         self.forward = self.model
         if self.paths.compile:
-            # dynamic=None: a stage that changes the batch length, windows or max_seqlen
-            # recompiles once with them symbolic, and later stages reuse that graph
-            self.forward = torch.compile(self.model, fullgraph=True,
-                                         dynamic=None if cfg.dynamic_stages else False,
+            # dynamic=True: the batch length, windows and max_seqlen are symbolic from the first
+            # compile, so one graph serves every stage
+            self.forward = torch.compile(self.model, fullgraph=True, dynamic=cfg.dynamic_stages,
                                          mode="reduce-overhead" if self.paths.cuda_graphs else None)
+            if cfg.dynamic_stages:
+                # floats stay constants: Dynamo cannot lift a symbolic float into the FP8 MLP's
+                # autograd function, and no float changes between stages
+                self.forward = torch._dynamo.config.patch(specialize_float=True)(self.forward)
         if self.paths.cuda_graphs:
             for param in self.model.parameters():
                 if param.requires_grad:

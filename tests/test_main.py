@@ -97,13 +97,15 @@ def test_step_time_on_the_gpu_counts_the_work_not_the_launches():
     its work ends: its time is the GPU's, from the events around it."""
     import time
     torch, device = tg.torch, tg.torch.device("cuda")
-    # the sleep kernel counts clock cycles: time a known count first (which also loads the kernel)
+    # the sleep kernel counts clock cycles: time a known count (once loaded: the first launch
+    # also loads the kernel, which would make a cycle seem slower than it is)
+    torch.cuda._sleep(1000)
     before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     before.record()
-    torch.cuda._sleep(1_000_000)
+    torch.cuda._sleep(10_000_000)
     after.record()
     after.synchronize()
-    sleep_cycles = int(1_000_000 * 100 / before.elapsed_time(after))     # about 100 ms
+    sleep_cycles = int(10_000_000 * 100 / before.elapsed_time(after))    # about 100 ms
     torch.cuda.synchronize()
     host_start = time.perf_counter()
     start = tg.PendingLoss.start_marker(device)

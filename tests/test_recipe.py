@@ -898,18 +898,18 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh
 
 @needs_corpus
 @needs_tokenizer
-def test_dynamic_stages_compile_the_later_stages_once(monkeypatch, fresh_dynamo):
-    """--dynamic_stages: stage 2 recompiles the model with the batch length, the windows and
-    max_seqlen symbolic, and stage 3 and the extension reuse that graph (their warm-ups compile
-    nothing); the steps train like those without the switch, whose softmax scale multiplies the
-    scores rather than the queries before their rounding."""
+def test_dynamic_stages_compile_one_step_graph_for_every_stage(monkeypatch, fresh_dynamo):
+    """--dynamic_stages: the first step compiles the model with the batch length, the windows and
+    max_seqlen symbolic, and no later stage compiles anything (their warm-ups compile nothing); the
+    steps train like those without the switch, whose softmax scale multiplies the scores rather
+    than the queries before their rounding."""
     cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
                                 "num_extension_iterations": 2, "dynamic_stages": True})
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
     static_losses, _ = train_steps(dataclasses.replace(cfg, dynamic_stages=False), steps=8)
     trainer, graphs, seconds = warmed_up_on_cpu(cfg, monkeypatch)
-    assert graphs[2] > 0 and graphs[4] == graphs[6] == 0, graphs   # stages start at 2, 4, 6
-    assert seconds[4]["compiling"] == seconds[6]["compiling"] == 0
+    assert graphs[0] > 0 and graphs[2] == graphs[4] == graphs[6] == 0, graphs  # stages: 2, 4, 6
+    assert seconds[2]["compiling"] == seconds[4]["compiling"] == seconds[6]["compiling"] == 0
     losses = [trainer.train_step(step, trainer.advance(step)).item()
               for step in range(cfg.num_train_steps)]
     assert losses == pytest.approx(static_losses, abs=2e-2)
