@@ -3263,6 +3263,7 @@ class Trainer:
                 self.model.requantize_qkv()
         self.forward = self.model
         if self.paths.compile:
+            cache_graphs_with_autograd_functions()
             # dynamic=True: the batch length, windows and max_seqlen are symbolic from the first
             # compile, so one graph serves every stage
             self.forward = torch.compile(self.model, fullgraph=True, dynamic=cfg.dynamic_stages,
@@ -3621,6 +3622,15 @@ NOT_GRAPH_FIELDS = frozenset({
     "train_files", "val_files", "val_tokens", "cycle_train_data", "stop_after_steps", "val_every",
     "seed", "peak_tflops", "save_every", "save_checkpoint", "checkpoint_dir", "resume", "log_dir",
     "val_mask_cache", "compile_cache", "eval", "hellaswag_file"})
+
+
+def cache_graphs_with_autograd_functions() -> None:
+    """Let AOTAutograd's cache keep graphs that call this file's autograd functions (the Triton
+    and FP8 paths). Dynamo traces their forward and backward into the graph, so their code is
+    part of the cache key; without this the training graph bypasses the cache and is traced and
+    partitioned anew on every start. The flag is PyTorch's own, off by default while it is
+    rolled out."""
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
 
 
 def compiled_graphs() -> int:

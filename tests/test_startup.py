@@ -88,15 +88,21 @@ COMPILE_SCRIPT = textwrap.dedent("""
 KEY = {"code": "abc", "torch": torch.__version__, "model_dim": "768"}
 
 
-def compile_in_fresh_process(tmp_path, mode: str, path: str, key: dict, name: str) -> str:
-    import json
+def run_in_fresh_process(tmp_path, script: str, args: list[str], name: str) -> str:
+    """stdout of `script` run with `args` in a new interpreter whose compile caches live in
+    tmp_path under `name`."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor_{name}"),
                TRITON_CACHE_DIR=str(tmp_path / f"triton_{name}"))
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, mode, path, json.dumps(key)],
-                            cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def compile_in_fresh_process(tmp_path, mode: str, path: str, key: dict, name: str) -> str:
+    import json
+    return run_in_fresh_process(tmp_path, COMPILE_SCRIPT, [mode, path, json.dumps(key)], name)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +160,47 @@ def test_missing_or_foreign_compile_cache_is_reported(tmp_path):
     assert lines == [f"compile cache {missing}: not there yet; compiling, then writing it",
                      f"compile cache {foreign}: unreadable (not a compile cache of train_gpt.py); "
                      f"compiling afresh and replacing it"]
+
+
+AUTOGRAD_FUNCTION_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import train_gpt as tg
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x ** 3
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 3 * x.square() * grad
+
+    if sys.argv[1] == "cache":
+        tg.cache_graphs_with_autograd_functions()
+    f = torch.compile(lambda x: Cube.apply(x).sum(), fullgraph=True, dynamic=False)
+    x = torch.arange(4.0, requires_grad=True)
+    f(x).backward()
+    outcomes = torch._dynamo.utils.counters["aot_autograd"]
+    print("grad:", x.grad.tolist())
+    print("aot_autograd:", *(outcomes[f"autograd_cache_{o}"] for o in ("hit", "miss", "bypass")))
+""")
+
+
+def test_training_graphs_with_autograd_functions_are_cached(tmp_path):
+    """A graph that calls an autograd function (as the Triton and FP8 paths do) bypasses
+    AOTAutograd's cache unless the trainer's switch lets it in; then a second process on the same
+    machine loads it instead of tracing it again, and computes the same gradient."""
+    def compile_and_step(mode: str, name: str) -> tuple[str, str]:
+        out = run_in_fresh_process(tmp_path, AUTOGRAD_FUNCTION_SCRIPT, [mode], name)
+        return (re.search(r"grad: (.*)", out).group(1),
+                re.search(r"aot_autograd: (.*)", out).group(1))
+
+    assert compile_and_step("default", "default") == ("[0.0, 3.0, 12.0, 27.0]", "0 0 1")
+    assert compile_and_step("cache", "cached") == ("[0.0, 3.0, 12.0, 27.0]", "0 1 0")
+    assert compile_and_step("cache", "cached") == ("[0.0, 3.0, 12.0, 27.0]", "1 0 0")
 
 
 def test_compile_cache_key_changes_with_graph_fields_only():
