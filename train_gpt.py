@@ -3269,8 +3269,8 @@ class Trainer:
             self.forward = torch.compile(self.model, fullgraph=True, dynamic=cfg.dynamic_stages,
                                          mode="reduce-overhead" if self.paths.cuda_graphs else None)
             if cfg.dynamic_stages:
-                # floats stay constants: Dynamo cannot lift a symbolic float into the FP8 MLP's
-                # autograd function, and no float changes between stages
+                # floats stay constants: Dynamo cannot lift a symbolic float into the graph of
+                # an autograd function (the FP8 MLP's), and no float changes between stages
                 self.forward = torch._dynamo.config.patch(specialize_float=True)(self.forward)
         if self.paths.cuda_graphs:
             for param in self.model.parameters():
