@@ -3245,8 +3245,11 @@ class Trainer:
         max_positions = 2 * max(self.val_tokens_per_rank, max_train_tokens)
         with phase("model build"):
             torch.manual_seed(cfg.seed)
-            self.model = GPT(cfg, run.world_size, max_positions, self.paths).to(run.device)
+            model = GPT(cfg, run.world_size, max_positions, self.paths)
+        with phase("model to device"):
+            self.model = model.to(run.device)
             self.model.rotary.reset()
+            synchronize(run.device)
         self.val_mask_table = None
         if cfg.prefix_loss_weight > 0 or cfg.val_mask:
             with phase("tokenizer tables"):
