@@ -3641,11 +3641,6 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def compile_cache_misses() -> int:
-    """Graphs inductor has compiled in this process because no cache held them."""
-    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
-
-
 # Dynamo's timers (seconds per named region, summed over the process) that a compile splits into:
 # a graph's compile is its trace and then the backend's work, its backward's at the first backward
 COMPILE_TIMERS = {"compile": ("_compile.compile_inner", "backward._backward_impl"),
@@ -3946,10 +3941,11 @@ class TrainingRun:
             key = compile_cache_key(cfg, run)
             with run.startup.phase("compile cache load"):
                 loaded = load_compile_cache(cfg.compile_cache, key, log)
-        misses = compile_cache_misses()
+        misses = compile_totals()["inductor miss"]     # graphs Inductor compiled, no cache held
         self.trainer.warmup(self.last_step)
         log(f"compiled graphs: {compiled_graphs()}")
-        if cfg.compile_cache and run.is_master and (not loaded or compile_cache_misses() > misses):
+        if cfg.compile_cache and run.is_master and (
+                not loaded or compile_totals()["inductor miss"] > misses):
             with run.startup.phase("compile cache save"):
                 save_compile_cache(cfg.compile_cache, key, log)
 

@@ -83,7 +83,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     print("compile:", tg.compile_summary(before, tg.compile_totals(), time.perf_counter() - start))
     if mode == "save":
         tg.save_compile_cache(path, key, print)
-    print("misses:", tg.compile_cache_misses())
+    print("misses:", tg.compile_totals()["inductor miss"])
 """)
 KEY = {"code": "abc", "torch": torch.__version__, "model_dim": "768"}
 
