@@ -109,7 +109,8 @@ class Hyperparameters:
     head_w_scale: float = 1.6 / 448
     head_grad_scale: float = 0.75 / 448
     # run
-    seed: int = 0
+    seed: int = 0                           # the initial weights, drawn on the training
+                                            # device (a GPU draws other ones than a CPU)
     compile: bool = True
     cuda_graphs: bool = False               # the compiled model as CUDA graphs: one launch
                                             # replays a whole pass (no per-kernel host cost)
@@ -1915,9 +1916,12 @@ class GPT(nn.Module):
             self.gate_w1, self.gate_w2, self.gate_b2 = self._coefficient_mlp(self.gate_layouts)
             self.gate_scales = nn.Parameter(torch.full((len(self.gate_layouts),), MUDD_SCALE))
         if cfg.bigram_sign_trick:
-            # fixed random signs, the same on every rank (a generator of their own)
-            signs = torch.randn(BIGRAM_SIGN_ROWS, d, generator=torch.Generator().manual_seed(83))
-            self.register_buffer("bigram_signs", signs.sign().bfloat16(), persistent=False)
+            # fixed random signs, the same on every rank and device (a host generator of their own)
+            signs = torch.randn(BIGRAM_SIGN_ROWS, d, generator=torch.Generator().manual_seed(83),
+                                device="cpu")
+            self.register_buffer("bigram_signs",
+                                 signs.sign().bfloat16().to(torch.get_default_device()),
+                                 persistent=False)
         if cfg.prefix_loss_weight > 0:
             # token -> its longest strict prefix token (-1: none); filled from the tokenizer
             self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64),
@@ -3243,12 +3247,12 @@ class Trainer:
         max_train_tokens = max(s.batch_tokens for s in cfg.stages) // cfg.micro_batches_per_step
         # paired-head layers index rotary positions up to twice the sequence length
         max_positions = 2 * max(self.val_tokens_per_rank, max_train_tokens)
-        with phase("model build"):
+        # built where it trains: a GPU draws the initial weights in milliseconds, where the host
+        # (one thread per rank under torchrun) takes seconds. The draws therefore depend on the
+        # device type: a seed gives other initial weights on a GPU than on a CPU.
+        with phase("model build"), torch.device(run.device):
             torch.manual_seed(cfg.seed)
-            model = GPT(cfg, run.world_size, max_positions, self.paths)
-        with phase("model to device"):
-            self.model = model.to(run.device)
-            self.model.rotary.reset()
+            self.model = GPT(cfg, run.world_size, max_positions, self.paths)
             synchronize(run.device)
         self.val_mask_table = None
         if cfg.prefix_loss_weight > 0 or cfg.val_mask:
@@ -4220,9 +4224,10 @@ def model_from_checkpoint(path: str, device: torch.device, log: Callable[[str], 
     torch.manual_seed(0)
     # paired-head layers read rotary positions up to twice a forward pass's tokens
     max_positions = 2 * max(SAMPLE_CONTEXT, HELLASWAG_PACK_TOKENS)
-    model = GPT(cfg, world_size=1, max_positions=max_positions, paths=paths)
+    with torch.device(device):     # built where it samples; the checkpoint overwrites its weights
+        model = GPT(cfg, world_size=1, max_positions=max_positions, paths=paths)
     load_model_state(model, data)
-    model.to(device).eval()
+    model.eval()
     schedule, step = Schedule(cfg), meta["step"]
     replay_yarn(model.rotary, schedule, step)
     windows = schedule.final_val_windows() if step >= cfg.num_train_steps else schedule.windows(step)

@@ -339,6 +339,25 @@ def test_parameter_count_at_world_size_8():
     assert sum(p.numel() for p in m.parameters()) == 543_818_952
 
 
+NO_FP8_MLP = dict(fp8_mlp_up=False, fp8_mlp_down=False, fp8_mlp_backward=False)
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("record74", {}), ("speedrun", {}), ("speedrun", dict(mlp="pairwise", **NO_FP8_MLP)),
+    *[("speedrun", dict(attn=attn, qk_head_dim=0)) for attn in ("diff", "cmd", "mla", "cmd_mla")]])
+def test_model_is_built_on_the_device_it_is_asked_for(preset, extra):
+    """The trainer builds the model under its device (a GPU draws the initial weights), so every
+    parameter and buffer must follow the default device: one made on the host by name would stay
+    there on a GPU."""
+    cfg = tg.Hyperparameters(**{**tg.PRESETS[preset], **extra})
+    with torch.device("meta"):
+        m = tg.GPT(cfg, world_size=8, max_positions=2)
+    named = [*m.named_parameters(), *m.named_buffers()]
+    assert [name for name, t in named if not t.is_meta] == []
+    if cfg.bigram_sign_trick:
+        assert "bigram_signs" in dict(named)
+
+
 def test_summary_command(capsys):
     tg.main(["--summary", "--preset=record74", "--world_size=8"])
     out = capsys.readouterr().out.strip().splitlines()

@@ -54,7 +54,7 @@ def test_startup_phases_cover_the_time_to_the_first_step(tmp_path):
     total = float(re.search(r"^startup: ([\d.]+)s from launch", text, re.M).group(1))
     phases = dict(re.findall(r"^startup phase (.+): (-?[\d.]+)s$", text, re.M))
     for name in ("interpreter start and imports", "distributed set-up", "preflight",
-                 "log header", "data open", "model build", "model to device", "optimizer build",
+                 "log header", "data open", "model build", "optimizer build",
                  "garbage collection"):
         assert name in phases
     named = sum(float(s) for name, s in phases.items() if name != "other")
