@@ -504,7 +504,7 @@ def _gemm_epilogue_kernel(
     act_scale_ptr, maxima_ptr,              # post8's scale (RELU2_FP8_FORWARD); per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     if SCALED:
@@ -519,8 +519,10 @@ def _gemm_epilogue_kernel(
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
     # FLATTEN merges the k loop into the tile loop, so the software pipeline keeps loading across
-    # tiles: the next tile's first operands arrive during this tile's epilogue
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN):
+    # tiles: the next tile's first operands arrive during this tile's epilogue. WARP_SPECIALIZE
+    # asks Triton to give loads, MMAs and the epilogue warps of their own instead.
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
         first_tile_m = (tile // tiles_per_group) * GROUP_M
         group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
@@ -558,12 +560,18 @@ def _gemm_epilogue_kernel(
 # fastest there for every bf16 epilogue, is the one used for bf16 operands. A loaded aux tile
 # (backward, AXPY) needs staging memory that 4 stages of 128 x 256 x 64 leave no room for. BLOCK_M
 # must divide the rows of one matrix (3072 in the speedrun) when there are several.
+# PROGRAMS_PER_SM (default 1) launches that many persistent programs per SM, so that one's
+# epilogue can overlap another's MMAs; their staging memory must fit the SM together (2 stages).
 _GEMM_TILINGS = (
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=5),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=4, num_stages=2,
+         PROGRAMS_PER_SM=2),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3,
+         WARP_SPECIALIZE=True),
 )
 _GEMM_TILES = _GEMM_TILINGS[1]
 # FP8 operands are one byte wide: a BLOCK_K of 128 stages the same bytes as bf16's 64 and halves
@@ -573,6 +581,10 @@ _FP8_GEMM_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN
 _FP8_GEMM_TILINGS = _GEMM_TILINGS + (
     _FP8_GEMM_TILES,
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=4, num_stages=2,
+         PROGRAMS_PER_SM=2),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3,
+         WARP_SPECIALIZE=True),
 )
 _INTERPRETED_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False)
 
@@ -599,8 +611,9 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     m, k = a.shape
     n = out.shape[1]
     rows_per_batch = m if rows_per_batch is None else rows_per_batch
-    tiles = tiles or (_INTERPRETED_TILES if INTERPRET else
-                      _FP8_GEMM_TILES if a.element_size() == 1 else _GEMM_TILES)
+    tiles = dict(tiles or (_INTERPRETED_TILES if INTERPRET else
+                           _FP8_GEMM_TILES if a.element_size() == 1 else _GEMM_TILES))
+    programs_per_sm = tiles.pop("PROGRAMS_PER_SM", 1)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     if rows_per_batch < m and rows_per_batch % bm:
         raise ValueError(f"GEMM epilogue kernel: rows per batch ({rows_per_batch}) must be a multiple "
@@ -610,7 +623,7 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
     descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
                    out_desc, aux_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    programs = min(num_tiles, 4 if INTERPRET else _num_sms(a.device))
+    programs = min(num_tiles, 4 if INTERPRET else programs_per_sm * _num_sms(a.device))
     with_maxima = epilogue.value in (RELU2_FP8_FORWARD.value, RELU2_BACKWARD_MAX.value)
     maxima = torch.empty(programs, dtype=torch.float32, device=a.device) if with_maxima else out
     _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha,

@@ -447,6 +447,15 @@ def test_linear_relu_square_fp8_speedrun_shape():
     check_linear_relu_square_fp8(16384, d=768, hidden=3072, device="cuda", act_scale=0.02)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiling", range(len(tk._GEMM_TILINGS), len(tk._FP8_GEMM_TILINGS)))
+def test_fp8_mlp_candidate_tilings_compute_the_same(tiling, monkeypatch):
+    """The FP8-only tilings the benchmark may pick, forward and backward at the speedrun shape."""
+    monkeypatch.setattr(tk, "_FP8_GEMM_TILES", tk._FP8_GEMM_TILINGS[tiling])
+    check_linear_relu_square_fp8(16384, d=768, hidden=3072, device="cuda", act_scale=0.02)
+    check_linear_relu_square_fp8_backward(16384, d=768, hidden=3072, device="cuda", act_scale=0.02)
+
+
 # -------------------------------------------------------------------------------------------------
 # The MLP in FP8 in the backward pass too, from weights quantised once per update (#344)
 
@@ -714,6 +723,21 @@ def test_polar_update_tall(case):
     a, _, _ = POLAR_EXPRESS_COEFFS[torch.randint(0, 5, ()).item()]
     X = torch.randn(shape, device=DEV).bfloat16()
     check_polar_update_tall(X, symmetric_bf16(shape[:-2], shape[-1], DEV), a)
+
+
+@pytest.mark.parametrize("tiling", range(len(tk._GEMM_TILINGS)))
+def test_gemm_epilogue_candidate_tilings_compute_the_same_update(tiling):
+    """Every tiling the benchmark may pick computes the same update (the interpreter runs each
+    one's flags on its own small blocks, and one or more programs per SM come out as its four)."""
+    tiles = tk._GEMM_TILINGS[tiling]
+    if DEV == "cpu":
+        tiles = {**tiles, **tk._INTERPRETED_TILES, "FLATTEN": tiles["FLATTEN"]}
+    shape = POLAR_UPDATE_SHAPES[DEV][2]
+    a, _, _ = POLAR_EXPRESS_COEFFS[1]
+    X, B = torch.randn(shape, device=DEV).bfloat16(), symmetric_bf16(shape[:-2], shape[-1], DEV)
+    out = torch.full_like(X, float("nan"))
+    tk._polar_update_tall(X, B, a, out, tiles)
+    assert_polar_update(out, X, B, a, f"polar_update_tall, tiling {tiles}")
 
 
 def test_polar_update_tall_reference():
