@@ -812,6 +812,41 @@ PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
 ]
 
 
+def pairwise_parts_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
+    """GPU-only microseconds of each piece of the pairwise MLP's forward + backward at the
+    trainer's tiling and the stage-3 micro-batch, with the rate of the three pair-tile kernels
+    (the tiles' padding products counted, so the rate is what the tensor cores ran): where the
+    layer's time goes."""
+    dY = randn_bf16(T, d)
+    x = randn_bf16(T, d).requires_grad_()
+    block = tk._pairwise_tiles()["PAIR_BLOCK"]
+    lines = ["| piece | " + " | ".join(f"r={r} us" for r in ranks) + " | pair-tile TFLOP/s, r="
+             + " / ".join(map(str, ranks)) + " |", "|---" * (len(ranks) + 2) + "|"]
+    rows = {}
+    for r in ranks:
+        U = small_weight_bf16(r, d).requires_grad_()
+        W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
+        h = tk._pairwise_features(x.detach(), U.detach())
+        blocks = h.shape[1] // block
+        tile_flops = 2 * T * tk.pair_count(blocks) * block * block * d    # one pair-tile GEMM
+        pieces = {
+            "features h = relu(x U^T)": (lambda: tk._pairwise_features(x, U), 0),
+            "forward kernel (y = q W)": (lambda: tk._pairwise_forward_op(h, W, r), tile_flops),
+            "backward kernels (dh, dW)": (lambda: tk._pairwise_backward_op(dY, h, W, r),
+                                          2 * tile_flops),
+            "whole layer, fwd + bwd (autograd)": (fwd_bwd(tk.pairwise_mlp, (x, U, W), (x, U, W),
+                                                          dY), 0),
+        }
+        for name, (fn, flops) in pieces.items():
+            ms = bench_gpu(fn)
+            rate = f"{flops / (ms * 1e-3) / 1e12:.0f}" if ms and flops else "-"
+            rows.setdefault(name, []).append((us_cell(ms), rate))
+    for name, cells in rows.items():
+        rates = " / ".join(rate for _, rate in cells)
+        lines.append(f"| {name} | " + " | ".join(us for us, _ in cells) + f" | {rates} |")
+    return lines
+
+
 def fp8_gemm_backend_sweep(tk, T=16384, d=768, hidden=3072, H=6, w=96) -> list[str]:
     """Each backend of the FP8 GEMMs without an epilogue (triton_kernels._FP8_GEMM) in the ops
     that use them, forward + backward: GPU-only microseconds and host microseconds per call."""
@@ -899,6 +934,8 @@ SWEEPS = {   # name: (title, the call that runs it)
                  "GPU-only (CUDA-graph replay) and host microseconds", fp8_gemm_backend_sweep),
     "pairwise": ("Pairwise MLP (pairwise_mlp) tilings, forward + backward" + GPU_ONLY,
                  pairwise_tiling_sweep),
+    "pairwise_parts": ("Pairwise MLP (pairwise_mlp) piece by piece, r = 79 and 110" + GPU_ONLY,
+                       pairwise_parts_sweep),
     "qk_prep": ("Q/K preparation (qk_prep) tilings, forward + backward" + GPU_ONLY,
                 qk_prep_tiling_sweep),
     "dc_attention": ("Composed attention (dc_attention) tilings, forward + backward" + GPU_ONLY,

@@ -370,6 +370,28 @@ def test_bench_flop_counts_of_the_mlps():
     assert bench.pairwise_mlp_flops(T, d, 79) == T * (forward + backward)
 
 
+def test_bench_pairwise_parts_rate_counts_the_pair_tiles(monkeypatch):
+    """The pieces' table on the CPU (kernels interpreted, every timing 1 ns): the pair-tile
+    kernels' rate counts every product of the tiles, padding included."""
+    import triton_kernels as tk
+    bench = load_tool("bench_kernels")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "bench_gpu", lambda fn: (fn(), 1e-6)[1])
+    T, d, ranks = 16, 16, (5, 11)
+    lines = bench.pairwise_parts_sweep(tk, T=T, d=d, ranks=ranks)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in lines[2:]}
+    assert list(rows) == ["features h = relu(x U^T)", "forward kernel (y = q W)",
+                          "backward kernels (dh, dW)", "whole layer, fwd + bwd (autograd)"]
+    assert all(cells[:2] == ["0.0", "0.0"] for cells in rows.values())   # 1 ns in microseconds
+    block = tk._pairwise_tiles()["PAIR_BLOCK"]
+    tiles = {r: (-(-r // block)) * (-(-r // block) + 1) // 2 for r in ranks}
+    forward = [2 * T * tiles[r] * block * block * d / 1e-9 / 1e12 for r in ranks]
+    assert rows["forward kernel (y = q W)"][2] == f"{forward[0]:.0f} / {forward[1]:.0f}"
+    assert rows["backward kernels (dh, dW)"][2] == f"{2 * forward[0]:.0f} / {2 * forward[1]:.0f}"
+    assert rows["features h = relu(x U^T)"][2] == "- / -"
+
+
 @pytest.mark.gpu
 def test_bench_kernels_writes_its_table(tmp_path):
     result = run_tool("records/bench_kernels.py", "--cases", "transposes", "--no-sweeps",
