@@ -504,7 +504,7 @@ def _gemm_epilogue_kernel(
     act_scale_ptr, maxima_ptr,              # post8's scale (RELU2_FP8_FORWARD); per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     if SCALED:
@@ -519,10 +519,8 @@ def _gemm_epilogue_kernel(
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
     # FLATTEN merges the k loop into the tile loop, so the software pipeline keeps loading across
-    # tiles: the next tile's first operands arrive during this tile's epilogue. WARP_SPECIALIZE
-    # asks Triton to give loads, MMAs and the epilogue warps of their own instead.
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
-                         warp_specialize=WARP_SPECIALIZE):
+    # tiles: the next tile's first operands arrive during this tile's epilogue
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN):
         # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
         first_tile_m = (tile // tiles_per_group) * GROUP_M
         group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
@@ -561,7 +559,8 @@ def _gemm_epilogue_kernel(
 # (backward, AXPY) needs staging memory that 4 stages of 128 x 256 x 64 leave no room for. BLOCK_M
 # must divide the rows of one matrix (3072 in the speedrun) when there are several.
 # PROGRAMS_PER_SM (default 1) launches that many persistent programs per SM, so that one's
-# epilogue can overlap another's MMAs; their staging memory must fit the SM together (2 stages).
+# epilogue can overlap another's MMAs; their staging memory must fit the SM together (2 stages:
+# 64-96 KB each, 168-224 registers at 4 warps, records/kernel_registers.py's way of compiling).
 _GEMM_TILINGS = (
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=3),
@@ -570,8 +569,6 @@ _GEMM_TILINGS = (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=True, num_warps=4, num_stages=2,
          PROGRAMS_PER_SM=2),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3,
-         WARP_SPECIALIZE=True),
 )
 _GEMM_TILES = _GEMM_TILINGS[1]
 # FP8 operands are one byte wide: a BLOCK_K of 128 stages the same bytes as bf16's 64 and halves
@@ -583,8 +580,6 @@ _FP8_GEMM_TILINGS = _GEMM_TILINGS + (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=4, num_stages=2,
          PROGRAMS_PER_SM=2),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN=False, num_warps=8, num_stages=3,
-         WARP_SPECIALIZE=True),
 )
 _INTERPRETED_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False)
 
@@ -2167,9 +2162,12 @@ def dc_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # pair-number formula. Products that are no pair (i > j in a diagonal tile, j >= r) meet W rows
 # loaded as zero. The tiles cover the triangle with little waste: 3,520 products computed for the
 # 3,160 pairs of r = 79 at PAIR_BLOCK 8.
+# The forward and dW kernels take the tiles GROUP at a time (a tiling field, 1 by default): a
+# group's products side by side are one K-block of GROUP PAIR_BLOCK^2 (forward) or the rows of
+# one MMA (dW, which then reads dY once per group instead of once per tile).
 #   forward: program (token tile, column tile) accumulates y over all pair tiles.
-#   dW:      program (pair tile, column tile) accumulates Q^T dY over all token tiles and writes
-#            the rows of its pairs; every pair lies in one tile, so no atomics.
+#   dW:      program (group, column tile) accumulates Q^T dY over all token tiles and writes the
+#            rows of its pairs; every pair lies in one tile, so no atomics.
 #   dh:      program (token tile) computes G = dY W^T one pair tile at a time and contracts it at
 #            once, dh_i += G_ij h_j and dh_j += G_ij h_i, into dh rows kept in registers (a
 #            diagonal pair takes both terms: d(h_i^2)/dh_i = 2 h_i).
@@ -2177,47 +2175,64 @@ def dc_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # with zero columns to whole blocks; d_pre, dU and dx are small torch GEMMs too.
 
 @triton.jit
-def _pair_tile_rows(a, c, r, BLOCK: tl.constexpr):
-    """The W rows of tile (a, c)'s products in its (i, j) row-major order, (BLOCK^2,), and which
-    of them are pairs (i <= j < r)."""
-    k = tl.arange(0, BLOCK * BLOCK)
-    i = a * BLOCK + k // BLOCK
-    j = c * BLOCK + k % BLOCK
-    return i * r - i * (i - 1) // 2 + (j - i), (i <= j) & (j < r)
+def _group_tiles(group, num_tiles, GROUP: tl.constexpr):
+    """Blocks (a, c), (GROUP,) each, of pair tiles group GROUP ... + GROUP - 1, and which of them
+    exist: a group past the last tile repeats the last one, whose W rows it then never touches."""
+    tile = group * GROUP + tl.arange(0, GROUP)
+    c, a = _lower_triangle_tile(tl.minimum(tile, num_tiles - 1), 1)
+    return a, c, tile < num_tiles
 
 
 @triton.jit
-def _feature_block(h_ptr, rows, row_ok, block, h_stride, BLOCK: tl.constexpr):
-    """Features block * BLOCK ... + BLOCK of the given tokens, (tokens, BLOCK) fp32 (0 past T)."""
-    cols = block * BLOCK + tl.arange(0, BLOCK)
+def _group_rows(a, c, exists, r, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """The W rows of a group's products in their (tile, i, j) row-major order, (GROUP BLOCK^2,),
+    and which of them are pairs (i <= j < r, of a tile that exists)."""
+    i = a[:, None, None] * BLOCK + tl.arange(0, BLOCK)[None, :, None]
+    j = c[:, None, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+    rows = i * r - i * (i - 1) // 2 + (j - i)
+    is_pair = (i <= j) & (j < r) & exists[:, None, None]
+    return (tl.reshape(rows, (GROUP * BLOCK * BLOCK,)),
+            tl.reshape(is_pair, (GROUP * BLOCK * BLOCK,)))
+
+
+@triton.jit
+def _group_features(h_ptr, rows, row_ok, blocks, h_stride, GROUP: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Features blocks[m] * BLOCK ... + BLOCK of the given tokens side by side, (tokens, GROUP
+    BLOCK) fp32 (0 past T)."""
+    cols = tl.reshape(blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], (GROUP * BLOCK,))
     return tl.load(h_ptr + rows[:, None] * h_stride + cols[None, :], mask=row_ok[:, None],
                    other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _pair_products(h_a, h_c, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
-    """(BLOCK_T, BLOCK^2) bf16: column ii BLOCK + jj holds h_a[:, ii] h_c[:, jj] (exact in fp32,
-    then rounded once, as a bf16 multiplication rounds)."""
-    products = h_a[:, :, None] * h_c[:, None, :]
-    return _to_bf16(tl.reshape(products, (BLOCK_T, BLOCK * BLOCK)))
+def _group_products(h_a, h_c, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """(BLOCK_T, GROUP BLOCK^2) bf16 from two _group_features: column (m BLOCK + ii) BLOCK + jj
+    holds feature ii of block a_m times feature jj of block c_m (exact in fp32, then rounded once,
+    as a bf16 multiplication rounds)."""
+    products = (tl.reshape(h_a, (BLOCK_T, GROUP, BLOCK, 1))
+                * tl.reshape(h_c, (BLOCK_T, GROUP, 1, BLOCK)))
+    return _to_bf16(tl.reshape(products, (BLOCK_T, GROUP * BLOCK * BLOCK)))
 
 
 @triton.jit
 def _pairwise_forward_kernel(
     h_ptr, w_ptr, y_ptr, T, r, d, h_stride, num_blocks,
-    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr = 1,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < T, cols < d
+    num_tiles = num_blocks * (num_blocks + 1) // 2
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    # one loop over the pair tiles, not one over c around one over a: the software pipeline
-    # then runs through all of them instead of draining at the end of every row of tiles
-    for tile in range(num_blocks * (num_blocks + 1) // 2):
-        c, a = _lower_triangle_tile(tile, 1)
-        q = _pair_products(_feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK),
-                           _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK), BLOCK_T, BLOCK)
-        w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+    # one loop over the groups of pair tiles, not one over c around one over a: the software
+    # pipeline then runs through all of them instead of draining at the end of every row of tiles
+    for group in range(tl.cdiv(num_tiles, GROUP)):
+        a, c, exists = _group_tiles(group, num_tiles, GROUP)
+        q = _group_products(_group_features(h_ptr, rows, row_ok, a, h_stride, GROUP, BLOCK),
+                            _group_features(h_ptr, rows, row_ok, c, h_stride, GROUP, BLOCK),
+                            BLOCK_T, GROUP, BLOCK)
+        w_rows, is_pair = _group_rows(a, c, exists, r, GROUP, BLOCK)
         w = tl.load(w_ptr + w_rows[:, None] * d + cols[None, :],
                     mask=is_pair[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(acc, q, w)
@@ -2227,22 +2242,24 @@ def _pairwise_forward_kernel(
 
 @triton.jit
 def _pairwise_dw_kernel(
-    dy_ptr, h_ptr, dw_ptr, T, r, d, h_stride,
-    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr, h_ptr, dw_ptr, T, r, d, h_stride, num_blocks,
+    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr = 1,
 ):
-    c, a = _lower_triangle_tile(tl.program_id(0), 1)
+    num_tiles = num_blocks * (num_blocks + 1) // 2
+    a, c, exists = _group_tiles(tl.program_id(0), num_tiles, GROUP)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d
-    acc = tl.zeros((BLOCK * BLOCK, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((GROUP * BLOCK * BLOCK, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        q = _pair_products(_feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK),
-                           _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK), BLOCK_T, BLOCK)
+        q = _group_products(_group_features(h_ptr, rows, row_ok, a, h_stride, GROUP, BLOCK),
+                            _group_features(h_ptr, rows, row_ok, c, h_stride, GROUP, BLOCK),
+                            BLOCK_T, GROUP, BLOCK)
         dy = tl.load(dy_ptr + rows[:, None] * d + cols[None, :],
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(acc, tl.trans(q), dy)
-    w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+    w_rows, is_pair = _group_rows(a, c, exists, r, GROUP, BLOCK)
     tl.store(dw_ptr + w_rows[:, None] * d + cols[None, :], _to_bf16(acc),
              mask=is_pair[:, None] & col_ok[None, :])
 
@@ -2255,13 +2272,14 @@ def _pairwise_dh_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
+    num_tiles = num_blocks * (num_blocks + 1) // 2
     # dh of the tile's tokens as (token, block, feature in block): a block's update is a select
     dh = tl.zeros((BLOCK_T, BLOCKS_POW2, BLOCK), dtype=tl.float32)
     block_ids = tl.arange(0, BLOCKS_POW2)[None, :, None]
     # flatten: the k loop merges into the tile loop, so the pipeline keeps loading across tiles
-    for tile in tl.range(0, num_blocks * (num_blocks + 1) // 2, flatten=FLATTEN):
-        c, a = _lower_triangle_tile(tile, 1)
-        w_rows, is_pair = _pair_tile_rows(a, c, r, BLOCK)
+    for tile in tl.range(0, num_tiles, flatten=FLATTEN):
+        a, c, exists = _group_tiles(tile, num_tiles, 1)     # a group of one tile
+        w_rows, is_pair = _group_rows(a, c, exists, r, 1, BLOCK)
         g = tl.zeros((BLOCK_T, BLOCK * BLOCK), dtype=tl.float32)
         for k0 in range(0, d, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
@@ -2271,21 +2289,22 @@ def _pairwise_dh_kernel(
                           mask=is_pair[None, :] & (ks < d)[:, None], other=0.0)
             g = _mma(g, dy, w_t)
         g = tl.reshape(g, (BLOCK_T, BLOCK, BLOCK))     # G_ij, i in block a, j in block c
-        h_a = _feature_block(h_ptr, rows, row_ok, a, h_stride, BLOCK)
-        h_c = _feature_block(h_ptr, rows, row_ok, c, h_stride, BLOCK)
+        h_a = _group_features(h_ptr, rows, row_ok, a, h_stride, 1, BLOCK)
+        h_c = _group_features(h_ptr, rows, row_ok, c, h_stride, 1, BLOCK)
         to_a = tl.sum(g * h_c[:, None, :], axis=2)     # dh_i += sum_j G_ij h_j
         to_c = tl.sum(g * h_a[:, :, None], axis=1)     # dh_j += sum_i G_ij h_i
-        dh += tl.where(block_ids == a, to_a[:, None, :], 0.0)
-        dh += tl.where(block_ids == c, to_c[:, None, :], 0.0)
+        dh += tl.where(block_ids == tl.sum(a), to_a[:, None, :], 0.0)   # sum: a's one value
+        dh += tl.where(block_ids == tl.sum(c), to_c[:, None, :], 0.0)
     cols = tl.arange(0, BLOCKS_POW2 * BLOCK)
     tl.store(dh_ptr + rows[:, None] * h_stride + cols[None, :],
              tl.reshape(dh, (BLOCK_T, BLOCKS_POW2 * BLOCK)),
              mask=row_ok[:, None] & (cols < h_stride)[None, :])
 
 
-# Tilings: not yet timed on a GPU (records/bench_kernels.py --cases pairwise does that). PAIR_BLOCK
-# 8 makes each pair tile a K-block of 64 products; the interpreter takes 4 (K = 16, the smallest
-# tl.dot), so that the small test shapes span several blocks.
+# Tilings: not yet timed on a GPU (records/bench_kernels.py --sweeps pairwise does that).
+# PAIR_BLOCK 8 makes each pair tile a K-block of 64 products; the interpreter takes 4 (K = 16, the
+# smallest tl.dot), so that the small test shapes span several blocks, and groups of 2 tiles.
+# (records/kernel_registers.py: GROUP 4 with BLOCK_T 128 leaves the forward no shared memory.)
 _PAIRWISE_TILES = dict(
     PAIR_BLOCK=8,
     forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -2293,8 +2312,8 @@ _PAIRWISE_TILES = dict(
     dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3),
 )
 _PAIRWISE_INTERPRETED_TILES = dict(
-    PAIR_BLOCK=4, forward=dict(BLOCK_T=16, BLOCK_N=16), dw=dict(BLOCK_T=16, BLOCK_N=16),
-    dh=dict(BLOCK_T=16, BLOCK_D=16, FLATTEN=False),
+    PAIR_BLOCK=4, forward=dict(BLOCK_T=16, BLOCK_N=16, GROUP=2),
+    dw=dict(BLOCK_T=16, BLOCK_N=16, GROUP=2), dh=dict(BLOCK_T=16, BLOCK_D=16, FLATTEN=False),
 )
 PAIRWISE_MAX_RANK = 256   # the dh kernel keeps a row of dh per token in registers
 
@@ -2346,8 +2365,9 @@ def _pairwise_backward_op(d_out: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
         d_out, h, W, dh, T, r, d, h.shape[1], num_blocks, BLOCK=block,
         BLOCKS_POW2=triton.next_power_of_2(num_blocks), **launch)
     launch = tiles["dw"]
-    _pairwise_dw_kernel[(pair_count(num_blocks), triton.cdiv(d, launch["BLOCK_N"]))](
-        d_out, h, dW, T, r, d, h.shape[1], BLOCK=block, **launch)
+    groups = triton.cdiv(pair_count(num_blocks), launch.get("GROUP", 1))
+    _pairwise_dw_kernel[(groups, triton.cdiv(d, launch["BLOCK_N"]))](
+        d_out, h, dW, T, r, d, h.shape[1], num_blocks, BLOCK=block, **launch)
     return dh, dW
 
 

@@ -550,7 +550,6 @@ def gram_config_sweep(tk) -> list[str]:
 def tiling_label(t: dict, used: dict) -> str:
     return (f"{t['BLOCK_M']}x{t['BLOCK_N']}, BLOCK_K {t['BLOCK_K']}, {t['num_warps']} warps, "
             f"{t['num_stages']} stages" + (", flattened" if t["FLATTEN"] else "")
-            + (", warp-specialized" if t.get("WARP_SPECIALIZE") else "")
             + (f", {t['PROGRAMS_PER_SM']} programs per SM" if t.get("PROGRAMS_PER_SM", 1) > 1 else "")
             + (" (used)" if used is t else ""))
 
@@ -809,6 +808,10 @@ PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
     dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dw=dict(BLOCK_T=64, BLOCK_N=64, num_warps=8, num_stages=3),
          dh=dict(BLOCK_T=64, BLOCK_D=32, FLATTEN=True, num_warps=8, num_stages=2)),
+    # pair tiles two at a time: K 128 in the forward, dW reading dY 28 times at r = 79 against 55
+    dict(PAIR_BLOCK=8, forward=dict(BLOCK_T=128, BLOCK_N=128, GROUP=2, num_warps=8, num_stages=3),
+         dw=dict(BLOCK_T=64, BLOCK_N=128, GROUP=2, num_warps=8, num_stages=3),
+         dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3)),
     # 256 products a tile: dW and dh read dY once per pair tile, 15 times at r = 79 against 55
     dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=2),
          dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=2),

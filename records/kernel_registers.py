@@ -87,8 +87,12 @@ def specialised(fn, args: dict) -> tuple[dict, dict, dict]:
 def compile_and_report(kernel: Kernel) -> Report:
     """The kernel compiled for the H100, and what its code needs."""
     signature, constants, attrs = specialised(kernel.fn, kernel.args)
-    constexprs = {**constants, **kernel.constexprs}
-    source = ASTSource(kernel.fn, {**signature, **{name: "constexpr" for name in kernel.constexprs}},
+    # a constexpr the launch leaves out takes its default, as at a launch
+    defaults = {p.name: p.default for p in kernel.fn.params
+                if p.is_constexpr and p.has_default and p.name not in kernel.constexprs}
+    constexprs = {**constants, **defaults, **kernel.constexprs}
+    source = ASTSource(kernel.fn, {**signature, **{name: "constexpr" for name in
+                                                   {**defaults, **kernel.constexprs}}},
                        constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=H100, options={"num_warps": kernel.num_warps,
                                                              "num_stages": kernel.num_stages})
@@ -240,7 +244,7 @@ def pairwise_kernels(r=79):
     yield launch("pairwise forward", tk._pairwise_forward_kernel,
                  {**pointers("h_ptr w_ptr y_ptr", "bf16"), **sizes, "num_blocks": blocks}, "forward")
     yield launch("pairwise backward, dW", tk._pairwise_dw_kernel,
-                 {**pointers("dy_ptr h_ptr dw_ptr", "bf16"), **sizes}, "dw")
+                 {**pointers("dy_ptr h_ptr dw_ptr", "bf16"), **sizes, "num_blocks": blocks}, "dw")
     yield launch("pairwise backward, dh", tk._pairwise_dh_kernel,
                  {**pointers("dy_ptr h_ptr w_ptr", "bf16"), "dh_ptr": "*fp32", **sizes,
                   "num_blocks": blocks}, "dh", BLOCKS_POW2=triton.next_power_of_2(blocks))

@@ -80,8 +80,20 @@ def padded_features(r, T, seed=0):
 # -------------------------------------------------------------------------------------------------
 # The kernels against the exact math, one op at a time
 
+@pytest.fixture(params=[1, 2, 4], ids=lambda group: f"group{group}")
+def tile_group(request, monkeypatch):
+    """The forward and dW kernels take the pair tiles this many at a time (the last group is
+    partial at most of the ragged shapes)."""
+    tiles = tk._pairwise_tiles()
+    grouped = {**tiles, **{kernel: {**tiles[kernel], "GROUP": request.param}
+                           for kernel in ("forward", "dw")}}
+    monkeypatch.setattr(tk, "_PAIRWISE_INTERPRETED_TILES" if tk.INTERPRET else "_PAIRWISE_TILES",
+                        grouped)
+    return request.param
+
+
 @pytest.mark.parametrize("r,T,d", RAGGED)
-def test_forward_kernel_is_a_rounding_of_the_exact_product(r, T, d):
+def test_forward_kernel_is_a_rounding_of_the_exact_product(r, T, d, tile_group):
     _, _, W, _ = layer_inputs(r, T, d)
     h = padded_features(r, T)
     y = torch.ops.nanogpt_triton.pairwise_forward(h, W, r)
@@ -93,7 +105,7 @@ def test_forward_kernel_is_a_rounding_of_the_exact_product(r, T, d):
 
 
 @pytest.mark.parametrize("r,T,d", RAGGED)
-def test_backward_kernels_against_the_exact_gradients(r, T, d):
+def test_backward_kernels_against_the_exact_gradients(r, T, d, tile_group):
     _, _, W, dY = layer_inputs(r, T, d)
     h = padded_features(r, T)
     dh, dW = torch.ops.nanogpt_triton.pairwise_backward(dY, h, W, r)
