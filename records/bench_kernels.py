@@ -816,9 +816,9 @@ PAIRWISE_TILINGS = [   # candidates for triton_kernels._PAIRWISE_TILES
     dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=2),
          dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=2),
          dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=2)),
-    dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=256, num_warps=8, num_stages=2),
+    dict(PAIR_BLOCK=16, forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=2),
          dw=dict(BLOCK_T=32, BLOCK_N=128, num_warps=8, num_stages=3),
-         dh=dict(BLOCK_T=128, BLOCK_D=32, FLATTEN=True, num_warps=8, num_stages=2)),
+         dh=dict(BLOCK_T=32, BLOCK_D=64, FLATTEN=True, num_warps=4, num_stages=3)),
 ]
 
 
