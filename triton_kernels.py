@@ -2301,15 +2301,16 @@ def _pairwise_dh_kernel(
              mask=row_ok[:, None] & (cols < h_stride)[None, :])
 
 
-# Tilings: not yet timed on a GPU (records/bench_kernels.py --sweeps pairwise does that).
-# PAIR_BLOCK 8 makes each pair tile a K-block of 64 products; the interpreter takes 4 (K = 16, the
-# smallest tl.dot), so that the small test shapes span several blocks, and groups of 2 tiles.
+# The tiling is the fastest of records/bench_kernels.py's --sweeps pairwise over r = 79 and 110
+# together (records/kernels/NVIDIA_H100_80GB_HBM3_2026-12-06.md). PAIR_BLOCK 8 makes each pair
+# tile a K-block of 64 products; the interpreter takes 4 (K = 16, the smallest tl.dot), so that
+# the small test shapes span several blocks, and groups of 2 tiles.
 # (records/kernel_registers.py: GROUP 4 with BLOCK_T 128 leaves the forward no shared memory.)
 _PAIRWISE_TILES = dict(
     PAIR_BLOCK=8,
-    forward=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    dw=dict(BLOCK_T=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    dh=dict(BLOCK_T=64, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3),
+    forward=dict(BLOCK_T=128, BLOCK_N=256, num_warps=8, num_stages=3),
+    dw=dict(BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dh=dict(BLOCK_T=128, BLOCK_D=64, FLATTEN=True, num_warps=8, num_stages=3),
 )
 _PAIRWISE_INTERPRETED_TILES = dict(
     PAIR_BLOCK=4, forward=dict(BLOCK_T=16, BLOCK_N=16, GROUP=2),
