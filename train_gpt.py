@@ -143,6 +143,9 @@ class Hyperparameters:
     fp8_mlp_down: bool = False              # #89: and its down-projection, at delayed scales
     fp8_mlp_backward: bool = False          # #344: the MLP's backward data gradients in FP8 too,
                                             # its weights quantised once per optimizer update
+    fp8_mlp_grad_bound: bool = False        # experiment, in no preset: --fp8_mlp_backward's d_pre
+                                            # scaled by a bound known before its GEMM, which then
+                                            # writes its e5m2 copy (no quantising pass)
     mlp_pre_from_post: bool = False         # #344: relu(pre) rebuilt as sqrt(post), not kept for
                                             # the backward (the Triton kernels always do)
     fp8_qkv: bool = False                   # #344: Q, K and V in one packed e4m3 GEMM
@@ -176,8 +179,8 @@ class Hyperparameters:
             missing = [other for other in needed if not getattr(self, other)]
             if value and missing:
                 raise ValueError(f"{switch}={shown} needs "
-                                 f"{' '.join(f'--{other}=true' for other in missing)} (the record "
-                                 f"that added {switch} built it on {' and '.join(needed)})")
+                                 f"{' '.join(f'--{other}=true' for other in missing)} ({switch} "
+                                 f"is built on {' and '.join(needed)})")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp={self.mlp!r}: expected one of {', '.join(MLP_KINDS)}")
         if not isinstance(self.pairwise_rank, int) or self.pairwise_rank < 1:
@@ -311,11 +314,12 @@ RECORD_CHANGES: list[RecordChange] = [
 #   mla:     Q, K, V from low-rank latents, the rotating half of each head from its own projection
 #   cmd_mla: mla with cmd's noise query and key read from the latents
 ATTN_VARIANTS = ("standard", "diff", "cmd", "mla", "cmd_mla")
-# A switch that builds on another (the record's code never ran it alone) needs that one on.
+# A switch that builds on another (a record's code never ran it alone) needs that one on.
 SWITCH_REQUIRES = {"mudd": ("single_stream",), "mudd_gates": ("mudd", "xsa"),
                    "dc_attention": ("mudd_gates",), "qk_head_dim": ("qk_head_pair_groups",),
                    "fp8_mlp_down": ("fp8_mlp_up",),
                    "fp8_mlp_backward": ("fp8_mlp_up", "fp8_mlp_down"),
+                   "fp8_mlp_grad_bound": ("fp8_mlp_backward",),
                    "fp8_qkv": ("qk_head_pair_groups",)}
 
 # A tiny model and short schedule that trains on two CPU cores in about a minute.
@@ -2013,10 +2017,11 @@ class GPT(nn.Module):
         """#344: #89's forward from c_fc's stored e4m3 copy, and the backward in FP8 as well."""
         weights = self.fp8_scales.layer_weights(layer)
         if self.paths.mlp == "triton":
-            return triton_kernels.linear_relu_square_fp8_backward(x, c_fc, c_proj, weights,
-                                                                  act_scale)
+            return triton_kernels.linear_relu_square_fp8_backward(
+                x, c_fc, c_proj, weights, act_scale, grad_bound=self.cfg.fp8_mlp_grad_bound)
         return triton_kernels.linear_relu_square_fp8_backward_reference(
-            x, c_fc, c_proj, weights, act_scale, pre_from_post=self.cfg.mlp_pre_from_post)
+            x, c_fc, c_proj, weights, act_scale, pre_from_post=self.cfg.mlp_pre_from_post,
+            grad_bound=self.cfg.fp8_mlp_grad_bound)
 
     @torch.no_grad()
     def requantize_mlp_down(self) -> None:

@@ -66,7 +66,8 @@ __all__ = [
     "linear_relu_square_fp8_up", "linear_relu_square_fp8_up_reference", "E4M3_SCALE_FLOOR",
     "largest_magnitude", "exact_e4m3_scale", "quantize_e4m3_scaled", "linear_relu_square_fp8",
     "linear_relu_square_fp8_reference",
-    "relu_square", "E5M2_MAX", "quantize_e5m2", "FP8MLPWeights", "linear_relu_square_fp8_backward",
+    "relu_square", "E5M2_MAX", "quantize_e5m2", "quantize_e5m2_scaled", "bounded_d_pre_scale",
+    "FP8MLPWeights", "linear_relu_square_fp8_backward",
     "linear_relu_square_fp8_backward_reference",
     "polar_update_tall", "polar_update_tall_fits", "polar_update_tall_reference",
     "softcapped_mtp_losses_and_grad", "softcapped_mtp_losses_and_grad_reference",
@@ -174,6 +175,15 @@ def _round_to_e5m2_grid(x):
     subnormal = whole.to(tl.float32) * (1.0 / 65536.0)
     subnormal = tl.where(x < 0, -subnormal, subnormal)
     return tl.where(tl.abs(x) < 6.103515625e-05, subnormal, normal)
+
+
+@triton.jit
+def _to_e5m2(x):
+    """fp32 -> e5m2, saturating at +-57344, round to nearest even."""
+    x = tl.minimum(tl.maximum(x, -57344.0), 57344.0)
+    if INTERPRETED:
+        x = _round_to_e5m2_grid(x)
+    return x.to(tl.float8e5, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -436,6 +446,9 @@ def ba_plus_cAA_reference(A: torch.Tensor, alpha: float, beta: float) -> torch.T
 #                   acc already scaled
 #   RELU2_BACKWARD_MAX (#344): RELU2_BACKWARD, and every program writes the largest |d_pre| of
 #                   its tiles to maxima[program]: d_pre's exact e5m2 scale without a pass over it
+#   RELU2_BACKWARD_FP8 (--fp8_mlp_grad_bound): RELU2_BACKWARD's d_pre, and beside it d_pre8 =
+#                   e5m2(d_pre / scale) into out8, for a scale known before the GEMM (read from
+#                   memory): the pass that would quantise d_pre after its maximum is found is saved
 # The forward stores only post, not pre as well: the forward is bound by its stores, and
 # relu(pre) = sqrt(post) up to half a bf16 ulp, which the backward's own bf16 rounding of d_pre
 # dwarfs.
@@ -456,16 +469,17 @@ AXPY = tl.constexpr(2)             # out = acc + alpha * aux, aux = a's tile at 
 RELU2_FP8_FORWARD = tl.constexpr(3)  # out = post, aux = post8 (both written), maxima written
 STORE = tl.constexpr(4)            # out = acc, aux unused
 RELU2_BACKWARD_MAX = tl.constexpr(5)  # RELU2_BACKWARD, maxima written
+RELU2_BACKWARD_FP8 = tl.constexpr(6)  # RELU2_BACKWARD, out8 = d_pre8 written
 
 
 @triton.jit
 def _relu2_backward_epilogue(acc, d_pre_desc, post_desc, row0, col0):
-    """d_pre = bf16(2 acc sqrt(post)), stored; returns each row's largest |d_pre|. Tiles past
-    the matrix edges hold zeros (TMA pads the operands), which leave those maxima alone."""
+    """d_pre = bf16(2 acc sqrt(post)), stored, and returned in fp32. Tiles past the matrix edges
+    hold zeros (TMA pads the operands), which leave maxima of |d_pre| alone."""
     relu = tl.sqrt(post_desc.load([row0, col0]).to(tl.float32))   # sqrt.approx, error ~2^-23
     d_pre = _to_bf16(2.0 * acc * relu)
     d_pre_desc.store([row0, col0], d_pre)
-    return tl.max(tl.abs(d_pre.to(tl.float32)), axis=1)
+    return d_pre.to(tl.float32)
 
 
 @triton.jit
@@ -499,9 +513,10 @@ def _relu2_fp8_epilogue(acc, post_desc, post8_desc, inv_scale, row0, col0):
 @triton.jit
 def _gemm_epilogue_kernel(
     a_desc, b_desc, out_desc, aux_desc,     # aux: see RELU2_FORWARD, RELU2_BACKWARD, AXPY
+    out8_desc,                              # d_pre8 (RELU2_BACKWARD_FP8)
     m, n, k, rows_per_batch, alpha,         # m counts the rows of all batches
     scale_ptr,                              # SCALED: acc is multiplied by this fp32 value
-    act_scale_ptr, maxima_ptr,              # post8's scale (RELU2_FP8_FORWARD); per-program maxima
+    fp8_scale_ptr, maxima_ptr,              # post8's or d_pre8's scale; per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
@@ -509,8 +524,9 @@ def _gemm_epilogue_kernel(
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     if SCALED:
         scale = tl.load(scale_ptr)
-    if EPILOGUE == RELU2_FP8_FORWARD:   # one exact division here, a multiplication per element
-        inv_scale = tl.math.div_rn(1.0, tl.load(act_scale_ptr))
+    if EPILOGUE == RELU2_FP8_FORWARD or EPILOGUE == RELU2_BACKWARD_FP8:
+        # one exact division here, a multiplication per element
+        inv_scale = tl.math.div_rn(1.0, tl.load(fp8_scale_ptr))
     if EPILOGUE == RELU2_FP8_FORWARD or EPILOGUE == RELU2_BACKWARD_MAX:
         # a running maximum per tile row, reduced over the rows once at the end rather than
         # reduced to one value (a reduction across all the program's threads) in every tile
@@ -543,10 +559,15 @@ def _gemm_epilogue_kernel(
                                             col0 + BLOCK_N // 2)
             largest = tl.maximum(largest, tl.maximum(left_max, right_max))
         elif EPILOGUE == RELU2_BACKWARD_MAX:
-            left_max = _relu2_backward_epilogue(left, out_desc, aux_desc, row0, col0)
-            right_max = _relu2_backward_epilogue(right, out_desc, aux_desc, row0,
-                                                 col0 + BLOCK_N // 2)
-            largest = tl.maximum(largest, tl.maximum(left_max, right_max))
+            left = _relu2_backward_epilogue(left, out_desc, aux_desc, row0, col0)
+            right = _relu2_backward_epilogue(right, out_desc, aux_desc, row0, col0 + BLOCK_N // 2)
+            largest = tl.maximum(largest, tl.maximum(tl.max(tl.abs(left), axis=1),
+                                                     tl.max(tl.abs(right), axis=1)))
+        elif EPILOGUE == RELU2_BACKWARD_FP8:
+            left = _relu2_backward_epilogue(left, out_desc, aux_desc, row0, col0)
+            out8_desc.store([row0, col0], _to_e5m2(left * inv_scale))
+            right = _relu2_backward_epilogue(right, out_desc, aux_desc, row0, col0 + BLOCK_N // 2)
+            out8_desc.store([row0, col0 + BLOCK_N // 2], _to_e5m2(right * inv_scale))
         else:
             _gemm_epilogue(left, out_desc, aux_desc, alpha, row0, col0, EPILOGUE)
             _gemm_epilogue(right, out_desc, aux_desc, alpha, row0, col0 + BLOCK_N // 2, EPILOGUE)
@@ -591,12 +612,14 @@ def _num_sms(device: torch.device) -> int:
 def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
                           epilogue: tl.constexpr, alpha: float = 1.0, rows_per_batch: int | None = None,
                           tiles: dict | None = None, scale: torch.Tensor | None = None,
-                          act_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+                          fp8_scale: torch.Tensor | None = None, out8: torch.Tensor | None = None
+                          ) -> torch.Tensor | None:
     """acc = a @ b^T through the epilogue `epilogue`, all matrices 2-D and contiguous; times the
     one-element fp32 `scale` first if given. With rows_per_batch < m, row block i of a pairs with
     row block i of b (see the section's notes). `tiles` overrides the tiling (benchmarks).
-    RELU2_FP8_FORWARD takes post8's one-element fp32 `act_scale` and returns the largest post, (1,);
-    RELU2_BACKWARD_MAX returns the largest |d_pre|, (1,)."""
+    RELU2_FP8_FORWARD takes post8's one-element fp32 `fp8_scale` and returns the largest post,
+    (1,); RELU2_BACKWARD_MAX returns the largest |d_pre|, (1,); RELU2_BACKWARD_FP8 writes
+    e5m2(d_pre / fp8_scale) into `out8`."""
     if a.is_cuda and not torch.cuda.is_current_stream_capturing():
         # The backward may run on autograd's device thread before any CUDA call there made the
         # context current; the descriptors are encoded through the driver API, which needs it.
@@ -615,15 +638,16 @@ def _launch_gemm_epilogue(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a
                          f"of BLOCK_M ({bm}) when there are several batches (m = {m})")
     out_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2])
     aux_desc = out_desc if aux is out else TensorDescriptor.from_tensor(aux, [bm, bn // 2])
+    out8_desc = out_desc if out8 is None else TensorDescriptor.from_tensor(out8, [bm, bn // 2])
     descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-                   out_desc, aux_desc)
+                   out_desc, aux_desc, out8_desc)
     num_tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(num_tiles, 4 if INTERPRET else programs_per_sm * _num_sms(a.device))
     with_maxima = epilogue.value in (RELU2_FP8_FORWARD.value, RELU2_BACKWARD_MAX.value)
     maxima = torch.empty(programs, dtype=torch.float32, device=a.device) if with_maxima else out
     _gemm_epilogue_kernel[(programs,)](*descriptors, m, n, k, rows_per_batch, alpha,
                                        out if scale is None else scale,
-                                       out if act_scale is None else act_scale, maxima,
+                                       out if fp8_scale is None else fp8_scale, maxima,
                                        EPILOGUE=epilogue.value, SCALED=scale is not None,
                                        NUM_PROGRAMS=programs, **tiles)
     return maxima.amax().reshape(1) if with_maxima else None
@@ -849,7 +873,7 @@ def _linear_relu_square_fp8_post_op(x8: torch.Tensor, W1_8: torch.Tensor, scale:
     post = torch.empty(x8.shape[0], W1_8.shape[0], dtype=torch.bfloat16, device=x8.device)
     post8 = torch.empty_like(post, dtype=torch.float8_e4m3fn)
     post_max = _launch_gemm_epilogue(x8.contiguous(), W1_8.contiguous(), post, post8,
-                                     RELU2_FP8_FORWARD, scale=scale, act_scale=act_scale)
+                                     RELU2_FP8_FORWARD, scale=scale, fp8_scale=act_scale)
     return post, post8, post_max
 
 
@@ -1018,6 +1042,27 @@ def quantize_e5m2(t: torch.Tensor, t_max: torch.Tensor | None = None
     return g8, scale
 
 
+def quantize_e5m2_scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / scale in e5m2 for a one-element fp32 scale chosen beforehand: t times the scale's fp32
+    reciprocal (as RELU2_BACKWARD_FP8 computes it), rounded to the nearest e5m2 value (ties to
+    even), saturated at +-57344."""
+    inv_scale = 1.0 / scale.float()
+    return (t.detach().float() * inv_scale).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
+
+
+def bounded_d_pre_scale(d_out_max: torch.Tensor, post_max: torch.Tensor, W2_8: torch.Tensor,
+                        w2_scale: torch.Tensor) -> torch.Tensor:
+    """An e5m2 scale for d_pre = 2 d_post sqrt(post) known before the GEMM that makes d_pre: each
+    d_post_ij = sum_k dY_ik W2_jk (the e5m2 dY no larger than max|dY|, W2 as its e4m3 copy at
+    w2_scale), so no |d_pre| exceeds 2 sqrt(max post) max|dY| max_j sum_k |W2_jk|, which maps to
+    e5m2's largest value (1,). The bound is looser than d_pre's own maximum; that only moves
+    d_pre's smallest magnitudes into e5m2's subnormals (or to zero), since the rounding of a
+    normal e5m2 value is relative, whatever the scale."""
+    w2_row_sum = W2_8.float().abs().sum(dim=1).amax() * w2_scale.float()
+    bound = 2.0 * post_max.float().sqrt() * d_out_max.float() * w2_row_sum
+    return (bound / E5M2_MAX).clamp_min(E4M3_SCALE_FLOOR).reshape(1)
+
+
 @torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_backward", mutates_args=())
 def _linear_relu_square_fp8_backward_op(g8: torch.Tensor, W2_8: torch.Tensor, post: torch.Tensor,
                                         scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1032,26 +1077,53 @@ def _(g8, W2_8, post, scale):
     return torch.empty_like(post), torch.empty(1, dtype=torch.float32, device=post.device)
 
 
+@torch.library.custom_op("nanogpt_triton::linear_relu_square_fp8_backward_scaled",
+                         mutates_args=())
+def _linear_relu_square_fp8_backward_scaled_op(g8: torch.Tensor, W2_8: torch.Tensor,
+                                               post: torch.Tensor, scale: torch.Tensor,
+                                               d_pre_scale: torch.Tensor
+                                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    d_pre = torch.empty_like(post)
+    d_pre8 = torch.empty(post.shape, dtype=torch.float8_e5m2, device=post.device)
+    _launch_gemm_epilogue(g8.contiguous(), W2_8.contiguous(), d_pre, post.contiguous(),
+                          RELU2_BACKWARD_FP8, scale=scale, fp8_scale=d_pre_scale, out8=d_pre8)
+    return d_pre, d_pre8
+
+
+@_linear_relu_square_fp8_backward_scaled_op.register_fake
+def _(g8, W2_8, post, scale, d_pre_scale):
+    return (torch.empty_like(post),
+            torch.empty(post.shape, dtype=torch.float8_e5m2, device=post.device))
+
+
 class _LinearReluSquareFP8Backward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W1, W2, W1_8, W1_8t, w1_scale, W2_8, W2_8t, w2_scale, act_scale):
+    def forward(ctx, x, W1, W2, W1_8, W1_8t, w1_scale, W2_8, W2_8t, w2_scale, act_scale,
+                grad_bound):
         x8, x_scale = quantize_e4m3(x)
         out, post, post_max = _fp8_mlp_forward(x8, W1_8, x_scale * w1_scale, W2_8t, w2_scale,
                                                act_scale)
-        ctx.save_for_backward(x, post, W1_8t, w1_scale, W2_8, w2_scale)
+        ctx.grad_bound = grad_bound
+        ctx.save_for_backward(x, post, post_max, W1_8t, w1_scale, W2_8, w2_scale)
         ctx.mark_non_differentiable(post_max)
         return out, post_max
 
     @staticmethod
     def backward(ctx, d_out, d_post_max):
-        x, post, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
+        x, post, post_max, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
         d_out = d_out.contiguous()
-        g8, g_scale = quantize_e5m2(d_out)
-        d_pre, d_pre_max = _linear_relu_square_fp8_backward_op(g8, W2_8, post,
-                                                               g_scale * w2_scale)
-        d_pre8, d_pre_scale = quantize_e5m2(d_pre, d_pre_max)
+        d_out_max = largest_magnitude(d_out)
+        g8, g_scale = quantize_e5m2(d_out, d_out_max)
+        if ctx.grad_bound:
+            d_pre_scale = bounded_d_pre_scale(d_out_max, post_max, W2_8, w2_scale)
+            d_pre, d_pre8 = _linear_relu_square_fp8_backward_scaled_op(
+                g8, W2_8, post, g_scale * w2_scale, d_pre_scale)
+        else:
+            d_pre, d_pre_max = _linear_relu_square_fp8_backward_op(g8, W2_8, post,
+                                                                   g_scale * w2_scale)
+            d_pre8, d_pre_scale = quantize_e5m2(d_pre, d_pre_max)
         dx = _fp8_linear(d_pre8, W1_8t, d_pre_scale * w1_scale)
-        return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 7
+        return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 8
 
 
 def _check_fp8_weights(name: str, W1: torch.Tensor, weights: FP8MLPWeights) -> None:
@@ -1065,19 +1137,21 @@ def _check_fp8_weights(name: str, W1: torch.Tensor, weights: FP8MLPWeights) -> N
 
 
 def linear_relu_square_fp8_backward(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
-                                    weights: FP8MLPWeights, act_scale: torch.Tensor | None = None
-                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                                    weights: FP8MLPWeights, act_scale: torch.Tensor | None = None,
+                                    grad_bound: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """linear_relu_square_fp8 with W1 from `weights` too, and the backward's data gradients in
     FP8 (see the notes above): x (..., d), W1 and W2 (hidden, d) bf16, whose values the kernels
-    read from `weights` only; act_scale (1,) fp32 or None (exact). Returns (out (..., d), the
-    largest post (1,) fp32); out is differentiable in x, W1 and W2."""
+    read from `weights` only; act_scale (1,) fp32 or None (exact). grad_bound: d_pre's e5m2
+    scale from bounded_d_pre_scale, so that the backward's GEMM writes d_pre8 itself, instead of
+    d_pre's exact maximum and a pass that quantises it. Returns (out (..., d), the largest post
+    (1,) fp32); out is differentiable in x, W1 and W2."""
     name = "linear_relu_square_fp8_backward"
     _check_mlp_args(name, x, W1, W2, multiple=16)
     _check_fp8_weights(name, W1, weights)
     if act_scale is not None:
         _check_fp8_down_args(name, W2, weights.W2_8t, weights.w2_scale, act_scale)
     out, post_max = _LinearReluSquareFP8Backward.apply(x.reshape(-1, x.shape[-1]), W1, W2,
-                                                       *weights, act_scale)
+                                                       *weights, act_scale, grad_bound)
     return out.view(*x.shape[:-1], W2.shape[1]), post_max
 
 
@@ -1087,7 +1161,7 @@ class _FP8BackwardReference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W1, W2, W1_8, W1_8t, w1_scale, W2_8, W2_8t, w2_scale, act_scale,
-                pre_from_post):
+                pre_from_post, grad_bound):
         x8, x_scale = quantize_e4m3(x)
         pre = _fp8_matmul_reference(x8, W1_8, x_scale * w1_scale).to(x.dtype)
         post = torch.relu(pre).square()
@@ -1096,30 +1170,36 @@ class _FP8BackwardReference(torch.autograd.Function):
             act_scale = exact_e4m3_scale(post_max)
         post8 = quantize_e4m3_scaled(post, act_scale)
         out = _fp8_matmul_reference(post8, W2_8t, act_scale * w2_scale).to(x.dtype)
-        ctx.save_for_backward(x, post, None if pre_from_post else pre, W1_8t, w1_scale, W2_8,
-                              w2_scale)
+        ctx.grad_bound = grad_bound
+        ctx.save_for_backward(x, post, None if pre_from_post else pre, post_max, W1_8t, w1_scale,
+                              W2_8, w2_scale)
         ctx.mark_non_differentiable(post_max)
         return out, post_max
 
     @staticmethod
     def backward(ctx, d_out, d_post_max):
-        x, post, pre, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
+        x, post, pre, post_max, W1_8t, w1_scale, W2_8, w2_scale = ctx.saved_tensors
         relu = post.float().sqrt() if pre is None else torch.relu(pre).float()
-        g8, g_scale = quantize_e5m2(d_out)
+        d_out_max = largest_magnitude(d_out)
+        g8, g_scale = quantize_e5m2(d_out, d_out_max)
         d_post = _fp8_matmul_reference(g8, W2_8, g_scale * w2_scale)
         d_pre = (2 * d_post * relu).to(d_out.dtype)
-        d_pre8, d_pre_scale = quantize_e5m2(d_pre)
+        if ctx.grad_bound:
+            d_pre_scale = bounded_d_pre_scale(d_out_max, post_max, W2_8, w2_scale)
+            d_pre8 = quantize_e5m2_scaled(d_pre, d_pre_scale)
+        else:
+            d_pre8, d_pre_scale = quantize_e5m2(d_pre)
         dx = _fp8_matmul_reference(d_pre8, W1_8t, d_pre_scale * w1_scale).to(d_out.dtype)
-        return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 8
+        return dx, d_pre.t() @ x, post.t() @ d_out, *[None] * 9
 
 
 def linear_relu_square_fp8_backward_reference(x: torch.Tensor, W1: torch.Tensor,
                                               W2: torch.Tensor, weights: FP8MLPWeights,
                                               act_scale: torch.Tensor | None = None,
-                                              pre_from_post: bool = True
+                                              pre_from_post: bool = True, grad_bound: bool = False
                                               ) -> tuple[torch.Tensor, torch.Tensor]:
     out, post_max = _FP8BackwardReference.apply(x.reshape(-1, x.shape[-1]), W1, W2, *weights,
-                                                act_scale, pre_from_post)
+                                                act_scale, pre_from_post, grad_bound)
     return out.view(*x.shape[:-1], W2.shape[1]), post_max
 
 

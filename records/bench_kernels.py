@@ -608,16 +608,18 @@ def mlp_tiling_sweep(tk) -> list[str]:
 def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]:
     """GPU-only microseconds of every tiling of #89's two FP8 GEMMs (forward: post, post8 and
     their maxima; down: out = post8 W2_8t^T), of #84's forward (post alone, from the same
-    e4m3 operands: what the second output and the maxima cost) and of #344's backward (d_pre and
-    its maximum from e5m2 dY and e4m3 c_proj) at the stage-1 and stage-3 micro-batches, and of
-    cuBLAS's scaled matmul of the same operands (a floor)."""
+    e4m3 operands: what the second output and the maxima cost), of #344's backward (d_pre and
+    its maximum from e5m2 dY and e4m3 c_proj) and of --fp8_mlp_grad_bound's (d_pre and d_pre8 at
+    a given scale) at the stage-1 and stage-3 micro-batches, and of cuBLAS's scaled matmul of the
+    same operands (a floor)."""
     W1_8, _ = tk.quantize_e4m3(small_weight_bf16(hidden, d))
     W2_8, _ = tk.quantize_e4m3(small_weight_bf16(hidden, d))
     W2_8t, _ = tk.quantize_e4m3(small_weight_bf16(d, hidden))
     one, act_scale = torch.ones(1, device=DEVICE), torch.tensor([0.02], device=DEVICE)
     lines = []
     for name in ("forward (RELU2_FP8_FORWARD)", "#84 forward (RELU2_FORWARD, e4m3)", "down (STORE)",
-                 "backward (RELU2_BACKWARD_MAX, e5m2 x e4m3)"):
+                 "backward (RELU2_BACKWARD_MAX, e5m2 x e4m3)",
+                 "backward with d_pre8 (RELU2_BACKWARD_FP8, e5m2 x e4m3)"):
         lines += [f"| {name} tiling | " + " | ".join(f"T={T}" for T in Ts) + " |",
                   "|---" * (len(Ts) + 1) + "|"]
         calls = {}
@@ -633,7 +635,7 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
                                      out_dtype=torch.bfloat16, use_fast_accum=True))
             elif name.startswith("forward"):
                 calls[T] = (lambda t, x8=x8, post=post, post8=post8: tk._launch_gemm_epilogue(
-                    x8, W1_8, post, post8, tk.RELU2_FP8_FORWARD, scale=one, act_scale=act_scale,
+                    x8, W1_8, post, post8, tk.RELU2_FP8_FORWARD, scale=one, fp8_scale=act_scale,
                     tiles=t), lambda x8=x8: torch._scaled_mm(
                     x8, W1_8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
                     use_fast_accum=True))
@@ -645,9 +647,12 @@ def fp8_mlp_tiling_sweep(tk, d=768, hidden=3072, Ts=(16384, 49152)) -> list[str]
             else:
                 g8 = randn_bf16(T, d).to(torch.float8_e5m2)
                 post.copy_(randn_bf16(T, hidden).abs())
-                calls[T] = (lambda t, g8=g8, post=post: tk._launch_gemm_epilogue(
-                    g8, W2_8, torch.empty_like(post), post, tk.RELU2_BACKWARD_MAX, scale=one,
-                    tiles=t), lambda g8=g8: torch._scaled_mm(
+                d_pre8 = torch.empty(T, hidden, dtype=torch.float8_e5m2, device=DEVICE)
+                epilogue = tk.RELU2_BACKWARD_FP8 if "d_pre8" in name else tk.RELU2_BACKWARD_MAX
+                calls[T] = (lambda t, g8=g8, post=post, d_pre8=d_pre8, e=epilogue:
+                            tk._launch_gemm_epilogue(g8, W2_8, torch.empty_like(post), post, e,
+                                                     scale=one, fp8_scale=act_scale, out8=d_pre8,
+                                                     tiles=t), lambda g8=g8: torch._scaled_mm(
                     g8, W2_8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
                     use_fast_accum=True))
         for t in tk._FP8_GEMM_TILINGS:

@@ -124,7 +124,8 @@ def gemm_epilogue_kernels():
             ("MLP forward, bf16", tk.RELU2_FORWARD, "bf16", "bf16", False),
             ("MLP backward, bf16", tk.RELU2_BACKWARD, "bf16", "bf16", False),
             ("MLP forward, FP8 with post8 (#89)", tk.RELU2_FP8_FORWARD, "fp8e4nv", "fp8e4nv", True),
-            ("MLP backward, FP8 with max (#344)", tk.RELU2_BACKWARD_MAX, "fp8e5", "bf16", True)):
+            ("MLP backward, FP8 with max (#344)", tk.RELU2_BACKWARD_MAX, "fp8e5", "bf16", True),
+            ("MLP backward, FP8 with d_pre8", tk.RELU2_BACKWARD_FP8, "fp8e5", "bf16", True)):
         tiles = dict(tk._FP8_GEMM_TILES if scaled else tk._GEMM_TILES)
         num_warps, num_stages = tiles.pop("num_warps"), tiles.pop("num_stages")
         bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
@@ -132,8 +133,10 @@ def gemm_epilogue_kernels():
                 "b_desc": f"tensordesc<{'fp8e4nv' if scaled else operand}[{bn}, {bk}]>",
                 "out_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>",
                 "aux_desc": f"tensordesc<{aux}[{bm}, {bn // 2}]>",
+                "out8_desc": f"tensordesc<{'fp8e5' if epilogue is tk.RELU2_BACKWARD_FP8 else 'bf16'}"
+                             f"[{bm}, {bn // 2}]>",
                 "m": TOKENS, "n": HIDDEN, "k": MODEL_DIM, "rows_per_batch": TOKENS, "alpha": "fp32",
-                **pointers("scale_ptr act_scale_ptr maxima_ptr", "fp32")}
+                **pointers("scale_ptr fp8_scale_ptr maxima_ptr", "fp32")}
         constexprs = dict(EPILOGUE=epilogue.value, SCALED=scaled, NUM_PROGRAMS=132, **tiles)
         yield Kernel(label, tk._gemm_epilogue_kernel, args, constexprs, num_warps, num_stages)
 

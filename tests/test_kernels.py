@@ -609,6 +609,107 @@ def test_fp8_backward_gradients_against_fp64():
     assert rel_norm_error(fp8_grads[1], W1.grad) > 1e-2
 
 
+def fp8_backward_inputs(T, d, hidden, device, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(T, d, device=device).bfloat16().requires_grad_()
+    W1 = (torch.rand(hidden, d, device=device) * 2 - 1).div(8).bfloat16().requires_grad_()
+    W2 = (torch.rand(hidden, d, device=device) * 2 - 1).div(32).bfloat16().requires_grad_()
+    dY = torch.randn(T, d, device=device).bfloat16()
+    return x, W1, W2, dY, fp8_mlp_weights(W1, W2)
+
+
+def test_backward_epilogue_writes_d_pre8_at_the_given_scale():
+    """RELU2_BACKWARD_FP8 (--fp8_mlp_grad_bound): the same d_pre as #344's epilogue, bit for bit,
+    and beside it e5m2(d_pre / scale) exactly as quantize_e5m2_scaled rounds it, including the
+    saturation of what a too small scale pushes past 57344."""
+    T, d, hidden = FP8_MLP_SIZES
+    _, _, _, dY, weights = fp8_backward_inputs(T, d, hidden, DEV)
+    post = torch.rand(T, hidden, device=DEV).bfloat16()
+    g8, g_scale = tk.quantize_e5m2(dY)
+    scale = g_scale * weights.w2_scale
+    d_pre, d_pre_max = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward(
+        g8, weights.W2_8, post, scale)
+    exact = (d_pre_max / tk.E5M2_MAX).reshape(1)
+    for d_pre_scale in (exact * 4, exact / 4):         # all inside e5m2's range; the largest saturated
+        got, d_pre8 = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward_scaled(
+            g8, weights.W2_8, post, scale, d_pre_scale)
+        assert torch.equal(got, d_pre)
+        assert d_pre8.dtype == torch.float8_e5m2
+        want = tk.quantize_e5m2_scaled(d_pre, d_pre_scale)
+        assert torch.equal(d_pre8.view(torch.uint8), want.view(torch.uint8))
+    assert (d_pre8.float().abs() == tk.E5M2_MAX).sum() > 1      # the saturated ones
+
+
+def test_bounded_d_pre_scale_is_never_exceeded_and_is_reached():
+    """bounded_d_pre_scale's bound, 2 sqrt(max post) max|dY| max_j sum_k |W2_jk|, holds for
+    random operands and is met (up to d_pre's bf16 rounding) when one row of dY has every entry at
+    max|dY| with the signs of W2's row of largest sum, and that row's post is the largest post:
+    a bound that were too small or needlessly loose would fail one of the two."""
+    T, d, hidden = FP8_MLP_SIZES
+    _, _, _, dY, weights = fp8_backward_inputs(T, d, hidden, DEV)
+    post = torch.rand(T, hidden, device=DEV).bfloat16()
+
+    def d_pre_and_bound(dY, post):
+        d_out_max = tk.largest_magnitude(dY)
+        g8, g_scale = tk.quantize_e5m2(dY, d_out_max)
+        d_pre, _ = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward(
+            g8, weights.W2_8, post, g_scale * weights.w2_scale)
+        scale = tk.bounded_d_pre_scale(d_out_max, post.float().amax(), weights.W2_8,
+                                       weights.w2_scale)
+        return d_pre.float().abs().amax().item(), scale.item() * tk.E5M2_MAX
+
+    largest, bound = d_pre_and_bound(dY, post)
+    assert 0 < largest <= bound
+    row_sums = weights.W2_8.float().abs().sum(dim=1)
+    j = row_sums.argmax()
+    dY = dY.clone()
+    dY[7] = 8.0 * torch.sign(weights.W2_8[j].float()).bfloat16()   # above every other |dY|
+    post = post.clone()
+    post[7, j] = 1.5                            # above every other post, from torch.rand
+    largest, bound = d_pre_and_bound(dY, post)
+    assert bound * (1 - 2.0 ** -7) <= largest <= bound * (1 + 2.0 ** -7)
+
+
+def test_fp8_backward_with_grad_bound():
+    """--fp8_mlp_grad_bound's backward: d_pre, dW1 and dW2 as #344's exactly; dx from d_pre in e5m2
+    at the bounded scale, bit for bit as quantize_e5m2_scaled and the FP8 GEMM make it. Against
+    fp64 autograd at the FP8 forward's values (as test_fp8_backward_gradients_against_fp64) its dx
+    is as close as #344's: the rounding of a normal e5m2 value is relative, whatever the scale.
+    The reference path computes the same."""
+    T, d, hidden = FP8_MLP_SIZES
+    x, W1, W2, dY, weights = fp8_backward_inputs(T, d, hidden, DEV)
+    grads = {}
+    for bound in (False, True):
+        x.grad = W1.grad = W2.grad = None
+        out, post_max = tk.linear_relu_square_fp8_backward(x, W1, W2, weights, grad_bound=bound)
+        out.backward(dY)
+        grads[bound] = [t.grad for t in (x, W1, W2)]
+    assert torch.equal(grads[True][1], grads[False][1])
+    assert torch.equal(grads[True][2], grads[False][2])
+    x8, x_scale = tk.quantize_e4m3(x)
+    post = torch.ops.nanogpt_triton.linear_relu_square_fp8_forward(x8, weights.W1_8,
+                                                                 x_scale * weights.w1_scale)
+    d_out_max = tk.largest_magnitude(dY)
+    g8, g_scale = tk.quantize_e5m2(dY, d_out_max)
+    d_pre, _ = torch.ops.nanogpt_triton.linear_relu_square_fp8_backward(
+        g8, weights.W2_8, post, g_scale * weights.w2_scale)
+    d_pre_scale = tk.bounded_d_pre_scale(d_out_max, post_max, weights.W2_8, weights.w2_scale)
+    dx = tk._fp8_linear(tk.quantize_e5m2_scaled(d_pre, d_pre_scale), weights.W1_8t,
+                        d_pre_scale * weights.w1_scale)
+    assert torch.equal(grads[True][0], dx)
+    xq = (x8.double() * x_scale.double()).requires_grad_()
+    W1q = weights.W1_8.double() * weights.w1_scale.double()
+    W2q = weights.W2_8.double() * weights.w2_scale.double()
+    (torch.relu(xq @ W1q.t()).square() @ W2q).backward(dY.double())
+    exact_error = rel_norm_error(grads[False][0], xq.grad)
+    assert rel_norm_error(grads[True][0], xq.grad) < max(1.25 * exact_error, 2.0 ** -5)
+    x.grad = W1.grad = W2.grad = None
+    tk.linear_relu_square_fp8_backward_reference(x, W1, W2, weights, grad_bound=True)[0].backward(dY)
+    cpu = DEV == "cpu"
+    for t, got, gpu_tol in zip((x, W1, W2), grads[True], (2.0 ** -4, 2.0 ** -6, 2.0 ** -6)):
+        assert rel_norm_error(t.grad, got) < (1e-3 if cpu else gpu_tol)
+
+
 def test_relu_square_from_post_is_within_one_ulp_of_the_stored_pre():
     """relu(pre) rebuilt as sqrt(post): d_pre at most one bf16 ulp from the one computed with pre
     (see triton_kernels.relu_square), 0 where pre <= 0; the MLP's dW1 = d_pre^T x then agree within
@@ -662,7 +763,8 @@ def test_linear_relu_square_fp8_backward_rejects_bad_arguments():
         tk.linear_relu_square_fp8_backward(x, W, W, weights._replace(w1_scale=weights.w1_scale[0]))
 
 
-def test_linear_relu_square_fp8_backward_compiles_fullgraph():
+@pytest.mark.parametrize("grad_bound", [False, True], ids=["exact", "grad_bound"])
+def test_linear_relu_square_fp8_backward_compiles_fullgraph(grad_bound):
     x = torch.randn(64, 48, device=DEV).bfloat16().requires_grad_()
     W1 = torch.randn(80, 48, device=DEV).div(7).bfloat16().requires_grad_()
     W2 = torch.randn(80, 48, device=DEV).div(9).bfloat16().requires_grad_()
@@ -670,7 +772,8 @@ def test_linear_relu_square_fp8_backward_compiles_fullgraph():
     act_scale = torch.tensor([0.01], device=DEV)
 
     def step(x, W1, W2):
-        out, post_max = tk.linear_relu_square_fp8_backward(x, W1, W2, weights, act_scale)
+        out, post_max = tk.linear_relu_square_fp8_backward(x, W1, W2, weights, act_scale,
+                                                           grad_bound)
         return out.float().square().sum(), post_max
 
     leaves = (x, W1, W2)

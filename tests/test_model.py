@@ -605,23 +605,47 @@ def step_by_paths(model, T: int, *paths: tg.Paths) -> list[tuple[float, dict]]:
     return results
 
 
+def test_grad_bound_switch_rescales_only_the_backward():
+    """--fp8_mlp_grad_bound reaches the model's MLPs and changes only the e5m2 scale of d_pre:
+    the same loss bit for bit (no forward changes), the same gradients for the last MLP's c_fc
+    and c_proj (its dY, d_pre and post do not depend on that scale), and other gradients that
+    differ (each MLP's dx, through e5m2 d_pre at another scale). How close those stay is
+    test_kernels.py's test_fp8_backward_with_grad_bound: rounding noise compounds through the
+    layers of this tiny random model."""
+    cfg = dataclasses.replace(TINY, fp8_mlp_up=True, fp8_mlp_down=True, fp8_mlp_backward=True,
+                              mlp_pre_from_post=True)
+    T, results = 32, []
+    for grad_bound in (False, True):
+        torch.manual_seed(3)
+        model = bf16_model(T, dataclasses.replace(cfg, fp8_mlp_grad_bound=grad_bound))
+        results += step_by_paths(model, T, tg.Paths(lm_head="fp8"))
+    (loss, grads), (bound_loss, bound_grads) = results
+    assert bound_loss == loss
+    last = grads["mlp_bank"][tg.NUM_LAYERS - 1]
+    assert last[0].norm() > 0 and last[1].norm() > 0
+    assert torch.equal(bound_grads["mlp_bank"][tg.NUM_LAYERS - 1], last)
+    assert not torch.equal(bound_grads["mlp_bank"], grads["mlp_bank"])
+
+
 @pytest.mark.skipif(not tg.triton_kernels.INTERPRET,
                     reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
-@pytest.mark.parametrize("fp8_mlp", ["bf16", "forward", "backward"],
-                         ids=["bf16-mlp", "fp8-mlp", "fp8-mlp-backward"])
+@pytest.mark.parametrize("fp8_mlp", ["bf16", "forward", "backward", "grad_bound"],
+                         ids=["bf16-mlp", "fp8-mlp", "fp8-mlp-backward", "fp8-mlp-grad-bound"])
 def test_kernel_paths_train_like_the_reference_paths(fp8_mlp):
     """One training forward and backward through the MLP and loss kernels against the same model
     through their PyTorch references (both with the FP8 head): the same loss, and gradients equal
     up to the kernels' bf16 and e5m2 roundings. Also with both MLP projections in FP8 (#84, #89),
-    and in the backward pass too (#344, with relu(pre) from post as the kernels do): there the
+    and in the backward pass too (#344, with relu(pre) from post as the kernels do; and with
+    --fp8_mlp_grad_bound's scale of d_pre): there the
     loss is PyTorch's on both sides, since the loss kernel's last-bit differences in the logits
     gradient flip e5m2 roundings of the MLP gradients, layer after layer (up to 12 % on a
     parameter's gradient in this tiny model)."""
     torch.manual_seed(3)
     T = 32
-    fp8, backward = fp8_mlp != "bf16", fp8_mlp == "backward"
+    fp8, backward = fp8_mlp != "bf16", fp8_mlp in ("backward", "grad_bound")
     model = bf16_model(T, dataclasses.replace(TINY, fp8_mlp_up=fp8, fp8_mlp_down=fp8,
                                               fp8_mlp_backward=backward,
+                                              fp8_mlp_grad_bound=fp8_mlp == "grad_bound",
                                               mlp_pre_from_post=backward))
     kernels = tg.Paths(mlp="triton", lm_head="fp8", loss="torch" if backward else "triton")
     (kernel_loss, kernel_grads), (reference_loss, reference_grads) = step_by_paths(

@@ -352,8 +352,8 @@ def test_record74_has_no_fp8_qkv_state():
 def test_packed_qkv_needs_the_separate_qk_bank():
     with pytest.raises(SystemExit) as e:
         tg.parse_config(["--qk_head_pair_groups=false", "--qk_head_dim=0"])
-    assert str(e.value) == ("--fp8_qkv=true needs --qk_head_pair_groups=true (the record that "
-                            "added fp8_qkv built it on qk_head_pair_groups)")
+    assert str(e.value) == ("--fp8_qkv=true needs --qk_head_pair_groups=true (fp8_qkv is built "
+                            "on qk_head_pair_groups)")
 
 
 # =================================================================================================

@@ -271,8 +271,8 @@ def test_bad_widths_are_one_clear_error(value):
 def test_narrow_qk_needs_the_separate_qk_bank():
     with pytest.raises(SystemExit) as e:
         tg.parse_config(["--preset=record74", "--qk_head_dim=96"])
-    assert str(e.value) == ("--qk_head_dim=96 needs --qk_head_pair_groups=true (the record that "
-                            "added qk_head_dim built it on qk_head_pair_groups)")
+    assert str(e.value) == ("--qk_head_dim=96 needs --qk_head_pair_groups=true (qk_head_dim is "
+                            "built on qk_head_pair_groups)")
     with pytest.raises(SystemExit, match="^--qk_head_dim=96 needs --qk_head_pair_groups=true"):
         tg.parse_config(["--qk_head_pair_groups=false"])
     assert tg.parse_config(["--qk_head_pair_groups=false", "--qk_head_dim=0",

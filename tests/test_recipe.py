@@ -391,23 +391,26 @@ def test_speedrun_is_record74_plus_the_changes():
 def test_contradictory_switches_fail_in_one_line():
     with pytest.raises(SystemExit) as e:
         tg.parse_config(["--mudd_gates=true", "--preset=record74", "--mudd=true", "--xsa=true"])
-    assert str(e.value) == ("--mudd=true needs --single_stream=true (the record that added mudd "
-                            "built it on single_stream)")
+    assert str(e.value) == ("--mudd=true needs --single_stream=true (mudd is built on "
+                            "single_stream)")
     with pytest.raises(SystemExit, match="dc_attention=true needs --mudd_gates=true"):
         tg.parse_config(["--mudd_gates=false"])
     with pytest.raises(SystemExit) as e:    # #89's FP8 post comes from #84's kernel
         tg.parse_config(["--fp8_mlp_down=true", "--fp8_mlp_up=false"])
-    assert str(e.value) == ("--fp8_mlp_down=true needs --fp8_mlp_up=true (the record that added "
-                            "fp8_mlp_down built it on fp8_mlp_up)")
+    assert str(e.value) == ("--fp8_mlp_down=true needs --fp8_mlp_up=true (fp8_mlp_down is "
+                            "built on fp8_mlp_up)")
     with pytest.raises(SystemExit) as e:    # #344's FP8 backward reads #89's weight copies
         tg.parse_config(["--fp8_mlp_down=false"])
-    assert str(e.value) == ("--fp8_mlp_backward=true needs --fp8_mlp_down=true (the record that "
-                            "added fp8_mlp_backward built it on fp8_mlp_up and fp8_mlp_down)")
+    assert str(e.value) == ("--fp8_mlp_backward=true needs --fp8_mlp_down=true (fp8_mlp_backward "
+                            "is built on fp8_mlp_up and fp8_mlp_down)")
     with pytest.raises(SystemExit) as e:
         tg.parse_config(["--preset=record74", "--fp8_mlp_backward=true"])
     assert str(e.value) == ("--fp8_mlp_backward=true needs --fp8_mlp_up=true --fp8_mlp_down=true "
-                            "(the record that added fp8_mlp_backward built it on fp8_mlp_up and "
-                            "fp8_mlp_down)")
+                            "(fp8_mlp_backward is built on fp8_mlp_up and fp8_mlp_down)")
+    with pytest.raises(SystemExit) as e:    # its scale bounds the FP8 backward's d_pre
+        tg.parse_config(["--fp8_mlp_backward=false", "--fp8_mlp_grad_bound=true"])
+    assert str(e.value) == ("--fp8_mlp_grad_bound=true needs --fp8_mlp_backward=true "
+                            "(fp8_mlp_grad_bound is built on fp8_mlp_backward)")
 
 
 def test_speedrun_schedule():
