@@ -553,9 +553,10 @@ def test_prefix_loss_joins_the_training_loss():
 # Whole steps: record #74 kept exactly
 # =================================================================================================
 
-def train_steps(cfg, steps=3):
+def train_steps(cfg, steps=3, grad_accum_steps=4):
     """A few CPU training steps of the Trainer on the corpus: losses and final parameters."""
-    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"),
+                 grad_accum_steps=grad_accum_steps)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
     losses = [trainer.train_step(step, trainer.advance(step)).item() for step in range(steps)]
     return losses, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -567,12 +568,18 @@ TINY_FILES = dict(train_files=f"{CORPUS}/corpus_train_*.bin", val_files=f"{CORPU
 TINY_SMOKE = {**tg.PRESETS["smoke"], **TINY_FILES, "qk_head_dim": 12}
 
 
+@pytest.fixture(scope="module")
+def record74_steps():
+    """The record #74 smoke preset's three train_steps on the tiny model (losses, parameters),
+    computed once for the two tests below; neither changes them."""
+    return train_steps(tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES}))
+
+
 @needs_corpus
 @needs_tokenizer
-def test_every_switch_off_reproduces_record74_bit_for_bit():
-    record74 = tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES})
+def test_every_switch_off_reproduces_record74_bit_for_bit(record74_steps):
     switched_off = tg.Hyperparameters(**{**TINY_SMOKE, **SMOKE_SWITCH_OFF})
-    losses_a, params_a = train_steps(record74)
+    losses_a, params_a = record74_steps
     losses_b, params_b = train_steps(switched_off)
     assert losses_a == losses_b
     assert params_a.keys() == params_b.keys()
@@ -588,8 +595,8 @@ RECORD74_PINNED_LOSSES = [10.7988, 10.8001, 10.4888]
 
 @needs_corpus
 @needs_tokenizer
-def test_record74_trains_as_before_the_later_records():
-    losses, _ = train_steps(tg.Hyperparameters(**{**tg.PRESETS["smoke_record74"], **TINY_FILES}))
+def test_record74_trains_as_before_the_later_records(record74_steps):
+    losses, _ = record74_steps
     assert [round(loss, 4) for loss in losses] == pytest.approx(RECORD74_PINNED_LOSSES, abs=2e-4)
 
 
@@ -855,7 +862,8 @@ def warmed_up_on_cpu(cfg, monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **options: compile_(fn, **{**options, "backend": "aot_eager"}))
-    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=4)
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"),
+                 grad_accum_steps=cfg.micro_batches_per_step)
     lines = []
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: lines.append(line),
                          paths=tg.Paths(compile=True))
@@ -873,17 +881,34 @@ def warmed_up_on_cpu(cfg, monkeypatch):
     return trainer, graphs, seconds
 
 
+# The compiled runs: three stages of two steps and an extension of two, eight steps. Two
+# micro-batches a step, not the smoke preset's four: each compiled graph still runs again on a
+# second batch (and FP8 slot) within a step, at half the CPU time; compiling takes the same.
+COMPILED_TINY = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
+                                      "num_extension_iterations": 2, "micro_batches_per_step": 2})
+
+
+@pytest.fixture(scope="module")
+def eager_losses_of_compiled_tiny():
+    """The losses of COMPILED_TINY's whole run, eager, over maskable_attention as the compiled
+    runs have it: what both tests below compare their compiled steps with, trained once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tg, "attention_reference", maskable_attention)
+        losses, _ = train_steps(COMPILED_TINY, steps=COMPILED_TINY.num_train_steps,
+                                grad_accum_steps=COMPILED_TINY.micro_batches_per_step)
+    return losses
+
+
 @needs_corpus
 @needs_tokenizer
-def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh_dynamo):
+def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh_dynamo,
+                                                              eager_losses_of_compiled_tiny):
     """The model's forward and backward, its evaluation and the optimizer's update functions
     trace with fullgraph=True (a graph break would raise); every warm-up step compiles something
     new and, after the warm-up, a whole run compiles nothing; the compiled steps train like the
     eager ones."""
-    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
-                                "num_extension_iterations": 2})
+    cfg = COMPILED_TINY
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
-    eager_losses, _ = train_steps(cfg, steps=4)
     trainer, graphs, seconds = warmed_up_on_cpu(cfg, monkeypatch)
     assert list(graphs) == [0, 1, 2, 4, 6] and all(graphs.values()), graphs  # stages: 2, 4, 6
     # the log splits each warm-up step's time into compiling (tracing a part of it) and running
@@ -892,7 +917,7 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh
     losses = [trainer.train_step(step, trainer.advance(step)).item()
               for step in range(cfg.num_train_steps)]
     assert tg.compiled_graphs() == compiled        # the warm-up compiled everything
-    assert losses[:4] == pytest.approx(eager_losses, abs=1e-3)
+    assert losses == pytest.approx(eager_losses_of_compiled_tiny, abs=1e-3)
     batch = next(iter(tg.val_batches(trainer.val_files, 1024, 1024, 0, 1, 4, trainer.run.device,
                                      cfg.bigram_vocab_size)))
     plain, masked = trainer.eval_forward(batch, trainer.schedule.windows(0)).tolist()
@@ -901,15 +926,15 @@ def test_speedrun_step_and_evaluation_compile_as_whole_graphs(monkeypatch, fresh
 
 @needs_corpus
 @needs_tokenizer
-def test_dynamic_stages_compile_one_step_graph_for_every_stage(monkeypatch, fresh_dynamo):
+def test_dynamic_stages_compile_one_step_graph_for_every_stage(monkeypatch, fresh_dynamo,
+                                                               eager_losses_of_compiled_tiny):
     """--dynamic_stages: the first step compiles the model with the batch length, the windows and
     max_seqlen symbolic, and no later stage compiles anything (their warm-ups compile nothing); the
     steps train like those without the switch, whose softmax scale multiplies the scores rather
     than the queries before their rounding."""
-    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
-                                "num_extension_iterations": 2, "dynamic_stages": True})
+    cfg = dataclasses.replace(COMPILED_TINY, dynamic_stages=True)
     monkeypatch.setattr(tg, "attention_reference", maskable_attention)
-    static_losses, _ = train_steps(dataclasses.replace(cfg, dynamic_stages=False), steps=8)
+    static_losses = eager_losses_of_compiled_tiny
     trainer, graphs, seconds = warmed_up_on_cpu(cfg, monkeypatch)
     assert graphs[0] > 0 and graphs[2] == graphs[4] == graphs[6] == 0, graphs  # stages: 2, 4, 6
     assert seconds[2]["compiling"] == seconds[4]["compiling"] == seconds[6]["compiling"] == 0

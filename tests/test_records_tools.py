@@ -290,9 +290,10 @@ def test_profile_steps_sorts_kernels_by_kind():
                     reason="needs ../shared/data/corpus")
 def test_profile_steps_on_the_cpu(tmp_path):
     corpus = os.path.join(SHARED, "data", "corpus")
+    # one micro-batch a step: a quarter of the ops, whose profiler events take most of the time
     result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
                       "--preset=smoke", "--model_dim=32", "--head_dim=16", "--qk_head_dim=12",
-                      "--mlp_hidden=64",
+                      "--mlp_hidden=64", "--micro_batches_per_step=1",
                       f"--train_files={corpus}/corpus_train_*.bin",
                       f"--val_files={corpus}/corpus_val_*.bin", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
