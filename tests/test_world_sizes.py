@@ -30,9 +30,8 @@ PROGRESS = re.compile(r"^progress step (\d+)/\d+ train_loss:([0-9.]+)")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:([0-9.]+)")
 
 
-def start_torchrun(nproc: int, log_dir: str, preset: str,
-                   extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """A run of train_gpt.py on nproc processes, started; its output goes to log_dir + ".out"."""
+def run_torchrun(nproc: int, log_dir: str, preset: str,
+                 extra: tuple[str, ...] = ()) -> tuple[dict[int, float], float]:
     data = os.path.join(SHARED, "data", "corpus")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"), f"--preset={preset}",
@@ -40,16 +39,8 @@ def start_torchrun(nproc: int, log_dir: str, preset: str,
            f"--train_files={data}/corpus_train_*.bin", f"--val_files={data}/corpus_val_*.bin",
            f"--log_dir={log_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log_dir + ".out", "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=ROOT)
-
-
-def finish_torchrun(proc: subprocess.Popen, log_dir: str) -> tuple[dict[int, float], float]:
-    """The losses by step and the last validation loss of a started run, once it has ended."""
-    proc.wait(timeout=600)
-    with open(log_dir + ".out") as f:
-        assert proc.returncode == 0, f.read()[-3000:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     (log,) = glob.glob(os.path.join(log_dir, "*.txt"))
     losses, val = {}, None
     with open(log) as f:
@@ -59,26 +50,6 @@ def finish_torchrun(proc: subprocess.Popen, log_dir: str) -> tuple[dict[int, flo
             elif m := VAL.match(line):
                 val = float(m.group(2))
     return losses, val
-
-
-def run_world_sizes(tmp_path, preset: str, extra: tuple[str, ...],
-                    world_sizes: tuple[int, ...]) -> dict[int, tuple[dict[int, float], float]]:
-    """The runs of every world size: the one of one process (one thread, one of the two cores)
-    beside the others, which run one after another (each on both cores)."""
-    log_dirs = {k: str(tmp_path / f"k{k}") for k in world_sizes}
-    procs = {1: start_torchrun(1, log_dirs[1], preset, extra)}
-    try:
-        results = {}
-        for k in world_sizes[1:]:
-            procs[k] = start_torchrun(k, log_dirs[k], preset, extra)
-            results[k] = finish_torchrun(procs[k], log_dirs[k])
-        results[1] = finish_torchrun(procs[1], log_dirs[1])
-    finally:   # after a failure: torchrun ends its workers on SIGTERM
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
-    return results
 
 
 def assert_losses_agree(results: dict[int, tuple[dict[int, float], float]]) -> None:
@@ -109,7 +80,8 @@ def assert_losses_agree(results: dict[int, tuple[dict[int, float], float]]) -> N
                "--fp8_mlp_down=false", "--fp8_mlp_backward=false"), (1, 2)),
 ], ids=["smoke", "smoke_record74", "smoke-pairwise"])
 def test_losses_agree_across_world_sizes(tmp_path, preset, options, world_sizes):
-    assert_losses_agree(run_world_sizes(tmp_path, preset, options, world_sizes))
+    assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), preset, options)
+                         for k in world_sizes})
 
 
 @needs_corpus
@@ -118,4 +90,5 @@ def test_attention_variants_agree_across_world_sizes(tmp_path, attn):
     """The variants' banks are padded and sharded over 2 ranks, their lambdas replicated."""
     extra = (f"--attn={attn}", "--mla_q_rank=16", "--mla_kv_rank=16", "--cmd_noise_dim=16",
              "--qk_head_dim=0")
-    assert_losses_agree(run_world_sizes(tmp_path, "smoke", extra, (1, 2)))
+    assert_losses_agree({k: run_torchrun(k, str(tmp_path / f"k{k}"), "smoke", extra)
+                         for k in (1, 2)})
