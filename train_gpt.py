@@ -92,6 +92,8 @@ class Hyperparameters:
     mlp_hidden: int = 3072
     mlp: str = "relu2"                      # experiment, in no preset: "pairwise" MLP (see MLP_KINDS)
     pairwise_rank: int = 79                 # --mlp=pairwise: r features, r (r + 1) / 2 products
+    pairwise_fused: bool = False            # --mlp=pairwise on a GPU: the products built inside
+                                            # Triton GEMMs (true), or in memory for cuBLAS (false)
     bigram_vocab_mult: float = 5.0          # bigram hash table rows = padded vocab x this
     # optimizer
     adam_lr: float = 0.008
@@ -477,7 +479,8 @@ def check_stage(k: int, stage: Stage, micro: int) -> None:
 @dataclass(frozen=True)
 class Paths:
     mlp: str = "torch"            # "triton": linear + ReLU^2 with the activation in the GEMM epilogues,
-                                  # or the pairwise MLP's kernels (--mlp=pairwise)
+                                  # or the pairwise MLP's kernels (--mlp=pairwise); "cublas": the
+                                  # pairwise MLP's products in memory for cuBLAS GEMMs
     lm_head: str = "bf16"         # "fp8": e4m3 head GEMM, e5m2 logits gradient (training only)
     loss: str = "torch"           # "triton": loss and logits gradient in one kernel (FP8 head only)
     attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "dense"
@@ -493,7 +496,7 @@ class Paths:
     why: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        choices = dict(mlp=("torch", "triton"), lm_head=("bf16", "fp8"), loss=("torch", "triton"),
+        choices = dict(mlp=("torch", "triton", "cublas"), lm_head=("bf16", "fp8"), loss=("torch", "triton"),
                        attention=("dense", "varlen", "flash_attn3"),
                        dc_attention=("torch", "triton"), optimizer=("torch", "triton"),
                        table_grads=("torch", "triton"), qkv=("torch", "triton"),
@@ -544,6 +547,8 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
         head_why = f"compute capability {major}.{minor}" + ("" if head == "fp8" else ": no FP8")
         if cfg.fp8_mlp_up and head != "fp8":
             mlp, mlp_why = "torch", f"{head_why}: the FP8 MLP's math emulated in PyTorch"
+        if cfg.mlp == "pairwise" and mlp == "triton" and not cfg.pairwise_fused:
+            mlp, mlp_why = "cublas", "--pairwise_fused=false: the products in memory, cuBLAS GEMMs"
     qkv, qkv_why = (kernels, kernels_why) if cfg.fp8_qkv else ("torch", "--fp8_qkv=false: bf16")
     if cfg.fp8_qkv and cuda and head != "fp8":
         qkv, qkv_why = "torch", f"{head_why}: the packed FP8 QKV's math emulated in PyTorch"
@@ -1973,9 +1978,9 @@ class GPT(nn.Module):
     def mlp(self, layer: int, weights, x: torch.Tensor) -> torch.Tensor:
         """weights: this layer's entry of mlp_layer_weights()."""
         if self.cfg.mlp == "pairwise":
-            if self.paths.mlp == "triton":
-                return triton_kernels.pairwise_mlp(x, *weights)
-            return triton_kernels.pairwise_mlp_reference(x, *weights)
+            layer = dict(torch=triton_kernels.pairwise_mlp_reference,
+                         triton=triton_kernels.pairwise_mlp, cublas=triton_kernels.pairwise_mlp_gemm)
+            return layer[self.paths.mlp](x, *weights)
         c_fc, c_proj = weights.unbind(0)
         if self.cfg.fp8_mlp_down:
             return self.mlp_fp8(layer, x, c_fc, c_proj)

@@ -22,7 +22,8 @@
                      over a short window mixed per token, applied to every head's values;
                      autograd function
  10. pairwise_mlp    q(relu(x U^T)) W with q(h) = (h_i h_j, i <= j): the pair products built
-                     tile by tile inside the GEMMs, never stored (an experiment), autograd function
+                     tile by tile inside the GEMMs, never stored (an experiment), autograd function;
+                     pairwise_mlp_gemm, the same math with q built in memory for cuBLAS GEMMs
  11. qk_prep         Q and K before attention (#344): RMS norm, rotary, key offset, zero padding
                      to V's width and the attention's layout in one pass, autograd function (its
                      reference is the model's own ops, train_gpt.qk_prep_reference)
@@ -75,7 +76,7 @@ __all__ = [
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
     "index_add_rows", "index_add_rows_reference", "dc_attention", "dc_attention_reference",
-    "pair_count", "pairwise_mlp", "pairwise_mlp_reference", "qk_prep", "quantize_packed_e4m3", "quantize_packed_e4m3_reference", "packed_qkv_fp8",
+    "pair_count", "pairwise_mlp", "pairwise_mlp_gemm", "pairwise_mlp_reference", "qk_prep", "quantize_packed_e4m3", "quantize_packed_e4m3_reference", "packed_qkv_fp8",
     "packed_qkv_fp8_reference",
 ]
 
@@ -2499,6 +2500,57 @@ def pairwise_mlp(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Ten
         raise ValueError(f"{name}: r = {U.shape[0]} features, expected 1 to {PAIRWISE_MAX_RANK} "
                          f"(the dh kernel keeps a row of dh per token in registers)")
     out = _PairwiseMLP.apply(x.reshape(-1, x.shape[-1]).contiguous(), U.contiguous(), W.contiguous())
+    return out.view(*x.shape[:-1], W.shape[1])
+
+
+# The same layer through cuBLAS (pairwise_mlp_gemm): q (T, P) is built from h in one pass that
+# writes it, used by one GEMM and dropped; the backward builds it again for dW, and contracts
+# G = dY W^T (T, P) with h in one gathering pass: dh_i = sum_j G_{pair(i, j)} h_j over all j, plus
+# G_{pair(i, i)} h_i once more (d(h_i^2)/dh_i = 2 h_i). Both passes gather by fixed indices, which
+# torch.compile fuses into one kernel each, with no atomics. q and G cross memory four times in all,
+# which at the speedrun shapes costs less than building the pair tiles inside the GEMMs' inner loop
+# (records/kernels/). h stays the only activation kept for the backward.
+
+def _pair_indices(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """i, j of every pair (P,) in W's row order, and pair (r, r): the pair number of (min(i, j),
+    max(i, j)) for every i and j."""
+    i, j = torch.triu_indices(r, r, device=device)
+    features = torch.arange(r, device=device)
+    low = torch.minimum(features[:, None], features[None, :])
+    high = torch.maximum(features[:, None], features[None, :])
+    return i, j, low * r - low * (low - 1) // 2 + (high - low)
+
+
+class _PairwiseMLPGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, U, W):
+        h = torch.relu(x @ U.t())
+        i, j, _ = _pair_indices(U.shape[0], x.device)
+        ctx.save_for_backward(x, U, W, h)
+        return (h[:, i] * h[:, j]) @ W
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, U, W, h = ctx.saved_tensors
+        i, j, pair = _pair_indices(U.shape[0], x.device)
+        dW = (h[:, i] * h[:, j]).t() @ d_out if ctx.needs_input_grad[2] else None
+        G = d_out @ W.t()
+        wide = torch.promote_types(h.dtype, torch.float32)   # bf16 products summed in fp32
+        h_wide = h.to(wide)
+        dh = ((G[:, pair].to(wide) * h_wide[:, None, :]).sum(-1)
+              + G[:, pair.diagonal()].to(wide) * h_wide)
+        # relu' from h: h > 0 exactly where the (bf16) pre-activation is
+        d_pre = torch.where(h > 0, dh, 0.0).to(x.dtype)
+        dx = d_pre @ U if ctx.needs_input_grad[0] else None
+        dU = d_pre.t() @ x if ctx.needs_input_grad[1] else None
+        return dx, dU, dW
+
+
+def pairwise_mlp_gemm(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """pairwise_mlp's math with q built in memory for cuBLAS GEMMs (any device, any float dtype):
+    the same arguments and result, h the only activation kept. Differentiable in x, U and W."""
+    _check_pairwise_args("pairwise_mlp_gemm", x, U, W)
+    out = _PairwiseMLPGemm.apply(x.reshape(-1, x.shape[-1]), U, W)
     return out.view(*x.shape[:-1], W.shape[1])
 
 

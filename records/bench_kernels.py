@@ -369,8 +369,9 @@ def pairwise_mlp_flops(T, d, r):
 
 
 def case_pairwise(tk, T, d, ranks, hidden):
-    """The pairwise MLP (kernel, and its reference eager and compiled) against the ReLU^2 MLP at
-    the same tokens: forward + backward through autograd, as in training."""
+    """The pairwise MLP (fused kernels, the cuBLAS form, and the reference eager and compiled)
+    against the ReLU^2 MLP at the same tokens: forward + backward through autograd, as in
+    training."""
     dY = randn_bf16(T, d)
     x = randn_bf16(T, d).requires_grad_()
     W1 = small_weight_bf16(hidden, d).requires_grad_()
@@ -395,6 +396,16 @@ def case_pairwise(tk, T, d, ranks, hidden):
             pairwise_mlp_flops(T, d, r), "TFLOP/s", "bf16")
         result.note = f"{time_ratio(result, relu2)} the ReLU^2 MLP's time (kernels, GPU-only)"
         results.append(result)
+        # the cuBLAS form as training runs it: compiled, so that the gathers fuse
+        gemm = measure(
+            "pairwise MLP fwd+bwd, cuBLAS form (compiled)",
+            f"T={T}, d={d}, r={r}, P={tk.pair_count(r)}",
+            fwd_bwd(torch.compile(tk.pairwise_mlp_gemm), leaves, leaves, dY),
+            fwd_bwd(tk.pairwise_mlp_reference, leaves, leaves, dY),
+            fwd_bwd(torch.compile(tk.pairwise_mlp_reference), leaves, leaves, dY),
+            pairwise_mlp_flops(T, d, r), "TFLOP/s", "bf16")
+        gemm.note = f"{time_ratio(gemm, relu2)} the ReLU^2 MLP's time (GPU-only)"
+        results.append(gemm)
     return results
 
 

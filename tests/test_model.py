@@ -552,6 +552,13 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
     capability_text = f"compute capability {capability[0]}.{capability[1]}"
     assert lines[1] == f"path lm_head: {head} ({capability_text}" + (
         ")" if head == "fp8" else ": no FP8)")
+    # the pairwise MLP: cuBLAS on the products in memory unless its fused kernels are asked for
+    pairwise = dict(mlp="pairwise", fp8_mlp_up=False, fp8_mlp_down=False, fp8_mlp_backward=False)
+    assert tg.resolve_paths(tg.Hyperparameters(**pairwise), device).mlp == "cublas"
+    assert tg.resolve_paths(tg.Hyperparameters(**pairwise, pairwise_fused=True),
+                            device).mlp == "triton"
+    assert tg.resolve_paths(tg.Hyperparameters(**pairwise, use_triton_kernels=False),
+                            device).mlp == "torch"
     # the FP8 MLP (#84, with #89) takes its kernel only where the GPU has FP8, else its PyTorch
     # emulation
     for fp8_cfg in (tg.Hyperparameters(fp8_mlp_up=True),
@@ -564,7 +571,7 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
 
 
 def test_paths_reject_unknown_and_contradictory_choices():
-    with pytest.raises(ValueError, match=r"Paths.mlp='cuda': expected one of \('torch', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"Paths.mlp='cuda': expected one of \('torch', 'triton', 'cublas'\)"):
         tg.Paths(mlp="cuda")
     with pytest.raises(ValueError, match="loss='triton' needs lm_head='fp8'"):
         tg.Paths(loss="triton")

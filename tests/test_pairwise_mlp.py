@@ -129,7 +129,7 @@ def test_kernel_and_reference_match_the_restated_layer(r, T, d):
     leaves64 = [t.double().requires_grad_() for t in (x, U, W)]
     exact = pairwise_restated(*leaves64)
     exact_grads = torch.autograd.grad(exact, leaves64, dY.double())
-    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_reference):
+    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_gemm, tk.pairwise_mlp_reference):
         leaves = [t.clone().requires_grad_() for t in (x, U, W)]
         y = layer(*leaves)
         grads = torch.autograd.grad(y, leaves, dY)
@@ -137,6 +137,19 @@ def test_kernel_and_reference_match_the_restated_layer(r, T, d):
         assert y.dtype == torch.bfloat16 and rel_error(y, exact) < 1e-2, layer.__name__
         for name, got, want in zip("xUW", grads, exact_grads):
             assert rel_error(got, want) < 2e-2, (layer.__name__, name)
+
+
+@pytest.mark.parametrize("r,T,d", RAGGED)
+def test_gemm_form_is_the_restated_layer_in_fp64(r, T, d):
+    """In fp64 nothing rounds: the gathered contraction of G with h is the exact gradient."""
+    x, U, W, dY = (t.double() for t in layer_inputs(r, T, d))
+    results = []
+    for layer in (pairwise_restated, tk.pairwise_mlp_gemm):
+        leaves = [t.clone().requires_grad_() for t in (x, U, W)]
+        y = layer(*leaves)
+        results.append((y, *torch.autograd.grad(y, leaves, dY)))
+    for name, got, want in zip(("y", "dx", "dU", "dW"), *results):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), name
 
 
 def test_keeps_leading_dims_and_rejects_bad_arguments():
@@ -147,6 +160,10 @@ def test_keeps_leading_dims_and_rejects_bad_arguments():
         tk.pairwise_mlp(x, U, W[:14])
     with pytest.raises(ValueError, match=r"expected x \(..., d\), U \(r, d\)"):
         tk.pairwise_mlp_reference(x[:, :8], U, W)
+    gemm = tk.pairwise_mlp_gemm(x.view(3, 4, 16), U, W)
+    assert gemm.shape == (3, 4, 16) and torch.equal(gemm.view(12, 16), tk.pairwise_mlp_gemm(x, U, W))
+    with pytest.raises(ValueError, match=r"pairwise_mlp_gemm: W must have r \(r \+ 1\) / 2 = 15"):
+        tk.pairwise_mlp_gemm(x, U, W[:14])
     with pytest.raises(ValueError, match="W must have dtype"):
         tk.pairwise_mlp(x, U, W.float())
 
@@ -169,6 +186,7 @@ def test_layer_is_a_quadratic_form_per_output():
     h = torch.relu(x @ U.t())
     direct = torch.einsum("ti,kij,tj->tk", h, S, h)
     assert torch.allclose(tk.pairwise_mlp_reference(x, U, W), direct, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(tk.pairwise_mlp_gemm(x, U, W), direct, rtol=1e-12, atol=1e-12)
     y = tk.pairwise_mlp(x.bfloat16().to(DEV), U.bfloat16().to(DEV), W.bfloat16().to(DEV))
     assert rel_error(y.cpu(), direct) < 3e-2   # every input rounded to bf16
 
@@ -184,7 +202,7 @@ def test_reference_gradients_pass_gradcheck():
 # -------------------------------------------------------------------------------------------------
 # torch.compile traces both forms without graph breaks
 
-@pytest.mark.parametrize("layer", [tk.pairwise_mlp, tk.pairwise_mlp_reference])
+@pytest.mark.parametrize("layer", [tk.pairwise_mlp, tk.pairwise_mlp_gemm, tk.pairwise_mlp_reference])
 def test_compiles_fullgraph(layer):
     x, U, W, dY = layer_inputs(7, 20, 24)
     leaves = [t.requires_grad_() for t in (x, U, W)]
@@ -206,14 +224,15 @@ def test_kernel_speedrun_shape(r):
     x, U, W, dY = layer_inputs(r, 16384, 768)
     W = W / 32   # products of O(1) features times weights at the trained model's scale
     results = []
-    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_reference):
+    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_gemm, tk.pairwise_mlp_reference):
         leaves = [t.clone().requires_grad_() for t in (x, U, W)]
         y = layer(*leaves)
         results.append((y, torch.autograd.grad(y, leaves, dY)))
-    (y, grads), (y_ref, grads_ref) = results
-    assert rel_error(y, y_ref) < 1e-2
-    for got, want in zip(grads, grads_ref):
-        assert rel_error(got, want) < 2e-2
+    y_ref, grads_ref = results[-1]
+    for y, grads in results[:-1]:
+        assert rel_error(y, y_ref) < 1e-2
+        for got, want in zip(grads, grads_ref):
+            assert rel_error(got, want) < 2e-2
 
 
 # =================================================================================================
@@ -299,16 +318,18 @@ def test_flop_count_counts_the_pairwise_weights():
     assert relu2 - pairwise == 3 * 2 * 11 * (2 * 3072 * 768 - (110 + 6105) * 768)
 
 
-@pytest.mark.skipif(not tk.INTERPRET and DEV == "cpu",
-                    reason="the kernels on CPU tensors need TRITON_INTERPRET=1")
-def test_kernel_path_trains_like_the_reference_path():
-    """One training forward and backward of the model through the pairwise kernels against the
-    same model through the reference: the same loss, gradients equal up to bf16 roundings."""
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+def test_kernel_path_trains_like_the_reference_path(path):
+    """One training forward and backward of the model through the pairwise kernels (or the
+    cuBLAS form) against the same model through the reference: the same loss, gradients equal up
+    to bf16 roundings."""
+    if path == "triton" and not tk.INTERPRET and DEV == "cpu":
+        pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1")
     torch.manual_seed(3)
     T = 32
     model = bf16_model(T, PAIRWISE_TINY)       # every parameter nonzero, W included
     (kernel_loss, kernel_grads), (reference_loss, reference_grads) = step_by_paths(
-        model, T, tg.Paths(mlp="triton"), tg.Paths())
+        model, T, tg.Paths(mlp=path), tg.Paths())
     assert abs(kernel_loss - reference_loss) < 1e-3 * reference_loss
     for name in ("pairwise_u_bank", "pairwise_w_bank", "attn_bank", "embed"):
         want, got = reference_grads[name], kernel_grads[name]
