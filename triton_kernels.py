@@ -24,6 +24,7 @@
  10. pairwise_mlp    q(relu(x U^T)) W with q(h) = (h_i h_j, i <= j): the pair products built
                      tile by tile inside the GEMMs, never stored (an experiment), autograd function;
                      pairwise_mlp_gemm, the same math with q built in memory for cuBLAS GEMMs
+                     by pair_products, and dh from G = dY W^T by pair_contract
  11. qk_prep         Q and K before attention (#344): RMS norm, rotary, key offset, zero padding
                      to V's width and the attention's layout in one pass, autograd function (its
                      reference is the model's own ops, train_gpt.qk_prep_reference)
@@ -76,7 +77,9 @@ __all__ = [
     "softcapped_mtp_cross_entropy", "softcapped_mtp_cross_entropy_reference",
     "transpose_copy", "transpose_copy_reference", "transpose_add", "transpose_add_reference",
     "index_add_rows", "index_add_rows_reference", "dc_attention", "dc_attention_reference",
-    "pair_count", "pairwise_mlp", "pairwise_mlp_gemm", "pairwise_mlp_reference", "qk_prep", "quantize_packed_e4m3", "quantize_packed_e4m3_reference", "packed_qkv_fp8",
+    "pair_count", "pair_contract", "pair_contract_reference", "pair_products",
+    "pair_products_reference", "pairwise_mlp", "pairwise_mlp_gemm", "pairwise_mlp_reference",
+    "qk_prep", "quantize_packed_e4m3", "quantize_packed_e4m3_reference", "packed_qkv_fp8",
     "packed_qkv_fp8_reference",
 ]
 
@@ -2503,13 +2506,141 @@ def pairwise_mlp(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Ten
     return out.view(*x.shape[:-1], W.shape[1])
 
 
-# The same layer through cuBLAS (pairwise_mlp_gemm): q (T, P) is built from h in one pass that
-# writes it, used by one GEMM and dropped; the backward builds it again for dW, and contracts
-# G = dY W^T (T, P) with h in one gathering pass: dh_i = sum_j G_{pair(i, j)} h_j over all j, plus
-# G_{pair(i, i)} h_i once more (d(h_i^2)/dh_i = 2 h_i). Both passes gather by fixed indices, which
-# torch.compile fuses into one kernel each, with no atomics. q and G cross memory four times in all,
-# which at the speedrun shapes costs less than building the pair tiles inside the GEMMs' inner loop
-# (records/kernels/). h stays the only activation kept for the backward.
+# The same layer through cuBLAS (pairwise_mlp_gemm): q (T, P) is written from h by one kernel
+# (pair_products), used by one GEMM and dropped; the backward writes it again for dW, and one more
+# kernel (pair_contract) contracts G = dY W^T (T, P) with h into dh. q and G cross memory four
+# times in all, which at the speedrun shapes costs less than building the pair tiles inside the
+# GEMMs' inner loop (records/kernels/). h stays the only activation kept for the backward; it is
+# padded to whole multiples of 8 features so that the small GEMMs with U run aligned.
+# Both kernels take pair row i (pairs (i, j), j >= i, contiguous in q from i r - i (i - 1) / 2) as
+# one vector over j, shifted so that pair (i, j) lands in lane j next to feature h_j:
+#   pair_products: program (token tile, i) stores h_i h_j for j >= i (rounded once, like a bf16
+#                  multiplication).
+#   pair_contract: program (token tile) runs over i, with dh (tokens, all features) in registers:
+#                  dh_j += G_ij h_i for every j >= i, and dh_i += sum_j G_ij h_j. The diagonal
+#                  pair takes both terms, as d(h_i^2)/dh_i = 2 h_i. Each G entry is read once.
+
+@triton.jit
+def _pair_row_start(i, r):
+    return i * r - i * (i - 1) // 2
+
+
+@triton.jit
+def _pair_products_kernel(h_ptr, q_ptr, T, r, P, h_stride, BLOCK_T: tl.constexpr,
+                          FEATURES_POW2: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.program_id(1)
+    j = tl.arange(0, FEATURES_POW2)
+    row_ok, in_row = rows < T, (j >= i) & (j < r)
+    h_i = tl.load(h_ptr + rows * h_stride + i, mask=row_ok, other=0.0).to(tl.float32)
+    h_j = tl.load(h_ptr + rows[:, None] * h_stride + j[None, :],
+                  mask=row_ok[:, None] & in_row[None, :], other=0.0).to(tl.float32)
+    tl.store(q_ptr + rows[:, None] * P + (_pair_row_start(i, r) - i + j)[None, :],
+             _to_bf16(h_i[:, None] * h_j), mask=row_ok[:, None] & in_row[None, :])
+
+
+@triton.jit
+def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, P, h_stride, BLOCK_T: tl.constexpr,
+                          FEATURES_POW2: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.arange(0, FEATURES_POW2)
+    row_ok = rows < T
+    h = tl.load(h_ptr + rows[:, None] * h_stride + j[None, :],
+                mask=row_ok[:, None] & (j < r)[None, :], other=0.0).to(tl.float32)
+    dh = tl.zeros((BLOCK_T, FEATURES_POW2), dtype=tl.float32)
+    for i in range(r):
+        in_row = (j >= i) & (j < r)
+        g = tl.load(g_ptr + rows[:, None] * P + (_pair_row_start(i, r) - i + j)[None, :],
+                    mask=row_ok[:, None] & in_row[None, :], other=0.0).to(tl.float32)
+        h_i = tl.sum(tl.where(j[None, :] == i, h, 0.0), axis=1)
+        dh += g * h_i[:, None]
+        dh += tl.where(j[None, :] == i, tl.sum(g * h, axis=1)[:, None], 0.0)
+    tl.store(dh_ptr + rows[:, None] * h_stride + j[None, :], dh,
+             mask=row_ok[:, None] & (j < h_stride)[None, :])
+
+
+# Token tiles, chosen without a sweep: pair_contract holds dh, h and a row of G per token in
+# registers (3 x 128 fp32 values at r <= 128), so it takes fewer tokens per program.
+_PAIR_KERNEL_TILES = dict(products=dict(BLOCK_T=64, num_warps=4),
+                          contract=dict(BLOCK_T=32, num_warps=4))
+_PAIR_KERNEL_INTERPRETED_TILES = dict(products=dict(BLOCK_T=16), contract=dict(BLOCK_T=16))
+
+
+def _pair_kernel_tiles() -> dict:
+    return _PAIR_KERNEL_INTERPRETED_TILES if INTERPRET else _PAIR_KERNEL_TILES
+
+
+@torch.library.custom_op("nanogpt_triton::pair_products", mutates_args=())
+def _pair_products_op(h: torch.Tensor, r: int) -> torch.Tensor:
+    T, P = h.shape[0], pair_count(r)
+    q = h.new_empty(T, P)
+    launch = _pair_kernel_tiles()["products"]
+    _pair_products_kernel[(triton.cdiv(T, launch["BLOCK_T"]), r)](
+        h, q, T, r, P, h.stride(0), FEATURES_POW2=triton.next_power_of_2(r), **launch)
+    return q
+
+
+@_pair_products_op.register_fake
+def _(h, r):
+    return h.new_empty(h.shape[0], pair_count(r))
+
+
+@torch.library.custom_op("nanogpt_triton::pair_contract", mutates_args=())
+def _pair_contract_op(G: torch.Tensor, h: torch.Tensor, r: int) -> torch.Tensor:
+    T = h.shape[0]
+    dh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    launch = _pair_kernel_tiles()["contract"]
+    _pair_contract_kernel[(triton.cdiv(T, launch["BLOCK_T"]),)](
+        G, h, dh, T, r, G.shape[1], h.stride(0),
+        FEATURES_POW2=triton.next_power_of_2(h.shape[1]), **launch)
+    return dh
+
+
+@_pair_contract_op.register_fake
+def _(G, h, r):
+    return h.new_empty(h.shape, dtype=torch.float32)
+
+
+def _check_pair_args(name: str, h: torch.Tensor, r: int, G: torch.Tensor | None = None) -> None:
+    if h.dim() != 2 or not 1 <= r <= h.shape[1] or h.stride(1) != 1:
+        raise ValueError(f"{name}: expected h (T, r or more features, contiguous rows) and "
+                         f"1 <= r <= its width, got h {tuple(h.shape)} and r = {r}")
+    if G is not None and (G.dim() != 2 or G.shape != (h.shape[0], pair_count(r))
+                          or not G.is_contiguous()):
+        raise ValueError(f"{name}: expected G contiguous (T, r (r + 1) / 2) = "
+                         f"({h.shape[0]}, {pair_count(r)}), got {tuple(G.shape)}")
+
+
+def pair_products(h: torch.Tensor, r: int) -> torch.Tensor:
+    """q (T, P): h_i h_j of features i <= j < r of h (T, r or more), row-major by i, in h's
+    dtype (each product rounded once)."""
+    _check_runnable("pair_products", h)
+    _check_pair_args("pair_products", h, r)
+    return _pair_products_op(h, r)
+
+
+def pair_products_reference(h: torch.Tensor, r: int) -> torch.Tensor:
+    i, j, _ = _pair_indices(r, h.device)
+    return h[:, i] * h[:, j]
+
+
+def pair_contract(G: torch.Tensor, h: torch.Tensor, r: int) -> torch.Tensor:
+    """dh (T, h's width) fp32: the gradient of sum_p G_p q_p(h) with respect to h, for q =
+    pair_products(h, r) and G (T, P); zero in the features from r on."""
+    _check_runnable("pair_contract", G, h)
+    _check_pair_args("pair_contract", h, r, G)
+    return _pair_contract_op(G, h, r)
+
+
+def pair_contract_reference(G: torch.Tensor, h: torch.Tensor, r: int) -> torch.Tensor:
+    """dh_i = sum_j G_{pair(i, j)} h_j over all j, plus G_{pair(i, i)} h_i once more, by gathers."""
+    _, _, pair = _pair_indices(r, h.device)
+    wide = torch.promote_types(h.dtype, torch.float32)
+    features = h[:, :r].to(wide)
+    dh = ((G[:, pair].to(wide) * features[:, None, :]).sum(-1)
+          + G[:, pair.diagonal()].to(wide) * features)
+    return F.pad(dh, (0, h.shape[1] - r))
+
 
 def _pair_indices(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """i, j of every pair (P,) in W's row order, and pair (r, r): the pair number of (min(i, j),
@@ -2524,33 +2655,39 @@ def _pair_indices(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 class _PairwiseMLPGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, W):
-        h = torch.relu(x @ U.t())
-        i, j, _ = _pair_indices(U.shape[0], x.device)
-        ctx.save_for_backward(x, U, W, h)
-        return (h[:, i] * h[:, j]) @ W
+        r = U.shape[0]
+        U_padded = F.pad(U, (0, 0, 0, -r % 8))
+        h = torch.relu(x @ U_padded.t())
+        ctx.save_for_backward(x, U_padded, W, h)
+        ctx.rank = r
+        return _pair_products_op(h, r) @ W
 
     @staticmethod
     def backward(ctx, d_out):
-        x, U, W, h = ctx.saved_tensors
-        i, j, pair = _pair_indices(U.shape[0], x.device)
-        dW = (h[:, i] * h[:, j]).t() @ d_out if ctx.needs_input_grad[2] else None
-        G = d_out @ W.t()
-        wide = torch.promote_types(h.dtype, torch.float32)   # bf16 products summed in fp32
-        h_wide = h.to(wide)
-        dh = ((G[:, pair].to(wide) * h_wide[:, None, :]).sum(-1)
-              + G[:, pair.diagonal()].to(wide) * h_wide)
+        x, U_padded, W, h = ctx.saved_tensors
+        r = ctx.rank
+        dW = _pair_products_op(h, r).t() @ d_out if ctx.needs_input_grad[2] else None
+        dh = _pair_contract_op(d_out @ W.t(), h, r)
         # relu' from h: h > 0 exactly where the (bf16) pre-activation is
         d_pre = torch.where(h > 0, dh, 0.0).to(x.dtype)
-        dx = d_pre @ U if ctx.needs_input_grad[0] else None
-        dU = d_pre.t() @ x if ctx.needs_input_grad[1] else None
+        dx = d_pre @ U_padded if ctx.needs_input_grad[0] else None
+        dU = (d_pre.t() @ x)[:r] if ctx.needs_input_grad[1] else None
         return dx, dU, dW
 
 
 def pairwise_mlp_gemm(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """pairwise_mlp's math with q built in memory for cuBLAS GEMMs (any device, any float dtype):
-    the same arguments and result, h the only activation kept. Differentiable in x, U and W."""
-    _check_pairwise_args("pairwise_mlp_gemm", x, U, W)
-    out = _PairwiseMLPGemm.apply(x.reshape(-1, x.shape[-1]), U, W)
+    """pairwise_mlp's math with q built in memory for cuBLAS GEMMs: the same arguments and
+    result, h the only activation kept. Differentiable in x, U and W."""
+    name = "pairwise_mlp_gemm"
+    _check_runnable(name, x, U, W)
+    for arg, t in (("x", x), ("U", U), ("W", W)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+    _check_pairwise_args(name, x, U, W)
+    if U.shape[0] > PAIRWISE_MAX_RANK:
+        raise ValueError(f"{name}: r = {U.shape[0]} features, expected at most "
+                         f"{PAIRWISE_MAX_RANK} (pair_contract keeps a row of dh per token in "
+                         f"registers)")
+    out = _PairwiseMLPGemm.apply(x.reshape(-1, x.shape[-1]).contiguous(), U, W)
     return out.view(*x.shape[:-1], W.shape[1])
 
 

@@ -920,6 +920,61 @@ def pairwise_tiling_sweep(tk) -> list[str]:
     return lines
 
 
+PAIR_KERNEL_TILINGS = [dict(products=dict(BLOCK_T=p, num_warps=pw), contract=dict(BLOCK_T=c, num_warps=cw))
+                       for (p, pw), (c, cw) in (((64, 4), (32, 4)), ((32, 4), (16, 4)),
+                                                ((128, 8), (64, 8)), ((64, 8), (32, 8)),
+                                                ((128, 4), (16, 2)))]
+
+
+def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
+    """The cuBLAS form of the pairwise MLP at the stage-3 micro-batch: its two pair kernels at
+    each candidate tiling (GPU-only microseconds, and GB/s of the bytes they must move), then the
+    layer piece by piece at the trainer's tiling."""
+    x, dY = randn_bf16(T, d).requires_grad_(), randn_bf16(T, d)
+    lines = ["| tiling | " + " | ".join(f"pair_products r={r} | pair_contract r={r}" for r in ranks)
+             + " |", "|---" * (2 * len(ranks) + 1) + "|"]
+    inputs = {}
+    for r in ranks:
+        width = -(-r // 8) * 8
+        h = torch.relu(randn_bf16(T, width))
+        h[:, r:] = 0
+        inputs[r] = (h, randn_bf16(T, tk.pair_count(r)))
+
+    def cell(ms, nbytes):
+        return "n/a" if ms is None else f"{ms * 1e3:.1f} us, {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s"
+
+    for label in each_setting(tk, "_PAIR_KERNEL_TILES", PAIR_KERNEL_TILINGS):
+        cells = []
+        for r, (h, G) in inputs.items():
+            q_bytes, h_bytes = 2 * T * tk.pair_count(r), 2 * h.numel()
+            cells.append(cell(bench_gpu(lambda: tk.pair_products(h, r)), q_bytes + h_bytes))
+            cells.append(cell(bench_gpu(lambda: tk.pair_contract(G, h, r)),
+                              q_bytes + h_bytes + 2 * h_bytes))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| piece (trainer's tiling) | " + " | ".join(f"r={r} us" for r in ranks) + " |",
+              "|---" * (len(ranks) + 1) + "|"]
+    rows = {}
+    for r, (h, G) in inputs.items():
+        U = small_weight_bf16(r, d).requires_grad_()
+        W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
+        U_padded = torch.nn.functional.pad(U.detach(), (0, 0, 0, h.shape[1] - r))
+        q = tk.pair_products(h, r)
+        pieces = {
+            "h = relu(x U^T), U padded to 8 rows": lambda: torch.relu(x.detach() @ U_padded.t()),
+            "pair_products (q written)": lambda: tk.pair_products(h, r),
+            "y = q W (cuBLAS)": lambda: q @ W.detach(),
+            "G = dY W^T (cuBLAS)": lambda: dY @ W.detach().t(),
+            "dW = q^T dY (cuBLAS)": lambda: q.t() @ dY,
+            "pair_contract (dh)": lambda: tk.pair_contract(G, h, r),
+            "whole layer, fwd + bwd (compiled)": fwd_bwd(torch.compile(tk.pairwise_mlp_gemm),
+                                                         (x, U, W), (x, U, W), dY),
+        }
+        for name, fn in pieces.items():
+            rows.setdefault(name, []).append(us_cell(bench_gpu(fn)))
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
+    return lines
+
+
 # =================================================================================================
 # Main
 # =================================================================================================
@@ -962,6 +1017,8 @@ SWEEPS = {   # name: (title, the call that runs it)
                  pairwise_tiling_sweep),
     "pairwise_parts": ("Pairwise MLP (pairwise_mlp) piece by piece, r = 79 and 110" + GPU_ONLY,
                        pairwise_parts_sweep),
+    "pairwise_gemm": ("Pairwise MLP, cuBLAS form (pairwise_mlp_gemm): its pair kernels' tilings, "
+                      "and the layer piece by piece" + GPU_ONLY, pairwise_gemm_sweep),
     "qk_prep": ("Q/K preparation (qk_prep) tilings, forward + backward" + GPU_ONLY,
                 qk_prep_tiling_sweep),
     "dc_attention": ("Composed attention (dc_attention) tilings, forward + backward" + GPU_ONLY,

@@ -231,7 +231,8 @@ def optimizer_kernels():
 
 
 def pairwise_kernels(r=79):
-    """The pairwise MLP's kernels (--mlp=pairwise) at triton_kernels._PAIRWISE_TILES."""
+    """The pairwise MLP's kernels (--mlp=pairwise): the fused ones at
+    triton_kernels._PAIRWISE_TILES, and the cuBLAS form's two."""
     tiles = tk._PAIRWISE_TILES
     block = tiles["PAIR_BLOCK"]
     width = -(-r // block) * block
@@ -251,6 +252,18 @@ def pairwise_kernels(r=79):
     yield launch("pairwise backward, dh", tk._pairwise_dh_kernel,
                  {**pointers("dy_ptr h_ptr w_ptr", "bf16"), "dh_ptr": "*fp32", **sizes,
                   "num_blocks": blocks}, "dh", BLOCKS_POW2=triton.next_power_of_2(blocks))
+    # the cuBLAS form's kernels at triton_kernels._PAIR_KERNEL_TILES, h padded to whole 8 features
+    aligned = dict(T=TOKENS, r=r, P=tk.pair_count(r), h_stride=-(-r // 8) * 8)
+    products, contract = (dict(tk._PAIR_KERNEL_TILES[kernel]) for kernel in ("products", "contract"))
+    yield Kernel("pair products (cuBLAS form)", tk._pair_products_kernel,
+                 {**pointers("h_ptr q_ptr", "bf16"), **aligned},
+                 dict(BLOCK_T=products["BLOCK_T"], FEATURES_POW2=triton.next_power_of_2(r)),
+                 products["num_warps"])
+    yield Kernel("pair contraction, dh (cuBLAS form)", tk._pair_contract_kernel,
+                 {**pointers("g_ptr h_ptr", "bf16"), "dh_ptr": "*fp32", **aligned},
+                 dict(BLOCK_T=contract["BLOCK_T"],
+                      FEATURES_POW2=triton.next_power_of_2(aligned["h_stride"])),
+                 contract["num_warps"])
 
 
 KERNEL_FAMILIES = (gemm_epilogue_kernels, qk_prep_kernels, dc_attention_kernels,

@@ -139,17 +139,30 @@ def test_kernel_and_reference_match_the_restated_layer(r, T, d):
             assert rel_error(got, want) < 2e-2, (layer.__name__, name)
 
 
-@pytest.mark.parametrize("r,T,d", RAGGED)
-def test_gemm_form_is_the_restated_layer_in_fp64(r, T, d):
-    """In fp64 nothing rounds: the gathered contraction of G with h is the exact gradient."""
-    x, U, W, dY = (t.double() for t in layer_inputs(r, T, d))
-    results = []
-    for layer in (pairwise_restated, tk.pairwise_mlp_gemm):
-        leaves = [t.clone().requires_grad_() for t in (x, U, W)]
-        y = layer(*leaves)
-        results.append((y, *torch.autograd.grad(y, leaves, dY)))
-    for name, got, want in zip(("y", "dx", "dU", "dW"), *results):
-        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), name
+# -------------------------------------------------------------------------------------------------
+# The cuBLAS form's two kernels: the pair products written out, and G contracted with h
+
+@pytest.mark.parametrize("r,T", [(5, 37), (8, 20), (11, 33), (1, 5)])
+def test_pair_products_kernel_is_the_reference_bit_for_bit(r, T):
+    h = padded_features(r, T)
+    q = tk.pair_products(h, r)
+    assert torch.equal(q, tk.pair_products_reference(h, r))
+    # and the reference is the restatement: each product rounded once from its exact value
+    assert torch.equal(q.double(), pair_products(h[:, :r].double()).bfloat16().double())
+
+
+@pytest.mark.parametrize("r,T", [(5, 37), (8, 20), (11, 33), (1, 5)])
+def test_pair_contract_kernel_against_the_exact_gradient(r, T):
+    h = padded_features(r, T)
+    G = torch.randn(T, tk.pair_count(r), generator=torch.Generator().manual_seed(r)).bfloat16()
+    G = G.to(DEV)
+    h64, G64 = h[:, :r].double(), G.double()
+    exact, scale = dh_restated(G64, h64), dh_restated(G64.abs(), h64)
+    for dh in (tk.pair_contract(G, h, r), tk.pair_contract_reference(G, h, r)):
+        assert dh.dtype == torch.float32 and dh.shape == h.shape
+        assert ((dh[:, :r].double() - exact).abs() <= 2 * (r + 1) * FP32_U * scale).all()
+        assert dh[:, r:].eq(0).all()   # padding features take no gradient
+    assert torch.allclose(tk.pair_contract_reference(G64, h64, r), exact, rtol=1e-12, atol=1e-12)
 
 
 def test_keeps_leading_dims_and_rejects_bad_arguments():
@@ -164,6 +177,14 @@ def test_keeps_leading_dims_and_rejects_bad_arguments():
     assert gemm.shape == (3, 4, 16) and torch.equal(gemm.view(12, 16), tk.pairwise_mlp_gemm(x, U, W))
     with pytest.raises(ValueError, match=r"pairwise_mlp_gemm: W must have r \(r \+ 1\) / 2 = 15"):
         tk.pairwise_mlp_gemm(x, U, W[:14])
+    with pytest.raises(ValueError, match="pairwise_mlp_gemm: W must have dtype"):
+        tk.pairwise_mlp_gemm(x, U, W.float())
+    h = padded_features(5, 12)
+    with pytest.raises(ValueError, match=r"pair_products: expected h \(T, r or more features"):
+        tk.pair_products(h, 9)
+    with pytest.raises(ValueError, match=r"pair_contract: expected G contiguous \(T, r \(r \+ 1\) "
+                                         r"/ 2\) = \(12, 15\), got \(12, 14\)"):
+        tk.pair_contract(torch.zeros(12, 14, dtype=torch.bfloat16, device=DEV), h, 5)
     with pytest.raises(ValueError, match="W must have dtype"):
         tk.pairwise_mlp(x, U, W.float())
 
@@ -186,9 +207,9 @@ def test_layer_is_a_quadratic_form_per_output():
     h = torch.relu(x @ U.t())
     direct = torch.einsum("ti,kij,tj->tk", h, S, h)
     assert torch.allclose(tk.pairwise_mlp_reference(x, U, W), direct, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(tk.pairwise_mlp_gemm(x, U, W), direct, rtol=1e-12, atol=1e-12)
-    y = tk.pairwise_mlp(x.bfloat16().to(DEV), U.bfloat16().to(DEV), W.bfloat16().to(DEV))
-    assert rel_error(y.cpu(), direct) < 3e-2   # every input rounded to bf16
+    for layer in (tk.pairwise_mlp, tk.pairwise_mlp_gemm):
+        y = layer(x.bfloat16().to(DEV), U.bfloat16().to(DEV), W.bfloat16().to(DEV))
+        assert rel_error(y.cpu(), direct) < 3e-2   # every input rounded to bf16
 
 
 def test_reference_gradients_pass_gradcheck():
@@ -320,10 +341,10 @@ def test_flop_count_counts_the_pairwise_weights():
 
 @pytest.mark.parametrize("path", ["triton", "cublas"])
 def test_kernel_path_trains_like_the_reference_path(path):
-    """One training forward and backward of the model through the pairwise kernels (or the
-    cuBLAS form) against the same model through the reference: the same loss, gradients equal up
-    to bf16 roundings."""
-    if path == "triton" and not tk.INTERPRET and DEV == "cpu":
+    """One training forward and backward of the model through the pairwise kernels (the fused
+    ones, or the cuBLAS form's) against the same model through the reference: the same loss,
+    gradients equal up to bf16 roundings."""
+    if not tk.INTERPRET:   # the model runs on the CPU here
         pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1")
     torch.manual_seed(3)
     T = 32
