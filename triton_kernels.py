@@ -2510,7 +2510,7 @@ def pairwise_mlp(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Ten
 # (pair_products), used by one GEMM and dropped; the backward writes it again for dW, and one more
 # kernel (pair_contract) contracts G = dY W^T (T, P) with h into dh. q and G cross memory four
 # times in all, which at the speedrun shapes costs less than building the pair tiles inside the
-# GEMMs' inner loop (records/kernels/). h stays the only activation kept for the backward; it is
+# GEMMs' inner loop (records/2026-12-06_pairwise_mlp/). h stays the only activation kept for the backward; it is
 # padded to whole multiples of 8 features so that the small GEMMs with U run aligned.
 # Both kernels take pair row i (pairs (i, j), j >= i, contiguous in q from i r - i (i - 1) / 2) as
 # one vector over j, shifted so that pair (i, j) lands in lane j next to feature h_j:
