@@ -221,7 +221,7 @@ def test_reference_gradients_pass_gradcheck():
 
 
 # -------------------------------------------------------------------------------------------------
-# torch.compile traces both forms without graph breaks
+# torch.compile traces every form without graph breaks
 
 @pytest.mark.parametrize("layer", [tk.pairwise_mlp, tk.pairwise_mlp_gemm, tk.pairwise_mlp_reference])
 def test_compiles_fullgraph(layer):
