@@ -2552,7 +2552,7 @@ def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, P, h_stride, BLOCK_T: tl.c
         in_row = (j >= i) & (j < r)
         g = tl.load(g_ptr + rows[:, None] * P + (_pair_row_start(i, r) - i + j)[None, :],
                     mask=row_ok[:, None] & in_row[None, :], other=0.0).to(tl.float32)
-        h_i = tl.sum(tl.where(j[None, :] == i, h, 0.0), axis=1)
+        h_i = tl.load(h_ptr + rows * h_stride + i, mask=row_ok, other=0.0).to(tl.float32)
         dh += g * h_i[:, None]
         dh += tl.where(j[None, :] == i, tl.sum(g * h, axis=1)[:, None], 0.0)
     tl.store(dh_ptr + rows[:, None] * h_stride + j[None, :], dh,
