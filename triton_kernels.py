@@ -2412,11 +2412,10 @@ def _pairwise_tiles() -> dict:
     return _PAIRWISE_INTERPRETED_TILES if INTERPRET else _PAIRWISE_TILES
 
 
-def _pairwise_features(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """h = relu(x U^T) (T, r padded to whole pair blocks), the padding columns zero."""
-    block = _pairwise_tiles()["PAIR_BLOCK"]
-    padding = -U.shape[0] % block
-    return torch.relu(x @ F.pad(U, (0, 0, 0, padding)).t())
+def _pairwise_padded(U: torch.Tensor) -> torch.Tensor:
+    """U (r, d) with zero rows up to whole pair blocks: h = relu(x U_padded^T) has zero padding
+    columns, and on a GPU (blocks of 8) the small GEMMs with U run on aligned rows."""
+    return F.pad(U, (0, 0, 0, -U.shape[0] % _pairwise_tiles()["PAIR_BLOCK"]))
 
 
 @torch.library.custom_op("nanogpt_triton::pairwise_forward", mutates_args=())
@@ -2461,25 +2460,6 @@ def _(d_out, h, W, r):
     return h.new_empty(h.shape, dtype=torch.float32), torch.empty_like(W)
 
 
-class _PairwiseMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, U, W):
-        h = _pairwise_features(x, U)
-        ctx.save_for_backward(x, U, W, h)
-        return _pairwise_forward_op(h, W, U.shape[0])
-
-    @staticmethod
-    def backward(ctx, d_out):
-        x, U, W, h = ctx.saved_tensors
-        r = U.shape[0]
-        dh, dW = _pairwise_backward_op(d_out.contiguous(), h, W, r)
-        # relu' from h: h > 0 exactly where the (bf16) pre-activation is
-        d_pre = torch.where(h[:, :r] > 0, dh[:, :r], 0.0).to(x.dtype)
-        dx = d_pre @ U if ctx.needs_input_grad[0] else None
-        dU = d_pre.t() @ x if ctx.needs_input_grad[1] else None
-        return dx, dU, dW if ctx.needs_input_grad[2] else None
-
-
 def _check_pairwise_args(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> None:
     if U.dim() != 2 or W.dim() != 2 or x.shape[-1] != U.shape[1] or W.shape[1] != U.shape[1]:
         raise ValueError(f"{name}: expected x (..., d), U (r, d) and W (r (r + 1) / 2, d), got x "
@@ -2490,28 +2470,12 @@ def _check_pairwise_args(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.T
                          f"features, got W {tuple(W.shape)}")
 
 
-def pairwise_mlp(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """q(relu(x U^T)) W for x (..., d), U (r, d) and W (P, d), P = r (r + 1) / 2, all bf16: W is
-    the transpose of the layer's (d, P) output matrix, stored like c_proj. q never exists in
-    memory. Differentiable in x, U and W."""
-    name = "pairwise_mlp"
-    _check_runnable(name, x, U, W)
-    for arg, t in (("x", x), ("U", U), ("W", W)):
-        _check_dtype(name, arg, t, (torch.bfloat16,))
-    _check_pairwise_args(name, x, U, W)
-    if not 1 <= U.shape[0] <= PAIRWISE_MAX_RANK:
-        raise ValueError(f"{name}: r = {U.shape[0]} features, expected 1 to {PAIRWISE_MAX_RANK} "
-                         f"(the dh kernel keeps a row of dh per token in registers)")
-    out = _PairwiseMLP.apply(x.reshape(-1, x.shape[-1]).contiguous(), U.contiguous(), W.contiguous())
-    return out.view(*x.shape[:-1], W.shape[1])
-
-
 # The same layer through cuBLAS (pairwise_mlp_gemm): q (T, P) is written from h by one kernel
 # (pair_products), used by one GEMM and dropped; the backward writes it again for dW, and one more
 # kernel (pair_contract) contracts G = dY W^T (T, P) with h into dh. q and G cross memory four
 # times in all, which at the speedrun shapes costs less than building the pair tiles inside the
-# GEMMs' inner loop (records/2026-12-06_pairwise_mlp/). h stays the only activation kept for the backward; it is
-# padded to whole multiples of 8 features so that the small GEMMs with U run aligned.
+# GEMMs' inner loop (records/2026-12-06_pairwise_mlp/). h, padded as above, stays the only
+# activation kept for the backward, and the backward after dh is the fused form's.
 # Both kernels take pair row i (pairs (i, j), j >= i, contiguous in q from i r - i (i - 1) / 2) as
 # one vector over j, shifted so that pair (i, j) lands in lane j next to feature h_j:
 #   pair_products: program (token tile, i) stores h_i h_j for j >= i (rounded once, like a bf16
@@ -2620,8 +2584,10 @@ def pair_products(h: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def pair_products_reference(h: torch.Tensor, r: int) -> torch.Tensor:
+    """The products of the pairs of h's first r features (..., r or more), picked by fixed
+    index."""
     i, j, _ = _pair_indices(r, h.device)
-    return h[:, i] * h[:, j]
+    return h[..., i] * h[..., j]
 
 
 def pair_contract(G: torch.Tensor, h: torch.Tensor, r: int) -> torch.Tensor:
@@ -2652,54 +2618,64 @@ def _pair_indices(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return i, j, low * r - low * (low - 1) // 2 + (high - low)
 
 
-class _PairwiseMLPGemm(torch.autograd.Function):
+class _PairwiseMLP(torch.autograd.Function):
+    """Either form: `fused` builds the products inside the GEMMs, else q is written for cuBLAS."""
     @staticmethod
-    def forward(ctx, x, U, W):
-        r = U.shape[0]
-        U_padded = F.pad(U, (0, 0, 0, -r % 8))
+    def forward(ctx, x, U, W, fused):
+        r, U_padded = U.shape[0], _pairwise_padded(U)
         h = torch.relu(x @ U_padded.t())
         ctx.save_for_backward(x, U_padded, W, h)
-        ctx.rank = r
-        return _pair_products_op(h, r) @ W
+        ctx.rank, ctx.fused = r, fused
+        return _pairwise_forward_op(h, W, r) if fused else _pair_products_op(h, r) @ W
 
     @staticmethod
     def backward(ctx, d_out):
         x, U_padded, W, h = ctx.saved_tensors
         r = ctx.rank
-        dW = _pair_products_op(h, r).t() @ d_out if ctx.needs_input_grad[2] else None
-        dh = _pair_contract_op(d_out @ W.t(), h, r)
-        # relu' from h: h > 0 exactly where the (bf16) pre-activation is
+        if ctx.fused:
+            dh, dW = _pairwise_backward_op(d_out.contiguous(), h, W, r)
+        else:
+            dW = _pair_products_op(h, r).t() @ d_out if ctx.needs_input_grad[2] else None
+            dh = _pair_contract_op(d_out @ W.t(), h, r)
+        # relu' from h: h > 0 exactly where the (bf16) pre-activation is; padding columns are 0
         d_pre = torch.where(h > 0, dh, 0.0).to(x.dtype)
         dx = d_pre @ U_padded if ctx.needs_input_grad[0] else None
         dU = (d_pre.t() @ x)[:r] if ctx.needs_input_grad[1] else None
-        return dx, dU, dW
+        return dx, dU, dW if ctx.needs_input_grad[2] else None, None
+
+
+def _pairwise_layer(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor,
+                    fused: bool) -> torch.Tensor:
+    _check_runnable(name, x, U, W)
+    for arg, t in (("x", x), ("U", U), ("W", W)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+    _check_pairwise_args(name, x, U, W)
+    if not 1 <= U.shape[0] <= PAIRWISE_MAX_RANK:
+        raise ValueError(f"{name}: r = {U.shape[0]} features, expected 1 to {PAIRWISE_MAX_RANK} "
+                         f"(its dh kernel keeps a row of dh per token in registers)")
+    out = _PairwiseMLP.apply(x.reshape(-1, x.shape[-1]).contiguous(), U.contiguous(),
+                             W.contiguous(), fused)
+    return out.view(*x.shape[:-1], W.shape[1])
+
+
+def pairwise_mlp(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """q(relu(x U^T)) W for x (..., d), U (r, d) and W (P, d), P = r (r + 1) / 2, all bf16: W is
+    the transpose of the layer's (d, P) output matrix, stored like c_proj. q never exists in
+    memory. Differentiable in x, U and W."""
+    return _pairwise_layer("pairwise_mlp", x, U, W, fused=True)
 
 
 def pairwise_mlp_gemm(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """pairwise_mlp's math with q built in memory for cuBLAS GEMMs: the same arguments and
     result, h the only activation kept. Differentiable in x, U and W."""
-    name = "pairwise_mlp_gemm"
-    _check_runnable(name, x, U, W)
-    for arg, t in (("x", x), ("U", U), ("W", W)):
-        _check_dtype(name, arg, t, (torch.bfloat16,))
-    _check_pairwise_args(name, x, U, W)
-    if U.shape[0] > PAIRWISE_MAX_RANK:
-        raise ValueError(f"{name}: r = {U.shape[0]} features, expected at most "
-                         f"{PAIRWISE_MAX_RANK} (pair_contract keeps a row of dh per token in "
-                         f"registers)")
-    out = _PairwiseMLPGemm.apply(x.reshape(-1, x.shape[-1]).contiguous(), U, W)
-    return out.view(*x.shape[:-1], W.shape[1])
+    return _pairwise_layer("pairwise_mlp_gemm", x, U, W, fused=False)
 
 
 def pairwise_mlp_reference(x: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """The same math in plain PyTorch: the outer product h h^T, its upper triangle (i <= j, row by
-    row) picked by a fixed index, and one GEMM."""
+    """The same math in plain PyTorch: the products h_i h_j (i <= j, row by row) picked by fixed
+    indices, and one GEMM."""
     _check_pairwise_args("pairwise_mlp_reference", x, U, W)
-    r = U.shape[0]
-    h = torch.relu(x @ U.t())
-    i, j = torch.triu_indices(r, r, device=x.device)
-    q = (h[..., :, None] * h[..., None, :]).flatten(-2).index_select(-1, i * r + j)
-    return q @ W
+    return pair_products_reference(torch.relu(x @ U.t()), U.shape[0]) @ W
 
 
 # =================================================================================================

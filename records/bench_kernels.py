@@ -852,11 +852,11 @@ def pairwise_parts_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
     for r in ranks:
         U = small_weight_bf16(r, d).requires_grad_()
         W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
-        h = tk._pairwise_features(x.detach(), U.detach())
+        h = torch.relu(x.detach() @ tk._pairwise_padded(U.detach()).t())
         blocks = h.shape[1] // block
         tile_flops = 2 * T * tk.pair_count(blocks) * block * block * d    # one pair-tile GEMM
         pieces = {
-            "features h = relu(x U^T)": (lambda: tk._pairwise_features(x, U), 0),
+            "features h = relu(x U^T)": (lambda: torch.relu(x @ tk._pairwise_padded(U).t()), 0),
             "forward kernel (y = q W)": (lambda: tk._pairwise_forward_op(h, W, r), tile_flops),
             "backward kernels (dh, dW)": (lambda: tk._pairwise_backward_op(dY, h, W, r),
                                           2 * tile_flops),
@@ -935,7 +935,7 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
              + " |", "|---" * (2 * len(ranks) + 1) + "|"]
     inputs = {}
     for r in ranks:
-        width = -(-r // 8) * 8
+        width = -(-r // 8) * 8      # as _pairwise_padded pads on a GPU
         h = torch.relu(randn_bf16(T, width))
         h[:, r:] = 0
         inputs[r] = (h, randn_bf16(T, tk.pair_count(r)))
@@ -957,7 +957,7 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
     for r, (h, G) in inputs.items():
         U = small_weight_bf16(r, d).requires_grad_()
         W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
-        U_padded = torch.nn.functional.pad(U.detach(), (0, 0, 0, h.shape[1] - r))
+        U_padded = tk._pairwise_padded(U.detach())
         q = tk.pair_products(h, r)
         pieces = {
             "h = relu(x U^T), U padded to 8 rows": lambda: torch.relu(x.detach() @ U_padded.t()),

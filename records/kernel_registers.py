@@ -252,8 +252,8 @@ def pairwise_kernels(r=79):
     yield launch("pairwise backward, dh", tk._pairwise_dh_kernel,
                  {**pointers("dy_ptr h_ptr w_ptr", "bf16"), "dh_ptr": "*fp32", **sizes,
                   "num_blocks": blocks}, "dh", BLOCKS_POW2=triton.next_power_of_2(blocks))
-    # the cuBLAS form's kernels at triton_kernels._PAIR_KERNEL_TILES, h padded to whole 8 features
-    aligned = dict(T=TOKENS, r=r, P=tk.pair_count(r), h_stride=-(-r // 8) * 8)
+    # the cuBLAS form's kernels at triton_kernels._PAIR_KERNEL_TILES, on the same padded h
+    aligned = dict(T=TOKENS, r=r, P=tk.pair_count(r), h_stride=width)
     products, contract = (dict(tk._PAIR_KERNEL_TILES[kernel]) for kernel in ("products", "contract"))
     yield Kernel("pair products (cuBLAS form)", tk._pair_products_kernel,
                  {**pointers("h_ptr q_ptr", "bf16"), **aligned},
