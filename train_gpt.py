@@ -252,6 +252,9 @@ class Hyperparameters:
 # experiment, q(h) W over all products q = (h_i h_j, i <= j) of r = pairwise_rank ReLU features
 # h = relu(x U^T) (../shared/spec/seeds.md A).
 MLP_KINDS = ("relu2", "pairwise")
+# the pairwise layer by Paths.mlp: the reference, the fused kernels, the products in memory
+PAIRWISE_LAYERS = dict(torch=triton_kernels.pairwise_mlp_reference,
+                       triton=triton_kernels.pairwise_mlp, cublas=triton_kernels.pairwise_mlp_gemm)
 
 
 class RecordChange(NamedTuple):
@@ -1978,9 +1981,7 @@ class GPT(nn.Module):
     def mlp(self, layer: int, weights, x: torch.Tensor) -> torch.Tensor:
         """weights: this layer's entry of mlp_layer_weights()."""
         if self.cfg.mlp == "pairwise":
-            layer = dict(torch=triton_kernels.pairwise_mlp_reference,
-                         triton=triton_kernels.pairwise_mlp, cublas=triton_kernels.pairwise_mlp_gemm)
-            return layer[self.paths.mlp](x, *weights)
+            return PAIRWISE_LAYERS[self.paths.mlp](x, *weights)
         c_fc, c_proj = weights.unbind(0)
         if self.cfg.fp8_mlp_down:
             return self.mlp_fp8(layer, x, c_fc, c_proj)
