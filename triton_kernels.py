@@ -2490,7 +2490,7 @@ def _pair_row_start(i, r):
 
 
 @triton.jit
-def _pair_products_kernel(h_ptr, q_ptr, T, r, P, h_stride, BLOCK_T: tl.constexpr,
+def _pair_products_kernel(h_ptr, q_ptr, T, r, h_stride, q_stride, BLOCK_T: tl.constexpr,
                           FEATURES_POW2: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.program_id(1)
@@ -2499,12 +2499,12 @@ def _pair_products_kernel(h_ptr, q_ptr, T, r, P, h_stride, BLOCK_T: tl.constexpr
     h_i = tl.load(h_ptr + rows * h_stride + i, mask=row_ok, other=0.0).to(tl.float32)
     h_j = tl.load(h_ptr + rows[:, None] * h_stride + j[None, :],
                   mask=row_ok[:, None] & in_row[None, :], other=0.0).to(tl.float32)
-    tl.store(q_ptr + rows[:, None] * P + (_pair_row_start(i, r) - i + j)[None, :],
+    tl.store(q_ptr + rows[:, None] * q_stride + (_pair_row_start(i, r) - i + j)[None, :],
              _to_bf16(h_i[:, None] * h_j), mask=row_ok[:, None] & in_row[None, :])
 
 
 @triton.jit
-def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, P, h_stride, BLOCK_T: tl.constexpr,
+def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, g_stride, h_stride, BLOCK_T: tl.constexpr,
                           FEATURES_POW2: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, FEATURES_POW2)
@@ -2514,7 +2514,7 @@ def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, P, h_stride, BLOCK_T: tl.c
     dh = tl.zeros((BLOCK_T, FEATURES_POW2), dtype=tl.float32)
     for i in range(r):
         in_row = (j >= i) & (j < r)
-        g = tl.load(g_ptr + rows[:, None] * P + (_pair_row_start(i, r) - i + j)[None, :],
+        g = tl.load(g_ptr + rows[:, None] * g_stride + (_pair_row_start(i, r) - i + j)[None, :],
                     mask=row_ok[:, None] & in_row[None, :], other=0.0).to(tl.float32)
         h_i = tl.load(h_ptr + rows * h_stride + i, mask=row_ok, other=0.0).to(tl.float32)
         dh += g * h_i[:, None]
@@ -2523,9 +2523,10 @@ def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, P, h_stride, BLOCK_T: tl.c
              mask=row_ok[:, None] & (j < h_stride)[None, :])
 
 
-# Token tiles, chosen without a sweep: pair_contract holds dh, h and a row of G per token in
-# registers (3 x 128 fp32 values at r <= 128), so it takes fewer tokens per program.
-_PAIR_KERNEL_TILES = dict(products=dict(BLOCK_T=64, num_warps=4),
+# Token tiles, the fastest of bench_kernels.py's pairwise_gemm sweep on the H200 at r = 79 and 110
+# (records/2026-12-06_pairwise_mlp/). pair_contract holds dh, h and a row of G per token in
+# registers (3 x 128 fp32 values at r <= 128).
+_PAIR_KERNEL_TILES = dict(products=dict(BLOCK_T=32, num_warps=4),
                           contract=dict(BLOCK_T=32, num_warps=4))
 _PAIR_KERNEL_INTERPRETED_TILES = dict(products=dict(BLOCK_T=16), contract=dict(BLOCK_T=16))
 
@@ -2535,18 +2536,20 @@ def _pair_kernel_tiles() -> dict:
 
 
 @torch.library.custom_op("nanogpt_triton::pair_products", mutates_args=())
-def _pair_products_op(h: torch.Tensor, r: int) -> torch.Tensor:
+def _pair_products_op(h: torch.Tensor, r: int, width: int) -> torch.Tensor:
     T, P = h.shape[0], pair_count(r)
-    q = h.new_empty(T, P)
+    q = h.new_empty(T, width)
+    if width > P:
+        q[:, P:].zero_()
     launch = _pair_kernel_tiles()["products"]
     _pair_products_kernel[(triton.cdiv(T, launch["BLOCK_T"]), r)](
-        h, q, T, r, P, h.stride(0), FEATURES_POW2=triton.next_power_of_2(r), **launch)
+        h, q, T, r, h.stride(0), width, FEATURES_POW2=triton.next_power_of_2(r), **launch)
     return q
 
 
 @_pair_products_op.register_fake
-def _(h, r):
-    return h.new_empty(h.shape[0], pair_count(r))
+def _(h, r, width):
+    return h.new_empty(h.shape[0], width)
 
 
 @torch.library.custom_op("nanogpt_triton::pair_contract", mutates_args=())
@@ -2569,18 +2572,21 @@ def _check_pair_args(name: str, h: torch.Tensor, r: int, G: torch.Tensor | None 
     if h.dim() != 2 or not 1 <= r <= h.shape[1] or h.stride(1) != 1:
         raise ValueError(f"{name}: expected h (T, r or more features, contiguous rows) and "
                          f"1 <= r <= its width, got h {tuple(h.shape)} and r = {r}")
-    if G is not None and (G.dim() != 2 or G.shape != (h.shape[0], pair_count(r))
-                          or not G.is_contiguous()):
-        raise ValueError(f"{name}: expected G contiguous (T, r (r + 1) / 2) = "
-                         f"({h.shape[0]}, {pair_count(r)}), got {tuple(G.shape)}")
+    if G is not None and (G.dim() != 2 or G.shape[0] != h.shape[0]
+                          or G.shape[1] < pair_count(r) or not G.is_contiguous()):
+        raise ValueError(f"{name}: expected G contiguous (T, r (r + 1) / 2 or more) = "
+                         f"({h.shape[0]}, {pair_count(r)} or more), got {tuple(G.shape)}")
 
 
-def pair_products(h: torch.Tensor, r: int) -> torch.Tensor:
-    """q (T, P): h_i h_j of features i <= j < r of h (T, r or more), row-major by i, in h's
-    dtype (each product rounded once)."""
+def pair_products(h: torch.Tensor, r: int, width: int | None = None) -> torch.Tensor:
+    """q (T, width): h_i h_j of features i <= j < r of h (T, r or more), row-major by i, in h's
+    dtype (each product rounded once), then zeros from column P to `width` (default P)."""
     _check_runnable("pair_products", h)
     _check_pair_args("pair_products", h, r)
-    return _pair_products_op(h, r)
+    width = pair_count(r) if width is None else width
+    if width < pair_count(r):
+        raise ValueError(f"pair_products: width {width} < the {pair_count(r)} pairs of r = {r}")
+    return _pair_products_op(h, r, width)
 
 
 def pair_products_reference(h: torch.Tensor, r: int) -> torch.Tensor:
@@ -2592,7 +2598,8 @@ def pair_products_reference(h: torch.Tensor, r: int) -> torch.Tensor:
 
 def pair_contract(G: torch.Tensor, h: torch.Tensor, r: int) -> torch.Tensor:
     """dh (T, h's width) fp32: the gradient of sum_p G_p q_p(h) with respect to h, for q =
-    pair_products(h, r) and G (T, P); zero in the features from r on."""
+    pair_products(h, r) and G (T, P or more: columns from P on are not read); zero in the
+    features from r on."""
     _check_runnable("pair_contract", G, h)
     _check_pair_args("pair_contract", h, r, G)
     return _pair_contract_op(G, h, r)
@@ -2626,7 +2633,10 @@ class _PairwiseMLP(torch.autograd.Function):
         h = torch.relu(x @ U_padded.t())
         ctx.save_for_backward(x, U_padded, W, h)
         ctx.rank, ctx.fused = r, fused
-        return _pairwise_forward_op(h, W, r) if fused else _pair_products_op(h, r) @ W
+        if fused:
+            return _pairwise_forward_op(h, W, r)
+        width = _aligned_pair_width(r)
+        return _pair_products_op(h, r, width) @ _rows_padded(W, width)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -2635,13 +2645,25 @@ class _PairwiseMLP(torch.autograd.Function):
         if ctx.fused:
             dh, dW = _pairwise_backward_op(d_out.contiguous(), h, W, r)
         else:
-            dW = _pair_products_op(h, r).t() @ d_out if ctx.needs_input_grad[2] else None
-            dh = _pair_contract_op(d_out @ W.t(), h, r)
+            width = _aligned_pair_width(r)
+            if ctx.needs_input_grad[2]:
+                dW = (_pair_products_op(h, r, width).t() @ d_out)[:W.shape[0]]
+            dh = _pair_contract_op(d_out @ _rows_padded(W, width).t(), h, r)
         # relu' from h: h > 0 exactly where the (bf16) pre-activation is; padding columns are 0
         d_pre = torch.where(h > 0, dh, 0.0).to(x.dtype)
         dx = d_pre @ U_padded if ctx.needs_input_grad[0] else None
         dU = (d_pre.t() @ x)[:r] if ctx.needs_input_grad[1] else None
         return dx, dU, dW if ctx.needs_input_grad[2] else None, None
+
+
+def _aligned_pair_width(r: int) -> int:
+    """P rounded up to whole 16-byte rows of bf16: cuBLAS takes its fast GEMM kernels only for
+    aligned rows (at r = 110, P = 6,105 ran the layer's three GEMMs 10 times slower)."""
+    return pair_count(r) + (-pair_count(r) % 8)
+
+
+def _rows_padded(W: torch.Tensor, rows: int) -> torch.Tensor:
+    return W if W.shape[0] == rows else F.pad(W, (0, 0, 0, rows - W.shape[0]))
 
 
 def _pairwise_layer(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor,

@@ -921,7 +921,8 @@ def pairwise_tiling_sweep(tk) -> list[str]:
 
 
 PAIR_KERNEL_TILINGS = [dict(products=dict(BLOCK_T=p, num_warps=pw), contract=dict(BLOCK_T=c, num_warps=cw))
-                       for (p, pw), (c, cw) in (((64, 4), (32, 4)), ((32, 4), (16, 4)),
+                       for (p, pw), (c, cw) in (((32, 4), (32, 4)), ((64, 4), (32, 4)),
+                                                ((32, 4), (16, 4)),
                                                 ((128, 8), (64, 8)), ((64, 8), (32, 8)),
                                                 ((128, 4), (16, 2)))]
 
@@ -938,7 +939,7 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
         width = -(-r // 8) * 8      # as _pairwise_padded pads on a GPU
         h = torch.relu(randn_bf16(T, width))
         h[:, r:] = 0
-        inputs[r] = (h, randn_bf16(T, tk.pair_count(r)))
+        inputs[r] = (h, randn_bf16(T, tk._aligned_pair_width(r)))    # G as the layer pads it
 
     def cell(ms, nbytes):
         return "n/a" if ms is None else f"{ms * 1e3:.1f} us, {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s"
@@ -958,12 +959,15 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
         U = small_weight_bf16(r, d).requires_grad_()
         W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
         U_padded = tk._pairwise_padded(U.detach())
-        q = tk.pair_products(h, r)
+        width = tk._aligned_pair_width(r)
+        W_padded = tk._rows_padded(W.detach(), width)
+        q = tk.pair_products(h, r, width)
         pieces = {
             "h = relu(x U^T), U padded to 8 rows": lambda: torch.relu(x.detach() @ U_padded.t()),
-            "pair_products (q written)": lambda: tk.pair_products(h, r),
-            "y = q W (cuBLAS)": lambda: q @ W.detach(),
-            "G = dY W^T (cuBLAS)": lambda: dY @ W.detach().t(),
+            "pair_products (q written, rows padded to 8 columns)":
+                lambda: tk.pair_products(h, r, width),
+            "y = q W (cuBLAS)": lambda: q @ W_padded,
+            "G = dY W^T (cuBLAS)": lambda: dY @ W_padded.t(),
             "dW = q^T dY (cuBLAS)": lambda: q.t() @ dY,
             "pair_contract (dh)": lambda: tk.pair_contract(G, h, r),
             "whole layer, fwd + bwd (compiled)": fwd_bwd(torch.compile(tk.pairwise_mlp_gemm),

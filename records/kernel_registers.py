@@ -253,16 +253,18 @@ def pairwise_kernels(r=79):
                  {**pointers("dy_ptr h_ptr w_ptr", "bf16"), "dh_ptr": "*fp32", **sizes,
                   "num_blocks": blocks}, "dh", BLOCKS_POW2=triton.next_power_of_2(blocks))
     # the cuBLAS form's kernels at triton_kernels._PAIR_KERNEL_TILES, on the same padded h
-    aligned = dict(T=TOKENS, r=r, P=tk.pair_count(r), h_stride=width)
+    # and rows of q and G padded to 8 columns
+    q_width = tk._aligned_pair_width(r)
     products, contract = (dict(tk._PAIR_KERNEL_TILES[kernel]) for kernel in ("products", "contract"))
     yield Kernel("pair products (cuBLAS form)", tk._pair_products_kernel,
-                 {**pointers("h_ptr q_ptr", "bf16"), **aligned},
+                 {**pointers("h_ptr q_ptr", "bf16"), "T": TOKENS, "r": r, "h_stride": width,
+                  "q_stride": q_width},
                  dict(BLOCK_T=products["BLOCK_T"], FEATURES_POW2=triton.next_power_of_2(r)),
                  products["num_warps"])
     yield Kernel("pair contraction, dh (cuBLAS form)", tk._pair_contract_kernel,
-                 {**pointers("g_ptr h_ptr", "bf16"), "dh_ptr": "*fp32", **aligned},
-                 dict(BLOCK_T=contract["BLOCK_T"],
-                      FEATURES_POW2=triton.next_power_of_2(aligned["h_stride"])),
+                 {**pointers("g_ptr h_ptr", "bf16"), "dh_ptr": "*fp32", "T": TOKENS, "r": r,
+                  "g_stride": q_width, "h_stride": width},
+                 dict(BLOCK_T=contract["BLOCK_T"], FEATURES_POW2=triton.next_power_of_2(width)),
                  contract["num_warps"])
 
 

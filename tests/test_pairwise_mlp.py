@@ -149,6 +149,14 @@ def test_pair_products_kernel_is_the_reference_bit_for_bit(r, T):
     assert torch.equal(q, tk.pair_products_reference(h, r))
     # and the reference is the restatement: each product rounded once from its exact value
     assert torch.equal(q.double(), pair_products(h[:, :r].double()).bfloat16().double())
+    # written into wider rows (as the layer does for cuBLAS), zeros follow the products, also in
+    # memory that held NaN before
+    P = tk.pair_count(r)
+    torch.full((T, P + 13), float("nan"), dtype=torch.bfloat16, device=DEV)   # freed: a GPU's
+    # caching allocator hands this memory to the next tensor of its size
+    wide = tk.pair_products(h, r, width=P + 13)
+    assert wide.shape == (T, P + 13) and torch.equal(wide[:, :P], q)
+    assert wide[:, P:].eq(0).all()
 
 
 @pytest.mark.parametrize("r,T", [(5, 37), (8, 20), (11, 33), (1, 5)])
@@ -163,6 +171,9 @@ def test_pair_contract_kernel_against_the_exact_gradient(r, T):
         assert ((dh[:, :r].double() - exact).abs() <= 2 * (r + 1) * FP32_U * scale).all()
         assert dh[:, r:].eq(0).all()   # padding features take no gradient
     assert torch.allclose(tk.pair_contract_reference(G64, h64, r), exact, rtol=1e-12, atol=1e-12)
+    # columns past P in a wider G (the layer's padded rows) are not read
+    wide = torch.cat([G, torch.full((T, 5), float("nan"), dtype=G.dtype, device=DEV)], 1)
+    assert torch.equal(tk.pair_contract(wide, h, r), tk.pair_contract(G, h, r))
 
 
 def test_keeps_leading_dims_and_rejects_bad_arguments():
@@ -182,8 +193,10 @@ def test_keeps_leading_dims_and_rejects_bad_arguments():
     h = padded_features(5, 12)
     with pytest.raises(ValueError, match=r"pair_products: expected h \(T, r or more features"):
         tk.pair_products(h, 9)
+    with pytest.raises(ValueError, match=r"pair_products: width 14 < the 15 pairs of r = 5"):
+        tk.pair_products(h, 5, width=14)
     with pytest.raises(ValueError, match=r"pair_contract: expected G contiguous \(T, r \(r \+ 1\) "
-                                         r"/ 2\) = \(12, 15\), got \(12, 14\)"):
+                                         r"/ 2 or more\) = \(12, 15 or more\), got \(12, 14\)"):
         tk.pair_contract(torch.zeros(12, 14, dtype=torch.bfloat16, device=DEV), h, 5)
     with pytest.raises(ValueError, match="W must have dtype"):
         tk.pairwise_mlp(x, U, W.float())
