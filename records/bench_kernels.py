@@ -948,9 +948,9 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
         cells = []
         for r, (h, G) in inputs.items():
             q_bytes, h_bytes = 2 * T * tk.pair_count(r), 2 * h.numel()
-            width = tk._aligned_pair_width(r)
-            cells.append(cell(bench_gpu(lambda: tk.pair_products(h, r, width)),
-                              2 * T * width + h_bytes))
+            q_width = tk._aligned_pair_width(r)
+            cells.append(cell(bench_gpu(lambda: tk.pair_products(h, r, q_width)),
+                              2 * T * q_width + h_bytes))
             cells.append(cell(bench_gpu(lambda: tk.pair_contract(G, h, r)),
                               q_bytes + h_bytes + 2 * h_bytes))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -961,13 +961,13 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
         U = small_weight_bf16(r, d).requires_grad_()
         W = small_weight_bf16(tk.pair_count(r), d).requires_grad_()
         U_padded = tk._pairwise_padded(U.detach())
-        width = tk._aligned_pair_width(r)
-        W_padded = tk._rows_padded(W.detach(), width)
-        q = tk.pair_products(h, r, width)
+        q_width = tk._aligned_pair_width(r)
+        W_padded = tk._rows_padded(W.detach(), q_width)
+        q = tk.pair_products(h, r, q_width)
         pieces = {
             "h = relu(x U^T), U padded to 8 rows": lambda: torch.relu(x.detach() @ U_padded.t()),
             "pair_products (q written, rows padded to 16 columns)":
-                lambda: tk.pair_products(h, r, width),
+                lambda: tk.pair_products(h, r, q_width),
             "y = q W (cuBLAS)": lambda: q @ W_padded,
             "G = dY W^T (cuBLAS)": lambda: dY @ W_padded.t(),
             "dW = q^T dY (cuBLAS)": lambda: q.t() @ dY,
