@@ -499,7 +499,8 @@ class Paths:
     why: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        choices = dict(mlp=("torch", "triton", "cublas"), lm_head=("bf16", "fp8"), loss=("torch", "triton"),
+        choices = dict(mlp=("torch", "triton", "cublas"), lm_head=("bf16", "fp8"),
+                       loss=("torch", "triton"),
                        attention=("dense", "varlen", "flash_attn3"),
                        dc_attention=("torch", "triton"), optimizer=("torch", "triton"),
                        table_grads=("torch", "triton"), qkv=("torch", "triton"),

@@ -2479,7 +2479,7 @@ def _check_pairwise_args(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.T
 # activation kept for the backward, and the backward after dh is the fused form's.
 # Pair row i (pairs (i, j), j >= i) starts in q at column i r - i (i - 1) / 2.
 #   pair_products: program (token tile, block of q's columns) finds each column's pair (i, j)
-#                  by arithmetic, gathers h_i and h_j from the tile's rows of h (a few hundred
+#                  by a binary search over the row starts, gathers h_i and h_j from the tile's rows of h (a few hundred
 #                  bytes a token, cached) and stores a whole block of each row of q, zero in the
 #                  padding columns; each product is rounded once, like a bf16 multiplication.
 #   pair_contract: program (token tile) runs over i, with dh (tokens, all features) in registers,
@@ -2651,7 +2651,7 @@ class _PairwiseMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         x, U_padded, W, h = ctx.saved_tensors
-        r = ctx.rank
+        r, dW = ctx.rank, None
         if ctx.fused:
             dh, dW = _pairwise_backward_op(d_out.contiguous(), h, W, r)
         else:

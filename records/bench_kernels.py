@@ -396,7 +396,7 @@ def case_pairwise(tk, T, d, ranks, hidden):
             pairwise_mlp_flops(T, d, r), "TFLOP/s", "bf16")
         result.note = f"{time_ratio(result, relu2)} the ReLU^2 MLP's time (kernels, GPU-only)"
         results.append(result)
-        # the cuBLAS form as training runs it: compiled, so that the gathers fuse
+        # the cuBLAS form compiled, as training runs it
         gemm = measure(
             "pairwise MLP fwd+bwd, cuBLAS form (compiled)",
             f"T={T}, d={d}, r={r}, P={tk.pair_count(r)}",

@@ -255,7 +255,8 @@ def pairwise_kernels(r=79):
     # the cuBLAS form's kernels at triton_kernels._PAIR_KERNEL_TILES, on the same padded h
     # and rows of q and G padded to 16 columns
     q_width = tk._aligned_pair_width(r)
-    products, contract = (dict(tk._PAIR_KERNEL_TILES[kernel]) for kernel in ("products", "contract"))
+    products, contract = (dict(tk._PAIR_KERNEL_TILES[kernel])
+                          for kernel in ("products", "contract"))
     yield Kernel("pair products (cuBLAS form)", tk._pair_products_kernel,
                  {**pointers("h_ptr q_ptr", "bf16"), "T": TOKENS, "r": r, "h_stride": width,
                   "q_stride": q_width},

@@ -571,7 +571,8 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
 
 
 def test_paths_reject_unknown_and_contradictory_choices():
-    with pytest.raises(ValueError, match=r"Paths.mlp='cuda': expected one of \('torch', 'triton', 'cublas'\)"):
+    with pytest.raises(ValueError,
+                       match=r"Paths.mlp='cuda': expected one of \('torch', 'triton', 'cublas'\)"):
         tg.Paths(mlp="cuda")
     with pytest.raises(ValueError, match="loss='triton' needs lm_head='fp8'"):
         tg.Paths(loss="triton")

@@ -186,7 +186,8 @@ def test_keeps_leading_dims_and_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"expected x \(..., d\), U \(r, d\)"):
         tk.pairwise_mlp_reference(x[:, :8], U, W)
     gemm = tk.pairwise_mlp_gemm(x.view(3, 4, 16), U, W)
-    assert gemm.shape == (3, 4, 16) and torch.equal(gemm.view(12, 16), tk.pairwise_mlp_gemm(x, U, W))
+    assert gemm.shape == (3, 4, 16)
+    assert torch.equal(gemm.view(12, 16), tk.pairwise_mlp_gemm(x, U, W))
     with pytest.raises(ValueError, match=r"pairwise_mlp_gemm: W must have r \(r \+ 1\) / 2 = 15"):
         tk.pairwise_mlp_gemm(x, U, W[:14])
     with pytest.raises(ValueError, match="pairwise_mlp_gemm: W must have dtype"):
@@ -237,7 +238,8 @@ def test_reference_gradients_pass_gradcheck():
 # -------------------------------------------------------------------------------------------------
 # torch.compile traces every form without graph breaks
 
-@pytest.mark.parametrize("layer", [tk.pairwise_mlp, tk.pairwise_mlp_gemm, tk.pairwise_mlp_reference])
+@pytest.mark.parametrize("layer",
+                         [tk.pairwise_mlp, tk.pairwise_mlp_gemm, tk.pairwise_mlp_reference])
 def test_compiles_fullgraph(layer):
     x, U, W, dY = layer_inputs(7, 20, 24)
     leaves = [t.requires_grad_() for t in (x, U, W)]
