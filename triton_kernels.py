@@ -2401,7 +2401,6 @@ _PAIRWISE_INTERPRETED_TILES = dict(
     dw=dict(BLOCK_T=16, BLOCK_N=16, GROUP=2), dh=dict(BLOCK_T=16, BLOCK_D=16, FLATTEN=False),
 )
 PAIRWISE_MAX_RANK = 256   # the dh kernel keeps a row of dh per token in registers
-_RANK_BITS = tl.constexpr(8)    # bits of a feature index below PAIRWISE_MAX_RANK
 
 
 def pair_count(r: int) -> int:
@@ -2477,16 +2476,13 @@ def _check_pairwise_args(name: str, x: torch.Tensor, U: torch.Tensor, W: torch.T
 # times in all, which at the speedrun shapes costs less than building the pair tiles inside the
 # GEMMs' inner loop (records/2026-12-06_pairwise_mlp/). h, padded as above, stays the only
 # activation kept for the backward, and the backward after dh is the fused form's.
-# Pair row i (pairs (i, j), j >= i) starts in q at column i r - i (i - 1) / 2.
-#   pair_products: program (token tile, block of q's columns) finds each column's pair (i, j)
-#                  by a binary search over the row starts, gathers h_i and h_j from the tile's rows of h (a few hundred
-#                  bytes a token, cached) and stores a whole block of each row of q, zero in the
-#                  padding columns; each product is rounded once, like a bf16 multiplication.
-#   pair_contract: program (token tile) runs over i, with dh (tokens, all features) in registers,
-#                  taking pair row i as one vector over j shifted so that pair (i, j) lands in lane
-#                  j next to feature h_j: dh_j += G_ij h_i for every j >= i, and dh_i += sum_j G_ij
-#                  h_j. The diagonal pair takes both terms, as d(h_i^2)/dh_i = 2 h_i. Each G entry
-#                  is read once.
+# Both kernels take pair row i (pairs (i, j), j >= i, contiguous in q from i r - i (i - 1) / 2) as
+# one vector over j, shifted so that pair (i, j) lands in lane j next to feature h_j:
+#   pair_products: program (token tile, i) stores h_i h_j for j >= i (rounded once, like a bf16
+#                  multiplication).
+#   pair_contract: program (token tile) runs over i, with dh (tokens, all features) in registers:
+#                  dh_j += G_ij h_i for every j >= i, and dh_i += sum_j G_ij h_j. The diagonal
+#                  pair takes both terms, as d(h_i^2)/dh_i = 2 h_i. Each G entry is read once.
 
 @triton.jit
 def _pair_row_start(i, r):
@@ -2495,23 +2491,16 @@ def _pair_row_start(i, r):
 
 @triton.jit
 def _pair_products_kernel(h_ptr, q_ptr, T, r, h_stride, q_stride, BLOCK_T: tl.constexpr,
-                          BLOCK_P: tl.constexpr):
+                          FEATURES_POW2: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    columns = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    is_pair = columns < r * (r + 1) // 2
-    p = tl.where(is_pair, columns, 0)
-    # i = the last row starting at or before p, by binary search over r <= PAIRWISE_MAX_RANK rows
-    i = tl.zeros((BLOCK_P,), dtype=tl.int32)
-    for bit in tl.static_range(_RANK_BITS - 1, -1, -1):
-        step = i + (1 << bit)
-        i = tl.where((step < r) & (_pair_row_start(step, r) <= p), step, i)
-    j = p - _pair_row_start(i, r) + i
-    loaded = (rows < T)[:, None] & is_pair[None, :]
-    h_i = tl.load(h_ptr + rows[:, None] * h_stride + i[None, :], mask=loaded, other=0.0)
-    h_j = tl.load(h_ptr + rows[:, None] * h_stride + j[None, :], mask=loaded, other=0.0)
-    tl.store(q_ptr + rows[:, None] * q_stride + columns[None, :],
-             _to_bf16(h_i.to(tl.float32) * h_j.to(tl.float32)),
-             mask=(rows < T)[:, None] & (columns < q_stride)[None, :])
+    i = tl.program_id(1)
+    j = tl.arange(0, FEATURES_POW2)
+    row_ok, in_row = rows < T, (j >= i) & (j < r)
+    h_i = tl.load(h_ptr + rows * h_stride + i, mask=row_ok, other=0.0).to(tl.float32)
+    h_j = tl.load(h_ptr + rows[:, None] * h_stride + j[None, :],
+                  mask=row_ok[:, None] & in_row[None, :], other=0.0).to(tl.float32)
+    tl.store(q_ptr + rows[:, None] * q_stride + (_pair_row_start(i, r) - i + j)[None, :],
+             _to_bf16(h_i[:, None] * h_j), mask=row_ok[:, None] & in_row[None, :])
 
 
 @triton.jit
@@ -2534,13 +2523,12 @@ def _pair_contract_kernel(g_ptr, h_ptr, dh_ptr, T, r, g_stride, h_stride, BLOCK_
              mask=row_ok[:, None] & (j < h_stride)[None, :])
 
 
-# pair_contract's token tile is the fastest of bench_kernels.py's pairwise_gemm sweep on the H200
-# at r = 79 and 110 (records/2026-12-06_pairwise_mlp/); it holds dh, h and a row of G per token in
-# registers (3 x 128 fp32 values at r <= 128). pair_products' tile is unswept.
-_PAIR_KERNEL_TILES = dict(products=dict(BLOCK_T=32, BLOCK_P=128, num_warps=4),
+# Token tiles, the fastest of bench_kernels.py's pairwise_gemm sweep on the H200 at r = 79 and 110
+# (records/2026-12-06_pairwise_mlp/). pair_contract holds dh, h and a row of G per token in
+# registers (3 x 128 fp32 values at r <= 128).
+_PAIR_KERNEL_TILES = dict(products=dict(BLOCK_T=32, num_warps=4),
                           contract=dict(BLOCK_T=32, num_warps=4))
-_PAIR_KERNEL_INTERPRETED_TILES = dict(products=dict(BLOCK_T=16, BLOCK_P=32),
-                                      contract=dict(BLOCK_T=16))
+_PAIR_KERNEL_INTERPRETED_TILES = dict(products=dict(BLOCK_T=16), contract=dict(BLOCK_T=16))
 
 
 def _pair_kernel_tiles() -> dict:
@@ -2549,11 +2537,13 @@ def _pair_kernel_tiles() -> dict:
 
 @torch.library.custom_op("nanogpt_triton::pair_products", mutates_args=())
 def _pair_products_op(h: torch.Tensor, r: int, width: int) -> torch.Tensor:
-    T = h.shape[0]
+    T, P = h.shape[0], pair_count(r)
     q = h.new_empty(T, width)
+    if width > P:
+        q[:, P:].zero_()
     launch = _pair_kernel_tiles()["products"]
-    grid = (triton.cdiv(T, launch["BLOCK_T"]), triton.cdiv(width, launch["BLOCK_P"]))
-    _pair_products_kernel[grid](h, q, T, r, h.stride(0), width, **launch)
+    _pair_products_kernel[(triton.cdiv(T, launch["BLOCK_T"]), r)](
+        h, q, T, r, h.stride(0), width, FEATURES_POW2=triton.next_power_of_2(r), **launch)
     return q
 
 
@@ -2667,11 +2657,9 @@ class _PairwiseMLP(torch.autograd.Function):
 
 
 def _aligned_pair_width(r: int) -> int:
-    """P rounded up to a multiple of 16 columns. cuBLAS takes its fast GEMM kernels only for rows
-    of whole 16 bytes (at r = 110, P = 6,105 ran the layer's three GEMMs 10 times slower), and a
-    row length divisible by 16 is what Triton's launcher marks, so pair_products' stores into
-    whole rows vectorise."""
-    return pair_count(r) + (-pair_count(r) % 16)
+    """P rounded up to whole 16-byte rows of bf16: cuBLAS takes its fast GEMM kernels only for
+    aligned rows (at r = 110, P = 6,105 ran the layer's three GEMMs 10 times slower)."""
+    return pair_count(r) + (-pair_count(r) % 8)
 
 
 def _rows_padded(W: torch.Tensor, rows: int) -> torch.Tensor:

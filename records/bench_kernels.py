@@ -921,10 +921,9 @@ def pairwise_tiling_sweep(tk) -> list[str]:
 
 
 PAIR_KERNEL_TILINGS = [
-    dict(products=dict(BLOCK_T=t, BLOCK_P=p, num_warps=pw), contract=dict(BLOCK_T=c, num_warps=cw))
-    for (t, p, pw), (c, cw) in (((32, 128, 4), (32, 4)), ((16, 256, 4), (16, 4)),
-                                ((64, 128, 8), (64, 8)), ((8, 512, 4), (32, 8)),
-                                ((32, 256, 8), (16, 2)), ((64, 64, 4), (32, 4)))]
+    dict(products=dict(BLOCK_T=p, num_warps=pw), contract=dict(BLOCK_T=c, num_warps=cw))
+    for (p, pw), (c, cw) in (((32, 4), (32, 4)), ((64, 4), (32, 4)), ((32, 4), (16, 4)),
+                             ((128, 8), (64, 8)), ((64, 8), (32, 8)), ((128, 4), (16, 2)))]
 
 
 def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
@@ -966,7 +965,7 @@ def pairwise_gemm_sweep(tk, T=49152, d=768, ranks=(79, 110)) -> list[str]:
         q = tk.pair_products(h, r, q_width)
         pieces = {
             "h = relu(x U^T), U padded to 8 rows": lambda: torch.relu(x.detach() @ U_padded.t()),
-            "pair_products (q written, rows padded to 16 columns)":
+            "pair_products (q written, rows padded to 8 columns)":
                 lambda: tk.pair_products(h, r, q_width),
             "y = q W (cuBLAS)": lambda: q @ W_padded,
             "G = dY W^T (cuBLAS)": lambda: dY @ W_padded.t(),

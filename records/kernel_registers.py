@@ -253,14 +253,14 @@ def pairwise_kernels(r=79):
                  {**pointers("dy_ptr h_ptr w_ptr", "bf16"), "dh_ptr": "*fp32", **sizes,
                   "num_blocks": blocks}, "dh", BLOCKS_POW2=triton.next_power_of_2(blocks))
     # the cuBLAS form's kernels at triton_kernels._PAIR_KERNEL_TILES, on the same padded h
-    # and rows of q and G padded to 16 columns
+    # and rows of q and G padded to 8 columns
     q_width = tk._aligned_pair_width(r)
     products, contract = (dict(tk._PAIR_KERNEL_TILES[kernel])
                           for kernel in ("products", "contract"))
     yield Kernel("pair products (cuBLAS form)", tk._pair_products_kernel,
                  {**pointers("h_ptr q_ptr", "bf16"), "T": TOKENS, "r": r, "h_stride": width,
                   "q_stride": q_width},
-                 dict(BLOCK_T=products["BLOCK_T"], BLOCK_P=products["BLOCK_P"]),
+                 dict(BLOCK_T=products["BLOCK_T"], FEATURES_POW2=triton.next_power_of_2(r)),
                  products["num_warps"])
     yield Kernel("pair contraction, dh (cuBLAS form)", tk._pair_contract_kernel,
                  {**pointers("g_ptr h_ptr", "bf16"), "dh_ptr": "*fp32", "T": TOKENS, "r": r,
