@@ -3965,6 +3965,16 @@ class TrainingRun:
             with run.startup.phase("compile cache save"):
                 save_compile_cache(cfg.compile_cache, key, log)
 
+    def stop_before_training(self) -> None:
+        """--compile_only: the start-up report, and no step. The machine's compile caches and
+        --compile_cache now hold every graph, so the next run on this machine (or one that loads
+        the file) starts warm."""
+        if not self.trainer.paths.compile:
+            self.log(f"--compile_only: nothing is compiled ({self.trainer.paths.why['compile']})")
+        for line in self.run.startup.report(self.run.startup.elapsed_s()):
+            self.log(line)
+        self.log("--compile_only: stopping before the first training step")
+
     @contextlib.contextmanager
     def off_the_clock(self) -> Iterator[None]:
         synchronize(self.run.device)
@@ -4114,8 +4124,13 @@ class TrainingRun:
             self.log(f"report written to {path}")
 
 
-def train(cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None) -> None:
-    TrainingRun(cfg, run, log, paths).train()
+def train(cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None,
+          only_compile: bool = False) -> None:
+    training = TrainingRun(cfg, run, log, paths)
+    if only_compile:
+        training.stop_before_training()
+    else:
+        training.train()
 
 
 # =================================================================================================
@@ -4490,8 +4505,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(arg.startswith("--checkpoint=") for arg in argv):
         evaluate_checkpoint(argv)
         return
-    only_preflight = "--preflight" in argv
-    argv = [arg for arg in argv if arg != "--preflight"]
+    only_preflight, only_compile = "--preflight" in argv, "--compile_only" in argv
+    argv = [arg for arg in argv if arg not in ("--preflight", "--compile_only")]
     summary = "--summary" in argv
     world_args = [arg for arg in argv if arg.startswith("--world_size=")]
     if world_args and not summary:
@@ -4536,7 +4551,7 @@ def main(argv: list[str] | None = None) -> None:
                 log("preflight:\n" + preflight_table(checks), console=False)
         for note in notes:
             log(note)
-        train(cfg, run, log, paths)
+        train(cfg, run, log, paths, only_compile)
     except (DataError, CheckpointError) as e:   # bad data or checkpoint: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:

@@ -14,12 +14,16 @@
 # and PER_GPU (default 1; two C runs fit one 141 GB H200) set how many run at once: run i goes to
 # slot i mod (GPUS x PER_GPU), which runs its share one after the other on GPU slot mod GPUS.
 # Timings (T, S) need PER_GPU=1: runs that share a GPU slow each other down.
+# PRECOMPILE_PER_GPU=N (default 0: off; not with S) first compiles each group's configuration with
+# train_gpt.py --compile_only, N at once per GPU: compiling is mostly CPU work, so the runs that
+# follow start with their graphs in the machine's caches. Each pass runs the warm-up steps, so N
+# of them must fit a GPU's memory together; their logs go to OUTDIR/.precompile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: records/measure_many.sh L|C|T|S OUTDIR RUNS_FILE"
 protocol=${1:?$usage} outdir=${2:?$usage} runs_file=${3:?$usage}
 fail() { echo "measure_many.sh: $*" >&2; exit 2; }
-per_gpu=${PER_GPU:-1}
+per_gpu=${PER_GPU:-1} precompile=${PRECOMPILE_PER_GPU:-0}
 case "$protocol" in
     L|C) ;;
     T|S) [ "$per_gpu" = 1 ] || fail "PER_GPU=$per_gpu with protocol $protocol: timings need a GPU each (PER_GPU=1)" ;;
@@ -29,44 +33,62 @@ esac
 gpus=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || fail "GPUS='$gpus': expected the number of GPUs to use (nvidia-smi lists none)"
 [[ "$per_gpu" =~ ^[1-9][0-9]*$ ]] || fail "PER_GPU='$per_gpu': expected a positive number of runs per GPU"
+[[ "$precompile" =~ ^[0-9]+$ ]] || fail "PRECOMPILE_PER_GPU='$precompile': expected a number of compile passes per GPU (0: none)"
+precompile=$((10#$precompile))
+[ "$protocol" != S ] || [ "$precompile" = 0 ] || fail "PRECOMPILE_PER_GPU with protocol S: it measures the compiles"
 
 mapfile -t runs < <(grep -Ev '^[[:space:]]*(#|$)' "$runs_file")
 [ ${#runs[@]} -gt 0 ] || fail "'$runs_file' names no run"
 declare -A count
 labels=()     # GROUP.k of each run
-for line in "${runs[@]}"; do
-    read -r group _ <<< "$line"
+firsts=()     # the index of each group's first run
+for i in "${!runs[@]}"; do
+    read -r group _ <<< "${runs[i]}"
     [[ "$group" =~ ^[A-Za-z0-9._-]+$ ]] || fail "group name '$group' in '$runs_file': expected letters, digits, '.', '_' or '-'"
     count[$group]=$((${count[$group]:-0} + 1))
     labels+=("$group.${count[$group]}")
+    [ "${count[$group]}" = 1 ] && firsts+=("$i")
 done
 
 # the shards unpacked here, once, rather than by every run at the same time
 source records/unpack_shards.sh
 mkdir -p "$outdir"
 
-slots=$((gpus * per_gpu))
-pids=()
-for ((slot = 0; slot < slots && slot < ${#runs[@]}; slot++)); do
-    (
-        failed=0
-        for ((i = slot; i < ${#runs[@]}; i += slots)); do
-            read -r -a words <<< "${runs[i]}"     # an array: globs in the options stay as written
-            gpu=$((slot % gpus)) label=${labels[i]}
-            if CUDA_VISIBLE_DEVICES=$gpu records/measure.sh "$protocol" "$outdir/${words[0]}" \
-                    "${words[@]:1}" > "$outdir/$label.out" 2>&1; then
-                echo "$label: done (GPU $gpu)"
-            else
-                echo "$label: FAILED with exit status $? (GPU $gpu), see $outdir/$label.out"
-                failed=1
-            fi
-        done
-        exit $failed
-    ) &
-    pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do
-    wait "$pid" || status=1
-done
-exit $status
+# run_slots DIR SLOTS_PER_GPU EXTRA_OPTION INDEX...: the runs of the given indices, run i' (the
+# i'-th given) in slot i' mod (GPUS x SLOTS_PER_GPU); logs under DIR; fails if one failed
+run_slots() {
+    local dir=$1 slots=$(($2 * gpus)) extra=$3
+    shift 3
+    local chosen=("$@") pids=() slot status=0 finished=${extra:+compiled}
+    finished=${finished:-done}
+    for ((slot = 0; slot < slots && slot < ${#chosen[@]}; slot++)); do
+        (
+            failed=0
+            for ((c = slot; c < ${#chosen[@]}; c += slots)); do
+                i=${chosen[c]}
+                read -r -a words <<< "${runs[i]}"     # an array: globs in the options stay as written
+                gpu=$((slot % gpus)) label=${labels[i]}
+                if CUDA_VISIBLE_DEVICES=$gpu records/measure.sh "$protocol" "$dir/${words[0]}" \
+                        "${words[@]:1}" $extra > "$dir/$label.out" 2>&1; then
+                    echo "$label: $finished (GPU $gpu)"
+                else
+                    echo "$label: ${extra:+compile pass }FAILED with exit status $? (GPU $gpu), see $dir/$label.out"
+                    failed=1
+                fi
+            done
+            exit $failed
+        ) &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" || status=1
+    done
+    return $status
+}
+
+if [ "$precompile" != 0 ]; then
+    # a failed compile pass is reported; its runs then fail (or compile) on their own
+    mkdir -p "$outdir/.precompile"
+    run_slots "$outdir/.precompile" "$precompile" --compile_only "${firsts[@]}" || true
+fi
+run_slots "$outdir" "$per_gpu" "" "${!runs[@]}"

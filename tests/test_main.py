@@ -57,6 +57,16 @@ def test_log_holds_code_environment_config_and_reference_lines(tmp_path):
 
 @needs_corpus
 @needs_tokenizer
+def test_compile_only_reports_the_startup_and_trains_no_step(tmp_path):
+    text = run_main(["--compile_only"], tmp_path)
+    assert "--compile_only: nothing is compiled (--compile=false)" in text   # the smoke preset
+    assert re.search(r"^startup: [\d.]+s from launch to the first timed step$", text, re.M)
+    assert text.rstrip().endswith("--compile_only: stopping before the first training step")
+    assert not re.search(r"^(progress )?step", text, re.M)
+
+
+@needs_corpus
+@needs_tokenizer
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"training loss became nan at step \d+"):
         run_main(["--adam_lr=1e30", "--muon_lr=1e30", "--stop_after_steps=8"], tmp_path)

@@ -217,6 +217,29 @@ def test_measure_many_reports_a_failed_run_and_still_runs_the_rest(measure_env, 
     assert len(calls.read_text().splitlines()) == 2
 
 
+@pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
+def test_measure_many_compiles_each_configuration_first(measure_env, tmp_path):
+    env, shards, calls, _ = measure_env
+    result = measure_many(env, tmp_path, "T", "a --seed=0\nb --seed=0\na --seed=1\n", GPUS="1",
+                          PRECOMPILE_PER_GPU="2")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    T = "--num_scheduled_iterations=150 --num_extension_iterations=10 --val_every=0 --cycle_train_data=true"
+    common = (f"--standalone --nproc_per_node=1 train_gpt.py --train_files={shards}/corpus_train_*.bin "
+              f"--val_files={shards}/corpus_val_*.bin --val_tokens=2097152")
+    lines = calls.read_text().splitlines()
+    # both groups' compile passes side by side (two slots on GPU 0), before any timed run, which
+    # then run one at a time
+    assert sorted(lines[:2]) == [
+        f"GPU 0: {common} --log_dir={out}/.precompile/a {T} --seed=0 --compile_only",
+        f"GPU 0: {common} --log_dir={out}/.precompile/b {T} --seed=0 --compile_only"]
+    assert lines[2:] == [f"GPU 0: {common} --log_dir={out}/a {T} --seed=0",
+                         f"GPU 0: {common} --log_dir={out}/b {T} --seed=0",
+                         f"GPU 0: {common} --log_dir={out}/a {T} --seed=1"]
+    assert sorted(result.stdout.splitlines()[:2]) == ["a.1: compiled (GPU 0)", "b.1: compiled (GPU 0)"]
+    assert {p.name for p in (out / ".precompile").glob("*.out")} == {"a.1.out", "b.1.out"}
+
+
 @pytest.mark.parametrize("protocol,runs,settings,message", [
     ("T", "a\n", dict(GPUS="1", PER_GPU="2"),
      "PER_GPU=2 with protocol T: timings need a GPU each (PER_GPU=1)"),
@@ -224,6 +247,10 @@ def test_measure_many_reports_a_failed_run_and_still_runs_the_rest(measure_env, 
     ("C", "a/b --seed=0\n", dict(GPUS="1"), "group name 'a/b' in"),
     ("C", "# nothing\n", dict(GPUS="1"), "names no run"),
     ("C", "a\n", dict(GPUS="0"), "GPUS='0': expected the number of GPUs to use"),
+    ("T", "a\n", dict(GPUS="1", PRECOMPILE_PER_GPU="two"),
+     "PRECOMPILE_PER_GPU='two': expected a number of compile passes per GPU (0: none)"),
+    ("S", "a\n", dict(GPUS="1", PRECOMPILE_PER_GPU="2"),
+     "PRECOMPILE_PER_GPU with protocol S: it measures the compiles"),
 ])
 def test_measure_many_rejects_bad_input_before_running(measure_env, tmp_path, protocol, runs,
                                                        settings, message):
