@@ -142,7 +142,7 @@ def test_kernel_and_reference_match_the_restated_layer(r, T, d):
 # -------------------------------------------------------------------------------------------------
 # The cuBLAS form's two kernels: the pair products written out, and G contracted with h
 
-# (r = 110: 110 pair rows of 6,105 columns, the wider of the two ranks measured)
+# (r = 110: the wider of the two ranks measured, 6,105 columns)
 @pytest.mark.parametrize("r,T", [(5, 37), (8, 20), (11, 33), (1, 5), (110, 2)])
 def test_pair_products_kernel_is_the_reference_bit_for_bit(r, T):
     h = padded_features(r, T)
