@@ -118,6 +118,9 @@ class Hyperparameters:
                                             # replays a whole pass (no per-kernel host cost)
     dynamic_stages: bool = False            # one compiled step graph serves every stage (see
                                             # "Start-up" in the README)
+    symbolic_windows: bool = False          # the attention windows enter the compiled graphs as
+                                            # symbols: the extension reuses stage 3's step graph,
+                                            # every validation one graph ("Start-up", README)
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
     peak_tflops: float = 0.0                # the device's dense bf16 peak for MFU (0: from the table)
@@ -208,9 +211,10 @@ class Hyperparameters:
         if self.attn != "standard" and self.qk_head_dim:
             raise ValueError(f"attn={self.attn} needs --qk_head_dim=0: the attention variants "
                              f"build their heads with Q and K as wide as V (head_dim)")
-        if self.dynamic_stages and self.noise_attention:
-            raise ValueError(f"dynamic_stages=true does not take attn={self.attn}: its noise "
-                             f"heads hold the stage's softmax scale as a constant")
+        for switch in ("dynamic_stages", "symbolic_windows"):
+            if getattr(self, switch) and self.noise_attention:
+                raise ValueError(f"{switch}=true does not take attn={self.attn}: its noise "
+                                 f"heads hold the stage's softmax scale as a constant")
         for name in ("mla_q_rank", "mla_kv_rank", "cmd_noise_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive width")
@@ -219,6 +223,13 @@ class Hyperparameters:
                 raise ValueError(f"{name}={getattr(self, name)}: expected at most model_dim="
                                  f"{self.model_dim} (a latent wider than the stream compresses "
                                  f"nothing)")
+
+    @property
+    def yarn_scale_in_queries(self) -> bool:
+        """The stage's YaRN softmax factor scales the queries (a device tensor) rather than being
+        the attention's scale constant, so that no compiled graph holds it and a stage that
+        differs from another only in its windows and that factor can share its graph."""
+        return self.dynamic_stages or self.symbolic_windows
 
     @property
     def noise_attention(self) -> bool:
@@ -1480,7 +1491,8 @@ class Rotary(nn.Module):
                              persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim, dtype=torch.bfloat16),
                              persistent=False)
-        # attn_scale / INITIAL_ATTN_SCALE on the device: --dynamic_stages scales the queries by it
+        # attn_scale / INITIAL_ATTN_SCALE on the device: cfg.yarn_scale_in_queries scales the
+        # queries by it
         self.register_buffer("query_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.attn_scale = INITIAL_ATTN_SCALE
 
@@ -1844,6 +1856,14 @@ class FP8PackedQKV(nn.Module):
         self.quantizations += 1
 
 
+def window_sizes(windows: tuple[int, int] | torch.Tensor) -> tuple[int, int]:
+    """The (short, long) attention windows in tokens, from a pair of ints or from the empty
+    tensor whose first two sizes they are (Trainer.graph_windows, --symbolic_windows)."""
+    if isinstance(windows, torch.Tensor):
+        return windows.size(0), windows.size(1)
+    return windows
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Hyperparameters, world_size: int, max_positions: int,
                  paths: Paths = Paths()):
@@ -2128,10 +2148,10 @@ class GPT(nn.Module):
             # QK-norm makes the noise pair scale-free: no qkv_lambda needed
             noise = None if weights.noise_qk is None else F.linear(x, weights.noise_qk)
         paired = layer in PAIRED_HEAD_LAYERS
-        # the softmax scale, kept at a narrower Q/K (#344 states no other); --dynamic_stages
-        # moves its stage factor into the queries, so no compiled graph holds it as a constant
+        # the softmax scale, kept at a narrower Q/K (#344 states no other); see
+        # yarn_scale_in_queries
         scale, q_scale = self.rotary.attn_scale, None
-        if self.cfg.dynamic_stages:
+        if self.cfg.yarn_scale_in_queries:
             scale, q_scale = INITIAL_ATTN_SCALE, self.rotary.query_scale
         qk_prep = triton_kernels.qk_prep if self.paths.qk_prep == "triton" else qk_prep_reference
         q, k = qk_prep(q, k, self.rotary.cos, self.rotary.sin, paired, layer in LONG_WINDOW_LAYERS,
@@ -2246,9 +2266,9 @@ class GPT(nn.Module):
         return self.bigram_signs[rows]
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
-                bigram_ids: torch.Tensor, mtp_weights: torch.Tensor | None, windows: tuple[int, int],
-                max_seqlen: int, grad_scale: float = 1.0, rows: TableRows | None = None,
-                prefix_weight: torch.Tensor | None = None,
+                bigram_ids: torch.Tensor, mtp_weights: torch.Tensor | None,
+                windows: tuple[int, int] | torch.Tensor, max_seqlen: int, grad_scale: float = 1.0,
+                rows: TableRows | None = None, prefix_weight: torch.Tensor | None = None,
                 val_mask_bits: torch.Tensor | None = None) -> torch.Tensor:
         """Training (mtp_weights given): token-summed multi-token loss x grad_scale, plus the
         prefix-token loss with prefix_weight (1,) when given.
@@ -2261,8 +2281,8 @@ class GPT(nn.Module):
         return self.head_loss(h, targets, mtp_weights, grad_scale, prefix_weight)
 
     def hidden_states(self, inputs: torch.Tensor, bigram_ids: torch.Tensor,
-                      cu_seqlens: torch.Tensor, windows: tuple[int, int], max_seqlen: int,
-                      rows: TableRows | None = None) -> torch.Tensor:
+                      cu_seqlens: torch.Tensor, windows: tuple[int, int] | torch.Tensor,
+                      max_seqlen: int, rows: TableRows | None = None) -> torch.Tensor:
         """The normalised stream (T, d) that feeds the output head, from the token ids."""
         if rows is None:
             rows = self.lookup(inputs, bigram_ids)
@@ -2270,11 +2290,11 @@ class GPT(nn.Module):
             rows = rows._replace(bigram_embed=rows.bigram_embed * self.bigram_sign_rows(inputs))
         return self.final_hidden(rows, cu_seqlens, windows, max_seqlen)
 
-    def final_hidden(self, rows: TableRows, cu_seqlens: torch.Tensor, windows: tuple[int, int],
-                     max_seqlen: int) -> torch.Tensor:
+    def final_hidden(self, rows: TableRows, cu_seqlens: torch.Tensor,
+                     windows: tuple[int, int] | torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """The normalised stream that feeds the output head, (T, d)."""
         cfg = self.cfg
-        short_window, long_window = windows
+        short_window, long_window = window_sizes(windows)
         bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
         resid, post = bf16(self.resid_lambdas), bf16(self.post_lambdas)
         smear_lambda, backout_lambda, skip_lambda = self.scalars[2 * NUM_LAYERS:2 * NUM_LAYERS + 3]
@@ -3332,6 +3352,16 @@ class Trainer:
                            self.cfg.bigram_vocab_size, cycle=self.cfg.cycle_train_data,
                            log=self.log, tight_cu_seqlens=self.cfg.tight_cu_seqlens)
 
+    def graph_windows(self, windows: tuple[int, int]) -> tuple[int, int] | torch.Tensor:
+        """windows as the model's compiled graphs take them. Dynamo bakes a Python int into a
+        graph as a constant, so with --symbolic_windows they travel as the sizes of an empty
+        tensor whose first two dimensions are marked dynamic, and one graph serves all pairs."""
+        if not (self.cfg.symbolic_windows and self.paths.compile):
+            return windows
+        carrier = torch.empty(*windows, 0, device=self.run.device)
+        torch._dynamo.mark_dynamic(carrier, [0, 1])
+        return carrier
+
     def advance(self, step: int) -> StepSettings:
         """Settings of `step`; a change of the long window rescales rotary (YaRN) on the way."""
         settings = self.schedule.at(step)
@@ -3372,8 +3402,8 @@ class Trainer:
             if fp8_scales is not None:
                 fp8_scales.begin_slot(slot)
             loss = self.forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_ids,
-                                mtp_weights, settings.windows, settings.max_seq_len, grad_scale,
-                                rows, prefix_weight=prefix_weight)
+                                mtp_weights, self.graph_windows(settings.windows),
+                                settings.max_seq_len, grad_scale, rows, prefix_weight=prefix_weight)
             if fp8_scales is not None:
                 fp8_scales.end_slot(slot)
             if self.sparse_bigram is not None and is_adam_step:
@@ -3402,7 +3432,8 @@ class Trainer:
         bits = None if self.val_mask_table is None else self.val_mask_table[batch.inputs.long()]
         self.model.eval()
         loss = self.forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_ids, None,
-                            windows, self.val_tokens_per_rank, val_mask_bits=bits)
+                            self.graph_windows(windows), self.val_tokens_per_rank,
+                            val_mask_bits=bits)
         self.model.train()
         return loss
 

@@ -350,11 +350,12 @@ def test_bad_attention_settings_are_clear_errors():
         tg.parse_config(["--attn=diff"])
     assert str(e.value) == ("--attn=diff needs --qk_head_dim=0: the attention variants build "
                             "their heads with Q and K as wide as V (head_dim)")
-    with pytest.raises(ValueError, match=r"dynamic_stages=true does not take attn=cmd: its noise "
-                                         r"heads hold the stage's softmax scale as a constant"):
-        tg.Hyperparameters(**smoke, attn="cmd", dynamic_stages=True)
-    assert tg.Hyperparameters(**smoke, attn="mla", mla_q_rank=32, mla_kv_rank=32,
-                              dynamic_stages=True).dynamic_stages
+    for switch in ("dynamic_stages", "symbolic_windows"):
+        with pytest.raises(ValueError, match=rf"{switch}=true does not take attn=cmd: its noise "
+                                             r"heads hold the stage's softmax scale as a constant"):
+            tg.Hyperparameters(**smoke, attn="cmd", **{switch: True})
+        assert getattr(tg.Hyperparameters(**smoke, attn="mla", mla_q_rank=32, mla_kv_rank=32,
+                                          **{switch: True}), switch)
 
 
 def test_defaults_leave_every_preset_as_it_was():

@@ -950,3 +950,26 @@ def test_dynamic_stages_compile_one_step_graph_for_every_stage(monkeypatch, fres
     assert losses != static_losses                # the queries' rounding differs
 
 
+@needs_corpus
+@needs_tokenizer
+def test_symbolic_windows_share_graphs_between_windows(monkeypatch, fresh_dynamo,
+                                                       eager_losses_of_compiled_tiny):
+    """--symbolic_windows: the extension, whose batch is stage 3's and whose windows and YaRN
+    factor are not, compiles nothing, nor does a validation at the final validation's wider
+    windows; the steps train like those without the switch up to the queries' rounding (the YaRN
+    factor scales them, as with --dynamic_stages)."""
+    cfg = dataclasses.replace(COMPILED_TINY, symbolic_windows=True)
+    monkeypatch.setattr(tg, "attention_reference", maskable_attention)
+    trainer, graphs, _ = warmed_up_on_cpu(cfg, monkeypatch)
+    # stages 2 and 3 change the MTP weights' length: new graphs; the extension does not
+    assert graphs[0] > 0 and graphs[2] > 0 and graphs[4] > 0 and graphs[6] == 0, graphs
+    compiled = tg.compiled_graphs()
+    losses = [trainer.train_step(step, trainer.advance(step)).item()
+              for step in range(cfg.num_train_steps)]
+    batch = next(iter(tg.val_batches(trainer.val_files, 4096, 4096, 0, 1, 2, trainer.run.device,
+                                     cfg.bigram_vocab_size)))
+    plain, _ = trainer.eval_forward(batch, trainer.schedule.final_val_windows()).tolist()
+    assert tg.compiled_graphs() == compiled
+    assert math.isfinite(plain)
+    assert losses == pytest.approx(eager_losses_of_compiled_tiny, abs=2e-2)
+    assert losses != eager_losses_of_compiled_tiny
