@@ -3328,6 +3328,7 @@ class Trainer:
                                             run.grad_accum_steps, cpu_group=run.cpu_group,
                                             sparse_bigram=self.sparse_bigram, paths=self.paths)
         self.long_window = self.schedule.windows(0)[1]
+        self.window_carriers: dict[tuple[int, int], torch.Tensor] = {}
         self.longest_mtp = max(len(w) for stage in cfg.stages for w in stage.mtp_weights)
         with phase("data open"):
             self.loader = self.new_train_loader()
@@ -3358,9 +3359,11 @@ class Trainer:
         tensor whose first two dimensions are marked dynamic, and one graph serves all pairs."""
         if not (self.cfg.symbolic_windows and self.paths.compile):
             return windows
-        carrier = torch.empty(*windows, 0, device=self.run.device)
-        torch._dynamo.mark_dynamic(carrier, [0, 1])
-        return carrier
+        if windows not in self.window_carriers:     # made once: every micro-batch passes one
+            carrier = torch.empty(*windows, 0, device=self.run.device)
+            torch._dynamo.mark_dynamic(carrier, [0, 1])
+            self.window_carriers[windows] = carrier
+        return self.window_carriers[windows]
 
     def advance(self, step: int) -> StepSettings:
         """Settings of `step`; a change of the long window rescales rotary (YaRN) on the way."""
