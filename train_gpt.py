@@ -496,6 +496,9 @@ class Paths:
                                   # or the pairwise MLP's kernels (--mlp=pairwise); "cublas": the
                                   # pairwise MLP's products in memory for cuBLAS GEMMs
     lm_head: str = "bf16"         # "fp8": e4m3 head GEMM, e5m2 logits gradient (training only)
+    head_gemm: str = "fp32"       # the bf16 head GEMM's math (exact products summed in fp32,
+                                  # rounded to bf16 once) as an fp32 GEMM of the bf16 operands, or
+                                  # "bf16": as a bf16 GEMM (the CPU's is several times slower)
     loss: str = "torch"           # "triton": loss and logits gradient in one kernel (FP8 head only)
     attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "dense"
     dc_attention: str = "torch"   # "triton": the composed attention (#85) in one kernel per pass
@@ -511,6 +514,7 @@ class Paths:
 
     def __post_init__(self):
         choices = dict(mlp=("torch", "triton", "cublas"), lm_head=("bf16", "fp8"),
+                       head_gemm=("fp32", "bf16"),
                        loss=("torch", "triton"),
                        attention=("dense", "varlen", "flash_attn3"),
                        dc_attention=("torch", "triton"), optimizer=("torch", "triton"),
@@ -586,16 +590,18 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     cuda_graphs_why = f"--cuda_graphs={str(cfg.cuda_graphs).lower()}"
     if cfg.cuda_graphs and not compiled:
         cuda_graphs_why = "CUDA graphs are made by torch.compile on CUDA: " + compile_why
+    head_gemm, head_gemm_why = (("bf16", "bf16 tensor cores") if cuda else
+                                ("fp32", "CPU: faster than its bf16 GEMM, the same sums"))
     loss, loss_why = "torch", "the bf16 head's loss is plain PyTorch"
     if head == "fp8":
         loss, loss_why = kernels, kernels_why
-    return Paths(mlp=mlp, lm_head=head, loss=loss, attention=attention, dc_attention=kernels,
-                 optimizer=kernels, table_grads=kernels, qkv=qkv, qk_prep=qk_prep,
-                 compile=compiled, cuda_graphs=cfg.cuda_graphs and compiled,
+    return Paths(mlp=mlp, lm_head=head, head_gemm=head_gemm, loss=loss, attention=attention,
+                 dc_attention=kernels, optimizer=kernels, table_grads=kernels, qkv=qkv,
+                 qk_prep=qk_prep, compile=compiled, cuda_graphs=cfg.cuda_graphs and compiled,
                  flash_attn3=flash_attn3,
-                 why=dict(mlp=mlp_why, lm_head=head_why, loss=loss_why, attention=attention_why,
-                          dc_attention=kernels_why, optimizer=kernels_why, table_grads=kernels_why,
-                          qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why,
+                 why=dict(mlp=mlp_why, lm_head=head_why, head_gemm=head_gemm_why, loss=loss_why,
+                          attention=attention_why, dc_attention=kernels_why,
+                          optimizer=kernels_why, table_grads=kernels_why, qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why,
                           cuda_graphs=cuda_graphs_why))
 
 
@@ -2413,13 +2419,20 @@ class GPT(nn.Module):
                 extra_targets=prefix_targets, extra_weight=prefix_weight)
         else:
             loss = triton_kernels.softcapped_mtp_losses_reference(
-                h @ self.lm_head, targets, mtp_weights, prefix_targets, prefix_weight).sum()
+                self.head_logits(h), targets, mtp_weights, prefix_targets, prefix_weight).sum()
         return loss * grad_scale
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h @ lm_head by the path's GEMM (Paths.head_gemm): for bf16 operands the two differ only
+        in the order of the fp32 sums."""
+        if self.paths.head_gemm == "fp32":
+            return (h.float() @ self.lm_head.float()).to(h.dtype)
+        return h @ self.lm_head
 
     def eval_loss(self, h, targets, val_mask_bits: torch.Tensor | None) -> torch.Tensor:
         """bf16 head, plain next-token cross-entropy over every column; with the packed mask rows
         (T, V/8), also with each masked column's soft-capped logit set to VAL_MASK_LOGIT."""
-        z = triton_kernels.softcap(h @ self.lm_head).float()
+        z = triton_kernels.softcap(self.head_logits(h)).float()
         loss = F.cross_entropy(z, targets)
         if val_mask_bits is None:
             return loss
@@ -4451,7 +4464,7 @@ def ending_log_likelihoods(model: GPT, cfg: Hyperparameters, windows: tuple[int,
     cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(doc_lengths)]), dtype=torch.int32,
                               device=device)
     h = model.hidden_states(inputs, bigram_ids, cu_seqlens, windows, max(doc_lengths))
-    logits = triton_kernels.softcap(h @ model.lm_head).float()
+    logits = triton_kernels.softcap(model.head_logits(h)).float()
     log_probs = -F.cross_entropy(logits, targets, reduction="none").double()
     totals = torch.cat([log_probs.new_zeros(1), log_probs.cumsum(0)])
     starts, ends = (torch.tensor(column, device=device) for column in zip(*spans))

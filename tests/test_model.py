@@ -311,6 +311,29 @@ def test_transposed_head_equals_standard_linear():
     assert torch.allclose(h @ m.lm_head, linear(h), atol=1e-5)
 
 
+def test_head_gemm_paths_compute_one_bf16_product():
+    """Paths.head_gemm: the fp32 GEMM of the bf16 operands, rounded once, and the bf16 GEMM give
+    the logits and both gradients of the same math: the exact sums of exact products rounded to
+    bf16 (to within one rounding step: the order of the fp32 sums is the GEMM's)."""
+    m = bf16_model(T=64)
+    torch.manual_seed(1)
+    h = torch.randn(64, TINY.model_dim).bfloat16()
+    grad = torch.randn(64, TINY.padded_vocab_size).bfloat16()
+    W = m.lm_head.detach().double()
+    exact = dict(logits=h.double() @ W, h=grad.double() @ W.T, lm_head=h.double().T @ grad.double())
+    for gemm in ("fp32", "bf16"):
+        m.paths = tg.Paths(head_gemm=gemm)
+        m.lm_head.grad = None
+        x = h.clone().requires_grad_()
+        logits = m.head_logits(x)
+        logits.backward(grad)
+        got = dict(logits=logits, h=x.grad, lm_head=m.lm_head.grad)
+        for name, value in got.items():
+            assert value.dtype == torch.bfloat16, (gemm, name)
+            torch.testing.assert_close(value.double(), exact[name], rtol=2 ** -8, atol=1e-6,
+                                       msg=lambda m: f"{gemm} {name}: {m}")
+
+
 def test_init_values_and_tied_copy():
     torch.manual_seed(0)
     m = tg.GPT(TINY, world_size=8, max_positions=8)
@@ -496,7 +519,7 @@ def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
 # Execution paths: decided once, and every fast path computes what its reference does
 # -------------------------------------------------------------------------------------------------
 
-PATH_OPS = ["mlp", "lm_head", "loss", "attention", "dc_attention", "optimizer", "table_grads",
+PATH_OPS = ["mlp", "lm_head", "head_gemm", "loss", "attention", "dc_attention", "optimizer", "table_grads",
             "qkv", "qk_prep", "compile", "cuda_graphs"]
 
 
@@ -507,16 +530,17 @@ def test_cpu_paths_are_the_references():
     report = paths.report()
     assert [line.split(":")[0] for line in report] == [f"path {op}" for op in PATH_OPS]
     assert report[0] == "path mlp: torch (CPU: the PyTorch reference of every kernel)"
-    assert report[3] == "path attention: dense (--flash_attn3=true needs CUDA; CPU reference)"
-    assert report[7:9] == ["path qkv: torch (--fp8_qkv=false: bf16)",
+    assert report[2] == "path head_gemm: fp32 (CPU: faster than its bf16 GEMM, the same sums)"
+    assert report[4] == "path attention: dense (--flash_attn3=true needs CUDA; CPU reference)"
+    assert report[8:10] == ["path qkv: torch (--fp8_qkv=false: bf16)",
                            "path qk_prep: torch (--fused_qk_prep=false)"]
-    assert report[9] == ("path compile: off (CPU: the dense attention's loop over documents does "
+    assert report[10] == ("path compile: off (CPU: the dense attention's loop over documents does "
                          "not compile)")
-    assert report[10] == "path cuda_graphs: off (--cuda_graphs=false)"
+    assert report[11] == "path cuda_graphs: off (--cuda_graphs=false)"
     assert lines == []   # FlashAttention-3 is not even looked for on a CPU
     cpu_graphs = tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True), torch.device("cpu"))
     assert not cpu_graphs.cuda_graphs
-    assert cpu_graphs.report()[10] == ("path cuda_graphs: off (CUDA graphs are made by "
+    assert cpu_graphs.report()[11] == ("path cuda_graphs: off (CUDA graphs are made by "
                                        "torch.compile on CUDA: CPU: the dense attention's loop "
                                        "over documents does not compile)")
 
@@ -525,11 +549,11 @@ def test_cpu_paths_are_the_references():
 def test_gpu_paths_take_every_kernel():
     device = torch.device("cuda")
     paths = tg.resolve_paths(tg.Hyperparameters(), device)
-    assert paths == tg.Paths(mlp="triton", lm_head="fp8", loss="triton", attention="varlen",
-                             dc_attention="triton", optimizer="triton", table_grads="triton",
-                             compile=True)
+    assert paths == tg.Paths(mlp="triton", lm_head="fp8", head_gemm="bf16", loss="triton",
+                             attention="varlen", dc_attention="triton", optimizer="triton",
+                             table_grads="triton", compile=True)
     plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
-    assert plain == tg.Paths(lm_head="fp8", attention="varlen")
+    assert plain == tg.Paths(lm_head="fp8", head_gemm="bf16", attention="varlen")
     assert plain.report()[0] == "path mlp: torch (--use_triton_kernels=false)"
 
 
@@ -540,10 +564,10 @@ def test_gpu_paths_follow_the_configuration_and_fp8_support(monkeypatch, capabil
     device = torch.device("cuda")
     kernel_loss = "triton" if head == "fp8" else "torch"
     assert tg.resolve_paths(tg.Hyperparameters(), device) == tg.Paths(
-        mlp="triton", lm_head=head, loss=kernel_loss, attention="varlen", dc_attention="triton",
-        optimizer="triton", table_grads="triton", compile=True)
+        mlp="triton", lm_head=head, head_gemm="bf16", loss=kernel_loss, attention="varlen",
+        dc_attention="triton", optimizer="triton", table_grads="triton", compile=True)
     plain = tg.resolve_paths(tg.Hyperparameters(use_triton_kernels=False, compile=False), device)
-    assert plain == tg.Paths(lm_head=head, attention="varlen")
+    assert plain == tg.Paths(lm_head=head, head_gemm="bf16", attention="varlen")
     assert tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True), device).cuda_graphs
     assert not tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True, compile=False),
                                 device).cuda_graphs
