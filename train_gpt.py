@@ -601,8 +601,8 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
                  flash_attn3=flash_attn3,
                  why=dict(mlp=mlp_why, lm_head=head_why, head_gemm=head_gemm_why, loss=loss_why,
                           attention=attention_why, dc_attention=kernels_why,
-                          optimizer=kernels_why, table_grads=kernels_why, qkv=qkv_why, qk_prep=qk_prep_why, compile=compile_why,
-                          cuda_graphs=cuda_graphs_why))
+                          optimizer=kernels_why, table_grads=kernels_why, qkv=qkv_why,
+                          qk_prep=qk_prep_why, compile=compile_why, cuda_graphs=cuda_graphs_why))
 
 
 # =================================================================================================
