@@ -519,8 +519,8 @@ def test_flash_attn3_is_optional_and_called_like_the_reference(monkeypatch):
 # Execution paths: decided once, and every fast path computes what its reference does
 # -------------------------------------------------------------------------------------------------
 
-PATH_OPS = ["mlp", "lm_head", "head_gemm", "loss", "attention", "dc_attention", "optimizer", "table_grads",
-            "qkv", "qk_prep", "compile", "cuda_graphs"]
+PATH_OPS = ["mlp", "lm_head", "head_gemm", "loss", "attention", "dc_attention", "optimizer",
+            "table_grads", "qkv", "qk_prep", "compile", "cuda_graphs"]
 
 
 def test_cpu_paths_are_the_references():
@@ -533,9 +533,9 @@ def test_cpu_paths_are_the_references():
     assert report[2] == "path head_gemm: fp32 (CPU: faster than its bf16 GEMM, the same sums)"
     assert report[4] == "path attention: dense (--flash_attn3=true needs CUDA; CPU reference)"
     assert report[8:10] == ["path qkv: torch (--fp8_qkv=false: bf16)",
-                           "path qk_prep: torch (--fused_qk_prep=false)"]
+                            "path qk_prep: torch (--fused_qk_prep=false)"]
     assert report[10] == ("path compile: off (CPU: the dense attention's loop over documents does "
-                         "not compile)")
+                          "not compile)")
     assert report[11] == "path cuda_graphs: off (--cuda_graphs=false)"
     assert lines == []   # FlashAttention-3 is not even looked for on a CPU
     cpu_graphs = tg.resolve_paths(tg.Hyperparameters(cuda_graphs=True), torch.device("cpu"))
