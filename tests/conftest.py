@@ -22,6 +22,15 @@ def _have_tokenizer() -> bool:
         return False
 
 
+def cores_per_worker() -> int:
+    """This machine's cores shared out over the test processes (pytest-xdist's workers run side
+    by side; without it there is one process)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+torch.set_num_threads(cores_per_worker())   # workers that share cores slow each other down
+
 needs_corpus = pytest.mark.skipif(not os.path.isdir(CORPUS),
                                   reason="needs the shared corpus in ../shared/data/corpus")
 needs_tokenizer = pytest.mark.skipif(not _have_tokenizer(),

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED, needs_corpus, stages_option
+from conftest import ROOT, SHARED, cores_per_worker, needs_corpus, stages_option
 
 TINY_RUN = [
     "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
@@ -38,7 +38,7 @@ def run_torchrun(nproc: int, log_dir: str, preset: str,
            *TINY_RUN, *extra,
            f"--train_files={data}/corpus_train_*.bin", f"--val_files={data}/corpus_val_*.bin",
            f"--log_dir={log_dir}"]
-    threads = max(1, (os.cpu_count() or 1) // nproc)    # the cores shared out over the ranks
+    threads = max(1, cores_per_worker() // nproc)    # the cores shared out over the ranks
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
