@@ -1836,7 +1836,7 @@ class FP8DelayedScales(nn.Module):
 class FP8PackedQKV(nn.Module):
     """#344's packed QKV weights in e4m3 (triton_kernels section 12), as buffers, so that the
     model's state_dict (the warm-up's snapshot) and every checkpoint hold them. Remade from the
-    weights at the start and after every optimizer update (GPT.requantize_qkv), never in a
+    weights at the start and after every optimizer update (GPT.requantize_fp8_weights), never in a
     forward. L = the standard attention layers, n = 2 H qk_width + d rows (Q, K, then V):
       weight_e4m3 (L, n, d): W / scale, the forward GEMM's operand; weight_e4m3_t (L, d, n): its
           transpose, the backward's; weight_scales (L,): each layer's exact max|W| / 448 (no
@@ -2056,14 +2056,6 @@ class GPT(nn.Module):
             x, c_fc, c_proj, weights, act_scale, pre_from_post=self.cfg.mlp_pre_from_post,
             grad_bound=self.cfg.fp8_mlp_grad_bound)
 
-    @torch.no_grad()
-    def requantize_mlp_down(self) -> None:
-        """#89: c_proj's e4m3 copy from the current weights (at the start, after every step);
-        with --fp8_mlp_backward c_fc's and c_proj's other layouts too."""
-        bank = self.mlp_bank[:NUM_LAYERS]
-        self.fp8_scales.quantize_weights(bank[:, 1], bank[:, 0] if self.cfg.fp8_mlp_backward
-                                         else None)
-
     def qkv_weight_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The standard attention layers' Q and K rows (L, 2 H qk_width, d), each layer's head-pair
         blocks of qk_bank in a row, and their V (L, d, d) in vo_bank: views, no copies."""
@@ -2071,10 +2063,16 @@ class GPT(nn.Module):
         return self.qk_bank[:H * L].view(L, H * self.qk_bank.shape[1], d), self.vo_bank[0:2 * L:2]
 
     @torch.no_grad()
-    def requantize_qkv(self) -> None:
-        """#344: the packed QKV weights' e4m3 copies from the current weights (at the start and
-        after every optimizer step)."""
-        self.fp8_qkv_weights.quantize(*self.qkv_weight_views(), self.paths.qkv == "triton")
+    def requantize_fp8_weights(self) -> None:
+        """The e4m3 copies of the current weights, at the start and after every optimizer step:
+        #89's c_proj (with --fp8_mlp_backward c_fc's and c_proj's other layouts too) and #344's
+        packed QKV weights, each where its switch is on."""
+        if self.fp8_scales is not None:
+            bank = self.mlp_bank[:NUM_LAYERS]
+            self.fp8_scales.quantize_weights(bank[:, 1], bank[:, 0] if self.cfg.fp8_mlp_backward
+                                             else None)
+        if self.fp8_qkv_weights is not None:
+            self.fp8_qkv_weights.quantize(*self.qkv_weight_views(), self.paths.qkv == "triton")
 
     def qkv_rows(self, layer: int, W: torch.Tensor, qkv_lambda: torch.Tensor,
                  x: torch.Tensor) -> torch.Tensor:
@@ -3309,10 +3307,7 @@ class Trainer:
                     dist.broadcast(p.detach(), 0)
             synchronize(run.device)
         with phase("FP8 weight copies"):    # the first compiles the quantization
-            if cfg.fp8_mlp_down:
-                self.model.requantize_mlp_down()
-            if cfg.fp8_qkv:
-                self.model.requantize_qkv()
+            self.model.requantize_fp8_weights()
         self.forward = self.model
         if self.paths.compile:
             cache_graphs_with_autograd_functions()
@@ -3430,10 +3425,7 @@ class Trainer:
         if is_adam_step:   # the tables are Adam parameters: their gradient spans two steps
             self.table_grads.flush()
         self.optimizer.step(step, settings.lr_mul, settings.muon_momentum)
-        if fp8_scales is not None:
-            self.model.requantize_mlp_down()
-        if self.cfg.fp8_qkv:
-            self.model.requantize_qkv()
+        self.model.requantize_fp8_weights()
         if step == self.schedule.split_step:
             self.optimizer.untie()
         if run.world_size > 1:

@@ -179,10 +179,7 @@ def random_model(world_size=1, T=48, cfg=TINY):
         m.scalars[24] = -1.0
     m.float()
     m.rotary.reset()
-    if m.fp8_scales is not None:   # #89: c_proj's e4m3 copy from the new weights
-        m.requantize_mlp_down()
-    if m.fp8_qkv_weights is not None:   # #344: the packed QKV weights' e4m3 copies
-        m.requantize_qkv()
+    m.requantize_fp8_weights()   # the e4m3 copies of the new weights
     return m
 
 
@@ -613,10 +610,7 @@ def bf16_model(T, cfg=TINY):
         for p in m.parameters():
             p.copy_(p.float() * 0.5 + 0.05 * torch.randn_like(p.float()))
     m.rotary.reset()
-    if m.fp8_scales is not None:   # #89: c_proj's e4m3 copy from the new weights
-        m.requantize_mlp_down()
-    if m.fp8_qkv_weights is not None:   # #344: the packed QKV weights' e4m3 copies
-        m.requantize_qkv()
+    m.requantize_fp8_weights()   # the e4m3 copies of the new weights
     return m
 
 
