@@ -1836,8 +1836,8 @@ class FP8DelayedScales(nn.Module):
 class FP8PackedQKV(nn.Module):
     """#344's packed QKV weights in e4m3 (triton_kernels section 12), as buffers, so that the
     model's state_dict (the warm-up's snapshot) and every checkpoint hold them. Remade from the
-    weights at the start and after every optimizer update (GPT.requantize_fp8_weights), never in a
-    forward. L = the standard attention layers, n = 2 H qk_width + d rows (Q, K, then V):
+    weights at the start and after every optimizer update (GPT.requantize_fp8_weights), never
+    in a forward. L = the standard attention layers, n = 2 H qk_width + d rows (Q, K, then V):
       weight_e4m3 (L, n, d): W / scale, the forward GEMM's operand; weight_e4m3_t (L, d, n): its
           transpose, the backward's; weight_scales (L,): each layer's exact max|W| / 448 (no
           scale is stated for #344's weights); quantizations: how many were made."""
