@@ -2,6 +2,9 @@
 
     python records/profile_steps.py [--stages 1 3] [--steps 4] [--trace DIR] [train_gpt.py options ...]
 
+`--stages 1 3` picks the stages to profile; train_gpt.py's own stage table passes through written
+with '=', as every train_gpt.py option is (`--stages="((...), ...)"`).
+
 For each chosen stage it compiles that stage's shapes (two untimed steps), times `--steps` steps
 (even and odd, so Adam steps are included; on a GPU each step's time is read from events
 recorded between the steps, so the queue is never drained), runs them again under the profiler
@@ -205,13 +208,14 @@ def step_times_ms(trainer, steps, cuda: bool) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--stages", type=int, nargs="+", default=[1])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", default="", help="folder for the Chrome traces")
-    args, options = parser.parse_known_args()
-    cfg = tg.parse_config(options)
+    stage_table = [arg for arg in sys.argv[1:] if arg.startswith("--stages=")]
+    args, options = parser.parse_known_args([a for a in sys.argv[1:] if a not in stage_table])
+    cfg = tg.parse_config(options + stage_table)
     run = tg.setup_distributed()
     run.grad_accum_steps = tg.check_config(cfg, run.world_size)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)

@@ -317,10 +317,12 @@ def test_profile_steps_sorts_kernels_by_kind():
                     reason="needs ../shared/data/corpus")
 def test_profile_steps_on_the_cpu(tmp_path):
     corpus = os.path.join(SHARED, "data", "corpus")
-    # one micro-batch a step: a quarter of the ops, whose profiler events take most of the time
+    # one micro-batch a step: a quarter of the ops, whose profiler events take most of the time;
+    # the trainer's stage table (written with '=') halves stage 2's batch
     result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
                       "--preset=smoke", "--model_dim=32", "--head_dim=16", "--qk_head_dim=12",
                       "--mlp_hidden=64", "--micro_batches_per_step=1",
+                      stages_option(batch_tokens=(1024, 512, 1024)),
                       f"--train_files={corpus}/corpus_train_*.bin",
                       f"--val_files={corpus}/corpus_val_*.bin", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -330,6 +332,7 @@ def test_profile_steps_on_the_cpu(tmp_path):
     assert gemms[0].startswith("| op | shapes |")
     assert gemms[2].startswith("| aten::mm | (")   # the CPU's matmuls, no ceiling
     assert gemms[2].endswith("| - |")
+    assert any("(512, 32)" in row for row in gemms)      # stage 2's 512 tokens, not the preset's 1024
 
 
 def test_gemm_rows_give_the_rate_against_the_ceiling():
