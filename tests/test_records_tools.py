@@ -332,7 +332,7 @@ def test_profile_steps_on_the_cpu(tmp_path):
     assert gemms[0].startswith("| op | shapes |")
     assert gemms[2].startswith("| aten::mm | (")   # the CPU's matmuls, no ceiling
     assert gemms[2].endswith("| - |")
-    assert any("(512, 32)" in row for row in gemms)      # stage 2's 512 tokens, not the preset's 1024
+    assert any("(512, 32)" in row for row in gemms)   # stage 2: 512 tokens, the preset has 1024
 
 
 def test_gemm_rows_give_the_rate_against_the_ceiling():
