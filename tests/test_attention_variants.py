@@ -13,7 +13,7 @@ import train_gpt as tg
 from conftest import needs_corpus, needs_tokenizer
 from test_model import (TINY, random_model, random_tokens, ref_attention_rows, ref_bigram,
                         ref_rmsnorm)
-from test_recipe import SPEEDRUN_TINY_SIZES, TINY_FILES, train_steps
+from test_recipe import HALF_BATCHES, SPEEDRUN_TINY_SIZES, TINY_FILES, train_steps
 
 VARIANTS = ["diff", "cmd", "mla", "cmd_mla"]
 PAIRED = (0, 2, 5, 9)
@@ -458,8 +458,9 @@ def test_variants_run_with_every_speedrun_change(attn):
 @needs_tokenizer
 @pytest.mark.parametrize("attn", VARIANTS)
 def test_smoke_preset_trains_with_each_variant(attn):
-    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, **FULL_WIDTH_QK}, attn=attn,
-                             mla_q_rank=16, mla_kv_rank=16, cmd_noise_dim=16)
+    cfg = tg.Hyperparameters(**{**tg.PRESETS["smoke"], **TINY_FILES, **FULL_WIDTH_QK,
+                                **HALF_BATCHES}, attn=attn, mla_q_rank=16, mla_kv_rank=16,
+                             cmd_noise_dim=16)
     losses, params = train_steps(cfg, steps=6)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.2, losses

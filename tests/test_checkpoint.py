@@ -80,8 +80,7 @@ def torchrun(nproc, log_dir, *args):
 
 def test_resume_on_two_processes_and_on_another_world_size(tmp_path):
     checkpoints = f"--checkpoint_dir={tmp_path / 'ckpt'}"
-    straight = torchrun(2, tmp_path / "a", "--stop_after_steps=6")
-    torchrun(2, tmp_path / "b", "--stop_after_steps=4", "--save_checkpoint=true", checkpoints)
+    straight = torchrun(2, tmp_path / "a", "--stop_after_steps=6", "--save_every=4", checkpoints)
     resumed = torchrun(2, tmp_path / "c", "--stop_after_steps=6", "--resume=latest", checkpoints)
     assert sorted(resumed) == [5, 6]
     assert all(abs(resumed[s] - straight[s]) < 1e-4 for s in resumed), (resumed, straight)

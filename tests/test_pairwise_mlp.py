@@ -377,8 +377,8 @@ def test_kernel_path_trains_like_the_reference_path(path):
 @needs_corpus
 @needs_tokenizer
 def test_trains_on_the_smoke_preset():
-    from test_recipe import TINY_SMOKE, train_steps
-    cfg = tg.Hyperparameters(**{**TINY_SMOKE, "mlp": "pairwise", "pairwise_rank": 7,
+    from test_recipe import HALF_BATCHES, TINY_SMOKE, train_steps
+    cfg = tg.Hyperparameters(**{**TINY_SMOKE, **HALF_BATCHES, "mlp": "pairwise", "pairwise_rank": 7,
                                 "fp8_mlp_up": False, "fp8_mlp_down": False,
                                 "fp8_mlp_backward": False})
     losses, params = train_steps(cfg, steps=6)

@@ -555,10 +555,10 @@ def test_prefix_loss_joins_the_training_loss():
 # Whole steps: record #74 kept exactly
 # =================================================================================================
 
-def train_steps(cfg, steps=3, grad_accum_steps=4):
+def train_steps(cfg, steps=3):
     """A few CPU training steps of the Trainer on the corpus: losses and final parameters."""
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"),
-                 grad_accum_steps=grad_accum_steps)
+                 grad_accum_steps=cfg.micro_batches_per_step)
     trainer = tg.Trainer(cfg, run, log=lambda line, console=True: None)
     losses = [trainer.train_step(step, trainer.advance(step)).item() for step in range(steps)]
     return losses, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -568,6 +568,11 @@ TINY_FILES = dict(train_files=f"{CORPUS}/corpus_train_*.bin", val_files=f"{CORPU
                   model_dim=32, head_dim=16, mlp_hidden=64)
 # the smoke preset on that model: Q/K 3/4 of its heads, as the preset's 24 of 32
 TINY_SMOKE = {**tg.PRESETS["smoke"], **TINY_FILES, "qk_head_dim": 12}
+# Half the smoke preset's tokens a step, in two micro-batches of 256 rather than four of 256: for
+# the tests of whole runs, whose CPU time is mostly the 50,304-column loss. Every step still runs
+# its graphs on a second batch (and FP8 slot).
+HALF_BATCHES = dict(micro_batches_per_step=2, stages=tuple(
+    stage._replace(batch_tokens=512) for stage in tg.PRESETS["smoke"]["stages"]))
 
 
 @pytest.fixture(scope="module")
@@ -893,13 +898,10 @@ def warmed_up_on_cpu(cfg, monkeypatch):
     return trainer, graphs, seconds
 
 
-# The compiled runs: three stages of two steps and an extension of two, eight steps. Two
-# micro-batches a step, not the smoke preset's four: every step still runs its graph on a second
-# batch (and FP8 slot) at two thirds of the CPU time, and compiles the same graphs; validation
-# batches of 4096 tokens keep each evaluation at the 2048 tokens it has with four.
-COMPILED_TINY = tg.Hyperparameters(**{**TINY_SMOKE, "num_scheduled_iterations": 6,
-                                      "num_extension_iterations": 2, "micro_batches_per_step": 2,
-                                      "val_batch_tokens": 4096})
+# The compiled runs: three stages of two steps and an extension of two, eight steps, at half
+# batches; validation batches of 2048 tokens, 1024 a micro-batch.
+COMPILED_TINY = tg.Hyperparameters(**{**TINY_SMOKE, **HALF_BATCHES, "num_scheduled_iterations": 6,
+                                      "num_extension_iterations": 2, "val_batch_tokens": 2048})
 
 
 @pytest.fixture(scope="module")
@@ -908,8 +910,7 @@ def eager_losses_of_compiled_tiny():
     runs have it: what both tests below compare their compiled steps with, trained once."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tg, "attention_reference", maskable_attention)
-        losses, _ = train_steps(COMPILED_TINY, steps=COMPILED_TINY.num_train_steps,
-                                grad_accum_steps=COMPILED_TINY.micro_batches_per_step)
+        losses, _ = train_steps(COMPILED_TINY, steps=COMPILED_TINY.num_train_steps)
     return losses
 
 
@@ -975,8 +976,8 @@ def test_symbolic_windows_share_graphs_between_windows(monkeypatch, fresh_dynamo
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=generator).to(p.dtype))
-    batch = next(iter(tg.val_batches(trainer.val_files, 4096, 4096, 0, 1, 2, trainer.run.device,
-                                     cfg.bigram_vocab_size)))
+    batch = next(iter(tg.val_batches(trainer.val_files, cfg.val_batch_tokens, cfg.val_batch_tokens,
+                                     0, 1, 2, trainer.run.device, cfg.bigram_vocab_size)))
     schedule = trainer.schedule
     pairs = [schedule.windows(0), schedule.windows(cfg.num_train_steps - 1),
              schedule.final_val_windows()]

@@ -20,7 +20,7 @@ from conftest import ROOT, SHARED, cores_per_worker, needs_corpus, stages_option
 TINY_RUN = [
     "--model_dim=32", "--head_dim=16", "--mlp_hidden=64",
     "--micro_batches_per_step=4",
-    stages_option(batch_tokens=(512, 1024, 1024), max_seq_len=(64, 128, 128)),
+    stages_option(batch_tokens=(256, 512, 512), max_seq_len=(64, 128, 128)),
     "--val_tokens=2048", "--val_batch_tokens=2048",
     "--num_scheduled_iterations=30", "--num_extension_iterations=4", "--stop_after_steps=12",
     "--val_every=0",
