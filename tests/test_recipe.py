@@ -572,7 +572,8 @@ TINY_SMOKE = {**tg.PRESETS["smoke"], **TINY_FILES, "qk_head_dim": 12}
 # the tests of whole runs, whose CPU time is mostly the 50,304-column loss. Every step still runs
 # its graphs on a second batch (and FP8 slot).
 HALF_BATCHES = dict(micro_batches_per_step=2, stages=tuple(
-    stage._replace(batch_tokens=512) for stage in tg.PRESETS["smoke"]["stages"]))
+    stage._replace(batch_tokens=stage.batch_tokens // 2)
+    for stage in tg.PRESETS["smoke"]["stages"]))
 
 
 @pytest.fixture(scope="module")
