@@ -253,10 +253,15 @@ def ref_variant_sublayer(m, layer, x, doc, window, out_gate):
 
 @pytest.mark.parametrize("attn", VARIANTS)
 @pytest.mark.parametrize("layer", [1, 10])          # a short-window layer, a key-offset layer
-def test_variant_sublayer_matches_restatement(attn, layer):
+@pytest.mark.parametrize("symbolic_windows", [False, True])
+def test_variant_sublayer_matches_restatement(attn, layer, symbolic_windows):
+    """After a YaRN update, so that the softmax scale is not the initial one: with
+    --symbolic_windows the queries (signal and noise) carry its factor instead of the scale."""
     torch.manual_seed(7)
     T = 20
-    m = random_model(T=T, cfg=tiny_cfg(attn))
+    m = random_model(T=T, cfg=tiny_cfg(attn, symbolic_windows=symbolic_windows))
+    m.rotary.apply_yarn(8, 24)
+    assert m.rotary.attn_scale > 1.2 * tg.INITIAL_ATTN_SCALE
     ids, cu = random_tokens(T, n_docs=3)
     doc = [int((cu <= t).sum()) for t in range(T)]
     x = ref_rmsnorm(torch.randn(T, 64)).requires_grad_()
@@ -350,12 +355,6 @@ def test_bad_attention_settings_are_clear_errors():
         tg.parse_config(["--attn=diff"])
     assert str(e.value) == ("--attn=diff needs --qk_head_dim=0: the attention variants build "
                             "their heads with Q and K as wide as V (head_dim)")
-    for switch in ("dynamic_stages", "symbolic_windows"):
-        with pytest.raises(ValueError, match=rf"{switch}=true does not take attn=cmd: its noise "
-                                             r"heads hold the stage's softmax scale as a constant"):
-            tg.Hyperparameters(**smoke, attn="cmd", **{switch: True})
-        assert getattr(tg.Hyperparameters(**smoke, attn="mla", mla_q_rank=32, mla_kv_rank=32,
-                                          **{switch: True}), switch)
 
 
 def test_defaults_leave_every_preset_as_it_was():

@@ -382,7 +382,7 @@ def test_every_change_turns_off_alone(change):
 
 def test_speedrun_is_record74_plus_the_changes():
     paths_off = {field: tg.Hyperparameters.__dataclass_fields__[field].default
-                 for field in tg.SPEEDRUN_PATHS}
+                 for field in {**tg.SPEEDRUN_PATHS, **tg.SPEEDRUN_STARTUP}}
     assert set(tg.SPEEDRUN_PATHS) <= tg.RUN_ONLY_FIELDS     # paths never change the math
     everything_off = tg.Hyperparameters(**{**tg.PRESETS["speedrun"], **SWITCH_OFF, **paths_off})
     assert everything_off == tg.Hyperparameters(**tg.PRESETS["record74"])
