@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import unicodedata
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, TextIO
 
 import numpy as np
 import torch
@@ -130,6 +131,9 @@ class Hyperparameters:
     resume: str = ""                        # a checkpoint to continue, or "latest" in checkpoint_dir
     compile_cache: str = ""                 # a file of compiled graphs: loaded if it fits, else
                                             # written after the warm-up
+    compile_ahead: bool = False             # a helper process per rank compiles the later
+                                            # stages' steps while this one compiles stage 1
+                                            # ("Start-up", README)
     eval: str = ""                          # "hellaswag": score the final model, after the clock
     hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"   # from data/hellaswag.py
     log_dir: str = "logs"
@@ -253,6 +257,11 @@ class Hyperparameters:
     @property
     def num_train_steps(self) -> int:
         return self.num_scheduled_iterations + self.num_extension_iterations
+
+    @property
+    def last_step(self) -> int:
+        """The step a run ends at: the schedule's end, or stop_after_steps before it."""
+        return min(self.num_train_steps, self.stop_after_steps or self.num_train_steps)
 
 
 # The MLP of every layer: "relu2" is relu(x W1^T)^2 W2 (every record); "pairwise" is an
@@ -411,6 +420,15 @@ def _parse_value(key: str, text: str, default: object) -> object:
     if type(value) is not type(default):
         raise SystemExit(f"--{key}={text}: expected {expected}")
     return value
+
+
+def config_argv(cfg: Hyperparameters) -> list[str]:
+    """Options that make parse_config give back `cfg`: one --key=value per field."""
+    def text(value: object) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return value if isinstance(value, str) else repr(as_literal(value))
+    return [f"--{f.name}={text(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)]
 
 
 def as_literal(value: object) -> object:
@@ -3464,9 +3482,19 @@ class Trainer:
         values = val_loss.tolist()
         return (values[0], values[1]) if isinstance(values, list) else (values, None)
 
-    def warmup(self, last_step: int) -> None:
+    def no_rank_compiled(self, misses: float) -> bool:
+        """Whether `misses` (Inductor compiles) is 0 on every rank: a helper of --compile_ahead
+        is stopped on all ranks or none, since the helpers share a process group."""
+        total = torch.tensor([misses], dtype=torch.float64)
+        if self.run.world_size > 1:
+            dist.all_reduce(total, group=self.run.cpu_group)
+        return total.item() == 0
+
+    def warmup(self, last_step: int, ahead: CompileAhead | None = None) -> None:
         """Run real steps around every schedule transition so that every compiled variant exists
-        before the clock starts, then restore the initial state."""
+        before the clock starts, then restore the initial state. With `ahead`, each later
+        stage's step first waits for the helper to have compiled it; after a step 0 that
+        compiled nothing (warm caches) the helper is stopped instead."""
         steps = self.schedule.warmup_steps(last_step)
         self.log("Compiling model and warming up kernels (~7 minutes on first execution)")
         self.log(f"Sampling steps {steps} for warmup")
@@ -3478,6 +3506,9 @@ class Trainer:
                 self.run.rank, self.run.world_size, self.run.grad_accum_steps, self.run.device,
                 self.cfg.bigram_vocab_size)))
         for step in steps:
+            if ahead is not None and step > 1:
+                with startup.phase("waiting for the compile-ahead helper"):
+                    ahead.wait_for(self.schedule.stage_of(step))
             begin, graphs_before, compiles_before = (time.perf_counter(), compiled_graphs(),
                                                      compile_totals())
             settings = self.advance(step)
@@ -3489,6 +3520,10 @@ class Trainer:
                            f"{compiled_graphs() - graphs_before} graphs compiled)", seconds)
             self.log(f"warm-up step {step}: "
                      f"{compile_summary(compiles_before, compile_totals(), seconds)}")
+            if ahead is not None and step == 0 and self.no_rank_compiled(
+                    compile_totals()["inductor miss"] - compiles_before["inductor miss"]):
+                ahead.stop("step 0 compiled nothing: the caches hold every graph")
+                ahead = None
         self.log("Resetting Model")
         with startup.phase("state restore"):
             self.model.zero_grad(set_to_none=True)
@@ -3517,7 +3552,7 @@ RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
     "compile", "cuda_graphs", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
     "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops",
-    "compile_cache", "eval", "hellaswag_file"})
+    "compile_cache", "compile_ahead", "eval", "hellaswag_file"})
 
 
 class CheckpointError(ValueError):
@@ -3681,7 +3716,7 @@ COMPILE_CACHE_MAGIC = b"train_gpt.py compile cache 1\n"
 NOT_GRAPH_FIELDS = frozenset({
     "train_files", "val_files", "val_tokens", "cycle_train_data", "stop_after_steps", "val_every",
     "seed", "peak_tflops", "save_every", "save_checkpoint", "checkpoint_dir", "resume", "log_dir",
-    "val_mask_cache", "compile_cache", "eval", "hellaswag_file"})
+    "val_mask_cache", "compile_cache", "compile_ahead", "eval", "hellaswag_file"})
 
 
 def cache_graphs_with_autograd_functions() -> None:
@@ -3958,20 +3993,113 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# The helper of --compile_ahead is this file, run with the same configuration and this mode; it
+# reports each stage it compiled as a line on the pipe whose descriptor the variable names.
+COMPILE_AHEAD_MODE = "--compile_ahead_helper"
+COMPILE_AHEAD_FD = "TRAIN_GPT_COMPILE_AHEAD_FD"
+
+
+class CompileAhead:
+    """--compile_ahead: while this process compiles stage 1's graphs, a helper process runs the
+    first training step of every later stage, and so compiles those stages' graphs into this
+    machine's Inductor and AOTAutograd caches (shared through the file system). This process's
+    own warm-up steps of those stages then load them. Much of compiling is Python work in one
+    thread, so two processes overlap on a machine's cores. With several ranks, every rank starts
+    one and the helpers form their own process group, on a port rank 0 picks: that way they build
+    the same graphs (shapes depend on the world size). A helper that fails or is stopped costs
+    only its time: this process compiles whatever is missing itself."""
+
+    def __init__(self, process: subprocess.Popen, reports: TextIO, output_path: str,
+                 log: Callable[[str], None]):
+        self.process, self.reports, self.output_path, self.log = process, reports, output_path, log
+        self.stages_done: set[int] = set()
+        self.failed = False
+
+    @staticmethod
+    def command(cfg: Hyperparameters, rank: int, world_size: int, port: int, report_fd: int
+                ) -> tuple[list[str], dict[str, str], str]:
+        """The helper's command line, environment and output file: this run's configuration,
+        logging to log_dir/compile_ahead, without a compile cache file of its own."""
+        log_dir = os.path.join(cfg.log_dir, "compile_ahead")
+        helper = dataclasses.replace(cfg, compile_ahead=False, compile_cache="", log_dir=log_dir)
+        argv = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), *config_argv(helper),
+                COMPILE_AHEAD_MODE]
+        env = {**os.environ, COMPILE_AHEAD_FD: str(report_fd)}
+        if world_size > 1:   # a rendezvous of their own: rank 0's helper serves the store
+            env.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False",
+                       DIST_TIMEOUT_MINUTES="5")   # one helper's failure ends the others soon
+        return argv, env, os.path.join(log_dir, f"rank{rank}.out")
+
+    @classmethod
+    def launch(cls, cfg: Hyperparameters, run: Run, log: Callable[[str], None]) -> CompileAhead:
+        port = free_port() if run.is_master else 0
+        if run.world_size > 1:
+            ports = [port]
+            dist.broadcast_object_list(ports, src=0)
+            port = ports[0]
+        read_fd, write_fd = os.pipe()
+        argv, env, output_path = cls.command(cfg, run.rank, run.world_size, port, write_fd)
+        os.makedirs(os.path.dirname(output_path), exist_ok=True)
+        with open(output_path, "w") as output:
+            process = subprocess.Popen(argv, env=env, pass_fds=(write_fd,), stdout=output,
+                                       stderr=subprocess.STDOUT)
+        os.close(write_fd)
+        log(f"compile ahead: a helper compiles the later stages' steps (output: {output_path})")
+        return cls(process, os.fdopen(read_fd), output_path, log)
+
+    def wait_for(self, stage: int) -> None:
+        """Until the helper has compiled `stage`'s step, or has ended without it."""
+        while stage not in self.stages_done and (line := self.reports.readline()):
+            self.stages_done.add(int(line))
+        if stage not in self.stages_done and not self.failed:
+            self.failed = True
+            self.log(f"compile ahead: the helper ended (exit code {self.process.wait()}, see "
+                     f"{self.output_path}) before stage {stage}; compiling the rest here")
+
+    def stop(self, reason: str) -> None:
+        """End the helper if it still runs (it must not share the GPU with the timed steps)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.log(f"compile ahead: helper stopped ({reason})")
+        self.process.wait()
+        self.reports.close()
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def compile_later_stages(cfg: Hyperparameters, run: Run, log: Logger, paths: Paths) -> None:
+    """The helper of --compile_ahead: the first training step of every later stage, each
+    reported on the pipe when done."""
+    trainer = Trainer(cfg, run, log, paths)
+    with os.fdopen(int(os.environ[COMPILE_AHEAD_FD]), "w") as reports:
+        for step in trainer.schedule.warmup_steps(cfg.last_step)[2:]:
+            settings = trainer.advance(step)
+            trainer.train_step(step, settings)
+            synchronize(run.device)
+            print(settings.stage, file=reports, flush=True)
+
+
 class TrainingRun:
     """The timed loop around a Trainer: the clock (validation and checkpoints stay off it), the
     progress lines, the checkpoints and the report at the end."""
 
     def __init__(self, cfg: Hyperparameters, run: Run, log: Logger, paths: Paths | None = None):
         self.cfg, self.run, self.log = cfg, run, log
-        self.trainer = Trainer(cfg, run, log, paths)
+        paths = resolve_paths(cfg, run.device, log) if paths is None else paths
         self.total_steps = cfg.num_train_steps
-        self.last_step = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
-        if self.trainer.paths.compile:
-            self.compile_and_warm_up()
-        elif cfg.compile_cache:
-            log(f"compile cache {cfg.compile_cache}: not used (nothing is compiled: "
-                f"{self.trainer.paths.why['compile']})")
+        self.last_step = cfg.last_step
+        if paths.compile:
+            self.compile_and_warm_up(paths)
+        else:
+            self.trainer = Trainer(cfg, run, log, paths)
+            if cfg.compile_cache:
+                log(f"compile cache {cfg.compile_cache}: not used (nothing is compiled: "
+                    f"{paths.why['compile']})")
         self.start_step, self.training_ms = 0, 0.0
         if cfg.resume:
             path = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
@@ -3989,9 +4117,10 @@ class TrainingRun:
         self.hellaswag_text = "not run (--eval=hellaswag runs it)"
         self.t0 = 0.0
 
-    def compile_and_warm_up(self) -> None:
-        """Compile every graph variant in warm-up steps, from --compile_cache where it fits; write
-        the cache (rank 0) when it was missing, did not fit or lacked a graph."""
+    def compile_and_warm_up(self, paths: Paths) -> None:
+        """Build the trainer and compile every graph variant in warm-up steps, from
+        --compile_cache where it fits; write the cache (rank 0) when it was missing, did not fit
+        or lacked a graph. A --compile_ahead helper starts first, to overlap the most."""
         cfg, run, log = self.cfg, self.run, self.log
         loaded = False
         if cfg.compile_cache:
@@ -3999,7 +4128,17 @@ class TrainingRun:
             with run.startup.phase("compile cache load"):
                 loaded = load_compile_cache(cfg.compile_cache, key, log)
         misses = compile_totals()["inductor miss"]     # graphs Inductor compiled, no cache held
-        self.trainer.warmup(self.last_step)
+        ahead = None
+        if cfg.compile_ahead and not loaded and len(Schedule(cfg).warmup_steps(
+                self.last_step)) > 2:
+            with run.startup.phase("compile-ahead helper start"):
+                ahead = CompileAhead.launch(cfg, run, log)
+        try:
+            self.trainer = Trainer(cfg, run, log, paths)
+            self.trainer.warmup(self.last_step, ahead)
+        finally:
+            if ahead is not None:
+                ahead.stop("the warm-up is over")
         log(f"compiled graphs: {compiled_graphs()}")
         if cfg.compile_cache and run.is_master and (
                 not loaded or compile_totals()["inductor miss"] > misses):
@@ -4198,10 +4337,9 @@ def data_coverage(cfg: Hyperparameters, files: list[str]) -> Check:
     """The training tokens the schedule reads, estimated from the first shard's document lengths,
     against the tokens the shards hold."""
     schedule = Schedule(cfg)
-    last = min(cfg.num_train_steps, cfg.stop_after_steps or cfg.num_train_steps)
     needed = 0.0
     for stage, (start, end) in enumerate(zip(schedule.stage_starts, schedule.stage_ends)):
-        steps = max(0, min(end, last) - start)
+        steps = max(0, min(end, cfg.last_step) - start)
         row = schedule.row(stage)
         needed += steps * row.batch_tokens * read_ratio(files[0], row.max_seq_len)
     available = sum(read_shard_header(path) for path in files)
@@ -4547,7 +4685,8 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_checkpoint(argv)
         return
     only_preflight, only_compile = "--preflight" in argv, "--compile_only" in argv
-    argv = [arg for arg in argv if arg not in ("--preflight", "--compile_only")]
+    compile_helper = COMPILE_AHEAD_MODE in argv
+    argv = [arg for arg in argv if arg not in ("--preflight", "--compile_only", COMPILE_AHEAD_MODE)]
     summary = "--summary" in argv
     world_args = [arg for arg in argv if arg.startswith("--world_size=")]
     if world_args and not summary:
@@ -4592,6 +4731,9 @@ def main(argv: list[str] | None = None) -> None:
                 log("preflight:\n" + preflight_table(checks), console=False)
         for note in notes:
             log(note)
+        if compile_helper:
+            compile_later_stages(cfg, run, log, paths)
+            return
         train(cfg, run, log, paths, only_compile)
     except (DataError, CheckpointError) as e:   # bad data or checkpoint: one line, no traceback
         raise SystemExit(f"error: {e}") from None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, needs_corpus, needs_tokenizer
+from conftest import CORPUS, ROOT, needs_corpus, needs_tokenizer
 from test_main import TINY
 
 
@@ -216,3 +216,113 @@ def test_compile_cache_key_changes_with_graph_fields_only():
     assert {k for k in base if base[k] != graphs[k]} == {"cuda_graphs"}
     run2 = tg.Run(rank=0, world_size=2, device=torch.device("cpu"), grad_accum_steps=4)
     assert tg.compile_cache_key(tg.Hyperparameters(), run2)["world_size"] == "2"
+
+
+# -------------------------------------------------------------------------------------------------
+# --compile_ahead: a helper process compiles the later stages' steps
+
+def test_config_argv_gives_back_the_configuration():
+    """The helper is started with config_argv(cfg): parse_config must rebuild cfg exactly, the
+    stages' tuples, the floats and the paths included."""
+    configs = [tg.Hyperparameters(**preset) for preset in tg.PRESETS.values()]
+    configs.append(tg.parse_config([*TINY, "--adam_lr=0.0123456789", "--log_dir=a dir/with space",
+                                    "--compile_ahead=true", "--val_mask_cache="]))
+    for cfg in configs:
+        assert tg.parse_config(tg.config_argv(cfg)) == cfg
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_compile_ahead_helper_runs_this_configuration_in_its_own_process_group(world_size,
+                                                                              monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    cfg = tg.parse_config([*TINY, "--log_dir=/runs/a", "--compile_ahead=true",
+                           "--compile_cache=/caches/c.bin"])
+    argv, env, output = tg.CompileAhead.command(cfg, rank=2, world_size=world_size, port=41234,
+                                                report_fd=9)
+    assert argv[:2] == [sys.executable, os.path.join(ROOT, "train_gpt.py")]
+    assert argv[-1] == "--compile_ahead_helper"
+    helper = tg.parse_config(argv[2:-1])
+    assert helper == tg.dataclasses.replace(cfg, compile_ahead=False, compile_cache="",
+                                            log_dir="/runs/a/compile_ahead")
+    assert output == "/runs/a/compile_ahead/rank2.out"
+    assert env["TRAIN_GPT_COMPILE_AHEAD_FD"] == "9"
+    if world_size == 1:
+        assert env["MASTER_PORT"] == "29500" and "TORCHELASTIC_USE_AGENT_STORE" not in env
+    else:
+        assert env["MASTER_PORT"] == "41234" and env["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+        assert env["DIST_TIMEOUT_MINUTES"] == "5"
+
+
+def fake_helper(tmp_path, code: str) -> tuple[tg.CompileAhead, list[str]]:
+    """A CompileAhead over a stand-in process running `code`, with `reports` its pipe."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, FD=str(write_fd))
+    script = f"import os, time; reports = os.fdopen(int(os.environ['FD']), 'w')\n{code}"
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, pass_fds=(write_fd,))
+    os.close(write_fd)
+    lines = []
+    return tg.CompileAhead(process, os.fdopen(read_fd), str(tmp_path / "rank0.out"),
+                           lines.append), lines
+
+
+def test_compile_ahead_waits_for_each_stage_and_reports_a_helper_that_fails_once(tmp_path):
+    ahead, lines = fake_helper(tmp_path, "print(1, file=reports, flush=True)\n"
+                                         "time.sleep(0.5)\n"
+                                         "print(2, file=reports, flush=True)\n"
+                                         "raise SystemExit(3)")
+    begin = time.perf_counter()
+    ahead.wait_for(2)                          # waits through stage 1's report and the sleep
+    assert time.perf_counter() - begin >= 0.5 and ahead.stages_done == {1, 2} and lines == []
+    ahead.wait_for(3)
+    ahead.wait_for(4)
+    assert lines == [f"compile ahead: the helper ended (exit code 3, see {tmp_path}/rank0.out) "
+                     f"before stage 3; compiling the rest here"]
+    ahead.stop("the warm-up is over")          # it has ended: nothing to stop
+    assert len(lines) == 1
+
+
+def test_compile_ahead_stop_ends_a_helper_that_still_runs(tmp_path):
+    ahead, lines = fake_helper(tmp_path, "time.sleep(60)")
+    begin = time.perf_counter()
+    ahead.stop("step 0 compiled nothing")
+    assert time.perf_counter() - begin < 10 and ahead.process.returncode is not None
+    assert lines == ["compile ahead: helper stopped (step 0 compiled nothing)"]
+
+
+@needs_corpus
+@needs_tokenizer
+def test_compile_ahead_helper_reports_every_later_stage(tmp_path):
+    """The helper's mode, in this process on the CPU (eager): one training step at the first step
+    of each later stage, each stage's number on the pipe, no step of stage 0."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, TRAIN_GPT_COMPILE_AHEAD_FD=str(write_fd))
+    subprocess.run([sys.executable, "train_gpt.py", *TINY, f"--log_dir={tmp_path}",
+                    "--compile_ahead_helper"], cwd=ROOT, env=env, pass_fds=(write_fd,),
+                   capture_output=True, check=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as reports:
+        assert reports.read().split() == ["1", "2", "3"]    # stages 2, 3 and the extension
+    (log,) = [n for n in os.listdir(tmp_path) if n.endswith(".txt")]
+    assert not re.search(r"^step:\d+/", open(tmp_path / log).read(), re.M)   # no timed step
+
+
+@pytest.mark.gpu
+@needs_corpus
+@needs_tokenizer
+def test_compile_ahead_leaves_the_later_stages_nothing_to_compile_on_gpu(tmp_path):
+    """The smoke preset compiled with empty caches: the helper compiles stages 2, 3 and the
+    extension, so this process's warm-up steps there load every graph from the caches."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    subprocess.run([sys.executable, "train_gpt.py", "--preset=smoke", f"--log_dir={tmp_path}",
+                    f"--train_files={CORPUS}/corpus_train_*.bin",
+                    f"--val_files={CORPUS}/corpus_val_*.bin", "--compile=true",
+                    "--symbolic_windows=true", "--compile_ahead=true", "--compile_only"],
+                   cwd=ROOT, env=env, capture_output=True, check=True)
+    (log,) = [n for n in os.listdir(tmp_path) if n.endswith(".txt")]
+    text = open(tmp_path / log).read()
+    assert "compile ahead: a helper compiles the later stages' steps" in text
+    assert "compiling the rest here" not in text
+    later = re.findall(r"^warm-up step (\d+): .*caches: inductor (\d+) hit / (\d+) miss", text,
+                       re.M)[2:]
+    assert len(later) == 3 and all(int(misses) == 0 for _, _, misses in later), later
