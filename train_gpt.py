@@ -3055,15 +3055,27 @@ def process_age_s() -> float:
 
 class StartupClock:
     """Where the time from launch to the first timed step goes: seconds per phase, in order.
-    Launch is the process start; what no phase covers is reported as "other"."""
+    Launch is the process start. A stretch of at least GAP_S between two phases is reported on
+    its own, named by them, so that work no phase names still shows where it happens; the rest
+    is reported as "other"."""
+
+    GAP_S = 0.5
 
     def __init__(self):
         age = process_age_s()
-        self.start = time.perf_counter() - age
-        self.phases: dict[str, float] = {"interpreter start and imports": age}
+        self.last_name, self.last_end = "interpreter start and imports", time.perf_counter()
+        self.start = self.last_end - age
+        self.phases: dict[str, float] = {self.last_name: age}
 
     def record(self, name: str, seconds: float) -> None:
+        """A phase of `seconds` that has just ended."""
+        now = time.perf_counter()
+        gap = now - seconds - self.last_end
+        if gap >= self.GAP_S:
+            between = f"between {self.last_name} and {name}"
+            self.phases[between] = self.phases.get(between, 0.0) + gap
         self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.last_name, self.last_end = name, now
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -40,6 +40,24 @@ def test_startup_clock_adds_up_its_phases():
     assert float(seconds["other"]) == pytest.approx(0.2, abs=0.05)
 
 
+def test_startup_clock_names_a_long_stretch_between_phases():
+    clock = tg.StartupClock()
+    clock.phases.clear()
+    clock.start = time.perf_counter()
+    with clock.phase("a"):
+        time.sleep(0.05)
+    time.sleep(0.7)                 # work that no phase names
+    with clock.phase("b"):
+        time.sleep(0.05)
+    time.sleep(0.1)                 # too short to name
+    clock.record("c", 0.0)
+    seconds = dict(re.fullmatch(r"startup phase (.+): (-?[\d.]+)s", line).groups()
+                   for line in clock.report(total_s=clock.elapsed_s())[1:])
+    assert list(seconds) == ["a", "between a and b", "b", "c", "other"]
+    assert float(seconds["between a and b"]) == pytest.approx(0.7, abs=0.1)
+    assert float(seconds["other"]) == pytest.approx(0.1, abs=0.05)
+
+
 @needs_corpus
 @needs_tokenizer
 def test_startup_phases_cover_the_time_to_the_first_step(tmp_path):
