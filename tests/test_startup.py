@@ -310,14 +310,15 @@ def test_compile_ahead_stop_ends_a_helper_that_still_runs(tmp_path):
 @needs_corpus
 @needs_tokenizer
 def test_compile_ahead_helper_reports_every_later_stage(tmp_path):
-    """The helper's mode, in this process on the CPU (eager): one training step at the first step
-    of each later stage, each stage's number on the pipe, no step of stage 0."""
+    """The helper's mode on the CPU (eager), in a process of its own: one training step at the
+    first step of each later stage, each stage's number on the pipe, no step of stage 0."""
     read_fd, write_fd = os.pipe()
     env = dict(os.environ, TRAIN_GPT_COMPILE_AHEAD_FD=str(write_fd))
-    subprocess.run([sys.executable, "train_gpt.py", *TINY, f"--log_dir={tmp_path}",
-                    "--compile_ahead_helper"], cwd=ROOT, env=env, pass_fds=(write_fd,),
-                   capture_output=True, check=True)
+    result = subprocess.run([sys.executable, "train_gpt.py", *TINY, f"--log_dir={tmp_path}",
+                             "--compile_ahead_helper"], cwd=ROOT, env=env, pass_fds=(write_fd,),
+                            capture_output=True, text=True)
     os.close(write_fd)
+    assert result.returncode == 0, result.stderr[-3000:]
     with os.fdopen(read_fd) as reports:
         assert reports.read().split() == ["1", "2", "3"]    # stages 2, 3 and the extension
     (log,) = [n for n in os.listdir(tmp_path) if n.endswith(".txt")]
@@ -332,11 +333,12 @@ def test_compile_ahead_leaves_the_later_stages_nothing_to_compile_on_gpu(tmp_pat
     extension, so this process's warm-up steps there load every graph from the caches."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
                TRITON_CACHE_DIR=str(tmp_path / "triton"))
-    subprocess.run([sys.executable, "train_gpt.py", "--preset=smoke", f"--log_dir={tmp_path}",
-                    f"--train_files={CORPUS}/corpus_train_*.bin",
-                    f"--val_files={CORPUS}/corpus_val_*.bin", "--compile=true",
-                    "--symbolic_windows=true", "--compile_ahead=true", "--compile_only"],
-                   cwd=ROOT, env=env, capture_output=True, check=True)
+    result = subprocess.run([sys.executable, "train_gpt.py", "--preset=smoke",
+                             f"--log_dir={tmp_path}", f"--train_files={CORPUS}/corpus_train_*.bin",
+                             f"--val_files={CORPUS}/corpus_val_*.bin", "--compile=true",
+                             "--symbolic_windows=true", "--compile_ahead=true", "--compile_only"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     (log,) = [n for n in os.listdir(tmp_path) if n.endswith(".txt")]
     text = open(tmp_path / log).read()
     assert "compile ahead: a helper compiles the later stages' steps" in text
