@@ -3018,8 +3018,12 @@ class Schedule:
         last_step reaches): its new batch shape and windows. Nothing else compiles anew, not the
         untie nor the schedule's changing values, which reach the graphs as tensors
         (tests/test_recipe.py counts the graphs of each step)."""
-        return [0, 1] + [x for x in self.stage_starts[1:]
-                         if x > 1 and (last_step is None or x < last_step)]
+        return [0, 1] + self.later_stage_starts(last_step)
+
+    def later_stage_starts(self, last_step: int | None = None) -> list[int]:
+        """The first step of every stage after the first that a run ending at last_step
+        reaches (the warm-up steps a --compile_ahead helper runs)."""
+        return [x for x in self.stage_starts[1:] if x > 1 and (last_step is None or x < last_step)]
 
 
 def replay_yarn(rotary: Rotary, schedule: Schedule, step: int) -> int:
@@ -4089,7 +4093,7 @@ def compile_later_stages(cfg: Hyperparameters, run: Run, log: Logger, paths: Pat
     reported on the pipe when done."""
     trainer = Trainer(cfg, run, log, paths)
     with os.fdopen(int(os.environ[COMPILE_AHEAD_FD]), "w") as reports:
-        for step in trainer.schedule.warmup_steps(cfg.last_step)[2:]:
+        for step in trainer.schedule.later_stage_starts(cfg.last_step):
             settings = trainer.advance(step)
             trainer.train_step(step, settings)
             synchronize(run.device)
@@ -4141,8 +4145,7 @@ class TrainingRun:
                 loaded = load_compile_cache(cfg.compile_cache, key, log)
         misses = compile_totals()["inductor miss"]     # graphs Inductor compiled, no cache held
         ahead = None
-        if cfg.compile_ahead and not loaded and len(Schedule(cfg).warmup_steps(
-                self.last_step)) > 2:
+        if cfg.compile_ahead and not loaded and Schedule(cfg).later_stage_starts(self.last_step):
             with run.startup.phase("compile-ahead helper start"):
                 ahead = CompileAhead.launch(cfg, run, log)
         try:

@@ -66,6 +66,7 @@ def test_warmup_steps(schedule):
     assert schedule.warmup_steps() == [0, 1, 483, 967, 1450]
     assert schedule.warmup_steps(last_step=200) == [0, 1]        # a short run compiles less
     assert schedule.warmup_steps(last_step=500) == [0, 1, 483]
+    assert schedule.later_stage_starts(last_step=500) == [483]   # what a compile helper runs
 
 
 def test_protocol_t_schedule():
