@@ -31,6 +31,7 @@ from typing import Callable, Iterator, NamedTuple, TextIO
 
 import numpy as np
 import torch
+import torch._dynamo   # lazily imported by torch on first use; here so the start-up report counts it
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
@@ -134,6 +135,7 @@ class Hyperparameters:
     compile_ahead: bool = False             # a helper process per rank compiles the later
                                             # stages' steps while this one compiles stage 1
                                             # ("Start-up", README)
+    compile_ahead_helpers: int = 1          # helpers per rank, each with its share of the stages
     eval: str = ""                          # "hellaswag": score the final model, after the clock
     hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"   # from data/hellaswag.py
     log_dir: str = "logs"
@@ -361,8 +363,9 @@ SPEEDRUN = {field: value for change in RECORD_CHANGES for field, value in change
 SPEEDRUN_PATHS = dict(cuda_graphs=True)
 # Fewer compiled graphs: the extension and every validation reuse one (a cold start 0.61x as
 # long, step times and Protocol C loss unchanged: records/2026-12-06_startup). It moves the YaRN
-# factor from the softmax scale into the queries, which only rounds differently.
-SPEEDRUN_STARTUP = dict(symbolic_windows=True)
+# factor from the softmax scale into the queries, which only rounds differently. A helper compiles
+# the later stages meanwhile (a cold start 0.73x as long again; warm starts stop it at once).
+SPEEDRUN_STARTUP = dict(symbolic_windows=True, compile_ahead=True)
 PRESETS: dict[str, dict] = {
     "speedrun": {**SPEEDRUN, **SPEEDRUN_PATHS, **SPEEDRUN_STARTUP},   # the current record's recipe
     "record74": {},                                  # the dataclass defaults
@@ -467,6 +470,8 @@ def check_config(cfg: Hyperparameters, world_size: int) -> int:
             raise ValueError(f"{name}={getattr(cfg, name)}: expected 0 or more")
     for k, stage in enumerate(cfg.stages, start=1):
         check_stage(k, stage, micro)
+    if cfg.compile_ahead_helpers < 1:
+        raise ValueError(f"compile_ahead_helpers={cfg.compile_ahead_helpers}: expected 1 or more")
     if cfg.eval not in ("", "hellaswag"):
         raise ValueError(f"eval={cfg.eval}: expected hellaswag (or nothing)")
     if cfg.save_every < 0 or cfg.save_every % 2:
@@ -3506,6 +3511,22 @@ class Trainer:
             dist.all_reduce(total, group=self.run.cpu_group)
         return total.item() == 0
 
+    def first_val_batch(self) -> Batch:
+        """The validation batch the warm-up steps evaluate (to compile the evaluation graph)."""
+        cfg, run = self.cfg, self.run
+        return next(iter(val_batches(self.val_files, cfg.val_batch_tokens, cfg.val_batch_tokens,
+                                     run.rank, run.world_size, run.grad_accum_steps, run.device,
+                                     cfg.bigram_vocab_size)))
+
+    def warmup_step(self, step: int, val_batch: Batch) -> StepSettings:
+        """A warm-up step: the evaluation of `val_batch` and the training step of `step`, done
+        on the device."""
+        settings = self.advance(step)
+        self.eval_forward(val_batch, settings.windows)
+        self.train_step(step, settings)
+        synchronize(self.run.device)
+        return settings
+
     def warmup(self, last_step: int, ahead: CompileAhead | None = None) -> None:
         """Run real steps around every schedule transition so that every compiled variant exists
         before the clock starts, then restore the initial state. With `ahead`, each later
@@ -3517,20 +3538,14 @@ class Trainer:
         startup = self.run.startup
         with startup.phase("state snapshot"):
             initial_state = copy.deepcopy(self.model.state_dict())
-            val_batch = next(iter(val_batches(
-                self.val_files, self.cfg.val_batch_tokens, self.cfg.val_batch_tokens,
-                self.run.rank, self.run.world_size, self.run.grad_accum_steps, self.run.device,
-                self.cfg.bigram_vocab_size)))
+            val_batch = self.first_val_batch()
         for step in steps:
             if ahead is not None and step > 1:
-                with startup.phase("waiting for the compile-ahead helper"):
+                with startup.phase("waiting for the compile-ahead helpers"):
                     ahead.wait_for(self.schedule.stage_of(step))
             begin, graphs_before, compiles_before = (time.perf_counter(), compiled_graphs(),
                                                      compile_totals())
-            settings = self.advance(step)
-            self.eval_forward(val_batch, settings.windows)
-            self.train_step(step, settings)
-            synchronize(self.run.device)
+            settings = self.warmup_step(step, val_batch)
             seconds = time.perf_counter() - begin
             startup.record(f"warm-up step {step} ({self.schedule.stage_name(settings.stage)}, "
                            f"{compiled_graphs() - graphs_before} graphs compiled)", seconds)
@@ -3568,7 +3583,7 @@ RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
     "compile", "cuda_graphs", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
     "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops",
-    "compile_cache", "compile_ahead", "eval", "hellaswag_file"})
+    "compile_cache", "compile_ahead", "compile_ahead_helpers", "eval", "hellaswag_file"})
 
 
 class CheckpointError(ValueError):
@@ -3732,7 +3747,8 @@ COMPILE_CACHE_MAGIC = b"train_gpt.py compile cache 1\n"
 NOT_GRAPH_FIELDS = frozenset({
     "train_files", "val_files", "val_tokens", "cycle_train_data", "stop_after_steps", "val_every",
     "seed", "peak_tflops", "save_every", "save_checkpoint", "checkpoint_dir", "resume", "log_dir",
-    "val_mask_cache", "compile_cache", "compile_ahead", "eval", "hellaswag_file"})
+    "val_mask_cache", "compile_cache", "compile_ahead", "compile_ahead_helpers", "eval",
+    "hellaswag_file"})
 
 
 def cache_graphs_with_autograd_functions() -> None:
@@ -4009,95 +4025,125 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# The helper of --compile_ahead is this file, run with the same configuration and this mode; it
-# reports each stage it compiled as a line on the pipe whose descriptor the variable names.
+# The helpers of --compile_ahead are this file, run with the same configuration and this mode:
+# each runs the warm-up steps that one variable lists and reports the stage of each as a line on
+# the pipe whose descriptor the other names.
 COMPILE_AHEAD_MODE = "--compile_ahead_helper"
 COMPILE_AHEAD_FD = "TRAIN_GPT_COMPILE_AHEAD_FD"
+COMPILE_AHEAD_STEPS = "TRAIN_GPT_COMPILE_AHEAD_STEPS"
 
 
 class CompileAhead:
-    """--compile_ahead: while this process compiles stage 1's graphs, a helper process runs the
-    first training step of every later stage, and so compiles those stages' graphs into this
-    machine's Inductor and AOTAutograd caches (shared through the file system). This process's
-    own warm-up steps of those stages then load them. Much of compiling is Python work in one
-    thread, so two processes overlap on a machine's cores. With several ranks, every rank starts
-    one and the helpers form their own process group, on a port rank 0 picks: that way they build
-    the same graphs (shapes depend on the world size). A helper that fails or is stopped costs
-    only its time: this process compiles whatever is missing itself."""
+    """--compile_ahead: while this process compiles stage 1's graphs, helper processes run the
+    warm-up step of every later stage, and so compile those stages' graphs into this machine's
+    Inductor and AOTAutograd caches (shared through the file system). This process's own warm-up
+    steps of those stages then load them. Much of compiling is Python work in one thread, so
+    processes overlap on a machine's cores. The later stages are split into
+    --compile_ahead_helpers consecutive shares, one helper each: consecutive, so that the
+    extension, which runs stage 3's graph under --symbolic_windows, follows stage 3 in one helper.
+    With several ranks, every rank starts the same helpers, and the k-th helpers of all ranks
+    form a process group of their own, on a port rank 0 picks: that way they build the same
+    graphs (shapes depend on the world size). A helper that fails or is stopped costs only its
+    time: this process compiles whatever is missing itself."""
 
-    def __init__(self, process: subprocess.Popen, reports: TextIO, output_path: str,
+    def __init__(self, processes: list[subprocess.Popen], reports: TextIO, output_dir: str,
                  log: Callable[[str], None]):
-        self.process, self.reports, self.output_path, self.log = process, reports, output_path, log
+        self.processes, self.reports, self.output_dir, self.log = processes, reports, output_dir, log
         self.stages_done: set[int] = set()
         self.failed = False
 
     @staticmethod
-    def command(cfg: Hyperparameters, rank: int, world_size: int, port: int, report_fd: int
-                ) -> tuple[list[str], dict[str, str], str]:
-        """The helper's command line, environment and output file: this run's configuration,
-        logging to log_dir/compile_ahead, without a compile cache file of its own."""
-        log_dir = os.path.join(cfg.log_dir, "compile_ahead")
-        helper = dataclasses.replace(cfg, compile_ahead=False, compile_cache="", log_dir=log_dir)
-        argv = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), *config_argv(helper),
+    def shares(steps: list[int], helpers: int) -> list[list[int]]:
+        """`steps` in at most `helpers` consecutive shares, the later ones the larger by one."""
+        helpers = min(helpers, len(steps))
+        size, larger = divmod(len(steps), helpers)
+        bounds = [0]
+        for k in range(helpers):
+            bounds.append(bounds[-1] + size + (k >= helpers - larger))
+        return [steps[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    @staticmethod
+    def command(cfg: Hyperparameters, rank: int, world_size: int, port: int, report_fd: int,
+                steps: list[int], helper: int) -> tuple[list[str], dict[str, str], str]:
+        """The command line, environment and output file of this rank's helper number `helper`,
+        which runs `steps`: this run's configuration, logging to log_dir/compile_ahead/helper<k>,
+        without a compile cache file of its own."""
+        log_dir = os.path.join(cfg.log_dir, "compile_ahead", f"helper{helper}")
+        helper_cfg = dataclasses.replace(cfg, compile_ahead=False, compile_cache="", log_dir=log_dir)
+        argv = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), *config_argv(helper_cfg),
                 COMPILE_AHEAD_MODE]
-        env = {**os.environ, COMPILE_AHEAD_FD: str(report_fd)}
+        env = {**os.environ, COMPILE_AHEAD_FD: str(report_fd),
+               COMPILE_AHEAD_STEPS: ",".join(map(str, steps))}
         if world_size > 1:   # a rendezvous of their own: rank 0's helper serves the store
             env.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False",
                        DIST_TIMEOUT_MINUTES="5")   # one helper's failure ends the others soon
         return argv, env, os.path.join(log_dir, f"rank{rank}.out")
 
     @classmethod
-    def launch(cls, cfg: Hyperparameters, run: Run, log: Callable[[str], None]) -> CompileAhead:
-        port = free_port() if run.is_master else 0
+    def launch(cls, cfg: Hyperparameters, run: Run, steps: list[int],
+               log: Callable[[str], None]) -> CompileAhead:
+        shares = cls.shares(steps, cfg.compile_ahead_helpers)
+        ports = free_ports(len(shares)) if run.is_master else [0] * len(shares)
         if run.world_size > 1:
-            ports = [port]
             dist.broadcast_object_list(ports, src=0)
-            port = ports[0]
-        read_fd, write_fd = os.pipe()
-        argv, env, output_path = cls.command(cfg, run.rank, run.world_size, port, write_fd)
-        os.makedirs(os.path.dirname(output_path), exist_ok=True)
-        with open(output_path, "w") as output:
-            process = subprocess.Popen(argv, env=env, pass_fds=(write_fd,), stdout=output,
-                                       stderr=subprocess.STDOUT)
+        read_fd, write_fd = os.pipe()     # one pipe for all: each report is one short write
+        processes = []
+        for helper, (share, port) in enumerate(zip(shares, ports)):
+            argv, env, output_path = cls.command(cfg, run.rank, run.world_size, port, write_fd,
+                                                 share, helper)
+            os.makedirs(os.path.dirname(output_path), exist_ok=True)
+            with open(output_path, "w") as output:
+                processes.append(subprocess.Popen(argv, env=env, pass_fds=(write_fd,),
+                                                  stdout=output, stderr=subprocess.STDOUT))
         os.close(write_fd)
-        log(f"compile ahead: a helper compiles the later stages' steps (output: {output_path})")
-        return cls(process, os.fdopen(read_fd), output_path, log)
+        output_dir = os.path.join(cfg.log_dir, "compile_ahead")
+        log(f"compile ahead: helpers compile the later stages' warm-up steps {shares} "
+            f"(output: {output_dir})")
+        return cls(processes, os.fdopen(read_fd), output_dir, log)
 
     def wait_for(self, stage: int) -> None:
-        """Until the helper has compiled `stage`'s step, or has ended without it."""
+        """Until a helper has compiled `stage`'s step, or all have ended without it."""
         while stage not in self.stages_done and (line := self.reports.readline()):
             self.stages_done.add(int(line))
         if stage not in self.stages_done and not self.failed:
             self.failed = True
-            self.log(f"compile ahead: the helper ended (exit code {self.process.wait()}, see "
-                     f"{self.output_path}) before stage {stage}; compiling the rest here")
+            codes = ", ".join(str(process.wait()) for process in self.processes)
+            self.log(f"compile ahead: the helpers ended (exit codes {codes}, see "
+                     f"{self.output_dir}) before stage {stage}; compiling the rest here")
 
     def stop(self, reason: str) -> None:
-        """End the helper if it still runs (it must not share the GPU with the timed steps)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.log(f"compile ahead: helper stopped ({reason})")
-        self.process.wait()
+        """End the helpers that still run (they must not share the GPU with the timed steps)."""
+        running = [process for process in self.processes if process.poll() is None]
+        for process in running:
+            process.kill()
+        if running:
+            self.log(f"compile ahead: stopped {len(running)} of {len(self.processes)} helpers "
+                     f"({reason})")
+        for process in self.processes:
+            process.wait()
         self.reports.close()
 
 
-def free_port() -> int:
-    """A TCP port that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that nothing listens on now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:      # all bound at once, so the system hands out distinct ports
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def compile_later_stages(cfg: Hyperparameters, run: Run, log: Logger, paths: Paths) -> None:
-    """The helper of --compile_ahead: the first training step of every later stage, each
-    reported on the pipe when done."""
+    """A helper of --compile_ahead: the warm-up steps of its share, each reported on the pipe when
+    done and logged with the helper's age, to set beside the run's own start-up report."""
     trainer = Trainer(cfg, run, log, paths)
+    val_batch = trainer.first_val_batch()
     with os.fdopen(int(os.environ[COMPILE_AHEAD_FD]), "w") as reports:
-        for step in trainer.schedule.later_stage_starts(cfg.last_step):
-            settings = trainer.advance(step)
-            trainer.train_step(step, settings)
-            synchronize(run.device)
+        for step in map(int, os.environ[COMPILE_AHEAD_STEPS].split(",")):
+            settings = trainer.warmup_step(step, val_batch)
             print(settings.stage, file=reports, flush=True)
+            log(f"compile ahead: step {step} ({trainer.schedule.stage_name(settings.stage)}) "
+                f"done {run.startup.elapsed_s():.1f}s after the helper's launch")
 
 
 class TrainingRun:
@@ -4145,9 +4191,10 @@ class TrainingRun:
                 loaded = load_compile_cache(cfg.compile_cache, key, log)
         misses = compile_totals()["inductor miss"]     # graphs Inductor compiled, no cache held
         ahead = None
-        if cfg.compile_ahead and not loaded and Schedule(cfg).later_stage_starts(self.last_step):
-            with run.startup.phase("compile-ahead helper start"):
-                ahead = CompileAhead.launch(cfg, run, log)
+        later_steps = Schedule(cfg).later_stage_starts(self.last_step)
+        if cfg.compile_ahead and not loaded and later_steps:
+            with run.startup.phase("compile-ahead helpers start"):
+                ahead = CompileAhead.launch(cfg, run, later_steps, log)
         try:
             self.trainer = Trainer(cfg, run, log, paths)
             self.trainer.warmup(self.last_step, ahead)

@@ -17,7 +17,8 @@
 # PRECOMPILE_PER_GPU=N (default 0: off; not with S) first compiles each group's configuration with
 # train_gpt.py --compile_only, N at once per GPU: compiling is mostly CPU work, so the runs that
 # follow start with their graphs in the machine's caches. Each pass runs the warm-up steps, so N
-# of them must fit a GPU's memory together; their logs go to OUTDIR/.precompile.
+# of them must fit a GPU's memory together; their logs go to OUTDIR/.precompile. Runs and passes
+# that share a GPU (PER_GPU or PRECOMPILE_PER_GPU above 1) get --compile_ahead=false.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: records/measure_many.sh L|C|T|S OUTDIR RUNS_FILE"
@@ -57,7 +58,9 @@ mkdir -p "$outdir"
 # run_slots DIR SLOTS_PER_GPU EXTRA_OPTION INDEX...: the runs of the given indices, run i' (the
 # i'-th given) in slot i' mod (GPUS x SLOTS_PER_GPU); logs under DIR; fails if one failed
 run_slots() {
-    local dir=$1 slots=$(($2 * gpus)) extra=$3
+    local dir=$1 slots=$(($2 * gpus)) extra=$3 alone=""
+    # runs that share a GPU start no --compile_ahead helper: it would need memory beside them
+    [ "$2" = 1 ] || alone=--compile_ahead=false
     shift 3
     local chosen=("$@") pids=() slot status=0 finished=${extra:+compiled}
     finished=${finished:-done}
@@ -69,7 +72,7 @@ run_slots() {
                 read -r -a words <<< "${runs[i]}"     # an array: globs in the options stay as written
                 gpu=$((slot % gpus)) label=${labels[i]}
                 if CUDA_VISIBLE_DEVICES=$gpu records/measure.sh "$protocol" "$dir/${words[0]}" \
-                        "${words[@]:1}" $extra > "$dir/$label.out" 2>&1; then
+                        "${words[@]:1}" $extra $alone > "$dir/$label.out" 2>&1; then
                     echo "$label: $finished (GPU $gpu)"
                 else
                     echo "$label: ${extra:+compile pass }FAILED with exit status $? (GPU $gpu), see $dir/$label.out"

@@ -10,7 +10,8 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TIKTOKEN_CACHE = os.path.join(SHARED, "data", "gpt2_tokenizer", "tiktoken_cache")
 if os.path.isdir(TIKTOKEN_CACHE):   # the GPT-2 tokenizer's files without the network
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-CORPUS = os.path.join(SHARED, "data", "corpus")
+# CORPUS_DIR: the corpus elsewhere (a GPU machine without ../shared: the unpacked shards)
+CORPUS = os.environ.get("CORPUS_DIR", os.path.join(SHARED, "data", "corpus"))
 
 
 def _have_tokenizer() -> bool:
@@ -32,7 +33,7 @@ def cores_per_worker() -> int:
 torch.set_num_threads(cores_per_worker())   # workers that share cores slow each other down
 
 needs_corpus = pytest.mark.skipif(not os.path.isdir(CORPUS),
-                                  reason="needs the shared corpus in ../shared/data/corpus")
+                                  reason=f"needs the shared corpus in {CORPUS} (or CORPUS_DIR)")
 needs_tokenizer = pytest.mark.skipif(not _have_tokenizer(),
                                      reason="needs the GPT-2 tokenizer's files (TIKTOKEN_CACHE_DIR)")
 

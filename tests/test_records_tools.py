@@ -214,7 +214,8 @@ def test_measure_many_reports_a_failed_run_and_still_runs_the_rest(measure_env, 
     assert result.returncode == 1
     assert f"bad.1: FAILED with exit status 3 (GPU 0), see {tmp_path}/out/bad.1.out" in result.stdout
     assert "good.1: done (GPU 0)" in result.stdout
-    assert len(calls.read_text().splitlines()) == 2
+    lines = calls.read_text().splitlines()          # two runs share GPU 0: no helper beside them
+    assert len(lines) == 2 and all(line.endswith(" --compile_ahead=false") for line in lines)
 
 
 @pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
@@ -228,11 +229,11 @@ def test_measure_many_compiles_each_configuration_first(measure_env, tmp_path):
     common = (f"--standalone --nproc_per_node=1 train_gpt.py --train_files={shards}/corpus_train_*.bin "
               f"--val_files={shards}/corpus_val_*.bin --val_tokens=2097152")
     lines = calls.read_text().splitlines()
-    # both groups' compile passes side by side (two slots on GPU 0), before any timed run, which
-    # then run one at a time
+    # both groups' compile passes side by side (two slots on GPU 0, so no compile-ahead helper),
+    # before any timed run, which then run one at a time
     assert sorted(lines[:2]) == [
-        f"GPU 0: {common} --log_dir={out}/.precompile/a {T} --seed=0 --compile_only",
-        f"GPU 0: {common} --log_dir={out}/.precompile/b {T} --seed=0 --compile_only"]
+        f"GPU 0: {common} --log_dir={out}/.precompile/a {T} --seed=0 --compile_only --compile_ahead=false",
+        f"GPU 0: {common} --log_dir={out}/.precompile/b {T} --seed=0 --compile_only --compile_ahead=false"]
     assert lines[2:] == [f"GPU 0: {common} --log_dir={out}/a {T} --seed=0",
                          f"GPU 0: {common} --log_dir={out}/b {T} --seed=0",
                          f"GPU 0: {common} --log_dir={out}/a {T} --seed=1"]

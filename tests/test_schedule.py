@@ -95,11 +95,12 @@ def test_help_lists_every_option(capsys):
         assert f"--{name}=" in out
 
 
-def test_step_counts_must_be_sensible():
+def test_step_and_helper_counts_must_be_sensible():
     for option, message in (("--num_scheduled_iterations=0", "at least one step per stage"),
                             ("--num_scheduled_iterations=-5", "at least one step per stage"),
                             ("--num_extension_iterations=-1", "expected 0 or more"),
-                            ("--stop_after_steps=-3", "expected 0 or more")):
+                            ("--stop_after_steps=-3", "expected 0 or more"),
+                            ("--compile_ahead_helpers=0", "compile_ahead_helpers=0: expected 1")):
         with pytest.raises(ValueError, match=message):
             tg.check_config(tg.parse_config([option]), 8)
 

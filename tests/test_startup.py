@@ -1,6 +1,8 @@
 """Start-up: the report of where the time goes, and the compile cache carried between machines."""
+import glob
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -249,21 +251,32 @@ def test_config_argv_gives_back_the_configuration():
         assert tg.parse_config(tg.config_argv(cfg)) == cfg
 
 
+def test_compile_ahead_shares_the_later_stages_in_consecutive_runs():
+    """The extension runs stage 3's graph under the symbolic windows, so it goes to the helper
+    of stage 3: the later shares are the larger."""
+    assert tg.CompileAhead.shares([50, 100, 150], 1) == [[50, 100, 150]]
+    assert tg.CompileAhead.shares([50, 100, 150], 2) == [[50], [100, 150]]
+    assert tg.CompileAhead.shares([50, 100, 150], 3) == [[50], [100], [150]]
+    assert tg.CompileAhead.shares([50, 100, 150], 8) == [[50], [100], [150]]
+    assert tg.CompileAhead.shares([10, 20, 30, 40, 50], 3) == [[10], [20, 30], [40, 50]]
+
+
 @pytest.mark.parametrize("world_size", [1, 4])
 def test_compile_ahead_helper_runs_this_configuration_in_its_own_process_group(world_size,
                                                                               monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     cfg = tg.parse_config([*TINY, "--log_dir=/runs/a", "--compile_ahead=true",
-                           "--compile_cache=/caches/c.bin"])
+                           "--compile_ahead_helpers=2", "--compile_cache=/caches/c.bin"])
     argv, env, output = tg.CompileAhead.command(cfg, rank=2, world_size=world_size, port=41234,
-                                                report_fd=9)
+                                                report_fd=9, steps=[100, 150], helper=1)
     assert argv[:2] == [sys.executable, os.path.join(ROOT, "train_gpt.py")]
     assert argv[-1] == "--compile_ahead_helper"
     helper = tg.parse_config(argv[2:-1])
     assert helper == tg.dataclasses.replace(cfg, compile_ahead=False, compile_cache="",
-                                            log_dir="/runs/a/compile_ahead")
-    assert output == "/runs/a/compile_ahead/rank2.out"
+                                            log_dir="/runs/a/compile_ahead/helper1")
+    assert output == "/runs/a/compile_ahead/helper1/rank2.out"
     assert env["TRAIN_GPT_COMPILE_AHEAD_FD"] == "9"
+    assert env["TRAIN_GPT_COMPILE_AHEAD_STEPS"] == "100,150"
     if world_size == 1:
         assert env["MASTER_PORT"] == "29500" and "TORCHELASTIC_USE_AGENT_STORE" not in env
     else:
@@ -271,77 +284,117 @@ def test_compile_ahead_helper_runs_this_configuration_in_its_own_process_group(w
         assert env["DIST_TIMEOUT_MINUTES"] == "5"
 
 
-def fake_helper(tmp_path, code: str) -> tuple[tg.CompileAhead, list[str]]:
-    """A CompileAhead over a stand-in process running `code`, with `reports` its pipe."""
+def test_free_ports_are_distinct_and_free():
+    ports = tg.free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))         # would raise if something held it
+
+
+def fake_helpers(tmp_path, *codes: str) -> tuple[tg.CompileAhead, list[str]]:
+    """A CompileAhead over stand-in processes, one running each of `codes`, with `reports` their
+    shared pipe."""
     read_fd, write_fd = os.pipe()
     env = dict(os.environ, FD=str(write_fd))
-    script = f"import os, time; reports = os.fdopen(int(os.environ['FD']), 'w')\n{code}"
-    process = subprocess.Popen([sys.executable, "-c", script], env=env, pass_fds=(write_fd,))
+    processes = []
+    for code in codes:
+        script = f"import os, time; reports = os.fdopen(int(os.environ['FD']), 'w')\n{code}"
+        processes.append(subprocess.Popen([sys.executable, "-c", script], env=env,
+                                          pass_fds=(write_fd,)))
     os.close(write_fd)
     lines = []
-    return tg.CompileAhead(process, os.fdopen(read_fd), str(tmp_path / "rank0.out"),
-                           lines.append), lines
+    return tg.CompileAhead(processes, os.fdopen(read_fd), str(tmp_path), lines.append), lines
 
 
 def test_compile_ahead_waits_for_each_stage_and_reports_a_helper_that_fails_once(tmp_path):
-    ahead, lines = fake_helper(tmp_path, "print(1, file=reports, flush=True)\n"
-                                         "time.sleep(0.5)\n"
-                                         "print(2, file=reports, flush=True)\n"
-                                         "raise SystemExit(3)")
+    ahead, lines = fake_helpers(tmp_path, "print(1, file=reports, flush=True)\n"
+                                          "time.sleep(0.5)\n"
+                                          "print(2, file=reports, flush=True)\n"
+                                          "raise SystemExit(3)")
     begin = time.perf_counter()
     ahead.wait_for(2)                          # waits through stage 1's report and the sleep
     assert time.perf_counter() - begin >= 0.5 and ahead.stages_done == {1, 2} and lines == []
     ahead.wait_for(3)
     ahead.wait_for(4)
-    assert lines == [f"compile ahead: the helper ended (exit code 3, see {tmp_path}/rank0.out) "
+    assert lines == [f"compile ahead: the helpers ended (exit codes 3, see {tmp_path}) "
                      f"before stage 3; compiling the rest here"]
     ahead.stop("the warm-up is over")          # it has ended: nothing to stop
     assert len(lines) == 1
 
 
-def test_compile_ahead_stop_ends_a_helper_that_still_runs(tmp_path):
-    ahead, lines = fake_helper(tmp_path, "time.sleep(60)")
+def test_compile_ahead_takes_each_stage_from_whichever_helper_reports_it(tmp_path):
+    """Two helpers on one pipe, the second reporting first; one that fails leaves the other's
+    stages usable."""
+    ahead, lines = fake_helpers(tmp_path, "time.sleep(0.5)\nprint(1, file=reports, flush=True)",
+                                "print(2, file=reports, flush=True)\n"
+                                "print(3, file=reports, flush=True)\nraise SystemExit(1)")
+    ahead.wait_for(3)
+    assert ahead.stages_done == {2, 3}
+    ahead.wait_for(1)
+    assert ahead.stages_done == {1, 2, 3} and lines == []      # the failure cost nothing
+    ahead.stop("the warm-up is over")
+
+
+def test_compile_ahead_stop_ends_the_helpers_that_still_run(tmp_path):
+    ahead, lines = fake_helpers(tmp_path, "time.sleep(60)", "pass", "time.sleep(60)")
+    ahead.processes[1].wait()
     begin = time.perf_counter()
     ahead.stop("step 0 compiled nothing")
-    assert time.perf_counter() - begin < 10 and ahead.process.returncode is not None
-    assert lines == ["compile ahead: helper stopped (step 0 compiled nothing)"]
+    assert time.perf_counter() - begin < 10
+    assert all(process.returncode is not None for process in ahead.processes)
+    assert lines == ["compile ahead: stopped 2 of 3 helpers (step 0 compiled nothing)"]
 
 
 @needs_corpus
 @needs_tokenizer
-def test_compile_ahead_helper_reports_every_later_stage(tmp_path):
-    """The helper's mode on the CPU (eager), in a process of its own: one training step at the
-    first step of each later stage, each stage's number on the pipe, no step of stage 0."""
-    read_fd, write_fd = os.pipe()
-    env = dict(os.environ, TRAIN_GPT_COMPILE_AHEAD_FD=str(write_fd))
-    result = subprocess.run([sys.executable, "train_gpt.py", *TINY, f"--log_dir={tmp_path}",
-                             "--compile_ahead_helper"], cwd=ROOT, env=env, pass_fds=(write_fd,),
-                            capture_output=True, text=True)
-    os.close(write_fd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with os.fdopen(read_fd) as reports:
+def test_compile_ahead_helpers_of_two_ranks_report_every_later_stage(tmp_path):
+    """The helper's mode on the CPU (eager), started as two ranks' runs start it: the two helpers
+    form their own process group on the port rank 0 picked, each runs the warm-up steps it is
+    given (the first of each later stage) and reports each one's stage on its pipe; no timed
+    step."""
+    cfg = tg.parse_config([*TINY, f"--log_dir={tmp_path}"])
+    (port,), helpers = tg.free_ports(1), []
+    for rank in range(2):
+        read_fd, write_fd = os.pipe()
+        argv, env, _ = tg.CompileAhead.command(cfg, rank, world_size=2, port=port,
+                                               report_fd=write_fd, steps=[28, 56, 84], helper=0)
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, pass_fds=(write_fd,),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        os.close(write_fd)
+        helpers.append((process, os.fdopen(read_fd)))
+    for process, reports in helpers:
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, output[-3000:]
         assert reports.read().split() == ["1", "2", "3"]    # stages 2, 3 and the extension
-    (log,) = [n for n in os.listdir(tmp_path) if n.endswith(".txt")]
-    assert not re.search(r"^step:\d+/", open(tmp_path / log).read(), re.M)   # no timed step
+        reports.close()
+    (log,) = glob.glob(str(tmp_path / "compile_ahead" / "helper0" / "*.txt"))   # rank 0 logs
+    text = open(log).read()
+    assert "world_size=2" in text
+    assert not re.search(r"^step:\d+/", text, re.M)                 # no timed step
+    done = re.findall(r"^compile ahead: step (\d+) \((.+)\) done .*s after", text, re.M)
+    assert done == [("28", "stage 2"), ("56", "stage 3"), ("84", "extension")], done  # 84 + 6
 
 
 @pytest.mark.gpu
 @needs_corpus
 @needs_tokenizer
 def test_compile_ahead_leaves_the_later_stages_nothing_to_compile_on_gpu(tmp_path):
-    """The smoke preset compiled with empty caches: the helper compiles stages 2, 3 and the
-    extension, so this process's warm-up steps there load every graph from the caches."""
+    """The smoke preset compiled with empty caches: two helpers compile stage 2, and stage 3
+    and the extension, so this process's warm-up steps there load every graph from the caches."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
                TRITON_CACHE_DIR=str(tmp_path / "triton"))
     result = subprocess.run([sys.executable, "train_gpt.py", "--preset=smoke",
                              f"--log_dir={tmp_path}", f"--train_files={CORPUS}/corpus_train_*.bin",
                              f"--val_files={CORPUS}/corpus_val_*.bin", "--compile=true",
-                             "--symbolic_windows=true", "--compile_ahead=true", "--compile_only"],
+                             "--symbolic_windows=true", "--compile_ahead=true",
+                             "--compile_ahead_helpers=2", "--compile_only"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     (log,) = [n for n in os.listdir(tmp_path) if n.endswith(".txt")]
     text = open(tmp_path / log).read()
-    assert "compile ahead: a helper compiles the later stages' steps" in text
+    assert "compile ahead: helpers compile the later stages' warm-up steps [[28], [56, 84]]" in text
     assert "compiling the rest here" not in text
     later = re.findall(r"^warm-up step (\d+): .*caches: inductor (\d+) hit / (\d+) miss", text,
                        re.M)[2:]
