@@ -523,7 +523,7 @@ def _gemm_epilogue_kernel(
     fp8_scale_ptr, maxima_ptr,              # post8's or d_pre8's scale; per-program maxima
     EPILOGUE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    FLATTEN: tl.constexpr, NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     alpha = tl.cast(alpha, tl.float32)      # Python floats may arrive as fp64 under torch.compile
     if SCALED:
@@ -539,8 +539,11 @@ def _gemm_epilogue_kernel(
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
     # FLATTEN merges the k loop into the tile loop, so the software pipeline keeps loading across
-    # tiles: the next tile's first operands arrive during this tile's epilogue
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN):
+    # tiles: the next tile's first operands arrive during this tile's epilogue. WARP_SPECIALIZE
+    # asks Triton to give loads, MMAs and the epilogue warps of their own, which overlaps the
+    # epilogue with the next tile's MMAs where the compiler supports it.
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         # grouped tile order: GROUP_M consecutive tile-rows sweep the columns together, sharing b in L2
         first_tile_m = (tile // tiles_per_group) * GROUP_M
         group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)
@@ -605,6 +608,10 @@ _FP8_GEMM_TILINGS = _GEMM_TILINGS + (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=True, num_warps=4, num_stages=2,
          PROGRAMS_PER_SM=2),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=True,
+         num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, FLATTEN=False, WARP_SPECIALIZE=True,
+         num_warps=8, num_stages=4),
 )
 _INTERPRETED_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False)
 

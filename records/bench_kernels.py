@@ -562,6 +562,7 @@ def tiling_label(t: dict, used: dict) -> str:
     return (f"{t['BLOCK_M']}x{t['BLOCK_N']}, BLOCK_K {t['BLOCK_K']}, {t['num_warps']} warps, "
             f"{t['num_stages']} stages" + (", flattened" if t["FLATTEN"] else "")
             + (f", {t['PROGRAMS_PER_SM']} programs per SM" if t.get("PROGRAMS_PER_SM", 1) > 1 else "")
+            + (", warp-specialised" if t.get("WARP_SPECIALIZE") else "")
             + (" (used)" if used is t else ""))
 
 
