@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import socket
 import statistics
@@ -25,7 +26,7 @@ import sys
 import time
 import unicodedata
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, TextIO
 
@@ -3741,8 +3742,12 @@ def load_checkpoint(trainer: Trainer, path: str) -> tuple[int, float]:
 # that can change a graph. A file built for anything else is reported in one line and rebuilt.
 # (PyTorch keys each artifact exactly too, so even a file that got past this check could only
 # miss, never be used for the wrong graph.) The file holds compiled code: load only your own.
+# Beside the artifacts it lists the specialisations of triton_kernels.py's kernels the run
+# compiled, which Triton caches on its own: a run that loads the file compiles them in worker
+# processes while it traces its graphs, rather than one after another at their first launches
+# (Triton keys its cache exactly as well).
 
-COMPILE_CACHE_MAGIC = b"train_gpt.py compile cache 1\n"
+COMPILE_CACHE_MAGIC = b"train_gpt.py compile cache 2\n"
 # Fields that cannot change a compiled graph: a cache built under other values still fits.
 NOT_GRAPH_FIELDS = frozenset({
     "train_files", "val_files", "val_tokens", "cycle_train_data", "stop_after_steps", "val_every",
@@ -3811,36 +3816,42 @@ def compile_cache_key(cfg: Hyperparameters, run: Run) -> dict[str, str]:
     return key
 
 
-def load_compile_cache(path: str, key: dict[str, str], log: Callable[[str], None]) -> bool:
-    """Hot-load the artifacts in `path` into torch.compile's caches if they were built for `key`.
-    A missing, unreadable or mismatched file gets one log line and False: the run compiles."""
+def load_compile_cache(path: str, key: dict[str, str], log: Callable[[str], None]
+                       ) -> list[list[str]] | None:
+    """Hot-load the artifacts in `path` into torch.compile's caches if they were built for `key`,
+    and return its Triton kernel specialisations ([name, data] pairs). A missing, unreadable or
+    mismatched file gets one log line and None: the run compiles."""
     if not os.path.exists(path):
         log(f"compile cache {path}: not there yet; compiling, then writing it")
-        return False
+        return None
     try:
         with open(path, "rb") as f:
             if f.readline() != COMPILE_CACHE_MAGIC:
-                raise ValueError("not a compile cache of train_gpt.py")
+                raise ValueError("not a compile cache of train_gpt.py in this version")
             built_for = json.loads(f.readline())
+            kernels = json.loads(f.readline())
             artifacts = f.read()
     except (OSError, ValueError) as e:
         log(f"compile cache {path}: unreadable ({e}); compiling afresh and replacing it")
-        return False
+        return None
     differences = [f"{name} {built_for.get(name, '(none)')} -> {key.get(name, '(none)')}"
                    for name in sorted(key.keys() | built_for.keys())
                    if key.get(name) != built_for.get(name)]
     if differences:
         log(f"compile cache {path}: built for another run ({'; '.join(differences)}); "
             f"compiling afresh and replacing it")
-        return False
+        return None
     torch.compiler.load_cache_artifacts(artifacts)
-    log(f"compile cache {path}: loaded {len(artifacts) / 2**20:.1f} MiB")
-    return True
+    log(f"compile cache {path}: loaded {len(artifacts) / 2**20:.1f} MiB and "
+        f"{len(kernels)} Triton kernel specialisations")
+    return kernels
 
 
-def save_compile_cache(path: str, key: dict[str, str], log: Callable[[str], None]) -> None:
-    """Write everything torch.compile built or loaded in this process to `path` (write, then
-    rename: an interrupted write never leaves a broken cache)."""
+def save_compile_cache(path: str, key: dict[str, str], kernels: list[list[str]],
+                       log: Callable[[str], None]) -> None:
+    """Write everything torch.compile built or loaded in this process to `path`, with the
+    Triton kernel specialisations `kernels` (write, then rename: an interrupted write never
+    leaves a broken cache)."""
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         log(f"compile cache {path}: nothing was compiled; not written")
@@ -3849,9 +3860,58 @@ def save_compile_cache(path: str, key: dict[str, str], log: Callable[[str], None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        f.write(COMPILE_CACHE_MAGIC + json.dumps(key).encode() + b"\n" + artifacts)
+        f.write(COMPILE_CACHE_MAGIC + json.dumps(key).encode() + b"\n"
+                + json.dumps(kernels).encode() + b"\n" + artifacts)
     os.replace(tmp, path)
-    log(f"compile cache {path}: written, {len(artifacts) / 2**20:.1f} MiB")
+    log(f"compile cache {path}: written, {len(artifacts) / 2**20:.1f} MiB and "
+        f"{len(kernels)} Triton kernel specialisations")
+
+
+def record_triton_kernels() -> list[list[str]]:
+    """From now on, every specialisation of a triton_kernels.py kernel this process compiles:
+    [kernel name, Triton's specialisation data] pairs, appended by Triton's JIT hook."""
+    import triton
+    record: list[list[str]] = []
+    chained = triton.knobs.runtime.jit_post_compile_hook
+
+    def hook(*, fn, compile, **kwargs):
+        data = compile.get("specialization_data")
+        if getattr(fn, "module", None) == triton_kernels.__name__ and data is not None:
+            if [fn.name, data] not in record:
+                record.append([fn.name, data])
+        return None if chained is None else chained(fn=fn, compile=compile, **kwargs)
+
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    return record
+
+
+class TritonPrecompile:
+    """Worker processes that compile recorded kernel specialisations (record_triton_kernels)
+    into Triton's on-disk cache while this process traces its graphs. A kernel launched before
+    its worker is done just compiles at its launch, as without them. Each rank takes its share;
+    the ranks of a machine share the cache."""
+
+    def __init__(self, kernels: list[list[str]], run: Run):
+        share = kernels[run.rank::run.world_size]
+        workers = max(1, min(len(share), (os.cpu_count() or 1) // (2 * run.world_size)))
+        # spawned: a process that has used CUDA cannot fork
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.workers = workers
+        self.futures = [self.pool.submit(triton_kernels.preload_specialization,
+                                         run.device.index or 0, name, data)
+                        for name, data in share]
+
+    def finish(self, log: Callable[[str], None]) -> None:
+        """Wait for the workers (done by now, as a rule) and say in one line how it went."""
+        errors = [error for future in self.futures if (error := future.exception()) is not None]
+        self.pool.shutdown()
+        if errors:
+            log(f"compile cache: {len(errors)} of {len(self.futures)} Triton kernel "
+                f"specialisations were not precompiled ({errors[0]!r}); they compiled at their "
+                f"first launch")
+        else:
+            log(f"compile cache: {len(self.futures)} Triton kernel specialisations precompiled in "
+                f"{self.workers} worker processes")
 
 
 # =================================================================================================
@@ -4184,11 +4244,16 @@ class TrainingRun:
         --compile_cache where it fits; write the cache (rank 0) when it was missing, did not fit
         or lacked a graph. A --compile_ahead helper starts first, to overlap the most."""
         cfg, run, log = self.cfg, self.run, self.log
-        loaded = False
+        kernels, precompile = None, None
         if cfg.compile_cache:
             key = compile_cache_key(cfg, run)
+            record = record_triton_kernels()
             with run.startup.phase("compile cache load"):
-                loaded = load_compile_cache(cfg.compile_cache, key, log)
+                kernels = load_compile_cache(cfg.compile_cache, key, log)
+            if kernels and run.device.type == "cuda":
+                with run.startup.phase("Triton precompile start"):
+                    precompile = TritonPrecompile(kernels, run)
+        loaded = kernels is not None
         misses = compile_totals()["inductor miss"]     # graphs Inductor compiled, no cache held
         ahead = None
         later_steps = Schedule(cfg).later_stage_starts(self.last_step)
@@ -4201,11 +4266,14 @@ class TrainingRun:
         finally:
             if ahead is not None:
                 ahead.stop("the warm-up is over")
+            if precompile is not None:
+                with run.startup.phase("Triton precompile end"):
+                    precompile.finish(log)
         log(f"compiled graphs: {compiled_graphs()}")
         if cfg.compile_cache and run.is_master and (
                 not loaded or compile_totals()["inductor miss"] > misses):
             with run.startup.phase("compile cache save"):
-                save_compile_cache(cfg.compile_cache, key, log)
+                save_compile_cache(cfg.compile_cache, key, record, log)
 
     def stop_before_training(self) -> None:
         """--compile_only: the start-up report, and no step. The machine's compile caches and

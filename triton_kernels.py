@@ -3170,3 +3170,22 @@ def packed_qkv_fp8_reference(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor
     operands); x and W of any float dtype, W8 and W8t of any dtype holding e4m3 values."""
     _check_packed_qkv_args("packed_qkv_fp8_reference", x, W, lam, W8, W8t, w_scale)
     return _PackedQKVFP8.apply(x, W, lam, W8, W8t, w_scale, False)
+
+
+# -------------------------------------------------------------------------------------------------
+# Compiling recorded specialisations ahead of their first launch
+# -------------------------------------------------------------------------------------------------
+# Triton compiles each kernel of this file at its first launch with new argument types, one after
+# another, and keeps the binaries in its own cache, outside torch.compile's cache artifacts. A
+# record of the specialisations a run compiled (Triton's "specialization data", which its JIT hook
+# hands out) lets a fresh machine compile them in worker processes meanwhile (train_gpt.py's
+# --compile_cache).
+
+def preload_specialization(device_index: int, name: str, specialization_data: str) -> None:
+    """Compile one recorded specialisation of this file's kernel `name` into Triton's on-disk
+    cache, for the GPU `device_index`; run in a worker process."""
+    torch.cuda.set_device(device_index)
+    kernel = globals().get(name)
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise ValueError(f"{name}: not a Triton kernel of triton_kernels.py")
+    kernel.preload(specialization_data)

@@ -1,5 +1,6 @@
 """Start-up: the report of where the time goes, and the compile cache carried between machines."""
 import glob
+import json
 import os
 import re
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,7 +94,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import train_gpt as tg
     mode, path, key = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     if mode == "load":
-        print("loaded:", tg.load_compile_cache(path, key, print))
+        kernels = tg.load_compile_cache(path, key, print)
+        print("loaded:", kernels is not None, json.dumps(kernels))
     layer = torch.nn.Linear(8, 4)
     with torch.no_grad():
         layer.weight.copy_(torch.arange(32.0).view(4, 8) / 32)
@@ -102,7 +105,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     print("output:", f(torch.ones(2, 8)).sum().item())
     print("compile:", tg.compile_summary(before, tg.compile_totals(), time.perf_counter() - start))
     if mode == "save":
-        tg.save_compile_cache(path, key, print)
+        tg.save_compile_cache(path, key, [["_gemm_epilogue_kernel", '{"name": "x"}']], print)
     print("misses:", tg.compile_totals()["inductor miss"])
 """)
 KEY = {"code": "abc", "torch": torch.__version__, "model_dim": "768"}
@@ -124,7 +127,6 @@ def run_in_fresh_process(tmp_path, script: str, args: list[str], name: str) -> s
 
 
 def compile_in_fresh_process(tmp_path, mode: str, path: str, key: dict, name: str) -> str:
-    import json
     return run_in_fresh_process(tmp_path, COMPILE_SCRIPT, [mode, path, json.dumps(key)], name)
 
 
@@ -150,15 +152,19 @@ def test_compile_cache_is_written_by_the_first_run(saved_cache):
     assert tracing > 0 and inductor > 0 and rest >= 0 and running >= 0
     assert (hits, misses) == (0, 1)
     assert f"compile cache {path}: written" in out
+    assert "MiB and 1 Triton kernel specialisations" in out
     with open(path, "rb") as f:
         assert f.readline() == tg.COMPILE_CACHE_MAGIC
+        assert json.loads(f.readline()) == KEY
+        assert json.loads(f.readline()) == [["_gemm_epilogue_kernel", '{"name": "x"}']]
     assert not os.path.exists(path + ".tmp")
 
 
 def test_compile_cache_spares_a_fresh_machine_the_compilation(saved_cache):
     tmp_path, path, first = saved_cache
     out = compile_in_fresh_process(tmp_path, "load", path, KEY, "second")
-    assert "loaded: True" in out and "misses: 0" in out
+    assert 'loaded: True [["_gemm_epilogue_kernel", "{\\"name\\": \\"x\\"}"]]' in out
+    assert "misses: 0" in out
     assert COMPILE_LINE.search(out).groups()[5:7] == ("1", "0")    # inductor: one hit, no miss
     weights = torch.arange(32.0).view(4, 8) / 32
     expected = 2 * float(weights.sum(1).square().sum())     # two rows of ones, positive weights
@@ -180,9 +186,52 @@ def test_missing_or_foreign_compile_cache_is_reported(tmp_path):
     foreign = tmp_path / "foreign.bin"
     foreign.write_bytes(b"PK\x03\x04 something else\n")
     assert not tg.load_compile_cache(str(foreign), KEY, lines.append)
+    older = tmp_path / "older.bin"       # the first format: no kernel line
+    older.write_bytes(b"train_gpt.py compile cache 1\n" + json.dumps(KEY).encode() + b"\nPK")
+    assert tg.load_compile_cache(str(older), KEY, lines.append) is None
     assert lines == [f"compile cache {missing}: not there yet; compiling, then writing it",
-                     f"compile cache {foreign}: unreadable (not a compile cache of train_gpt.py); "
-                     f"compiling afresh and replacing it"]
+                     f"compile cache {foreign}: unreadable (not a compile cache of train_gpt.py "
+                     f"in this version); compiling afresh and replacing it",
+                     f"compile cache {older}: unreadable (not a compile cache of train_gpt.py "
+                     f"in this version); compiling afresh and replacing it"]
+
+
+def test_triton_kernels_are_recorded_as_triton_compiles_them(monkeypatch):
+    """Triton calls its post-compile hook with the kernel and its specialisation data; only
+    triton_kernels.py's are kept, each once, and a hook installed before still runs."""
+    import triton
+    earlier = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda **kwargs: earlier.append(kwargs["fn"].name))
+    record = tg.record_triton_kernels()
+    hook = triton.knobs.runtime.jit_post_compile_hook
+
+    def compiled(module: str, name: str, data: str | None) -> None:
+        fn = SimpleNamespace(module=module, name=name, jit_function=None)
+        compile = {"key": "k"} if data is None else {"key": "k", "specialization_data": data}
+        hook(key="k", repr=name, fn=fn, compile=compile, is_manual_warmup=False,
+             already_compiled=False)
+
+    compiled("triton_kernels", "_gemm_epilogue_kernel", '{"a": 1}')
+    compiled("torch._inductor.runtime", "triton_poi_fused_0", '{"b": 2}')
+    compiled("triton_kernels", "_gemm_epilogue_kernel", '{"a": 1}')      # again: kept once
+    compiled("triton_kernels", "_transpose_kernel", '{"c": 3}')
+    compiled("triton_kernels", "_old_triton", None)                       # no data: skipped
+    assert record == [["_gemm_epilogue_kernel", '{"a": 1}'], ["_transpose_kernel", '{"c": 3}']]
+    assert earlier == ["_gemm_epilogue_kernel", "triton_poi_fused_0", "_gemm_epilogue_kernel",
+                       "_transpose_kernel", "_old_triton"]
+
+
+def test_triton_precompile_reports_what_it_could_not_compile(tmp_path):
+    """Workers that fail (here: no GPU, and a name that is no kernel) cost one log line; the
+    kernels then compile at their first launch as without the file."""
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"), grad_accum_steps=1)
+    precompile = tg.TritonPrecompile([["_gemm_epilogue_kernel", "{}"], ["softcap", "{}"]], run)
+    lines = []
+    precompile.finish(lines.append)
+    assert len(lines) == 1 and lines[0].startswith(
+        "compile cache: 2 of 2 Triton kernel specialisations were not precompiled (")
+    assert lines[0].endswith("); they compiled at their first launch")
 
 
 AUTOGRAD_FUNCTION_SCRIPT = textwrap.dedent("""
@@ -399,3 +448,32 @@ def test_compile_ahead_leaves_the_later_stages_nothing_to_compile_on_gpu(tmp_pat
     later = re.findall(r"^warm-up step (\d+): .*caches: inductor (\d+) hit / (\d+) miss", text,
                        re.M)[2:]
     assert len(later) == 3 and all(int(misses) == 0 for _, _, misses in later), later
+
+
+@pytest.mark.gpu
+@needs_corpus
+@needs_tokenizer
+def test_shipped_compile_cache_precompiles_the_triton_kernels_on_gpu(tmp_path):
+    """The smoke preset compiled with --compile_cache, then again from the file with empty local
+    caches (a fresh machine): the file lists the Triton kernels' specialisations, and the second
+    run precompiles every one of them."""
+    def compile_only(name: str) -> str:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / name / "inductor"),
+                   TRITON_CACHE_DIR=str(tmp_path / name / "triton"))
+        result = subprocess.run([sys.executable, "train_gpt.py", "--preset=smoke",
+                                 f"--log_dir={tmp_path / name}",
+                                 f"--train_files={CORPUS}/corpus_train_*.bin",
+                                 f"--val_files={CORPUS}/corpus_val_*.bin", "--compile=true",
+                                 f"--compile_cache={tmp_path / 'cache.bin'}", "--compile_only"],
+                                cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (log,) = glob.glob(str(tmp_path / name / "*.txt"))
+        return open(log).read()
+
+    written = int(re.search(r"written, [\d.]+ MiB and (\d+) Triton kernel specialisations",
+                            compile_only("first")).group(1))
+    assert written >= 10
+    second = compile_only("second")
+    assert f"MiB and {written} Triton kernel specialisations" in second          # loaded
+    assert (f"compile cache: {written} Triton kernel specialisations precompiled in"
+            in second), second[-3000:]
