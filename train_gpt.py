@@ -133,7 +133,7 @@ class Hyperparameters:
     resume: str = ""                        # a checkpoint to continue, or "latest" in checkpoint_dir
     compile_cache: str = ""                 # a file of compiled graphs: loaded if it fits, else
                                             # written after the warm-up
-    compile_ahead: bool = False             # a helper process per rank compiles the later
+    compile_ahead: bool = False             # helper processes per rank compile the later
                                             # stages' steps while this one compiles stage 1
                                             # ("Start-up", README)
     compile_ahead_helpers: int = 1          # helpers per rank, each with its share of the stages
@@ -3028,7 +3028,7 @@ class Schedule:
 
     def later_stage_starts(self, last_step: int | None = None) -> list[int]:
         """The first step of every stage after the first that a run ending at last_step
-        reaches (the warm-up steps a --compile_ahead helper runs)."""
+        reaches (the warm-up steps the --compile_ahead helpers run)."""
         return [x for x in self.stage_starts[1:] if x > 1 and (last_step is None or x < last_step)]
 
 
@@ -3505,8 +3505,8 @@ class Trainer:
         return (values[0], values[1]) if isinstance(values, list) else (values, None)
 
     def no_rank_compiled(self, misses: float) -> bool:
-        """Whether `misses` (Inductor compiles) is 0 on every rank: a helper of --compile_ahead
-        is stopped on all ranks or none, since the helpers share a process group."""
+        """Whether `misses` (Inductor compiles) is 0 on every rank: the helpers of
+        --compile_ahead are stopped on all ranks or none, since they share process groups."""
         total = torch.tensor([misses], dtype=torch.float64)
         if self.run.world_size > 1:
             dist.all_reduce(total, group=self.run.cpu_group)
@@ -3531,8 +3531,8 @@ class Trainer:
     def warmup(self, last_step: int, ahead: CompileAhead | None = None) -> None:
         """Run real steps around every schedule transition so that every compiled variant exists
         before the clock starts, then restore the initial state. With `ahead`, each later
-        stage's step first waits for the helper to have compiled it; after a step 0 that
-        compiled nothing (warm caches) the helper is stopped instead."""
+        stage's step first waits for a helper to have compiled it; after a step 0 that compiled
+        nothing (warm caches) the helpers are stopped instead."""
         steps = self.schedule.warmup_steps(last_step)
         self.log("Compiling model and warming up kernels (~7 minutes on first execution)")
         self.log(f"Sampling steps {steps} for warmup")
@@ -4242,7 +4242,8 @@ class TrainingRun:
     def compile_and_warm_up(self, paths: Paths) -> None:
         """Build the trainer and compile every graph variant in warm-up steps, from
         --compile_cache where it fits; write the cache (rank 0) when it was missing, did not fit
-        or lacked a graph. A --compile_ahead helper starts first, to overlap the most."""
+        or lacked a graph. The --compile_ahead helpers, or the precompile of the file's Triton
+        kernels, start first, to overlap the most."""
         cfg, run, log = self.cfg, self.run, self.log
         kernels, precompile = None, None
         if cfg.compile_cache:
