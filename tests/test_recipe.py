@@ -864,27 +864,19 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def trainer_on_cpu(cfg, monkeypatch=None, lines=None):
-    """A Trainer of cfg on the CPU, its log lines appended to `lines`; given monkeypatch, compiled
-    by dynamo with the aot_eager backend (no code generation, so a CPU will do). The caller of a
-    compiled one patches the dense attention to maskable_attention, which dynamo can trace."""
-    if monkeypatch is not None:
-        compile_ = torch.compile
-        monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(
-            fn, **{**options, "backend": "aot_eager"}))
+def warmed_up_on_cpu(cfg, monkeypatch):
+    """A Trainer of cfg on the CPU compiled by dynamo with the aot_eager backend (no code
+    generation, so a CPU will do), warmed up; by step, the graphs each warm-up step compiled,
+    and its seconds in all, compiling and tracing as the log reports them. The caller patches the
+    dense attention to maskable_attention, which dynamo can trace."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(
+        fn, **{**options, "backend": "aot_eager"}))
     run = tg.Run(rank=0, world_size=1, device=torch.device("cpu"),
                  grad_accum_steps=cfg.micro_batches_per_step)
-    lines = [] if lines is None else lines
-    return tg.Trainer(cfg, run, log=lambda line, console=True: lines.append(line),
-                      paths=tg.Paths(compile=monkeypatch is not None))
-
-
-def warmed_up_on_cpu(cfg, monkeypatch):
-    """A compiled Trainer (trainer_on_cpu) warmed up; by step, the graphs each warm-up step
-    compiled, and its seconds in all, compiling and tracing as the log reports them."""
     lines = []
-    trainer = trainer_on_cpu(cfg, monkeypatch, lines)
-    run = trainer.run
+    trainer = tg.Trainer(cfg, run, log=lambda line, console=True: lines.append(line),
+                         paths=tg.Paths(compile=True))
     trainer.warmup(cfg.num_train_steps)
     graphs, seconds = {}, {}
     for name, total in run.startup.phases.items():
