@@ -8,7 +8,6 @@ everything after the reduction is the same per-element / per-matrix arithmetic o
 numbers, so we require bitwise equality of all parameters."""
 import datetime
 import os
-import socket
 
 import numpy as np
 import torch
@@ -21,14 +20,8 @@ from test_optimizer import clone_params, make_params
 CFG = tg.Hyperparameters()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker, world_size: int, *args) -> None:
-    mp.spawn(worker, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+    mp.spawn(worker, args=(world_size, tg.free_ports(1)[0], *args), nprocs=world_size, join=True)
 
 
 def init(rank: int, world_size: int, port: int) -> None:
