@@ -3775,6 +3775,7 @@ def compiled_graphs() -> int:
 COMPILE_TIMERS = {"compile": ("_compile.compile_inner", "backward._backward_impl"),
                   "tracing": ("bytecode_tracing",), "inductor": ("compile_fx_inner",)}
 COMPILE_CACHES = {"inductor": "fxgraph_cache", "aot_autograd": "autograd_cache"}
+INDUCTOR_GRAPH_TIMER = "compile_fx_inner"     # one entry per graph (a backward is a graph of its own)
 
 
 def compile_totals() -> dict[str, float]:
@@ -3786,20 +3787,26 @@ def compile_totals() -> dict[str, float]:
     for group, prefix in COMPILE_CACHES.items():
         for outcome in ("hit", "miss", "bypass"):
             totals[f"{group} {outcome}"] = counters[group][f"{prefix}_{outcome}"]
+    totals["inductor graphs"] = len(metrics.get(INDUCTOR_GRAPH_TIMER, ()))
     return totals
 
 
 def compile_summary(before: dict[str, float], after: dict[str, float], seconds: float) -> str:
     """Where a warm-up step's `seconds` went: compiling (Dynamo's tracing, Inductor, the rest:
-    AOTAutograd and guards) or running (CUDA graph capture, autotuning, the step itself); and
-    which compiles the caches served."""
+    AOTAutograd and guards) or running (CUDA graph capture, autotuning, the step itself); which
+    compiles the caches served; and Inductor's seconds for each graph it handled, largest first
+    (a forward and its backward count apart), since a cold start is as fast as its largest."""
     d = {name: after[name] - before[name] for name in after}
     rest = d["compile"] - d["tracing"] - d["inductor"]
     caches = ", ".join(f"{group} {d[f'{group} hit']:.0f} hit / {d[f'{group} miss']:.0f} miss / "
                        f"{d[f'{group} bypass']:.0f} bypass" for group in COMPILE_CACHES)
+    graph_seconds = torch._dynamo.utils.compilation_time_metrics.get(INDUCTOR_GRAPH_TIMER, [])
+    per_graph = sorted(graph_seconds[int(before["inductor graphs"]):int(after["inductor graphs"])],
+                       reverse=True)
+    per_graph_text = " ".join(f"{t:.2f}" for t in per_graph) or "none"
     return (f"compiling {d['compile']:.2f}s (tracing {d['tracing']:.2f}s, inductor "
             f"{d['inductor']:.2f}s, rest {rest:.2f}s), running {seconds - d['compile']:.2f}s; "
-            f"caches: {caches}")
+            f"caches: {caches}; inductor per graph (s): {per_graph_text}")
 
 
 def compile_cache_key(cfg: Hyperparameters, run: Run) -> dict[str, str]:

@@ -140,17 +140,21 @@ def saved_cache(tmp_path_factory):
 
 COMPILE_LINE = re.compile(r"compile: compiling ([\d.]+)s \(tracing ([\d.]+)s, inductor ([\d.]+)s, "
                           r"rest (-?[\d.]+)s\), running ([\d.]+)s; caches: inductor (\d+) hit / "
-                          r"(\d+) miss / (\d+) bypass")
+                          r"(\d+) miss / (\d+) bypass.*; inductor per graph \(s\): ([\d. ]+|none)$",
+                          re.MULTILINE)
 
 
 def test_compile_cache_is_written_by_the_first_run(saved_cache):
     _, path, out = saved_cache
     assert re.search(r"misses: [1-9]", out)                  # it compiled
     # and the compile's report splits the time and counts the miss
-    _, tracing, inductor, rest, running, hits, misses, _ = map(
-        float, COMPILE_LINE.search(out).groups())
+    *times, per_graph = COMPILE_LINE.search(out).groups()
+    _, tracing, inductor, rest, running, hits, misses, _ = map(float, times)
     assert tracing > 0 and inductor > 0 and rest >= 0 and running >= 0
     assert (hits, misses) == (0, 1)
+    # Inductor's time is its graphs' (the forward; its backward is compiled at the first backward)
+    graph_seconds = [float(t) for t in per_graph.split()]
+    assert sum(graph_seconds) == pytest.approx(inductor, abs=0.01 * len(graph_seconds))
     assert f"compile cache {path}: written" in out
     assert "MiB and 1 Triton kernel specialisations" in out
     with open(path, "rb") as f:
