@@ -3403,11 +3403,16 @@ class Trainer:
                            self.cfg.bigram_vocab_size, cycle=self.cfg.cycle_train_data,
                            log=self.log, tight_cu_seqlens=self.cfg.tight_cu_seqlens)
 
+    def symbolic_windows(self) -> bool:
+        """Whether the compiled graphs take the windows as symbols: then one evaluation graph
+        serves every stage (its batch keeps its shape)."""
+        return self.cfg.symbolic_windows and self.paths.compile
+
     def graph_windows(self, windows: tuple[int, int]) -> tuple[int, int] | torch.Tensor:
         """windows as the model's compiled graphs take them. Dynamo bakes a Python int into a
         graph as a constant, so with --symbolic_windows they travel as the sizes of an empty
         tensor whose first two dimensions are marked dynamic, and one graph serves all pairs."""
-        if not (self.cfg.symbolic_windows and self.paths.compile):
+        if not self.symbolic_windows():
             return windows
         if windows not in self.window_carriers:     # made once: every micro-batch passes one
             carrier = torch.empty(*windows, 0, device=self.run.device)
@@ -3519,11 +3524,12 @@ class Trainer:
                                      run.rank, run.world_size, run.grad_accum_steps, run.device,
                                      cfg.bigram_vocab_size)))
 
-    def warmup_step(self, step: int, val_batch: Batch) -> StepSettings:
-        """A warm-up step: the evaluation of `val_batch` and the training step of `step`, done
-        on the device."""
+    def warmup_step(self, step: int, val_batch: Batch | None) -> StepSettings:
+        """A warm-up step: the evaluation of `val_batch` (unless None) and the training step of
+        `step`, done on the device."""
         settings = self.advance(step)
-        self.eval_forward(val_batch, settings.windows)
+        if val_batch is not None:
+            self.eval_forward(val_batch, settings.windows)
         self.train_step(step, settings)
         synchronize(self.run.device)
         return settings
@@ -4204,7 +4210,10 @@ def compile_later_stages(cfg: Hyperparameters, run: Run, log: Logger, paths: Pat
     """A helper of --compile_ahead: the warm-up steps of its share, each reported on the pipe when
     done and logged with the helper's age, to set beside the run's own start-up report."""
     trainer = Trainer(cfg, run, log, paths)
-    val_batch = trainer.first_val_batch()
+    # Under symbolic windows the run's own step 0 compiles the one evaluation graph of every
+    # stage; evaluating here would compile it again and hold a validation batch's logits (24.6
+    # GiB at world size 1) beside the run's memory.
+    val_batch = None if trainer.symbolic_windows() else trainer.first_val_batch()
     with os.fdopen(int(os.environ[COMPILE_AHEAD_FD]), "w") as reports:
         for step in map(int, os.environ[COMPILE_AHEAD_STEPS].split(",")):
             settings = trainer.warmup_step(step, val_batch)
