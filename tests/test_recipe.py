@@ -885,8 +885,10 @@ def warmed_up_on_cpu(cfg, monkeypatch):
             graphs[step] = int(name.split(", ")[1].split()[0])
             (line,) = [line for line in lines if line.startswith(f"warm-up step {step}: ")]
             compiling, tracing, inductor, rest = map(float, re.match(
-                r".*: compiling (.+)s \(tracing (.+)s, inductor (.+)s, rest (.+)s\)", line).groups())
+                r".*: compiling ([\d.]+)s \(tracing ([\d.]+)s, inductor ([\d.]+)s, "
+                r"rest (-?[\d.]+)s\)", line).groups())
             assert inductor == 0 and rest >= 0                  # aot_eager: no inductor
+            assert line.endswith("; inductor per graph (s): none"), line
             seconds[step] = dict(total=total, compiling=compiling, tracing=tracing)
     return trainer, graphs, seconds
 
