@@ -126,6 +126,8 @@ class Hyperparameters:
                                             # every validation one graph ("Start-up", README)
     use_triton_kernels: bool = True        # CUDA only; CPU always takes the PyTorch reference paths
     flash_attn3: bool = False               # CUDA: FlashAttention-3 from the HF kernels hub if it loads
+    triton_attention: bool = False          # CUDA: attention by triton_kernels.windowed_attention
+                                            # instead of torch's flash kernels (same math)
     peak_tflops: float = 0.0                # the device's dense bf16 peak for MFU (0: from the table)
     save_every: int = 0                     # >0: a checkpoint every N steps (N even, see below)
     save_checkpoint: bool = False           # a checkpoint at the end of the run
@@ -524,7 +526,8 @@ class Paths:
                                   # rounded to bf16 once) as an fp32 GEMM of the bf16 operands, or
                                   # "bf16": as a bf16 GEMM (the CPU's is several times slower)
     loss: str = "torch"           # "triton": loss and logits gradient in one kernel (FP8 head only)
-    attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "dense"
+    attention: str = "dense"      # "varlen" (torch's flash kernels), "flash_attn3" (hub), "triton"
+                                  # (triton_kernels.windowed_attention), "dense"
     dc_attention: str = "torch"   # "triton": the composed attention (#85) in one kernel per pass
     optimizer: str = "torch"      # "triton": Gram kernels, fused Polar Express update, transposes
     table_grads: str = "torch"    # "triton": lookup-table gradients by sorted runs of equal ids
@@ -540,7 +543,7 @@ class Paths:
         choices = dict(mlp=("torch", "triton", "cublas"), lm_head=("bf16", "fp8"),
                        head_gemm=("fp32", "bf16"),
                        loss=("torch", "triton"),
-                       attention=("dense", "varlen", "flash_attn3"),
+                       attention=("dense", "varlen", "flash_attn3", "triton"),
                        dc_attention=("torch", "triton"), optimizer=("torch", "triton"),
                        table_grads=("torch", "triton"), qkv=("torch", "triton"),
                        qk_prep=("torch", "triton"))
@@ -575,8 +578,9 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
     """The implementation of every op for this run: Triton kernels where cfg.use_triton_kernels
     and the device is a GPU (CPU runs take the PyTorch references; tests run the kernels on CPU
     through Triton's interpreter), FP8 where the GPU has it (compute capability 8.9 or newer),
-    flash attention on any GPU (FlashAttention-3 when cfg.flash_attn3 and it loads), and
-    torch.compile where cfg.compile and the device is a GPU."""
+    flash attention on any GPU (FlashAttention-3 when cfg.flash_attn3 and it loads, the Triton
+    kernel when cfg.triton_attention), and torch.compile where cfg.compile and the device is a
+    GPU."""
     cuda = device.type == "cuda"
     kernels, kernels_why = "torch", "CPU: the PyTorch reference of every kernel"
     if cuda:
@@ -597,12 +601,17 @@ def resolve_paths(cfg: Hyperparameters, device: torch.device,
         qkv, qkv_why = "torch", f"{head_why}: the packed FP8 QKV's math emulated in PyTorch"
     qk_prep, qk_prep_why = ((kernels, kernels_why) if cfg.fused_qk_prep
                             else ("torch", "--fused_qk_prep=false"))
-    flash_attn3 = load_flash_attn3(log) if cfg.flash_attn3 and cuda else None
-    if flash_attn3 is not None:
+    triton_attention = cfg.triton_attention and kernels == "triton"
+    flash_attn3 = (load_flash_attn3(log) if cfg.flash_attn3 and cuda and not triton_attention
+                   else None)
+    if triton_attention:
+        attention, attention_why = "triton", "--triton_attention=true"
+    elif flash_attn3 is not None:
         attention, attention_why = "flash_attn3", "--flash_attn3=true, loaded from the kernels hub"
     elif cuda:
         attention = "varlen"
-        attention_why = "FlashAttention-3 did not load" if cfg.flash_attn3 else "torch.nn.attention.varlen"
+        attention_why = ("FlashAttention-3 did not load" if cfg.flash_attn3 else
+                         kernels_why if cfg.triton_attention else "torch.nn.attention.varlen")
     else:
         attention = "dense"
         attention_why = ("--flash_attn3=true needs CUDA; CPU reference" if cfg.flash_attn3 else
@@ -1644,7 +1653,10 @@ def load_flash_attn3(log: Callable[[str], None]) -> Callable | None:
 def attention(q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float,
               paths: Paths) -> torch.Tensor:
     """Causal attention within documents over a left window, by paths.attention: FlashAttention-3,
-    torch's varlen flash attention, or the dense reference (all the same function)."""
+    torch's varlen flash attention, the Triton kernel, or the dense reference (all the same
+    function)."""
+    if paths.attention == "triton":
+        return triton_kernels.windowed_attention(q, k, v, cu_seqlens, window, scale)
     if paths.attention == "flash_attn3":
         out = paths.flash_attn3(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                 softmax_scale=scale, causal=True, window_size=(window, 0))
@@ -3588,7 +3600,8 @@ CHECKPOINT_FORMAT = 1
 # Fields that do not change the training math: a checkpoint may be resumed with other values.
 RUN_ONLY_FIELDS = frozenset({
     "val_files", "val_tokens", "val_batch_tokens", "val_every", "stop_after_steps", "seed",
-    "compile", "cuda_graphs", "use_triton_kernels", "flash_attn3", "save_every", "save_checkpoint",
+    "compile", "cuda_graphs", "use_triton_kernels", "flash_attn3", "triton_attention",
+    "save_every", "save_checkpoint",
     "checkpoint_dir", "resume", "log_dir", "val_mask", "val_mask_cache", "peak_tflops",
     "compile_cache", "compile_ahead", "compile_ahead_helpers", "eval", "hellaswag_file"})
 

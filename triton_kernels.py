@@ -32,11 +32,14 @@
                      and transposed from its bytes (#344); packed_qkv_fp8: the packed QKV
                      projection through FP8 GEMMs (the forward and the input gradient),
                      autograd function
+ 13. windowed_attention   causal attention within documents over a left window, flash style
+                     (online softmax, P never stored), forward and backward kernels, autograd
+                     function (its reference is train_gpt.attention_reference)
 
-Each kernel `name` has a `name_reference` with the same contract in plain PyTorch (qk_prep's is
-in train_gpt.py, being the model's own ops): the CPU training path runs the references, and the
-tests compare every kernel with its reference.
-Kernels 1-7 and 9-12 are torch.library custom ops with a fake (meta) implementation, so that
+Each kernel `name` has a `name_reference` with the same contract in plain PyTorch (qk_prep's and
+windowed_attention's, attention_reference, are in train_gpt.py, being the model's own ops): the
+CPU training path runs the references, and the tests compare every kernel with its reference.
+Kernels 1-7 and 9-13 are torch.library custom ops with a fake (meta) implementation, so that
 torch.compile(fullgraph=True) traces through them without a graph break. The soft cap of the LM
 head, `softcap`, and its constants are defined here once; train_gpt.py imports them.
 
@@ -80,7 +83,7 @@ __all__ = [
     "pair_count", "pair_contract", "pair_contract_reference", "pair_products",
     "pair_products_reference", "pairwise_mlp", "pairwise_mlp_gemm", "pairwise_mlp_reference",
     "qk_prep", "quantize_packed_e4m3", "quantize_packed_e4m3_reference", "packed_qkv_fp8",
-    "packed_qkv_fp8_reference",
+    "packed_qkv_fp8_reference", "document_bounds", "windowed_attention",
 ]
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted; the host code
@@ -3170,6 +3173,266 @@ def packed_qkv_fp8_reference(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor
     operands); x and W of any float dtype, W8 and W8t of any dtype holding e4m3 values."""
     _check_packed_qkv_args("packed_qkv_fp8_reference", x, W, lam, W8, W8t, w_scale)
     return _PackedQKVFP8.apply(x, W, lam, W8, W8t, w_scale, False)
+
+
+# =================================================================================================
+# 13. Causal windowed attention within documents: forward and backward
+# =================================================================================================
+# The function of train_gpt.attention (its reference, attention_reference, lives there): the rows
+# of a packed batch (T, H, D) attend to the rows of their own document within a left window, row
+# i to rows i - window .. i, with softmax(scale q.k). One program takes BLOCK_M query rows of one
+# head and walks the key blocks from the first key any of its rows sees up to its last row, with
+# the online softmax of flash attention: a running maximum and sum per row in fp32, base-2
+# exponentials, P rounded to bf16 to meet V on the tensor cores. A row sees a key when the key
+# is not after it, within its window and at or after the start of the row's document; those
+# starts, doc_start (T,), and the documents' ends, doc_end (T,), are made from cu_seqlens once per
+# call. The forward keeps each row's base-2 log-sum-exp. The backward recomputes P in two kernels
+# without atomics: one program per key block accumulates dK and dV over the query blocks that can
+# see its keys (up to the window's reach, inside the last key's document), one program per query
+# block accumulates dQ, both with delta = rowsum(dO * O) (FlashAttention-2's split).
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_rows(ptr, rows, ok, head, stride_t, stride_h, D: tl.constexpr):
+    """The head's (len(rows), D) slice of a (T, H, D) tensor with unit last stride; zeros where
+    not ok."""
+    dims = tl.arange(0, D)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + dims[None, :],
+                   mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _attention_sees(rows, keys, row_start, window):
+    """Whether each query row sees each key, for broadcastable rows, keys and row_start (the
+    start of the row's document)."""
+    return (keys <= rows) & (keys >= rows - window) & (keys >= row_start)
+
+
+@triton.jit
+def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_start_ptr, out_ptr, lse_ptr, T, window,
+                              qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                              stride_vh, H: tl.constexpr, D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)    # Python floats may arrive as fp64 under torch.compile
+    head = tl.program_id(1)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
+    q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+    first = tl.maximum(tl.load(doc_start_ptr + row0), row0 - window)
+    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for key0 in range((first // BLOCK_N) * BLOCK_N, tl.minimum(row0 + BLOCK_M, T), BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < T
+        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
+        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
+        scores = _mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+        scores = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None], window),
+                          scores, float("-inf"))
+        new_top = tl.maximum(top, tl.max(scores, 1))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)   # a row that sees no key yet
+        p = tl.exp2(scores - shift[:, None])
+        rescale = tl.exp2(top - shift)
+        total = total * rescale + tl.sum(p, 1)
+        acc = _mma(acc * rescale[:, None], _to_bf16(p), v)
+        top = new_top
+    total = tl.where(total > 0, total, 1.0)      # rows past T, which see nothing
+    dims = tl.arange(0, D)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :],
+             _to_bf16(acc / total[:, None]), mask=row_ok[:, None])
+    tl.store(lse_ptr + rows * H + head, top + tl.log2(total), mask=row_ok)
+
+
+@triton.jit
+def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
+                                       doc_start_ptr, dq_ptr, T, window, qk_scale, scale,
+                                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                                       stride_vh, H: tl.constexpr, D: tl.constexpr,
+                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    head = tl.program_id(1)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
+    q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+    d_out = _attention_rows(dout_ptr, rows, row_ok, head, H * D, D, D)
+    lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + rows * H + head, mask=row_ok, other=0.0)
+    first = tl.maximum(tl.load(doc_start_ptr + row0), row0 - window)
+    dq = tl.zeros((BLOCK_M, D), tl.float32)
+    for key0 in range((first // BLOCK_N) * BLOCK_N, tl.minimum(row0 + BLOCK_M, T), BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < T
+        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
+        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
+        scores = _mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+        p = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None], window),
+                     tl.exp2(scores - lse[:, None]), 0.0)
+        dp = _mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), d_out, tl.trans(v))
+        dq = _mma(dq, _to_bf16(p * (dp - delta[:, None])), k)
+    dims = tl.arange(0, D)
+    tl.store(dq_ptr + rows.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :],
+             _to_bf16(dq * scale), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attention_backward_keys_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
+                                    doc_start_ptr, doc_end_ptr, dk_ptr, dv_ptr, T, window,
+                                    qk_scale, scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                                    stride_vt, stride_vh, H: tl.constexpr, D: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    head = tl.program_id(1)
+    key0 = tl.program_id(0) * BLOCK_N
+    keys = key0 + tl.arange(0, BLOCK_N)
+    key_ok = keys < T
+    k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
+    v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
+    last_key = tl.minimum(key0 + BLOCK_N, T) - 1
+    end = tl.minimum(tl.load(doc_end_ptr + last_key), last_key + window + 1)
+    dk = tl.zeros((BLOCK_N, D), tl.float32)
+    dv = tl.zeros((BLOCK_N, D), tl.float32)
+    for row0 in range((key0 // BLOCK_M) * BLOCK_M, end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
+        q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+        d_out = _attention_rows(dout_ptr, rows, row_ok, head, H * D, D, D)
+        lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows * H + head, mask=row_ok, other=0.0)
+        # transposed maps (keys, rows): dV and dK are sums over the rows
+        scores = _mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), k, tl.trans(q)) * qk_scale
+        p = tl.where(_attention_sees(rows[None, :], keys[:, None], row_start[None, :], window),
+                     tl.exp2(scores - lse[None, :]), 0.0)
+        dv = _mma(dv, _to_bf16(p), d_out)
+        dp = _mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), v, tl.trans(d_out))
+        dk = _mma(dk, _to_bf16(p * (dp - delta[None, :])), q)
+    dims = tl.arange(0, D)
+    offsets = keys.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :]
+    tl.store(dk_ptr + offsets, _to_bf16(dk * scale), mask=key_ok[:, None])
+    tl.store(dv_ptr + offsets, _to_bf16(dv), mask=key_ok[:, None])
+
+
+# Candidate tilings for records/bench_kernels.py; _ATTENTION_TILES is the one used.
+_ATTENTION_TILINGS = (
+    dict(forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         queries=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+         keys=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
+    dict(forward=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+         queries=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+         keys=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    dict(forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         queries=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+         keys=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)),
+)
+_ATTENTION_TILES = _ATTENTION_TILINGS[0]
+_INTERPRETED_ATTENTION_TILE = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _attention_tile(kernel: str, tiles: dict | None) -> dict:
+    if INTERPRET:
+        return dict(_INTERPRETED_ATTENTION_TILE)
+    return dict((tiles or _ATTENTION_TILES)[kernel])
+
+
+def _attention_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    return tuple(stride for t in tensors for stride in (t.stride(0), t.stride(1)))
+
+
+@torch.library.custom_op("nanogpt_triton::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          doc_start: torch.Tensor, scale: float, window: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    T, H, D = q.shape
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    tile = _attention_tile("forward", None)
+    _attention_forward_kernel[(triton.cdiv(T, tile["BLOCK_M"]), H)](
+        q, k, v, doc_start, out, lse, T, window, scale * LOG2_E, *_attention_strides(q, k, v),
+        H=H, D=D, **tile)
+    return out, lse
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, doc_start, scale, window):
+    T, H, D = q.shape
+    return q.new_empty(T, H, D), q.new_empty(T, H, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanogpt_triton::attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, d_out: torch.Tensor, doc_start: torch.Tensor,
+                           doc_end: torch.Tensor, scale: float, window: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, H, D = q.shape
+    dq, dk, dv = (torch.empty(T, H, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = (d_out.float() * out.float()).sum(-1)                    # (T, H)
+    strides = _attention_strides(q, k, v)
+    tile = _attention_tile("queries", None)
+    _attention_backward_queries_kernel[(triton.cdiv(T, tile["BLOCK_M"]), H)](
+        q, k, v, d_out, lse, delta, doc_start, dq, T, window, scale * LOG2_E, scale, *strides,
+        H=H, D=D, **tile)
+    tile = _attention_tile("keys", None)
+    _attention_backward_keys_kernel[(triton.cdiv(T, tile["BLOCK_N"]), H)](
+        q, k, v, d_out, lse, delta, doc_start, doc_end, dk, dv, T, window, scale * LOG2_E, scale,
+        *strides, H=H, D=D, **tile)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, d_out, doc_start, doc_end, scale, window):
+    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+
+
+class _WindowedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc_start, doc_end, scale, window):
+        out, lse = _attention_forward_op(q, k, v, doc_start, scale, window)
+        ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end)
+        ctx.scale, ctx.window = scale, window
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
+        dq, dk, dv = _attention_backward_op(q, k, v, out, lse, d_out.contiguous(), doc_start,
+                                            doc_end, ctx.scale, ctx.window)
+        return dq, dk, dv, None, None, None, None
+
+
+def document_bounds(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start and the end (one past the last row) of each row's document, (T,) int32 each,
+    from cu_seqlens (the documents' starts, last entry T, entries may repeat), on the device."""
+    positions = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    document = torch.searchsorted(cu_seqlens, positions, right=True)
+    return cu_seqlens[document - 1].int(), cu_seqlens[document].int()
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Causal attention within documents over a left window (see the section's notes), (T, H, D)
+    bf16 like v: q, k, v (T, H, D) bf16 with unit last stride, D a power of two; cu_seqlens the
+    document starts (int32, last entry T, may repeat); window >= 0. Differentiable in q, k, v."""
+    name = "windowed_attention"
+    _check_runnable(name, q, k, v, cu_seqlens)
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        _check_dtype(name, arg, t, (torch.bfloat16,))
+        _check_shape(name, arg, t, q.shape)
+    T, H, D = q.shape
+    if D & (D - 1) or window < 0:
+        raise ValueError(f"{name}: head_dim must be a power of two and window at least 0, got "
+                         f"{D} and {window}")
+    doc_start, doc_end = document_bounds(cu_seqlens, T)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    # window stays as given: under torch.compile a symbolic window must not be specialised
+    return _WindowedAttention.apply(q, k, v, doc_start, doc_end, float(scale), window)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -353,6 +353,51 @@ def case_dc_attention(tk, T, H, hd, window):
                     work, "TFLOP/s", "bf16", "banded PyTorch reference")]
 
 
+def attention_batch(T, mean_length=756, longest=2048, seed=0):
+    """cu_seqlens (int32) of documents like stage 3's: lengths drawn from an exponential of the
+    corpus's mean (756 tokens), cut at the stage's 2,048, the last one cut at T."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = (torch.empty(4 * T // mean_length).exponential_(1 / mean_length, generator=generator)
+               .clamp(1, longest).int())
+    bounds = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int32), lengths]), 0).clamp_max(T)
+    bounds = bounds[:int((bounds < T).sum()) + 1]
+    return bounds.int().to(DEVICE)
+
+
+def attention_forward_flops(cu, window, H, hd) -> int:
+    """QK^T and PV over the (query, key) pairs the window and the documents allow."""
+    from profile_steps import causal_window_pairs
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    return 4 * H * hd * sum(causal_window_pairs(n, window) for n in lengths)
+
+
+def case_attention(tk, T, H, hd, window):
+    """The Triton windowed attention against torch's flash attention (varlen_attn, what the
+    trainer runs without --triton_attention), forward alone and forward + backward; useful work
+    only (pairs inside documents and windows; the backward does 2.5 times the forward's)."""
+    from torch.nn.attention.varlen import varlen_attn
+    cu = attention_batch(T)
+    longest = int((cu[1:] - cu[:-1]).max())
+    q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
+    dY = randn_bf16(T, H, hd)
+
+    def flash(q, k, v):
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=0.12, window_size=(window, 0))
+
+    def ours(q, k, v):
+        return tk.windowed_attention(q, k, v, cu, window, 0.12)
+
+    leaves, shape = (q, k, v), f"T={T}, H={H}, hd={hd}, window={window}, {len(cu) - 1} documents"
+    flops = attention_forward_flops(cu, window, H, hd)
+    with torch.no_grad():
+        forward = compare("windowed_attention fwd", shape, ours, flash, leaves, flops, "TFLOP/s",
+                          "bf16", "vs torch's flash attention")
+    return [forward, measure("windowed_attention fwd+bwd (autograd)", shape,
+                             fwd_bwd(ours, leaves, leaves, dY), fwd_bwd(flash, leaves, leaves, dY),
+                             fwd_bwd(torch.compile(flash), leaves, leaves, dY),
+                             3.5 * flops, "TFLOP/s", "bf16", "vs torch's flash attention")]
+
+
 def relu2_mlp_flops(T, d, hidden):
     """Forward + backward of the ReLU^2 MLP: 6 GEMMs of 2 T d hidden FLOPs (x W1^T and its two
     gradients, post W2 and its two); the elementwise activation is not counted."""
@@ -720,6 +765,31 @@ def dc_attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=112) -> list[str]
     return lines
 
 
+def attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=640) -> list[str]:
+    """GPU-only microseconds of windowed_attention's forward and forward + backward at every
+    candidate for triton_kernels._ATTENTION_TILES, stage 3's short window, and torch's flash
+    attention beside them."""
+    from torch.nn.attention.varlen import varlen_attn
+    cu = attention_batch(T)
+    longest = int((cu[1:] - cu[:-1]).max())
+    leaves = [randn_bf16(T, H, hd).requires_grad_() for _ in range(3)]
+    dY = randn_bf16(T, H, hd)
+    forms = {"flash attention (varlen_attn)": lambda q, k, v: varlen_attn(
+        q, k, v, cu, cu, longest, longest, scale=0.12, window_size=(window, 0))}
+    lines = ["| tiling | fwd us | fwd + bwd us |", "|---|---|---|"]
+
+    def row(label, fn):
+        with torch.no_grad():
+            forward = bench_gpu(lambda: fn(*leaves))
+        lines.append(f"| {label} | {us_cell(forward)} | "
+                     f"{us_cell(bench_gpu(fwd_bwd(fn, leaves, leaves, dY)))} |")
+    for label, fn in forms.items():
+        row(label, fn)
+    for label in each_setting(tk, "_ATTENTION_TILES", tk._ATTENTION_TILINGS):
+        row(label, lambda q, k, v: tk.windowed_attention(q, k, v, cu, window, 0.12))
+    return lines
+
+
 QK_PREP_TILINGS = [dict(BLOCK_T=t, num_warps=w) for t in (8, 16, 32) for w in (4, 8)]
 
 
@@ -1008,6 +1078,7 @@ CASES = {   # name: the call that times it at the speedrun shapes
     "transposes": lambda tk: case_transposes(tk, 768, 50304),
     "index_add_rows": lambda tk: case_index_add_rows(tk, 5, 49152, 50304, 768),
     "dc_attention": lambda tk: case_dc_attention(tk, 49152, 6, 128, 112),
+    "attention": lambda tk: case_attention(tk, 49152, 6, 128, 640),
     "pairwise": lambda tk: case_pairwise(tk, 49152, 768, (79, 110), 3072),   # an experiment
 }
 GPU_ONLY = ", GPU-only microseconds (CUDA-graph replay)"
@@ -1029,6 +1100,8 @@ SWEEPS = {   # name: (title, the call that runs it)
                 qk_prep_tiling_sweep),
     "dc_attention": ("Composed attention (dc_attention) tilings, forward + backward" + GPU_ONLY,
                      dc_attention_tiling_sweep),
+    "attention": ("Windowed attention (windowed_attention) tilings against flash attention, "
+                  "stage 3's short window" + GPU_ONLY, attention_tiling_sweep),
     "launch": ("Host time of a kernel launch, piece by piece", launch_overhead_sweep),
     "exact_max": ("The maximum behind an exact FP8 scale, compiled with its producer" + GPU_ONLY,
                   exact_max_sweep),

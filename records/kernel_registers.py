@@ -185,6 +185,32 @@ def dc_attention_kernels(window=112):
                  {**common, "QUERIES": span}, *launch)
 
 
+def attention_kernels(tiles=None, window=640):
+    """The windowed attention (--triton_attention) at triton_kernels._ATTENTION_TILES, on a
+    plain layer of stage 3: Q and K from qk_prep (contiguous), V a view of the packed QKV rows."""
+    tiles = tiles or tk._ATTENTION_TILES
+    row = 2 * HEADS * QK_WIDTH + MODEL_DIM
+    strides = dict(stride_qt=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_kt=HEADS * HEAD_DIM,
+                   stride_kh=HEAD_DIM, stride_vt=row, stride_vh=HEAD_DIM)
+    inputs = {**pointers("q_ptr k_ptr v_ptr", "bf16"), "doc_start_ptr": "*i32"}
+    sizes = dict(T=TOKENS, window=window, qk_scale="fp32")
+    saved = {"dout_ptr": "*bf16", **pointers("lse_ptr delta_ptr", "fp32")}
+
+    def launch(label, fn, args, kernel):
+        tile = dict(tiles[kernel])
+        num_warps, num_stages = tile.pop("num_warps"), tile.pop("num_stages")
+        return Kernel(label, fn, args, dict(H=HEADS, D=HEAD_DIM, **tile), num_warps, num_stages)
+
+    yield launch("attention forward", tk._attention_forward_kernel,
+                 {**inputs, "out_ptr": "*bf16", "lse_ptr": "*fp32", **sizes, **strides}, "forward")
+    yield launch("attention backward, queries", tk._attention_backward_queries_kernel,
+                 {**inputs, **saved, "dq_ptr": "*bf16", **sizes, "scale": "fp32", **strides},
+                 "queries")
+    yield launch("attention backward, keys", tk._attention_backward_keys_kernel,
+                 {**inputs, **saved, "doc_end_ptr": "*i32", **pointers("dk_ptr dv_ptr", "bf16"),
+                  **sizes, "scale": "fp32", **strides}, "keys")
+
+
 def loss_and_copy_kernels():
     """The LM head's fused cross-entropy (#75/#79), the transposed copy of its e5m2 gradient
     (#76), the embedding tables' row sums and the packed QKV weights' quantisation (#344)."""
@@ -270,7 +296,7 @@ def pairwise_kernels(r=79):
 
 
 KERNEL_FAMILIES = (gemm_epilogue_kernels, qk_prep_kernels, dc_attention_kernels,
-                   loss_and_copy_kernels, optimizer_kernels, pairwise_kernels)
+                   attention_kernels, loss_and_copy_kernels, optimizer_kernels, pairwise_kernels)
 COLUMNS = ("kernel", "warps", "registers per thread", "spill stores (bytes per thread)",
            "shared memory (KB)", "pipelined loads", "matrix instruction")
 

@@ -12,7 +12,8 @@ and prints the kernels (on the CPU: the operators) with the most time and the GP
 kernel. On a GPU it also lists where the GPU sat idle between kernels and what the host was
 running meanwhile: the host stalls that make short steps slow and scattered. A last profiled run
 of the same steps records the ops' input shapes, for the GEMMs by op and shape with the rate each
-reaches against the bf16 or FP8 ceiling. `--trace DIR` writes each stage's Chrome trace there.
+reaches against the bf16 or FP8 ceiling, and attention's rate from the documents and windows of
+the profiled micro-batches. `--trace DIR` writes each stage's Chrome trace there.
 Meant for finding what to speed up; the numbers are not a timing protocol.
 """
 from __future__ import annotations
@@ -187,6 +188,91 @@ def gemm_rows(averages, steps: int, cuda: bool, top: int) -> list[str]:
     return lines
 
 
+# Attention's work, from the documents of the micro-batches it ran on, so that its kernels (torch's
+# flash attention or triton_kernels.windowed_attention) get a rate against the bf16 ceiling too. A
+# query sees the keys of its own document within its left window; each (query, key) pair costs
+# 2 x head_dim FLOPs in QK^T and as many in PV (Q and K zero-padded to V's width, as the kernels
+# compute them). The backward does 2.5 times the forward's work: it recomputes QK^T and adds dV,
+# dP, dQ and dK.
+ATTENTION_BACKWARD_WORK = 2.5
+
+
+def causal_window_pairs(length: int, window: int) -> int:
+    """(query, key) pairs in a document of `length` rows where row i sees rows i - window to i."""
+    ramp = min(length, window + 1)          # the first rows see every row before them
+    return ramp * (ramp + 1) // 2 + (length - ramp) * (window + 1)
+
+
+def attention_flops(cu_seqlens: list[int], windows: tuple[int, int],
+                          cfg: tg.Hyperparameters) -> int | None:
+    """Forward FLOPs of one micro-batch's attention calls, for its document bounds and the
+    step's (short, long) windows in tokens. A paired-head layer attends over twice the rows (each
+    document twice as long) with half the heads. None where cfg.attn puts other kernels in the
+    unpaired layers."""
+    if cfg.attn != "standard":
+        return None
+    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    short, long = windows
+    flops = 0
+    for layer in tg.ATTN_LAYERS:
+        window = long if layer in tg.LONG_WINDOW_LAYERS else short
+        paired = layer in tg.PAIRED_HEAD_LAYERS
+        heads = cfg.num_heads // 2 if paired else cfg.num_heads
+        pairs = sum(causal_window_pairs(2 * n if paired else n, window) for n in lengths)
+        flops += 4 * cfg.head_dim * heads * pairs
+    return flops
+
+
+def is_attention_kernel(name: str) -> bool:
+    return kernel_kind(name) == "flash attention" or name.startswith("_attention_")
+
+
+def attention_rows(kernels: list[tuple[str, float]], forward_flops: int, steps: int) -> list[str]:
+    """The attention kernels' time per step, forward and backward apart, with the rate their
+    FLOPs (forward_flops over all profiled steps) reach against the bf16 ceiling."""
+    lines = ["| attention | kernels | ms/step | GFLOP/step | TFLOP/s | % of ceiling |",
+             "|---|---|---|---|---|---|"]
+    for label, flops in (("forward", forward_flops),
+                         ("backward", ATTENTION_BACKWARD_WORK * forward_flops)):
+        launches = [(name, us) for name, us in kernels if is_attention_kernel(name)
+                    and any(word in name.lower() for word in ("bwd", "backward"))
+                    == (label == "backward")]
+        us = sum(t for _, t in launches)
+        if not us:
+            continue
+        tflops = flops / us / 1e6
+        lines.append(f"| {label} | {len({name for name, _ in launches})} | {us / 1000 / steps:.2f} | "
+                     f"{flops / 1e9 / steps:.1f} | {tflops:.1f} | "
+                     f"{100 * tflops / CEILING_TFLOPS['bf16']:.0f} |")
+    return lines
+
+
+class BatchBounds:
+    """Keeps the document bounds (cu_seqlens) of every micro-batch the trainer's loader hands out
+    while recording, each with the windows of its step, without reading them back meanwhile."""
+
+    def __init__(self, loader):
+        self.loader, self.next_batch = loader, loader.next_batch
+        self.batches: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        self.windows = (0, 0)
+
+    def __enter__(self):
+        def recorded(*args, **kwargs):
+            batch = self.next_batch(*args, **kwargs)
+            self.batches.append((batch.cu_seqlens, self.windows))
+            return batch
+        self.loader.next_batch = recorded
+        return self
+
+    def __exit__(self, *exc):
+        self.loader.next_batch = self.next_batch
+
+    def forward_flops(self, cfg: tg.Hyperparameters) -> int | None:
+        flops = [attention_flops(cu_seqlens.tolist(), windows, cfg)
+                 for cu_seqlens, windows in self.batches]
+        return None if None in flops else sum(flops)
+
+
 def step_times_ms(trainer, steps, cuda: bool) -> list[float]:
     """Each step's time: on a GPU between events recorded after each step (no draining)."""
     tg.synchronize(trainer.run.device)
@@ -230,10 +316,12 @@ def main() -> None:
             trainer.train_step(step, trainer.advance(step))
         steps = range(start + 2, start + 2 + args.steps)
         times = step_times_ms(trainer, steps, cuda)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities) as prof, BatchBounds(trainer.loader) as bounds:
             t0 = time.perf_counter()
             for step in steps:
-                trainer.train_step(step, trainer.advance(step))
+                settings = trainer.advance(step)
+                bounds.windows = settings.windows
+                trainer.train_step(step, settings)
             tg.synchronize(run.device)
             profiled_ms = 1000 * (time.perf_counter() - t0) / args.steps
         print(f"\n=== stage {stage}: {statistics.median(times):.1f} ms/step median without the "
@@ -250,6 +338,9 @@ def main() -> None:
         if kernels:
             print("The largest kernels:")
             print("\n".join(largest_kernels(kernels, args.steps, top=10)))
+        forward_flops = bounds.forward_flops(cfg)
+        if forward_flops and any(is_attention_kernel(name) for name, _ in kernels):
+            print("\n".join(attention_rows(kernels, forward_flops, args.steps)))
         print_idle_gaps(prof, args.steps, top=10)
         if trainer.paths.cuda_graphs:   # a graph's replay records its kernels but not their ops
             print("GEMMs by op and shape: not seen inside CUDA graphs (profile with "

@@ -282,7 +282,7 @@ def test_launched_kernels_fit_their_registers():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| kernel")]
-    assert len(rows) == 22
+    assert len(rows) == 25
     for label, warps, registers, spills, *_ in rows:
         allowed = DC_BACKWARD_SPILL_BYTES if label.strip().startswith("dc_attention backward") else 0
         assert int(spills) <= allowed, f"{label}: {registers} registers, {spills} bytes of spills"
@@ -367,6 +367,70 @@ def test_largest_kernels_sum_each_kernels_launches():
                         "| nvjet_sm90_tst_a | cuBLAS GEMMs | 1 | 1.75 | 35.0% |"]
     row = profile_steps.largest_kernels([("void " + "x" * 100, 1.0)], steps=1, top=5)[2]
     assert row.startswith("| void " + "x" * 72 + "... | other |")   # long names cut to 80
+
+
+@pytest.mark.parametrize("length, window", [(1, 0), (5, 0), (5, 2), (5, 4), (5, 9), (40, 7)])
+def test_causal_window_pairs_count_what_the_reference_attention_sees(length, window):
+    profile_steps = load_tool("profile_steps")
+    (_, visible), = tg.document_windows(torch.tensor([0, length]), window)
+    assert profile_steps.causal_window_pairs(length, window) == int(visible.sum())
+
+
+def test_attention_flops_follow_the_model_calls():
+    """Every attention layer as the model calls it: paired layers over the doubled bounds with
+    half the heads, the long window in LONG_WINDOW_LAYERS; pairs counted by the dense
+    reference's masks."""
+    profile_steps = load_tool("profile_steps")
+    cfg = tg.parse_config(["--preset=smoke"])
+    cu_seqlens, windows = [0, 3, 3, 11, 12], (2, 5)
+
+    def pairs(bounds, window):
+        return sum(int(v.sum()) for _, v in tg.document_windows(torch.tensor(bounds), window))
+    expected = 0
+    for layer in tg.ATTN_LAYERS:
+        window = windows[1] if layer in tg.LONG_WINDOW_LAYERS else windows[0]
+        if layer in tg.PAIRED_HEAD_LAYERS:
+            expected += 4 * cfg.head_dim * (cfg.num_heads // 2) * pairs([2 * c for c in cu_seqlens], window)
+        else:
+            expected += 4 * cfg.head_dim * cfg.num_heads * pairs(cu_seqlens, window)
+    assert profile_steps.attention_flops(cu_seqlens, windows, cfg) == expected
+    diff = tg.parse_config(["--preset=smoke", "--attn=diff", "--qk_head_dim=0"])
+    assert profile_steps.attention_flops(cu_seqlens, windows, diff) is None
+
+
+def test_attention_rows_rate_forward_and_backward_apart():
+    profile_steps = load_tool("profile_steps")
+    flash = [("void pytorch_flash::flash_fwd_kernel<A>", 1000.0),
+             ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<A>", 2000.0),
+             ("void pytorch_flash::flash_bwd_convert_dq_kernel<A>", 500.0),
+             ("nvjet_sm90_tst_a", 9000.0)]
+    # 158 GFLOP forward over two steps in 1 ms: 158 TFLOP/s, 20% of 790; the backward does 2.5x
+    # the work in 2.5 ms, the same rate
+    rows = profile_steps.attention_rows(flash, forward_flops=158 * 10**9, steps=2)
+    assert rows[2:] == ["| forward | 1 | 0.50 | 79.0 | 158.0 | 20 |",
+                        "| backward | 2 | 1.25 | 197.5 | 158.0 | 20 |"]
+    ours = [("_attention_forward_kernel", 500.0), ("_attention_backward_keys_kernel", 1000.0),
+            ("_attention_backward_queries_kernel", 1500.0), ("_mtp_ce_kernel", 700.0)]
+    rows = profile_steps.attention_rows(ours, forward_flops=158 * 10**9, steps=2)
+    assert rows[2:] == ["| forward | 1 | 0.25 | 79.0 | 316.0 | 40 |",
+                        "| backward | 2 | 1.25 | 197.5 | 158.0 | 20 |"]
+
+
+def test_batch_bounds_keep_each_micro_batch_with_its_windows():
+    profile_steps = load_tool("profile_steps")
+    loader = types.SimpleNamespace()
+    handed_out = iter([torch.tensor([0, 4, 6]), torch.tensor([0, 6, 6])])
+    loader.next_batch = lambda *args: types.SimpleNamespace(cu_seqlens=next(handed_out))
+    original = loader.next_batch
+    cfg = tg.parse_config(["--preset=smoke"])
+    with profile_steps.BatchBounds(loader) as bounds:
+        bounds.windows = (1, 3)
+        loader.next_batch(6, 6, 1)
+        bounds.windows = (2, 4)
+        loader.next_batch(6, 6, 1)
+    assert loader.next_batch is original
+    assert bounds.forward_flops(cfg) == (profile_steps.attention_flops([0, 4, 6], (1, 3), cfg)
+                                         + profile_steps.attention_flops([0, 6, 6], (2, 4), cfg))
 
 
 def test_idle_gaps_between_busy_intervals():
