@@ -3187,9 +3187,9 @@ def packed_qkv_fp8_reference(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor
 # is not after it, within its window and at or after the start of the row's document; those
 # starts, doc_start (T,), and the documents' ends, doc_end (T,), are made from cu_seqlens once per
 # call. The forward keeps each row's base-2 log-sum-exp. The backward recomputes P in two kernels
-# without atomics: one program per key block accumulates dK and dV over the query blocks that can
-# see its keys (up to the window's reach, inside the last key's document), one program per query
-# block accumulates dQ, both with delta = rowsum(dO * O) (FlashAttention-2's split).
+# without atomics: one program per query block accumulates dQ, and first finds its rows' delta =
+# rowsum(dO * O) and stores it; then one program per key block accumulates dK and dV over the
+# query blocks that can see its keys (up to the window's reach, inside the last key's document).
 LOG2_E = 1.4426950408889634
 
 
@@ -3248,10 +3248,10 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_start_ptr, out_ptr, lse_p
 
 
 @triton.jit
-def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
-                                       doc_start_ptr, dq_ptr, T, window, qk_scale, scale,
-                                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                                       stride_vh, H: tl.constexpr, D: tl.constexpr,
+def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr,
+                                       delta_ptr, doc_start_ptr, dq_ptr, T, window, qk_scale,
+                                       scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                                       stride_vt, stride_vh, H: tl.constexpr, D: tl.constexpr,
                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)
     scale = tl.cast(scale, tl.float32)
@@ -3263,7 +3263,9 @@ def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, d
     q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
     d_out = _attention_rows(dout_ptr, rows, row_ok, head, H * D, D, D)
     lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
-    delta = tl.load(delta_ptr + rows * H + head, mask=row_ok, other=0.0)
+    out = _attention_rows(out_ptr, rows, row_ok, head, H * D, D, D)
+    delta = tl.sum(d_out.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(delta_ptr + rows * H + head, delta, mask=row_ok)     # for the keys kernel
     first = tl.maximum(tl.load(doc_start_ptr + row0), row0 - window)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     for key0 in range((first // BLOCK_N) * BLOCK_N, tl.minimum(row0 + BLOCK_M, T), BLOCK_N):
@@ -3373,11 +3375,11 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, H, D = q.shape
     dq, dk, dv = (torch.empty(T, H, D, dtype=q.dtype, device=q.device) for _ in range(3))
-    delta = (d_out.float() * out.float()).sum(-1)                    # (T, H)
+    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)   # the queries kernel's
     strides = _attention_strides(q, k, v)
     tile = _attention_tile("queries", None)
     _attention_backward_queries_kernel[(triton.cdiv(T, tile["BLOCK_M"]), H)](
-        q, k, v, d_out, lse, delta, doc_start, dq, T, window, scale * LOG2_E, scale, *strides,
+        q, k, v, out, d_out, lse, delta, doc_start, dq, T, window, scale * LOG2_E, scale, *strides,
         H=H, D=D, **tile)
     tile = _attention_tile("keys", None)
     _attention_backward_keys_kernel[(triton.cdiv(T, tile["BLOCK_N"]), H)](

@@ -204,7 +204,8 @@ def attention_kernels(tiles=None, window=640):
     yield launch("attention forward", tk._attention_forward_kernel,
                  {**inputs, "out_ptr": "*bf16", "lse_ptr": "*fp32", **sizes, **strides}, "forward")
     yield launch("attention backward, queries", tk._attention_backward_queries_kernel,
-                 {**inputs, **saved, "dq_ptr": "*bf16", **sizes, "scale": "fp32", **strides},
+                 {**inputs, "out_ptr": "*bf16", **saved, "dq_ptr": "*bf16", **sizes,
+                  "scale": "fp32", **strides},
                  "queries")
     yield launch("attention backward, keys", tk._attention_backward_keys_kernel,
                  {**inputs, **saved, "doc_end_ptr": "*i32", **pointers("dk_ptr dv_ptr", "bf16"),

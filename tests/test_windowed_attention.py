@@ -81,6 +81,27 @@ def test_windowed_attention_compiles_fullgraph():
         assert rel_norm_error(g, e) < 1e-2
 
 
+def test_a_symbolic_window_compiles_once():
+    """Under --symbolic_windows the window reaches the kernel as the size of an empty tensor
+    that dynamo keeps symbolic; the op must not specialise on it (one graph for every window)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    leaves = attention_inputs(24, 2, 16, DEV)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=DEV)
+
+    def term(q, k, v, windows):
+        return tk.windowed_attention(q, k, v, cu, windows.size(0), 0.2).float().square().sum()
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(term, backend=counter, fullgraph=True)
+    for window in (6, 9, 3):
+        windows = torch.empty(window, 0, device=DEV)
+        torch._dynamo.mark_dynamic(windows, 0)
+        assert torch.equal(compiled(*leaves, windows), term(*leaves, windows))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 def test_windowed_attention_rejects_bad_arguments():
     q = torch.randn(8, 2, 16, device=DEV).bfloat16()
     cu = torch.tensor([0, 8], dtype=torch.int32, device=DEV)
