@@ -3210,6 +3210,47 @@ def _attention_sees(rows, keys, row_start, window):
 
 
 @triton.jit
+def _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """The key blocks the query rows row0 + [0, BLOCK_M) walk, as three consecutive ranges of
+    block starts: [first, full), where some row does not see some key; [full, edge), where every
+    row sees every key, so no mask is needed; [edge, last), the diagonal blocks. A key block is
+    full when its first key is at or after the latest first key any row sees (the last row's
+    document start or window edge) and its last key is at or before the first row."""
+    last_row = tl.minimum(row0 + BLOCK_M, T) - 1
+    first = tl.maximum(tl.load(doc_start_ptr + row0), row0 - window) // BLOCK_N * BLOCK_N
+    last = last_row + 1
+    latest = tl.maximum(tl.load(doc_start_ptr + last_row), last_row - window)
+    full = tl.minimum(tl.maximum(tl.cdiv(latest, BLOCK_N) * BLOCK_N, first), last)
+    edge = tl.minimum(tl.maximum((row0 + 1) // BLOCK_N * BLOCK_N, full), last)
+    return first, full, edge, last
+
+
+@triton.jit
+def _attention_forward_blocks(acc, top, total, q, rows, row_start, k_ptr, v_ptr, begin, end, T,
+                              window, qk_scale, head, stride_kt, stride_kh, stride_vt, stride_vh,
+                              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The online softmax over the key blocks starting in [begin, end)."""
+    for key0 in range(begin, end, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < T
+        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
+        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
+        scores = _mma(tl.zeros((q.shape[0], BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+        if MASKED:
+            scores = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None],
+                                              window), scores, float("-inf"))
+        new_top = tl.maximum(top, tl.max(scores, 1))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)   # a row that sees no key yet
+        p = tl.exp2(scores - shift[:, None])
+        rescale = tl.exp2(top - shift)
+        total = total * rescale + tl.sum(p, 1)
+        acc = _mma(acc * rescale[:, None], _to_bf16(p), v)
+        top = new_top
+    return acc, top, total
+
+
+@triton.jit
 def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_start_ptr, out_ptr, lse_ptr, T, window,
                               qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                               stride_vh, H: tl.constexpr, D: tl.constexpr,
@@ -3221,30 +3262,42 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_start_ptr, out_ptr, lse_p
     row_ok = rows < T
     row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
     q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
-    first = tl.maximum(tl.load(doc_start_ptr + row0), row0 - window)
-    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    total = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for key0 in range((first // BLOCK_N) * BLOCK_N, tl.minimum(row0 + BLOCK_M, T), BLOCK_N):
-        keys = key0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < T
-        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
-        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
-        scores = _mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
-        scores = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None], window),
-                          scores, float("-inf"))
-        new_top = tl.maximum(top, tl.max(scores, 1))
-        shift = tl.where(new_top == float("-inf"), 0.0, new_top)   # a row that sees no key yet
-        p = tl.exp2(scores - shift[:, None])
-        rescale = tl.exp2(top - shift)
-        total = total * rescale + tl.sum(p, 1)
-        acc = _mma(acc * rescale[:, None], _to_bf16(p), v)
-        top = new_top
+    first, full, edge, last = _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M, BLOCK_N)
+    state = (tl.zeros((BLOCK_M, D), tl.float32), tl.full((BLOCK_M,), float("-inf"), tl.float32),
+             tl.zeros((BLOCK_M,), tl.float32))
+    keys = (k_ptr, v_ptr)
+    strides = (stride_kt, stride_kh, stride_vt, stride_vh)
+    acc, top, total = _attention_forward_blocks(*state, q, rows, row_start, *keys, first, full, T,
+                                                window, qk_scale, head, *strides, D, BLOCK_N, True)
+    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, *keys, full,
+                                                edge, T, window, qk_scale, head, *strides, D,
+                                                BLOCK_N, False)
+    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, *keys, edge,
+                                                last, T, window, qk_scale, head, *strides, D,
+                                                BLOCK_N, True)
     total = tl.where(total > 0, total, 1.0)      # rows past T, which see nothing
     dims = tl.arange(0, D)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :],
              _to_bf16(acc / total[:, None]), mask=row_ok[:, None])
     tl.store(lse_ptr + rows * H + head, top + tl.log2(total), mask=row_ok)
+@triton.jit
+def _attention_dq_blocks(dq, q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr, begin, end, T,
+                         window, qk_scale, head, stride_kt, stride_kh, stride_vt, stride_vh,
+                         D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dQ's sums over the key blocks starting in [begin, end) (before the softmax scale)."""
+    for key0 in range(begin, end, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < T
+        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
+        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
+        scores = _mma(tl.zeros((q.shape[0], BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+        p = tl.exp2(scores - lse[:, None])
+        if MASKED:
+            p = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None], window),
+                         p, 0.0)
+        dp = _mma(tl.zeros((q.shape[0], BLOCK_N), tl.float32), d_out, tl.trans(v))
+        dq = _mma(dq, _to_bf16(p * (dp - delta[:, None])), k)
+    return dq
 
 
 @triton.jit
@@ -3266,21 +3319,61 @@ def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, l
     out = _attention_rows(out_ptr, rows, row_ok, head, H * D, D, D)
     delta = tl.sum(d_out.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(delta_ptr + rows * H + head, delta, mask=row_ok)     # for the keys kernel
-    first = tl.maximum(tl.load(doc_start_ptr + row0), row0 - window)
+    first, full, edge, last = _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M, BLOCK_N)
+    saved = (q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr)
+    strides = (stride_kt, stride_kh, stride_vt, stride_vh)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    for key0 in range((first // BLOCK_N) * BLOCK_N, tl.minimum(row0 + BLOCK_M, T), BLOCK_N):
-        keys = key0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < T
-        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
-        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
-        scores = _mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
-        p = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None], window),
-                     tl.exp2(scores - lse[:, None]), 0.0)
-        dp = _mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), d_out, tl.trans(v))
-        dq = _mma(dq, _to_bf16(p * (dp - delta[:, None])), k)
+    dq = _attention_dq_blocks(dq, *saved, first, full, T, window, qk_scale, head, *strides, D,
+                              BLOCK_N, True)
+    dq = _attention_dq_blocks(dq, *saved, full, edge, T, window, qk_scale, head, *strides, D,
+                              BLOCK_N, False)
+    dq = _attention_dq_blocks(dq, *saved, edge, last, T, window, qk_scale, head, *strides, D,
+                              BLOCK_N, True)
     dims = tl.arange(0, D)
     tl.store(dq_ptr + rows.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :],
              _to_bf16(dq * scale), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attention_query_ranges(doc_end_ptr, key0, T, window, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """The query blocks that can see keys key0 + [0, BLOCK_N), as three consecutive ranges of
+    block starts: [first, edge), the diagonal blocks; [edge, full), where every row sees every
+    key (the rows at or after the last key, inside key0's document and window); [full, last),
+    the blocks up to the window's reach within the last key's document."""
+    last_key = tl.minimum(key0 + BLOCK_N, T) - 1
+    first = key0 // BLOCK_M * BLOCK_M
+    last = tl.minimum(tl.load(doc_end_ptr + last_key), last_key + window + 1)
+    edge = tl.minimum(tl.maximum(tl.cdiv(last_key, BLOCK_M) * BLOCK_M, first), last)
+    reach = tl.minimum(tl.load(doc_end_ptr + key0), key0 + window + 1)
+    full = tl.minimum(tl.maximum(reach // BLOCK_M * BLOCK_M, edge), last)
+    return first, edge, full, last
+
+
+@triton.jit
+def _attention_dkv_blocks(dk, dv, k, v, keys, q_ptr, dout_ptr, lse_ptr, delta_ptr,
+                          doc_start_ptr, begin, end, T, window, qk_scale, head, stride_qt,
+                          stride_qh, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          MASKED: tl.constexpr):
+    """dK's (before the softmax scale) and dV's sums over the query blocks starting in
+    [begin, end), with the maps transposed (keys, rows): both are sums over the rows."""
+    for row0 in range(begin, end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+        d_out = _attention_rows(dout_ptr, rows, row_ok, head, H * D, D, D)
+        lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows * H + head, mask=row_ok, other=0.0)
+        scores = _mma(tl.zeros((k.shape[0], BLOCK_M), tl.float32), k, tl.trans(q)) * qk_scale
+        p = tl.exp2(scores - lse[None, :])
+        if MASKED:
+            row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
+            p = tl.where(_attention_sees(rows[None, :], keys[:, None], row_start[None, :], window),
+                         p, 0.0)
+        dv = _mma(dv, _to_bf16(p), d_out)
+        dp = _mma(tl.zeros((k.shape[0], BLOCK_M), tl.float32), v, tl.trans(d_out))
+        dk = _mma(dk, _to_bf16(p * (dp - delta[None, :])), q)
+    return dk, dv
 
 
 @triton.jit
@@ -3297,25 +3390,17 @@ def _attention_backward_keys_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delt
     key_ok = keys < T
     k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
     v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
-    last_key = tl.minimum(key0 + BLOCK_N, T) - 1
-    end = tl.minimum(tl.load(doc_end_ptr + last_key), last_key + window + 1)
+    first, edge, full, last = _attention_query_ranges(doc_end_ptr, key0, T, window, BLOCK_M,
+                                                      BLOCK_N)
+    saved = (k, v, keys, q_ptr, dout_ptr, lse_ptr, delta_ptr, doc_start_ptr)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    for row0 in range((key0 // BLOCK_M) * BLOCK_M, end, BLOCK_M):
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < T
-        row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
-        q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
-        d_out = _attention_rows(dout_ptr, rows, row_ok, head, H * D, D, D)
-        lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + rows * H + head, mask=row_ok, other=0.0)
-        # transposed maps (keys, rows): dV and dK are sums over the rows
-        scores = _mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), k, tl.trans(q)) * qk_scale
-        p = tl.where(_attention_sees(rows[None, :], keys[:, None], row_start[None, :], window),
-                     tl.exp2(scores - lse[None, :]), 0.0)
-        dv = _mma(dv, _to_bf16(p), d_out)
-        dp = _mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), v, tl.trans(d_out))
-        dk = _mma(dk, _to_bf16(p * (dp - delta[None, :])), q)
+    dk, dv = _attention_dkv_blocks(dk, dv, *saved, first, edge, T, window, qk_scale, head,
+                                   stride_qt, stride_qh, H, D, BLOCK_M, True)
+    dk, dv = _attention_dkv_blocks(dk, dv, *saved, edge, full, T, window, qk_scale, head,
+                                   stride_qt, stride_qh, H, D, BLOCK_M, False)
+    dk, dv = _attention_dkv_blocks(dk, dv, *saved, full, last, T, window, qk_scale, head,
+                                   stride_qt, stride_qh, H, D, BLOCK_M, True)
     dims = tl.arange(0, D)
     offsets = keys.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :]
     tl.store(dk_ptr + offsets, _to_bf16(dk * scale), mask=key_ok[:, None])
@@ -3323,13 +3408,15 @@ def _attention_backward_keys_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delt
 
 
 # Candidate tilings for records/bench_kernels.py; _ATTENTION_TILES is the one used.
+# Compiled as launched (records/kernel_registers.py), the keys kernel at 128 keys and 8 warps
+# spills a little; the others do not.
 _ATTENTION_TILINGS = (
     dict(forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          queries=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-         keys=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
+         keys=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
     dict(forward=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
          queries=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-         keys=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+         keys=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
     dict(forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
          queries=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
          keys=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)),

@@ -11,6 +11,9 @@ from test_kernels import DEV, compile_fullgraph, rel_norm_error
 # 53 rows: four query blocks of the interpreter's 16, the last ragged; documents of 9, 0 (an empty
 # slot, as padded cu_seqlens hold), 31 and 13 rows, then the padding's repeated T
 RAGGED_BOUNDS = [0, 9, 9, 40, 53, 53]
+# a document of 87 rows, in which whole blocks of 16 keys lie inside every row's window: the
+# kernels' unmasked loops
+LONG_BOUNDS = [0, 3, 90, 100]
 
 
 def attention_fp64(q, k, v, cu_seqlens, window, scale):
@@ -35,15 +38,18 @@ def attention_inputs(T, H, D, device, strided_v=False):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("window", [0, 5, 100])
+@pytest.mark.parametrize("bounds, window", [(RAGGED_BOUNDS, 0), (RAGGED_BOUNDS, 5),
+                                            (RAGGED_BOUNDS, 100), (LONG_BOUNDS, 37),
+                                            (LONG_BOUNDS, 200)])
 @pytest.mark.parametrize("strided_v", [False, True])
-def test_windowed_attention_matches_the_dense_oracle(window, strided_v):
+def test_windowed_attention_matches_the_dense_oracle(bounds, window, strided_v):
     """Output and gradients within bf16 rounding of the fp64 oracle (a window of 0: every row
     sees only itself, so Q and K get no gradient), and of the model's CPU reference."""
-    cu = torch.tensor(RAGGED_BOUNDS, dtype=torch.int32, device=DEV)
-    leaves = attention_inputs(53, 2, 16, DEV, strided_v)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+    T = bounds[-1]
+    leaves = attention_inputs(T, 2, 16, DEV, strided_v)
     assert leaves[2].stride(0) == (64 if strided_v else 32)
-    d_out = torch.randn(53, 2, 16, device=DEV)
+    d_out = torch.randn(T, 2, 16, device=DEV)
     out = tk.windowed_attention(*leaves, cu, window, 0.3)
     grads = torch.autograd.grad(out, leaves, d_out.bfloat16())
     exact = attention_fp64(*leaves, cu, window, 0.3)
