@@ -1328,7 +1328,8 @@ def _kernel_constant(value: float):
     return value if INTERPRET else tl.constexpr(value)
 
 
-_LOG2E = _kernel_constant(1.4426950408889634)
+LOG2_E = 1.4426950408889634
+_LOG2E = _kernel_constant(LOG2_E)
 _A, _B, _C = (_kernel_constant(v) for v in (SOFTCAP_A, SOFTCAP_B, SOFTCAP_C))
 
 
@@ -3190,7 +3191,9 @@ def packed_qkv_fp8_reference(x: torch.Tensor, W: torch.Tensor, lam: torch.Tensor
 # without atomics: one program per query block accumulates dQ, and first finds its rows' delta =
 # rowsum(dO * O) and stores it; then one program per key block accumulates dK and dV over the
 # query blocks that can see its keys (up to the window's reach, inside the last key's document).
-LOG2_E = 1.4426950408889634
+# Every kernel walks its blocks in three ranges (_attention_key_ranges, _attention_query_ranges):
+# the blocks in which every row sees every key, between the edges of the windows and documents
+# and the diagonal, skip the mask.
 
 
 @triton.jit

@@ -357,11 +357,12 @@ def attention_batch(T, mean_length=756, longest=2048, seed=0):
     """cu_seqlens (int32) of documents like stage 3's: lengths drawn from an exponential of the
     corpus's mean (756 tokens), cut at the stage's 2,048, the last one cut at T."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = (torch.empty(4 * T // mean_length).exponential_(1 / mean_length, generator=generator)
+    draws = 4 * T // mean_length + 8          # far more than T needs
+    lengths = (torch.empty(draws).exponential_(1 / mean_length, generator=generator)
                .clamp(1, longest).int())
-    bounds = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int32), lengths]), 0).clamp_max(T)
-    bounds = bounds[:int((bounds < T).sum()) + 1]
-    return bounds.int().to(DEVICE)
+    starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int32), lengths]), 0)
+    starts = starts[starts < T]
+    return torch.cat([starts, starts.new_tensor([T])]).int().to(DEVICE)
 
 
 def attention_forward_flops(cu, window, H, hd) -> int:
@@ -371,18 +372,23 @@ def attention_forward_flops(cu, window, H, hd) -> int:
     return 4 * H * hd * sum(causal_window_pairs(n, window) for n in lengths)
 
 
-def case_attention(tk, T, H, hd, window):
-    """The Triton windowed attention against torch's flash attention (varlen_attn, what the
-    trainer runs without --triton_attention), forward alone and forward + backward; useful work
-    only (pairs inside documents and windows; the backward does 2.5 times the forward's)."""
+def flash_attention(cu, window):
+    """torch's flash attention (varlen_attn, what the trainer runs without --triton_attention)
+    over these documents and window, as a function of q, k and v."""
     from torch.nn.attention.varlen import varlen_attn
-    cu = attention_batch(T)
     longest = int((cu[1:] - cu[:-1]).max())
+    return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, scale=0.12,
+                                       window_size=(window, 0))
+
+
+def case_attention(tk, T, H, hd, window):
+    """The Triton windowed attention against torch's flash attention, forward alone and forward +
+    backward; useful work only (pairs inside documents and windows; the backward does 2.5 times
+    the forward's)."""
+    cu = attention_batch(T)
     q, k, v = (randn_bf16(T, H, hd).requires_grad_() for _ in range(3))
     dY = randn_bf16(T, H, hd)
-
-    def flash(q, k, v):
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=0.12, window_size=(window, 0))
+    flash = flash_attention(cu, window)
 
     def ours(q, k, v):
         return tk.windowed_attention(q, k, v, cu, window, 0.12)
@@ -769,13 +775,9 @@ def attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=640) -> list[str]:
     """GPU-only microseconds of windowed_attention's forward and forward + backward at every
     candidate for triton_kernels._ATTENTION_TILES, stage 3's short window, and torch's flash
     attention beside them."""
-    from torch.nn.attention.varlen import varlen_attn
     cu = attention_batch(T)
-    longest = int((cu[1:] - cu[:-1]).max())
     leaves = [randn_bf16(T, H, hd).requires_grad_() for _ in range(3)]
     dY = randn_bf16(T, H, hd)
-    forms = {"flash attention (varlen_attn)": lambda q, k, v: varlen_attn(
-        q, k, v, cu, cu, longest, longest, scale=0.12, window_size=(window, 0))}
     lines = ["| tiling | fwd us | fwd + bwd us |", "|---|---|---|"]
 
     def row(label, fn):
@@ -783,8 +785,7 @@ def attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=640) -> list[str]:
             forward = bench_gpu(lambda: fn(*leaves))
         lines.append(f"| {label} | {us_cell(forward)} | "
                      f"{us_cell(bench_gpu(fwd_bwd(fn, leaves, leaves, dY)))} |")
-    for label, fn in forms.items():
-        row(label, fn)
+    row("flash attention (varlen_attn)", flash_attention(cu, window))
     for label in each_setting(tk, "_ATTENTION_TILES", tk._ATTENTION_TILINGS):
         row(label, lambda q, k, v: tk.windowed_attention(q, k, v, cu, window, 0.12))
     return lines

@@ -488,6 +488,35 @@ def test_bench_pairwise_parts_rate_counts_the_pair_tiles(monkeypatch):
     assert rows["features h = relu(x U^T)"][2] == "- / -"
 
 
+def test_bench_attention_documents(monkeypatch):
+    bench = load_tool("bench_kernels")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    cu = bench.attention_batch(49152)
+    lengths = cu[1:] - cu[:-1]
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 49152
+    assert 1 <= lengths.min() and lengths.max() <= 2048           # stage 3 cuts at 2,048
+    assert 600 < lengths.float().mean() < 760                       # near the corpus's 756
+    assert torch.equal(cu, bench.attention_batch(49152))           # the same documents each run
+
+
+def test_bench_attention_sweep_times_every_tiling(monkeypatch):
+    """The sweep's table on the CPU (kernels interpreted, every timing 1 ns, the dense reference
+    standing in for torch's flash attention): one row per candidate, and the trainer's tiling
+    restored afterwards."""
+    import triton_kernels as tk
+    bench = load_tool("bench_kernels")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "bench_gpu", lambda fn: (fn(), 1e-6)[1])
+    monkeypatch.setattr(bench, "flash_attention", lambda cu, window: lambda q, k, v:
+                        tg.attention_reference(q, k, v, cu, window, 0.12))
+    used = tk._ATTENTION_TILES
+    lines = bench.attention_tiling_sweep(tk, T=40, H=1, hd=16, window=7)
+    assert len(lines) == 3 + len(tk._ATTENTION_TILINGS)
+    assert lines[2] == "| flash attention (varlen_attn) | 0.0 | 0.0 |"
+    assert lines[3].split(" | ")[0].endswith("(used)")
+    assert tk._ATTENTION_TILES is used
+
+
 @pytest.mark.gpu
 def test_bench_kernels_writes_its_table(tmp_path):
     result = run_tool("records/bench_kernels.py", "--cases", "transposes", "--no-sweeps",
