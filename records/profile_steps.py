@@ -134,6 +134,15 @@ def largest_kernels(kernels: list[tuple[str, float]], steps: int, top: int) -> l
     return lines
 
 
+def largest_compiled_kernels(kernels: list[tuple[str, float]], steps: int, top: int) -> list[str]:
+    """Inductor's kernels with the most GPU time, by full name: the name lists the ops fused into
+    the kernel, which the tables cut short."""
+    time_us, calls = time_and_calls_by(kernels, lambda name: name)
+    compiled = [name for name in time_us if kernel_kind(name) == "compiled PyTorch ops (Inductor)"]
+    return [f"  {time_us[name] / 1000 / steps:7.2f} ms/step, {calls[name] / steps:g} calls: {name}"
+            for name in sorted(compiled, key=lambda n: -time_us[n])[:top]]
+
+
 # The GEMMs of a step, by the op that launches them: FLOPs from the op's input shapes, and the
 # ceiling that applies. The dense bf16 and FP8 rates measured on the H200 (the spec's measure.md);
 # the H100 computes at the same rates.
@@ -338,6 +347,8 @@ def main() -> None:
         if kernels:
             print("The largest kernels:")
             print("\n".join(largest_kernels(kernels, args.steps, top=10)))
+            print("Inductor's largest kernels, by full name:")
+            print("\n".join(largest_compiled_kernels(kernels, args.steps, top=10)))
         forward_flops = bounds.forward_flops(cfg)
         if forward_flops and any(is_attention_kernel(name) for name, _ in kernels):
             print("\n".join(attention_rows(kernels, forward_flops, args.steps)))

@@ -433,6 +433,16 @@ def test_batch_bounds_keep_each_micro_batch_with_its_windows():
                                          + profile_steps.attention_flops([0, 6, 6], (2, 4), cfg))
 
 
+def test_largest_compiled_kernels_keep_their_full_names():
+    profile_steps = load_tool("profile_steps")
+    long_name = "triton_poi_fused__fused_rms_norm__fused_rms_norm_backward__to_copy_add_mul_" + "x" * 60
+    launches = [(long_name, 3000.0), ("triton_red_fused_abs_amax_cat_view_49", 1000.0),
+                (long_name, 3000.0), ("_mtp_ce_kernel", 9000.0)]
+    assert profile_steps.largest_compiled_kernels(launches, steps=2, top=5) == [
+        f"     3.00 ms/step, 1 calls: {long_name}",
+        "     0.50 ms/step, 0.5 calls: triton_red_fused_abs_amax_cat_view_49"]
+
+
 def test_idle_gaps_between_busy_intervals():
     profile_steps = load_tool("profile_steps")
     busy = [(30, 40), (0, 10), (12, 20), (15, 25), (60, 61), (41, 50)]
