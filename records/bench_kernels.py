@@ -771,23 +771,34 @@ def dc_attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=112) -> list[str]
     return lines
 
 
-def attention_tiling_sweep(tk, T=49152, H=6, hd=128, window=640) -> list[str]:
-    """GPU-only microseconds of windowed_attention's forward and forward + backward at every
-    candidate for triton_kernels._ATTENTION_TILES, stage 3's short window, and torch's flash
-    attention beside them."""
-    cu = attention_batch(T)
-    leaves = [randn_bf16(T, H, hd).requires_grad_() for _ in range(3)]
-    dY = randn_bf16(T, H, hd)
-    lines = ["| tiling | fwd us | fwd + bwd us |", "|---|---|---|"]
+# (name, tokens per micro-batch, short window, longest document) of stage 3 and stage 1
+ATTENTION_STAGES = (("stage 3", 49152, 640, 2048), ("stage 1", 16384, 128, 896))
 
-    def row(label, fn):
-        with torch.no_grad():
-            forward = bench_gpu(lambda: fn(*leaves))
-        lines.append(f"| {label} | {us_cell(forward)} | "
-                     f"{us_cell(bench_gpu(fwd_bwd(fn, leaves, leaves, dY)))} |")
-    row("flash attention (varlen_attn)", flash_attention(cu, window))
+
+def attention_tiling_sweep(tk, H=6, hd=128, stages=ATTENTION_STAGES) -> list[str]:
+    """GPU-only microseconds of windowed_attention's forward and forward + backward at every
+    candidate for triton_kernels._ATTENTION_TILES, at the short windows and documents of stages 3
+    and 1, and torch's flash attention beside them."""
+    shapes = []
+    for _, T, window, longest in stages:
+        leaves = [randn_bf16(T, H, hd).requires_grad_() for _ in range(3)]
+        shapes.append((attention_batch(T, longest=longest), window, leaves, randn_bf16(T, H, hd)))
+    lines = ["| tiling | " + " | ".join(f"{name} ({T} tokens, window {window}): fwd us | fwd + bwd us"
+                                        for name, T, window, _ in stages) + " |",
+             "|---|" + "---|---|" * len(stages)]
+
+    def row(label, attend):
+        cells = []
+        for cu, window, leaves, dY in shapes:
+            fn = attend(cu, window)
+            with torch.no_grad():
+                cells.append(us_cell(bench_gpu(lambda: fn(*leaves))))
+            cells.append(us_cell(bench_gpu(fwd_bwd(fn, leaves, leaves, dY))))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    row("flash attention (varlen_attn)", flash_attention)
     for label in each_setting(tk, "_ATTENTION_TILES", tk._ATTENTION_TILINGS):
-        row(label, lambda q, k, v: tk.windowed_attention(q, k, v, cu, window, 0.12))
+        row(label, lambda cu, window: lambda q, k, v: tk.windowed_attention(q, k, v, cu, window,
+                                                                              0.12))
     return lines
 
 
@@ -1102,7 +1113,7 @@ SWEEPS = {   # name: (title, the call that runs it)
     "dc_attention": ("Composed attention (dc_attention) tilings, forward + backward" + GPU_ONLY,
                      dc_attention_tiling_sweep),
     "attention": ("Windowed attention (windowed_attention) tilings against flash attention, "
-                  "stage 3's short window" + GPU_ONLY, attention_tiling_sweep),
+                  "the short windows of stages 3 and 1" + GPU_ONLY, attention_tiling_sweep),
     "launch": ("Host time of a kernel launch, piece by piece", launch_overhead_sweep),
     "exact_max": ("The maximum behind an exact FP8 scale, compiled with its producer" + GPU_ONLY,
                   exact_max_sweep),

@@ -520,9 +520,11 @@ def test_bench_attention_sweep_times_every_tiling(monkeypatch):
     monkeypatch.setattr(bench, "flash_attention", lambda cu, window: lambda q, k, v:
                         tg.attention_reference(q, k, v, cu, window, 0.12))
     used = tk._ATTENTION_TILES
-    lines = bench.attention_tiling_sweep(tk, T=40, H=1, hd=16, window=7)
+    lines = bench.attention_tiling_sweep(tk, H=1, hd=16, stages=(("a", 40, 7, 30), ("b", 24, 3, 9)))
+    assert lines[0] == ("| tiling | a (40 tokens, window 7): fwd us | fwd + bwd us | "
+                        "b (24 tokens, window 3): fwd us | fwd + bwd us |")
     assert len(lines) == 3 + len(tk._ATTENTION_TILINGS)
-    assert lines[2] == "| flash attention (varlen_attn) | 0.0 | 0.0 |"
+    assert lines[2] == "| flash attention (varlen_attn) | 0.0 | 0.0 | 0.0 | 0.0 |"
     assert lines[3].split(" | ")[0].endswith("(used)")
     assert tk._ATTENTION_TILES is used
 
