@@ -6,6 +6,7 @@ import torch
 
 import train_gpt as tg
 import triton_kernels as tk
+from conftest import CORPUS, needs_corpus, needs_tokenizer
 from test_kernels import DEV, compile_fullgraph, rel_norm_error
 
 # 53 rows: four query blocks of the interpreter's 16, the last ragged; documents of 9, 0 (an empty
@@ -164,3 +165,23 @@ def test_windowed_attention_matches_flash_attention_on_gpu():
     for g, f in zip(torch.autograd.grad(out, leaves, d_out),
                     torch.autograd.grad(flash, leaves, d_out)):
         assert rel_norm_error(g, f) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_corpus
+@needs_tokenizer
+def test_triton_attention_trains_like_flash_attention_on_gpu():
+    """The smoke preset compiled as the speedrun runs (CUDA graphs, symbolic windows), with and
+    without --triton_attention: the same losses over six steps, up to the kernels' rounding."""
+    cfg = dict(tg.PRESETS["smoke"], train_files=f"{CORPUS}/corpus_train_*.bin",
+               val_files=f"{CORPUS}/corpus_val_*.bin", compile=True, cuda_graphs=True,
+               symbolic_windows=True)
+    run = tg.Run(rank=0, world_size=1, device=torch.device("cuda"), grad_accum_steps=4)
+    losses = {}
+    for triton_attention in (False, True):
+        trainer = tg.Trainer(tg.Hyperparameters(**cfg, triton_attention=triton_attention), run,
+                             log=lambda line, console=True: None)
+        assert trainer.paths.attention == ("triton" if triton_attention else "varlen")
+        losses[triton_attention] = [trainer.train_step(step, trainer.advance(step)).item()
+                                    for step in range(6)]
+    assert losses[True] == pytest.approx(losses[False], abs=2e-2)
