@@ -3266,23 +3266,25 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_start_ptr, out_ptr, lse_p
     row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
     q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
     first, full, edge, last = _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M, BLOCK_N)
-    state = (tl.zeros((BLOCK_M, D), tl.float32), tl.full((BLOCK_M,), float("-inf"), tl.float32),
-             tl.zeros((BLOCK_M,), tl.float32))
-    keys = (k_ptr, v_ptr)
-    strides = (stride_kt, stride_kh, stride_vt, stride_vh)
-    acc, top, total = _attention_forward_blocks(*state, q, rows, row_start, *keys, first, full, T,
-                                                window, qk_scale, head, *strides, D, BLOCK_N, True)
-    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, *keys, full,
-                                                edge, T, window, qk_scale, head, *strides, D,
-                                                BLOCK_N, False)
-    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, *keys, edge,
-                                                last, T, window, qk_scale, head, *strides, D,
-                                                BLOCK_N, True)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, k_ptr, v_ptr,
+                                                first, full, T, window, qk_scale, head, stride_kt,
+                                                stride_kh, stride_vt, stride_vh, D, BLOCK_N, True)
+    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, k_ptr, v_ptr,
+                                                full, edge, T, window, qk_scale, head, stride_kt,
+                                                stride_kh, stride_vt, stride_vh, D, BLOCK_N, False)
+    acc, top, total = _attention_forward_blocks(acc, top, total, q, rows, row_start, k_ptr, v_ptr,
+                                                edge, last, T, window, qk_scale, head, stride_kt,
+                                                stride_kh, stride_vt, stride_vh, D, BLOCK_N, True)
     total = tl.where(total > 0, total, 1.0)      # rows past T, which see nothing
     dims = tl.arange(0, D)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :],
              _to_bf16(acc / total[:, None]), mask=row_ok[:, None])
     tl.store(lse_ptr + rows * H + head, top + tl.log2(total), mask=row_ok)
+
+
 @triton.jit
 def _attention_dq_blocks(dq, q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr, begin, end, T,
                          window, qk_scale, head, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -3323,15 +3325,16 @@ def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, l
     delta = tl.sum(d_out.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(delta_ptr + rows * H + head, delta, mask=row_ok)     # for the keys kernel
     first, full, edge, last = _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M, BLOCK_N)
-    saved = (q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr)
-    strides = (stride_kt, stride_kh, stride_vt, stride_vh)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    dq = _attention_dq_blocks(dq, *saved, first, full, T, window, qk_scale, head, *strides, D,
-                              BLOCK_N, True)
-    dq = _attention_dq_blocks(dq, *saved, full, edge, T, window, qk_scale, head, *strides, D,
-                              BLOCK_N, False)
-    dq = _attention_dq_blocks(dq, *saved, edge, last, T, window, qk_scale, head, *strides, D,
-                              BLOCK_N, True)
+    dq = _attention_dq_blocks(dq, q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr, first, full,
+                              T, window, qk_scale, head, stride_kt, stride_kh, stride_vt,
+                              stride_vh, D, BLOCK_N, True)
+    dq = _attention_dq_blocks(dq, q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr, full, edge,
+                              T, window, qk_scale, head, stride_kt, stride_kh, stride_vt,
+                              stride_vh, D, BLOCK_N, False)
+    dq = _attention_dq_blocks(dq, q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr, edge, last,
+                              T, window, qk_scale, head, stride_kt, stride_kh, stride_vt,
+                              stride_vh, D, BLOCK_N, True)
     dims = tl.arange(0, D)
     tl.store(dq_ptr + rows.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :],
              _to_bf16(dq * scale), mask=row_ok[:, None])
@@ -3395,14 +3398,16 @@ def _attention_backward_keys_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delt
     v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
     first, edge, full, last = _attention_query_ranges(doc_end_ptr, key0, T, window, BLOCK_M,
                                                       BLOCK_N)
-    saved = (k, v, keys, q_ptr, dout_ptr, lse_ptr, delta_ptr, doc_start_ptr)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    dk, dv = _attention_dkv_blocks(dk, dv, *saved, first, edge, T, window, qk_scale, head,
+    dk, dv = _attention_dkv_blocks(dk, dv, k, v, keys, q_ptr, dout_ptr, lse_ptr, delta_ptr,
+                                   doc_start_ptr, first, edge, T, window, qk_scale, head,
                                    stride_qt, stride_qh, H, D, BLOCK_M, True)
-    dk, dv = _attention_dkv_blocks(dk, dv, *saved, edge, full, T, window, qk_scale, head,
+    dk, dv = _attention_dkv_blocks(dk, dv, k, v, keys, q_ptr, dout_ptr, lse_ptr, delta_ptr,
+                                   doc_start_ptr, edge, full, T, window, qk_scale, head,
                                    stride_qt, stride_qh, H, D, BLOCK_M, False)
-    dk, dv = _attention_dkv_blocks(dk, dv, *saved, full, last, T, window, qk_scale, head,
+    dk, dv = _attention_dkv_blocks(dk, dv, k, v, keys, q_ptr, dout_ptr, lse_ptr, delta_ptr,
+                                   doc_start_ptr, full, last, T, window, qk_scale, head,
                                    stride_qt, stride_qh, H, D, BLOCK_M, True)
     dims = tl.arange(0, D)
     offsets = keys.to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :]
