@@ -3415,19 +3415,25 @@ def _attention_backward_keys_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delt
     tl.store(dv_ptr + offsets, _to_bf16(dv), mask=key_ok[:, None])
 
 
-# Candidate tilings for records/bench_kernels.py; _ATTENTION_TILES is the one used.
-# Compiled as launched (records/kernel_registers.py), the keys kernel at 128 keys and 8 warps
-# spills a little; the others do not.
+# Candidate tilings for records/bench_kernels.py; _ATTENTION_TILES is the one used, the fastest
+# of the first three on an H100 (forward + backward 0.83x torch's flash attention at stage 3's
+# shapes, 0.84x at stage 1's: records/2026-12-07_h100_triton_attention). Compiled as launched
+# (records/kernel_registers.py), the keys kernel at 128 keys and 8 warps spills a little.
+def _attention_tiling(forward, queries, keys):
+    """Each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return {kernel: dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+            for kernel, (m, n, w, s) in (("forward", forward), ("queries", queries),
+                                         ("keys", keys))}
+
+
 _ATTENTION_TILINGS = (
-    dict(forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-         queries=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-         keys=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    dict(forward=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-         queries=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-         keys=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
-    dict(forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-         queries=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-         keys=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)),
+    _attention_tiling((64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)),
+    _attention_tiling((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)),
+    _attention_tiling((128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)),
+    _attention_tiling((64, 32, 4, 3), (32, 32, 4, 3), (32, 32, 4, 3)),
+    _attention_tiling((64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 3)),
+    _attention_tiling((64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 4)),
+    _attention_tiling((64, 128, 4, 2), (64, 32, 4, 4), (64, 64, 4, 3)),
 )
 _ATTENTION_TILES = _ATTENTION_TILINGS[0]
 _INTERPRETED_ATTENTION_TILE = dict(BLOCK_M=16, BLOCK_N=16)
