@@ -362,8 +362,10 @@ SMOKE = dict(
 )
 SPEEDRUN = {field: value for change in RECORD_CHANGES for field, value in change.on.items()}
 # Paths that change no math, on where measured faster: CUDA graphs keep stage 1's short steps
-# from waiting on the host (records/2026-12-05_h100_fp8_kernels)
-SPEEDRUN_PATHS = dict(cuda_graphs=True)
+# from waiting on the host (records/2026-12-05_h100_fp8_kernels); the Triton attention takes 0.82x
+# torch's flash attention's time in the model, the step 0.97x (records/2026-12-07_h100_triton_
+# attention; without CUDA graphs its host cost slows stage 1)
+SPEEDRUN_PATHS = dict(cuda_graphs=True, triton_attention=True)
 # Fewer compiled graphs: the extension and every validation reuse one (a cold start 0.61x as
 # long, step times and Protocol C loss unchanged: records/2026-12-06_startup). It moves the YaRN
 # factor from the softmax scale into the queries, which only rounds differently. A helper compiles
