@@ -3230,16 +3230,39 @@ def _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _attention_query_rows(q_ptr, doc_start_ptr, T, stride_qt, stride_qh, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr):
+    """This program's head, first row, rows, which of them exist, their document starts and Q."""
+    head = tl.program_id(1)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
+    q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+    return head, row0, rows, row_ok, row_start, q
+
+
+@triton.jit
+def _attention_key_block(q, k_ptr, v_ptr, key0, T, qk_scale, head, stride_kt, stride_kh,
+                         stride_vt, stride_vh, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys key0 + [0, BLOCK_N), their K and V, and the base-2 scores of the rows of q."""
+    keys = key0 + tl.arange(0, BLOCK_N)
+    key_ok = keys < T
+    k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
+    v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
+    scores = _mma(tl.zeros((q.shape[0], BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+    return keys, k, v, scores
+
+
+@triton.jit
 def _attention_forward_blocks(acc, top, total, q, rows, row_start, k_ptr, v_ptr, begin, end, T,
                               window, qk_scale, head, stride_kt, stride_kh, stride_vt, stride_vh,
                               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The online softmax over the key blocks starting in [begin, end)."""
     for key0 in range(begin, end, BLOCK_N):
-        keys = key0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < T
-        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
-        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
-        scores = _mma(tl.zeros((q.shape[0], BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+        keys, k, v, scores = _attention_key_block(q, k_ptr, v_ptr, key0, T, qk_scale, head,
+                                                  stride_kt, stride_kh, stride_vt, stride_vh, D,
+                                                  BLOCK_N)
         if MASKED:
             scores = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None],
                                               window), scores, float("-inf"))
@@ -3259,12 +3282,9 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, doc_start_ptr, out_ptr, lse_p
                               stride_vh, H: tl.constexpr, D: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)    # Python floats may arrive as fp64 under torch.compile
-    head = tl.program_id(1)
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
-    q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+    head, row0, rows, row_ok, row_start, q = _attention_query_rows(q_ptr, doc_start_ptr, T,
+                                                                   stride_qt, stride_qh, D,
+                                                                   BLOCK_M)
     first, full, edge, last = _attention_key_ranges(doc_start_ptr, row0, T, window, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -3291,11 +3311,9 @@ def _attention_dq_blocks(dq, q, d_out, lse, delta, rows, row_start, k_ptr, v_ptr
                          D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """dQ's sums over the key blocks starting in [begin, end) (before the softmax scale)."""
     for key0 in range(begin, end, BLOCK_N):
-        keys = key0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < T
-        k = _attention_rows(k_ptr, keys, key_ok, head, stride_kt, stride_kh, D)
-        v = _attention_rows(v_ptr, keys, key_ok, head, stride_vt, stride_vh, D)
-        scores = _mma(tl.zeros((q.shape[0], BLOCK_N), tl.float32), q, tl.trans(k)) * qk_scale
+        keys, k, v, scores = _attention_key_block(q, k_ptr, v_ptr, key0, T, qk_scale, head,
+                                                  stride_kt, stride_kh, stride_vt, stride_vh, D,
+                                                  BLOCK_N)
         p = tl.exp2(scores - lse[:, None])
         if MASKED:
             p = tl.where(_attention_sees(rows[:, None], keys[None, :], row_start[:, None], window),
@@ -3313,12 +3331,9 @@ def _attention_backward_queries_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, l
                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)
     scale = tl.cast(scale, tl.float32)
-    head = tl.program_id(1)
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    row_start = tl.load(doc_start_ptr + rows, mask=row_ok, other=T)
-    q = _attention_rows(q_ptr, rows, row_ok, head, stride_qt, stride_qh, D)
+    head, row0, rows, row_ok, row_start, q = _attention_query_rows(q_ptr, doc_start_ptr, T,
+                                                                   stride_qt, stride_qh, D,
+                                                                   BLOCK_M)
     d_out = _attention_rows(dout_ptr, rows, row_ok, head, H * D, D, D)
     lse = tl.load(lse_ptr + rows * H + head, mask=row_ok, other=0.0)
     out = _attention_rows(out_ptr, rows, row_ok, head, H * D, D, D)

@@ -1296,6 +1296,17 @@ def compile_fullgraph(fn):
     return torch.compile(fn, fullgraph=True, backend="inductor" if DEV == "cuda" else "aot_eager")
 
 
+def assert_compiles_like_eager(term, leaves):
+    """term(*leaves) compiled (fullgraph) gives eager's value exactly, the same kernels on the
+    same inputs, and its gradients within the surrounding ops' rounding."""
+    compiled = compile_fullgraph(term)(*leaves)
+    grads = torch.autograd.grad(compiled, leaves)
+    eager = term(*leaves)
+    assert torch.equal(compiled, eager)
+    for g, e in zip(grads, torch.autograd.grad(eager, leaves)):
+        assert rel_norm_error(g, e) < 1e-2
+
+
 def test_polar_express_with_kernels_compiles_and_orthogonalises():
     G = torch.randn(2, 128, 48, device=DEV)   # 128 rows: whole row tiles on every device
     tall = compile_fullgraph(polar_express)(G)
@@ -1407,9 +1418,4 @@ def test_dc_attention_compiles_fullgraph():
     def term(q, k, v, w1, w2):
         return tk.dc_attention(q, k, v, cu, 0.2, w1, w2, window=6).float().square().sum()
 
-    compiled = compile_fullgraph(term)(*leaves)
-    grads = torch.autograd.grad(compiled, leaves)
-    eager = term(*leaves)
-    assert torch.equal(compiled, eager)          # the same kernels on the same inputs
-    for g, e in zip(grads, torch.autograd.grad(eager, leaves)):
-        assert rel_norm_error(g, e) < 1e-2
+    assert_compiles_like_eager(term, leaves)
