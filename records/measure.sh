@@ -18,6 +18,10 @@
 #      give the time to the first step and its phases). S_RUNS="cold warm" picks scenarios; all
 #      three take about 11 minutes on one H200.
 # Validation always reads the first 2,097,152 tokens of the corpus val shard.
+# TRAIN_GPT (default train_gpt.py; absolute, or from the repository root) names the trainer to
+# run: another checkout's, for a baseline timed back to back with this one under the same
+# protocol, e.g.
+#   git worktree add /tmp/at_3dfa78e 3dfa78e && TRAIN_GPT=/tmp/at_3dfa78e/train_gpt.py records/measure.sh T OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 protocol=${1:?usage: records/measure.sh T|L|C|S|smoke OUTDIR [options]}
@@ -32,11 +36,13 @@ case "$protocol" in
                  --cycle_train_data=true) ;;
     *) echo "unknown protocol '$protocol' (expected T, L, C, S or smoke)" >&2; exit 2 ;;
 esac
+train_gpt=${TRAIN_GPT:-train_gpt.py}
+[ -f "$train_gpt" ] || { echo "TRAIN_GPT='$train_gpt': no such file (expected a checkout's train_gpt.py)" >&2; exit 2; }
 source records/unpack_shards.sh
 common=(--train_files="$shards/corpus_train_*.bin" --val_files="$shards/corpus_val_*.bin"
         --val_tokens=2097152 --log_dir="$outdir")
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-launch() { torchrun --standalone --nproc_per_node="${NGPU:-1}" train_gpt.py "${common[@]}" "${args[@]}" "$@"; }
+launch() { torchrun --standalone --nproc_per_node="${NGPU:-1}" "$train_gpt" "${common[@]}" "${args[@]}" "$@"; }
 if [ "$protocol" != S ]; then
     launch "$@"
     exit

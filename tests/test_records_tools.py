@@ -163,6 +163,32 @@ def test_measure_sh_rejects_an_unknown_protocol(measure_env):
     assert not calls.exists()
 
 
+@pytest.mark.skipif(shutil.which("xz") is None, reason="measure.sh unpacks shards with xz")
+def test_measure_sh_runs_another_checkouts_trainer(measure_env, tmp_path):
+    env, shards, calls, _ = measure_env
+    baseline = tmp_path / "baseline" / "train_gpt.py"
+    baseline.parent.mkdir()
+    baseline.write_text("")
+    result = subprocess.run([os.path.join(ROOT, "records", "measure.sh"), "T", "/tmp/out"],
+                            env={**env, "TRAIN_GPT": str(baseline)}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().startswith(f"--standalone --nproc_per_node=1 {baseline} "
+                                        f"--train_files={shards}/corpus_train_*.bin ")
+
+
+def test_measure_sh_rejects_a_missing_trainer(measure_env, tmp_path):
+    env, shards, calls, _ = measure_env
+    missing = tmp_path / "nowhere" / "train_gpt.py"
+    result = subprocess.run([os.path.join(ROOT, "records", "measure.sh"), "T", "/tmp/out"],
+                            env={**env, "TRAIN_GPT": str(missing)}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert f"TRAIN_GPT='{missing}': no such file" in result.stderr
+    assert not calls.exists()
+    assert not (shards / "corpus_train_000001.bin").exists()    # refused before unpacking
+
+
 FAKE_TORCHRUN_ON_A_GPU = """#!/bin/sh
 echo "GPU $CUDA_VISIBLE_DEVICES: $*" >> "$FAKE_TORCHRUN_CALLS"
 case "$*" in *--seed=99*) exit 3 ;; esac
