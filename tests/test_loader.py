@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import SHARED
+from conftest import CORPUS
 from train_gpt import (BOS_ID, DataError, Hyperparameters, PRESETS, TrainLoader, bigram_hash,
                       check_config, cu_seqlens_length, find_shards, val_batches, write_shard)
 
@@ -502,7 +502,7 @@ def test_check_config():
 # Real corpus and device
 # ------------------------------------------------------------------------------------------------
 
-CORPUS_SHARD = os.path.join(SHARED, "data", "corpus", "corpus_train_000001.bin")
+CORPUS_SHARD = os.path.join(CORPUS, "corpus_train_000001.bin")
 
 
 def test_real_corpus_stage1_step():

@@ -598,8 +598,9 @@ def test_every_switch_off_reproduces_record74_bit_for_bit(record74_steps):
 
 # Train losses of these three steps from the record #74 trainer as it was before the later records
 # came in (commit 3dfa78e), on this CPU configuration; rounded as the log prints them. CPUs differ
-# in their float kernels' summation order: an AMD EPYC machine gives 10.4892 for the third step
-# with the same code, so the tolerance is 5e-4 (the speedrun preset's third loss differs by 0.28).
+# in their float kernels' summation order: AMD EPYC machines gave 10.4892 and 10.4893 for the third
+# step with the same code, so the tolerance is 2e-3 (the speedrun preset's third loss differs by
+# 0.28).
 RECORD74_PINNED_LOSSES = [10.7988, 10.8001, 10.4888]
 
 
@@ -607,7 +608,7 @@ RECORD74_PINNED_LOSSES = [10.7988, 10.8001, 10.4888]
 @needs_tokenizer
 def test_record74_trains_as_before_the_later_records(record74_steps):
     losses, _ = record74_steps
-    assert [round(loss, 4) for loss in losses] == pytest.approx(RECORD74_PINNED_LOSSES, abs=5e-4)
+    assert [round(loss, 4) for loss in losses] == pytest.approx(RECORD74_PINNED_LOSSES, abs=2e-3)
 
 
 # =================================================================================================

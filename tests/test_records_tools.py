@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, SHARED, stages_option
+from conftest import CORPUS, ROOT, needs_corpus, stages_option
 
 
 def load_tool(name: str):
@@ -340,10 +340,9 @@ def test_profile_steps_sorts_kernels_by_kind():
     assert kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "corpus")),
-                    reason="needs ../shared/data/corpus")
+@needs_corpus
 def test_profile_steps_on_the_cpu(tmp_path):
-    corpus = os.path.join(SHARED, "data", "corpus")
+    corpus = CORPUS
     # one micro-batch a step: a quarter of the ops, whose profiler events take most of the time;
     # the trainer's stage table (written with '=') halves stage 2's batch
     result = run_tool("records/profile_steps.py", "--stages", "2", "--steps", "1", "--top", "5",
