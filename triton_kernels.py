@@ -3431,9 +3431,10 @@ def _attention_backward_keys_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delt
 
 
 # Candidate tilings for records/bench_kernels.py; _ATTENTION_TILES is the one used, the fastest
-# of the first three on an H100 (forward + backward 0.83x torch's flash attention at stage 3's
-# shapes, 0.84x at stage 1's: records/2026-12-07_h100_triton_attention). Compiled as launched
-# (records/kernel_registers.py), the keys kernel at 128 keys and 8 warps spills a little.
+# forward + backward of them on two H100s (0.83x and 0.85x torch's flash attention's time at
+# stage 3's shapes, 0.84x and 0.85x at stage 1's: records/2026-12-07_h100_triton_attention).
+# Compiled as launched (records/kernel_registers.py), the keys kernel at 128 keys and 8 warps
+# spills a little.
 def _attention_tiling(forward, queries, keys):
     """Each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     return {kernel: dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
